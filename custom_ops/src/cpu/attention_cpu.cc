@@ -1,0 +1,180 @@
+#include "attention_cpu.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "block_math.h"
+#include "selection.h"
+#include "tfsa/ort_api.h"
+
+namespace tfsa::cpu {
+namespace {
+
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(Ort::Float16_t x) { return x.ToFloat(); }
+template <class T>
+inline T FromFloat(float x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else return Ort::Float16_t(x);
+}
+
+// Keys transposed and values padded, block by block, for every (batch, kv head).
+struct PackedKeysValues {
+  int64_t key_pad = 0, v_pad = 0, kt_block = 0, v_block = 0, k_blocks = 0, head_dim = 0;
+  std::vector<float> kt, v, k_means;
+
+  const float* Kt(int64_t bk, int64_t kb) const { return kt.data() + (bk * k_blocks + kb) * kt_block; }
+  const float* V(int64_t bk, int64_t kb) const { return v.data() + (bk * k_blocks + kb) * v_block; }
+  const float* KMeans(int64_t bk) const { return k_means.data() + bk * k_blocks * head_dim; }
+};
+
+template <class T>
+void PackHead(const Problem& p, const T* key, const T* value, int64_t bk, PackedKeysValues& out) {
+  const Dims& d = p.dims;
+  const T* k_head = key + bk * d.kv_len * d.head_dim;
+  const T* v_head = value + bk * d.kv_len * d.v_head_dim;
+  for (int64_t kb = 0; kb < out.k_blocks; ++kb) {
+    const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
+    float* kt = out.kt.data() + (bk * out.k_blocks + kb) * out.kt_block;
+    float* v = out.v.data() + (bk * out.k_blocks + kb) * out.v_block;
+    float* mean = out.k_means.data() + (bk * out.k_blocks + kb) * d.head_dim;
+    for (int64_t j = 0; j < keys; ++j) {
+      const T* k_row = k_head + (k_begin + j) * d.head_dim;
+      for (int64_t x = 0; x < d.head_dim; ++x) kt[x * out.key_pad + j] = ToFloat(k_row[x]);
+      const T* v_row = v_head + (k_begin + j) * d.v_head_dim;
+      for (int64_t x = 0; x < d.v_head_dim; ++x) v[j * out.v_pad + x] = ToFloat(v_row[x]);
+    }
+    for (int64_t x = 0; x < d.head_dim; ++x) {
+      double sum = 0.0;
+      for (int64_t j = 0; j < keys; ++j) sum += kt[x * out.key_pad + j];
+      mean[x] = static_cast<float>(sum / static_cast<double>(keys));
+    }
+  }
+}
+
+struct Scratch {
+  std::vector<float> q, q_mean, s, o, m, l;
+  std::vector<int32_t> chosen;
+  SelectionScratch selection;
+};
+
+// Adds the mask and removes future keys inside one (query block, key block) score tile.
+void ApplyMaskAndCausality(const Problem& p, int64_t b, int64_t h, int64_t q_begin, int64_t k_begin, int rows,
+                           int keys, int key_pad, float* s) {
+  const bool causal_cut = p.grid.causal && k_begin + keys - 1 > p.grid.LastVisibleKey(q_begin);
+  if (!p.mask.present() && !causal_cut) return;
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + static_cast<size_t>(r) * key_pad;
+    const int64_t i = q_begin + r;
+    if (p.mask.present()) {
+      const int64_t base = p.mask.Offset(b, h, i, k_begin), step = p.mask.stride[3];
+      for (int j = 0; j < keys; ++j) row[j] += p.mask.Bias(base + j * step);
+    }
+    if (causal_cut)
+      for (int64_t j = std::max<int64_t>(0, p.grid.LastVisibleKey(i) + 1 - k_begin); j < keys; ++j)
+        row[j] = kNegInf;
+  }
+}
+
+template <class T>
+void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, const Tensors& t,
+                size_t task, int64_t* counts) {
+  const Dims& d = p.dims;
+  const int64_t qb = task % p.grid.q_blocks, bh = task / p.grid.q_blocks;
+  const int64_t b = bh / d.q_heads, h = bh % d.q_heads;
+  const int64_t bk = b * d.kv_heads + h / (d.q_heads / d.kv_heads);
+  const int64_t q_begin = p.grid.QueryBegin(qb);
+  const int rows = static_cast<int>(p.grid.QueryEnd(qb) - q_begin);
+  const int head_dim = static_cast<int>(d.head_dim), key_pad = static_cast<int>(kv.key_pad);
+  const int v_pad = static_cast<int>(kv.v_pad);
+  thread_local Scratch sc;
+
+  // The query block, scaled, and its mean for the estimate.
+  const T* q_rows = static_cast<const T*>(t.query) + (bh * d.q_len + q_begin) * d.head_dim;
+  sc.q.resize(static_cast<size_t>(rows) * head_dim);
+  sc.q_mean.assign(head_dim, 0.0f);
+  for (int r = 0; r < rows; ++r)
+    for (int x = 0; x < head_dim; ++x) {
+      const float value = p.scale * ToFloat(q_rows[r * head_dim + x]);
+      sc.q[r * head_dim + x] = value;
+      sc.q_mean[x] += value / static_cast<float>(rows);
+    }
+
+  counts[2 * task + 1] = AllowedKeyBlocks(p, b, h, qb, sc.selection.allowed);
+  ChooseKeyBlocks(p, qb, sc.q_mean.data(), kv.KMeans(bk), sc.selection, sc.chosen);
+  counts[2 * task] = static_cast<int64_t>(sc.chosen.size());
+
+  sc.m.assign(rows, kNegInf);
+  sc.l.assign(rows, 0.0f);
+  sc.o.assign(static_cast<size_t>(rows) * v_pad, 0.0f);
+  sc.s.resize(static_cast<size_t>(rows) * key_pad);
+  for (int32_t kb : sc.chosen) {
+    const int64_t k_begin = p.grid.KeyBegin(kb);
+    const int keys = static_cast<int>(p.grid.KeyEnd(kb) - k_begin);
+    math.scores(sc.q.data(), rows, head_dim, kv.Kt(bk, kb), key_pad, sc.s.data());
+    ApplyMaskAndCausality(p, b, h, q_begin, k_begin, rows, keys, key_pad, sc.s.data());
+    math.softmax_step(sc.s.data(), rows, keys, key_pad, sc.m.data(), sc.l.data(), sc.o.data(), v_pad);
+    math.accumulate(sc.s.data(), rows, keys, key_pad, kv.V(bk, kb), v_pad, sc.o.data());
+  }
+
+  T* out = static_cast<T*>(t.output) + (bh * d.q_len + q_begin) * d.v_head_dim;
+  for (int r = 0; r < rows; ++r) {
+    const bool empty = sc.m[r] == kNegInf;  // no key to attend: zeros, not NaN
+    const float inv = empty ? 0.0f : 1.0f / sc.l[r];
+    for (int64_t x = 0; x < d.v_head_dim; ++x)
+      out[r * d.v_head_dim + x] = FromFloat<T>(empty ? 0.0f : sc.o[r * v_pad + x] * inv);
+  }
+}
+
+template <class T>
+void Run(const Problem& p, const Tensors& t, const ParallelFor& parallel_for) {
+  const Dims& d = p.dims;
+  const BlockMath& math = SelectBlockMath();
+  PackedKeysValues kv;
+  kv.k_blocks = p.grid.k_blocks;
+  kv.head_dim = d.head_dim;
+  kv.key_pad = RoundUp(p.grid.block, math.pad);
+  kv.v_pad = RoundUp(std::max<int64_t>(d.v_head_dim, 1), math.pad);
+  kv.kt_block = d.head_dim * kv.key_pad;
+  kv.v_block = kv.key_pad * kv.v_pad;
+  const int64_t heads = d.batch * d.kv_heads;
+  kv.kt.assign(heads * kv.k_blocks * kv.kt_block, 0.0f);
+  kv.v.assign(heads * kv.k_blocks * kv.v_block, 0.0f);
+  kv.k_means.assign(heads * kv.k_blocks * d.head_dim, 0.0f);
+  const T* key = static_cast<const T*>(t.key);
+  const T* value = static_cast<const T*>(t.value);
+  parallel_for(heads, [&](size_t bk) { PackHead<T>(p, key, value, static_cast<int64_t>(bk), kv); });
+
+  const size_t tasks = static_cast<size_t>(d.batch * d.q_heads * p.grid.q_blocks);
+  std::vector<int64_t> counts(2 * tasks, 0);  // per task: computed blocks, allowed blocks
+  parallel_for(tasks, [&](size_t task) { QueryBlock<T>(p, math, kv, t, task, counts.data()); });
+
+  if (t.density == nullptr) return;
+  for (int64_t bh = 0; bh < d.batch * d.q_heads; ++bh) {
+    int64_t computed = 0, allowed = 0;
+    for (int64_t qb = 0; qb < p.grid.q_blocks; ++qb) {
+      computed += counts[2 * (bh * p.grid.q_blocks + qb)];
+      allowed += counts[2 * (bh * p.grid.q_blocks + qb) + 1];
+    }
+    t.density[bh] = allowed > 0 ? static_cast<float>(computed) / static_cast<float>(allowed) : 1.0f;
+  }
+}
+
+}  // namespace
+
+void RunSparseAttention(const Problem& problem, const Tensors& tensors, const ParallelFor& parallel_for) {
+  const Dims& d = problem.dims;
+  const bool empty = d.batch == 0 || d.q_heads == 0 || d.q_len == 0;
+  if (empty || d.kv_len == 0 || d.head_dim == 0) {
+    // Nothing to attend (or nothing to compute): zeros, density 1.
+    const size_t n = static_cast<size_t>(d.batch * d.q_heads * d.q_len * d.v_head_dim);
+    std::memset(tensors.output, 0, n * (tensors.half ? 2 : 4));
+    if (tensors.density) std::fill(tensors.density, tensors.density + d.batch * d.q_heads, 1.0f);
+    if (empty || d.kv_len == 0) return;
+  }
+  if (tensors.half) Run<Ort::Float16_t>(problem, tensors, parallel_for);
+  else Run<float>(problem, tensors, parallel_for);
+}
+
+}  // namespace tfsa::cpu

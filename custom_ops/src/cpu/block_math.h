@@ -1,0 +1,41 @@
+// How one (query block, key block) pair is computed: the math, apart from the schedule.
+//
+// Three register-blocked kernels written once with GCC vector extensions and compiled per
+// instruction set (block_math_avx2.cc, block_math_avx512.cc, block_math_generic.cc); the
+// library picks the widest the CPU runs (SelectBlockMath).
+//
+// Layouts (all float32, row-major):
+//   q    [rows, head_dim]          the query block, already multiplied by scale
+//   kt   [head_dim, key_pad]       a key block transposed; key_pad = keys rounded up to KeyPad()
+//   v    [key_pad, v_pad]          a value block; v_pad = v_head_dim rounded up to KeyPad()
+//   s    [rows, key_pad]           scores, then probabilities
+//   o    [rows, v_pad]             running (unnormalised) output
+#pragma once
+
+#include <cstdint>
+
+namespace tfsa::cpu {
+
+struct BlockMath {
+  const char* isa;  // "avx512", "avx2" or "generic"
+  int pad;          // key_pad and v_pad are multiples of this
+
+  // s = q . kt for `rows` query rows and key_pad keys.
+  void (*scores)(const float* q, int rows, int head_dim, const float* kt, int key_pad, float* s);
+  // Online softmax step over the first `keys` columns of s: updates the running max m and
+  // sum l, rescales o by exp(m_old - m_new), leaves exp(s - m_new) in s (zero past `keys`).
+  void (*softmax_step)(float* s, int rows, int keys, int key_pad, float* m, float* l, float* o, int v_pad);
+  // o += s[:, :keys] . v[:keys, :]
+  void (*accumulate)(const float* s, int rows, int keys, int key_pad, const float* v, int v_pad, float* o);
+};
+
+const BlockMath& BlockMathAvx512();
+const BlockMath& BlockMathAvx2();
+const BlockMath& BlockMathGeneric();
+
+// The fastest variant this CPU supports (TFSA_ISA=avx2|generic forces a narrower one).
+const BlockMath& SelectBlockMath();
+
+inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+}  // namespace tfsa::cpu

@@ -1,0 +1,25 @@
+#include <cstdlib>
+#include <cstring>
+
+#include "block_math.h"
+
+namespace tfsa::cpu {
+
+const BlockMath& SelectBlockMath() {
+  static const BlockMath& chosen = [] () -> const BlockMath& {
+    const char* forced = std::getenv("TFSA_ISA");
+    const bool allow_avx512 = !forced || std::strcmp(forced, "avx512") == 0;
+    const bool allow_avx2 = allow_avx512 || std::strcmp(forced, "avx2") == 0;
+#if defined(TFSA_X86_KERNELS)
+    __builtin_cpu_init();
+    if (allow_avx512 && __builtin_cpu_supports("avx512f")) return BlockMathAvx512();
+    if (allow_avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return BlockMathAvx2();
+#else
+    (void)allow_avx2;
+#endif
+    return BlockMathGeneric();
+  }();
+  return chosen;
+}
+
+}  // namespace tfsa::cpu

@@ -1,0 +1,55 @@
+// One call of SparseAttention as the CPU kernel sees it: sizes, attributes, the mask,
+// and the block grid. Plain data, no ONNX Runtime types.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "tfsa/contract.h"
+
+namespace tfsa::cpu {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Read access to the optional attn_mask, broadcast to [B, Hq, Sq, Sk] by strides.
+struct MaskView {
+  enum class Kind { kNone, kBool, kFloat, kHalf } kind = Kind::kNone;
+  const void* data = nullptr;
+  int64_t stride[4] = {0, 0, 0, 0};
+
+  bool present() const { return kind != Kind::kNone; }
+  int64_t Offset(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    return b * stride[0] + h * stride[1] + i * stride[2] + j * stride[3];
+  }
+  float Bias(int64_t offset) const;  // additive value: bool true -> 0, false -> -inf
+  bool Allows(int64_t offset) const { return Bias(offset) != kNegInf; }
+};
+
+// Query and key blocks of edge `block`; query i sits at key position i + offset.
+struct BlockGrid {
+  int64_t block = 64, q_len = 0, kv_len = 0, offset = 0, q_blocks = 0, k_blocks = 0;
+  bool causal = false;
+
+  BlockGrid() = default;
+  BlockGrid(int64_t block_size, int64_t q, int64_t kv, bool is_causal)
+      : block(block_size), q_len(q), kv_len(kv), offset(kv - q),
+        q_blocks((q + block_size - 1) / block_size), k_blocks((kv + block_size - 1) / block_size),
+        causal(is_causal) {}
+  int64_t QueryBegin(int64_t qb) const { return qb * block; }
+  int64_t QueryEnd(int64_t qb) const { return std::min(q_len, qb * block + block); }
+  int64_t KeyBegin(int64_t kb) const { return kb * block; }
+  int64_t KeyEnd(int64_t kb) const { return std::min(kv_len, kb * block + block); }
+  // Last key query row i may see (causal), or the last key.
+  int64_t LastVisibleKey(int64_t i) const { return causal ? std::min(kv_len - 1, i + offset) : kv_len - 1; }
+};
+
+struct Problem {
+  Dims dims;
+  Attributes attrs;
+  float scale = 1.0f;
+  BlockGrid grid;
+  MaskView mask;
+};
+
+}  // namespace tfsa::cpu

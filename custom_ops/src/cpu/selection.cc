@@ -1,0 +1,120 @@
+#include "selection.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "tfsa/ort_api.h"
+
+namespace tfsa::cpu {
+
+float MaskView::Bias(int64_t offset) const {
+  switch (kind) {
+    case Kind::kBool: return static_cast<const bool*>(data)[offset] ? 0.0f : kNegInf;
+    case Kind::kFloat: return static_cast<const float*>(data)[offset];
+    case Kind::kHalf: return static_cast<const Ort::Float16_t*>(data)[offset].ToFloat();
+    case Kind::kNone: break;
+  }
+  return 0.0f;
+}
+
+int64_t AllowedKeyBlocks(const Problem& p, int64_t b, int64_t h, int64_t qb, std::vector<uint8_t>& allowed) {
+  const BlockGrid& g = p.grid;
+  const int64_t q_begin = g.QueryBegin(qb), q_end = g.QueryEnd(qb);
+  // With the mask's rows broadcast, one row stands for all; the last query row sees most.
+  const bool one_row = !p.mask.present() || p.mask.stride[2] == 0;
+  int64_t count = 0;
+  allowed.assign(g.k_blocks, 0);
+  for (int64_t kb = 0; kb < g.k_blocks; ++kb) {
+    const int64_t k_begin = g.KeyBegin(kb), k_end = g.KeyEnd(kb);
+    bool any = false;
+    for (int64_t i = one_row ? q_end - 1 : q_begin; i < q_end && !any; ++i) {
+      const int64_t last = std::min(k_end - 1, g.LastVisibleKey(i));
+      if (!p.mask.present()) {
+        any = last >= k_begin;
+        break;
+      }
+      for (int64_t j = k_begin; j <= last && !any; ++j) any = p.mask.Allows(p.mask.Offset(b, h, i, j));
+    }
+    allowed[kb] = any;
+    count += any;
+  }
+  return count;
+}
+
+namespace {
+
+// Global-token and local-window blocks (only among the allowed ones).
+int64_t ForcedKeyBlocks(const Problem& p, int64_t qb, const std::vector<uint8_t>& allowed,
+                        std::vector<uint8_t>& forced) {
+  const BlockGrid& g = p.grid;
+  const Attributes& a = p.attrs;
+  const bool global_query = g.QueryBegin(qb) < a.global_tokens;
+  const int64_t first = g.QueryBegin(qb) + g.offset, last = g.QueryEnd(qb) - 1 + g.offset;
+  int64_t count = 0;
+  forced.assign(g.k_blocks, 0);
+  for (int64_t kb = 0; kb < g.k_blocks; ++kb) {
+    const int64_t k_begin = g.KeyBegin(kb), k_end = g.KeyEnd(kb) - 1;
+    const bool local = a.local_window > 0 && k_end >= first - a.local_window && k_begin <= last + a.local_window;
+    forced[kb] = allowed[kb] && (global_query || k_begin < a.global_tokens || local);
+    count += forced[kb];
+  }
+  return count;
+}
+
+// Softmax over the candidates' estimated scores; NaN scores count as the least likely.
+void EstimateMass(const Problem& p, const float* q_mean, const float* k_means, SelectionScratch& s) {
+  const int64_t d = p.dims.head_dim;
+  s.mass.resize(s.candidates.size());
+  double best = -INFINITY;
+  for (size_t c = 0; c < s.candidates.size(); ++c) {
+    const int64_t kb = s.candidates[c];
+    const float* k_mean = k_means + kb * d;
+    double score = 0.0;
+    for (int64_t x = 0; x < d; ++x) score += static_cast<double>(q_mean[x]) * k_mean[x];
+    score += std::log(static_cast<double>(p.grid.KeyEnd(kb) - p.grid.KeyBegin(kb)));
+    s.mass[c] = std::isnan(score) ? -INFINITY : score;
+    best = std::max(best, s.mass[c]);
+  }
+  double total = 0.0;
+  for (double& m : s.mass) total += (m = std::isfinite(best) ? std::exp(m - best) : 1.0);
+  for (double& m : s.mass) m /= total;
+}
+
+}  // namespace
+
+void ChooseKeyBlocks(const Problem& p, int64_t qb, const float* q_mean, const float* k_means,
+                     SelectionScratch& s, std::vector<int32_t>& chosen) {
+  const Attributes& a = p.attrs;
+  const std::vector<uint8_t>& allowed = s.allowed;
+  chosen.clear();
+  const bool dense = p.grid.kv_len < a.min_seq_len || (a.threshold >= 1.0f && a.max_density >= 1.0f);
+  if (dense) {
+    for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb)
+      if (allowed[kb]) chosen.push_back(static_cast<int32_t>(kb));
+    return;
+  }
+  const int64_t n_allowed = std::count(allowed.begin(), allowed.end(), 1);
+  const int64_t n_forced = ForcedKeyBlocks(p, qb, allowed, s.forced);
+  s.candidates.clear();
+  for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb)
+    if (allowed[kb] && !s.forced[kb]) s.candidates.push_back(static_cast<int32_t>(kb));
+  std::vector<uint8_t>& take = s.forced;  // forced blocks, then the estimate's picks
+  if (!s.candidates.empty()) {
+    EstimateMass(p, q_mean, k_means, s);
+    s.order.resize(s.candidates.size());
+    for (size_t c = 0; c < s.order.size(); ++c) s.order[c] = static_cast<int32_t>(c);
+    std::stable_sort(s.order.begin(), s.order.end(), [&](int32_t x, int32_t y) { return s.mass[x] > s.mass[y]; });
+    // The small tolerance keeps float attribute rounding from adding a block (0.1f * 30).
+    const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(double(a.max_density) * n_allowed - 1e-4)));
+    const int64_t budget = std::min<int64_t>(cap - n_forced, static_cast<int64_t>(s.order.size()));
+    double cumulative = 0.0;
+    for (int64_t r = 0; r < budget && cumulative < a.threshold; ++r) {
+      take[s.candidates[s.order[r]]] = 1;
+      cumulative += s.mass[s.order[r]];
+    }
+  }
+  for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb)
+    if (take[kb]) chosen.push_back(static_cast<int32_t>(kb));
+}
+
+}  // namespace tfsa::cpu

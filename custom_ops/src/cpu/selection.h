@@ -1,0 +1,28 @@
+// The schedule: which key blocks each query block computes. See tfsa_onnx/reference.py
+// (select_blocks) for the specification this follows.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "problem.h"
+
+namespace tfsa::cpu {
+
+struct SelectionScratch {
+  std::vector<uint8_t> allowed, forced;
+  std::vector<int32_t> candidates, order;
+  std::vector<double> mass;
+};
+
+// Key blocks of (batch b, head h, query block qb) that hold at least one key some query of
+// the block may see, by causality and the mask. Returns how many.
+int64_t AllowedKeyBlocks(const Problem& p, int64_t b, int64_t h, int64_t qb, std::vector<uint8_t>& allowed);
+
+// The key blocks to compute, ascending, from the allowed ones: global and local blocks, then
+// the rest by estimated mass (q_mean . k_means[kb] + log(keys in kb)) until `threshold`
+// or the max_density cap. q_mean is the scaled query block's mean, k_means [k_blocks, D].
+void ChooseKeyBlocks(const Problem& p, int64_t qb, const float* q_mean, const float* k_means,
+                     SelectionScratch& scratch, std::vector<int32_t>& chosen);
+
+}  // namespace tfsa::cpu

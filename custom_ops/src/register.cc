@@ -1,0 +1,18 @@
+// The library's one entry point: SessionOptions.register_custom_ops_library() calls it.
+#include "sparse_attention_op.h"
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(tfsa::kMinOrtApiVersion);
+  if (api == nullptr) {
+    const OrtApi* oldest = api_base->GetApi(1);
+    return oldest->CreateStatus(ORT_FAIL, "the tfsa-onnx operator library needs onnxruntime >= 1.17");
+  }
+  Ort::InitApi(api);
+  static tfsa::SparseAttentionOp sparse_attention;
+  OrtCustomOpDomain* domain = nullptr;
+  if (OrtStatus* status = api->CreateCustomOpDomain(tfsa::kDomain, &domain)) return status;
+  if (OrtStatus* status = api->CustomOpDomain_Add(domain, &sparse_attention)) return status;
+  // ORT keeps using the domain for the sessions' lifetime; it is intentionally never released.
+  return api->AddCustomOpDomain(options, domain);
+}

@@ -1,0 +1,196 @@
+#include "sparse_attention_op.h"
+
+#include <cmath>
+#include <new>
+#include <string>
+
+#include "cpu/attention_cpu.h"
+
+namespace tfsa {
+namespace {
+
+template <class V>
+V ReadAttribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, V fallback) {
+  V value = fallback;
+  OrtStatus* status = nullptr;
+  if constexpr (std::is_same_v<V, float>) status = api.KernelInfoGetAttribute_float(info, name, &value);
+  else status = api.KernelInfoGetAttribute_int64(info, name, &value);
+  if (status != nullptr) {  // absent: the contract's default
+    api.ReleaseStatus(status);
+    return fallback;
+  }
+  return value;
+}
+
+OrtStatusPtr Error(const std::string& message) {
+  return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, ("SparseAttention: " + message).c_str());
+}
+
+const char* TypeName(ONNXTensorElementDataType type) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return "bool";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    default: return "an unsupported type";
+  }
+}
+
+}  // namespace
+
+SparseAttentionKernel::SparseAttentionKernel(const OrtApi& api, const OrtKernelInfo* info) {
+  const Attributes d;
+  attributes.scale = ReadAttribute(api, info, "scale", d.scale);
+  attributes.is_causal = ReadAttribute(api, info, "is_causal", d.is_causal);
+  attributes.block_size = ReadAttribute(api, info, "block_size", d.block_size);
+  attributes.global_tokens = ReadAttribute(api, info, "global_tokens", d.global_tokens);
+  attributes.local_window = ReadAttribute(api, info, "local_window", d.local_window);
+  attributes.threshold = ReadAttribute(api, info, "threshold", d.threshold);
+  attributes.max_density = ReadAttribute(api, info, "max_density", d.max_density);
+  attributes.min_seq_len = ReadAttribute(api, info, "min_seq_len", d.min_seq_len);
+  attribute_error = CheckAttributes(attributes);
+}
+
+OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
+  try {
+    Ort::KernelContext context(raw_context);
+    if (!attribute_error.empty()) return Error(attribute_error);
+    const size_t n_inputs = context.GetInputCount();
+    auto query = context.GetInput(0), key = context.GetInput(1), value = context.GetInput(2);
+    Ort::ConstValue mask{nullptr};
+    if (n_inputs > 3) mask = context.GetInput(3);
+
+    const auto q_info = query.GetTensorTypeAndShapeInfo(), k_info = key.GetTensorTypeAndShapeInfo();
+    const auto v_info = value.GetTensorTypeAndShapeInfo();
+    const auto type = q_info.GetElementType();
+    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+      return Error(std::string("query must be float32 or float16, got ") + TypeName(type));
+    if (k_info.GetElementType() != type || v_info.GetElementType() != type)
+      return Error(std::string("key and value must have query's type ") + TypeName(type) + ", got " +
+                   TypeName(k_info.GetElementType()) + " and " + TypeName(v_info.GetElementType()));
+
+    cpu::Problem problem;
+    Shape mask_shape;
+    if (mask) {
+      const auto m_info = mask.GetTensorTypeAndShapeInfo();
+      mask_shape = m_info.GetShape();
+      const auto m_type = m_info.GetElementType();
+      if (m_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) problem.mask.kind = cpu::MaskView::Kind::kBool;
+      else if (m_type == type)
+        problem.mask.kind = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? cpu::MaskView::Kind::kFloat
+                                                                        : cpu::MaskView::Kind::kHalf;
+      else
+        return Error(std::string("attn_mask must be bool or ") + TypeName(type) + " like query, got " +
+                     TypeName(m_type));
+      problem.mask.data = mask.GetTensorRawData();
+    }
+    const std::string shape_error =
+        CheckShapes(q_info.GetShape(), k_info.GetShape(), v_info.GetShape(), mask ? &mask_shape : nullptr,
+                    problem.dims);
+    if (!shape_error.empty()) return Error(shape_error);
+
+    const Dims& d = problem.dims;
+    for (int i = 0; i < 4; ++i) problem.mask.stride[i] = d.mask_stride[i];
+    problem.attrs = attributes;
+    problem.scale = attributes.scale > 0.0f ? attributes.scale
+                                            : (d.head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(d.head_dim)) : 1.0f);
+    problem.grid = cpu::BlockGrid(attributes.block_size, d.q_len, d.kv_len, attributes.is_causal != 0);
+
+    cpu::Tensors tensors;
+    tensors.query = query.GetTensorRawData();
+    tensors.key = key.GetTensorRawData();
+    tensors.value = value.GetTensorRawData();
+    tensors.half = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    auto output = context.GetOutput(0, {d.batch, d.q_heads, d.q_len, d.v_head_dim});
+    tensors.output = output.GetTensorMutableRawData();
+    if (context.GetOutputCount() > 1) {
+      auto density = context.GetOutput(1, {d.batch, d.q_heads});
+      if (density) tensors.density = density.GetTensorMutableData<float>();
+    }
+
+    cpu::RunSparseAttention(problem, tensors, [&](size_t n, const std::function<void(size_t)>& fn) {
+      context.ParallelFor([](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); },
+                          n, 0, const_cast<std::function<void(size_t)>*>(&fn));
+    });
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::bad_alloc&) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, "SparseAttention: out of memory");
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("SparseAttention: ") + e.what()).c_str());
+  }
+}
+
+namespace {
+
+// Graph-level type/shape inference: Y takes query's type and [B, Hq, Sq] with value's Dv;
+// density is float [B, Hq]. Inputs of unknown or wrong rank only get the type: Compute
+// reports the shape error with the shapes it sees.
+OrtStatusPtr InferOutputs(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  const OrtApi& api = Ort::GetApi();
+  OrtTensorTypeAndShapeInfo *q_info = nullptr, *v_info = nullptr, *y_info = nullptr, *d_info = nullptr;
+  OrtStatusPtr status = nullptr;
+  auto check = [&](OrtStatusPtr s) { return (status = s) == nullptr; };
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  size_t q_rank = 0, v_rank = 0;
+  if (check(api.ShapeInferContext_GetInputTypeShape(ctx, 0, &q_info)) &&
+      check(api.ShapeInferContext_GetInputTypeShape(ctx, 2, &v_info)) &&
+      check(api.GetTensorElementType(q_info, &type)) && check(api.GetDimensionsCount(q_info, &q_rank)) &&
+      check(api.GetDimensionsCount(v_info, &v_rank)) && check(api.CreateTensorTypeAndShapeInfo(&y_info)) &&
+      check(api.SetTensorElementType(y_info, type)) && check(api.CreateTensorTypeAndShapeInfo(&d_info)) &&
+      check(api.SetTensorElementType(d_info, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT))) {
+    // Unknown dims stay -1 (a rank-0 shape would claim a scalar).
+    int64_t q_dims[4] = {-1, -1, -1, -1}, v_dims[4] = {-1, -1, -1, -1};
+    const char *q_syms[4] = {"", "", "", ""}, *v_syms[4] = {"", "", "", ""};
+    if (q_rank == 4 && v_rank == 4) {
+      check(api.GetDimensions(q_info, q_dims, 4)) && check(api.GetDimensions(v_info, v_dims, 4)) &&
+          check(api.GetSymbolicDimensions(q_info, q_syms, 4)) && check(api.GetSymbolicDimensions(v_info, v_syms, 4));
+    }
+    const int64_t y_dims[4] = {q_dims[0], q_dims[1], q_dims[2], v_dims[3]};
+    const char* y_syms[4] = {q_syms[0], q_syms[1], q_syms[2], v_syms[3]};
+    if (status == nullptr && check(api.SetDimensions(y_info, y_dims, 4)) &&
+        check(api.SetSymbolicDimensions(y_info, y_syms, 4)) && check(api.SetDimensions(d_info, q_dims, 2)))
+      check(api.SetSymbolicDimensions(d_info, q_syms, 2));
+    if (status == nullptr && check(api.ShapeInferContext_SetOutputTypeShape(ctx, 0, y_info)))
+      check(api.ShapeInferContext_SetOutputTypeShape(ctx, 1, d_info));
+  }
+  // The inputs' infos belong to the context; only the ones created here are released.
+  for (OrtTensorTypeAndShapeInfo* info : {y_info, d_info})
+    if (info) api.ReleaseTensorTypeAndShapeInfo(info);
+  return status;
+}
+
+}  // namespace
+
+SparseAttentionOp::SparseAttentionOp() {
+  // Announce the oldest API we use, not the headers' newest, so older runtimes accept the op.
+  OrtCustomOp::version = kMinOrtApiVersion;
+  OrtCustomOp::InferOutputShapeFn = InferOutputs;
+}
+
+OrtStatusPtr SparseAttentionOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+  try {
+    *kernel = new SparseAttentionKernel(api, info);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return api.CreateStatus(ORT_FAIL, e.what());
+  }
+}
+
+OrtCustomOpInputOutputCharacteristic SparseAttentionOp::GetInputCharacteristic(size_t index) const {
+  return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+
+ONNXTensorElementDataType SparseAttentionOp::GetOutputType(size_t index) const {
+  return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+
+OrtCustomOpInputOutputCharacteristic SparseAttentionOp::GetOutputCharacteristic(size_t index) const {
+  return index == 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+
+}  // namespace tfsa

@@ -1,0 +1,31 @@
+// ai.tfsa::SparseAttention as an ONNX Runtime custom op: reads attributes, checks inputs
+// against the contract, allocates outputs and hands the work to the CPU kernel.
+#pragma once
+
+#include "tfsa/contract.h"
+#include "tfsa/ort_api.h"
+
+namespace tfsa {
+
+struct SparseAttentionKernel {
+  SparseAttentionKernel(const OrtApi& api, const OrtKernelInfo* info);
+  OrtStatusPtr ComputeV2(OrtKernelContext* context);
+
+  Attributes attributes;
+  std::string attribute_error;  // non-empty: the node's attributes break the contract
+};
+
+struct SparseAttentionOp : Ort::CustomOpBase<SparseAttentionOp, SparseAttentionKernel, true> {
+  SparseAttentionOp();
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
+  const char* GetName() const { return kOpName; }
+  size_t GetInputTypeCount() const { return 4; }
+  // Undefined: any element type reaches Compute, which names the unsupported one.
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t index) const;
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const;
+};
+
+}  // namespace tfsa

@@ -1,0 +1,291 @@
+"""The CPU kernel of ai.tfsa::SparseAttention against the numpy reference (the spec)."""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+
+import tfsa_onnx
+from tfsa_onnx.opmodel import sparse_attention_model
+from tfsa_onnx.reference import SparseAttentionAttributes, sparse_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+SPARSE_OFF = dict(global_tokens=0, local_window=0, min_seq_len=0)
+
+
+@functools.cache
+def _session(attrs: tuple, dtype: int, mask_dtype: int | None, mask_rank: int, threads: int, density: bool):
+    model = sparse_attention_model(dtype, mask_dtype, mask_rank, density_output=density, **dict(attrs))
+    so = tfsa_onnx.session_options()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run_op(q, k, v, mask=None, threads: int = 2, density: bool = True, **attrs):
+    dtype = TensorProto.FLOAT16 if q.dtype == np.float16 else TensorProto.FLOAT
+    mask_dtype = None
+    if mask is not None:
+        mask_dtype = TensorProto.BOOL if mask.dtype == np.bool_ else dtype
+    rank = mask.ndim if mask is not None else 4
+    session = _session(tuple(sorted(attrs.items())), dtype, mask_dtype, rank, threads, density)
+    feeds = {"query": q, "key": k, "value": v}
+    if mask is not None:
+        feeds["attn_mask"] = mask
+    return session.run(None, feeds)
+
+
+def random_qkv(rng, b, hq, hkv, sq, sk, d, dv, dtype=np.float32):
+    q = rng.standard_normal((b, hq, sq, d)).astype(dtype)
+    k = rng.standard_normal((b, hkv, sk, d)).astype(dtype)
+    v = rng.standard_normal((b, hkv, sk, dv)).astype(dtype)
+    return q, k, v
+
+
+def dense_attention(q, k, v, mask=None, causal=False, scale=None):
+    """Plain softmax attention, independent of the reference's block machinery."""
+    group = q.shape[1] // k.shape[1]
+    k = np.repeat(k.astype(np.float64), group, axis=1)
+    v = np.repeat(v.astype(np.float64), group, axis=1)
+    s = (scale or 1 / np.sqrt(q.shape[-1])) * q.astype(np.float64) @ np.swapaxes(k, -1, -2)
+    if mask is not None:
+        s = s + (np.where(mask, 0, -np.inf) if mask.dtype == np.bool_ else mask)
+    if causal:
+        sq, sk = s.shape[-2:]
+        s = np.where(np.arange(sk)[None] <= np.arange(sq)[:, None] + sk - sq, s, -np.inf)
+    with np.errstate(invalid="ignore"):  # fully masked rows: -inf - -inf
+        p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+# (batch, q_heads, kv_heads, q_len, kv_len, head_dim, v_head_dim, block_size, causal)
+DENSE_SHAPES = [
+    (1, 1, 1, 1, 1, 1, 1, 64, 0),
+    (1, 2, 2, 1, 1, 8, 8, 64, 1),
+    (2, 4, 2, 64, 64, 64, 64, 64, 0),
+    (1, 3, 1, 100, 100, 40, 24, 16, 1),
+    (1, 2, 1, 257, 257, 7, 9, 32, 1),
+    (2, 2, 2, 33, 95, 33, 17, 8, 0),
+    (1, 4, 4, 5, 300, 96, 96, 64, 1),  # Sq < Sk: queries sit at the end
+    (1, 2, 1, 130, 130, 130, 3, 128, 0),
+    (1, 1, 1, 77, 77, 64, 64, 1, 1),
+    (1, 6, 3, 129, 129, 64, 64, 3, 0),
+    (3, 2, 1, 70, 1, 16, 16, 64, 0),
+]
+
+
+@pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dense_settings_match_plain_attention(shape):
+    b, hq, hkv, sq, sk, d, dv, bs, causal = shape
+    q, k, v = random_qkv(np.random.default_rng(hash(shape) % 2**32), b, hq, hkv, sq, sk, d, dv)
+    attrs = dict(block_size=bs, is_causal=causal, threshold=1.0, max_density=1.0, **SPARSE_OFF)
+    y, density = run_op(q, k, v, **attrs)
+    np.testing.assert_allclose(y, dense_attention(q, k, v, causal=bool(causal)), atol=2e-5, rtol=1e-4)
+    np.testing.assert_array_equal(density, np.ones((b, hq), np.float32))
+
+
+# (shape, attributes): selection by threshold, by cap, with global and local blocks
+SPARSE_CASES = [
+    ((1, 2, 1, 512, 512, 64, 64, 64, 1), dict(threshold=0.5, max_density=1.0)),
+    ((1, 2, 2, 512, 512, 32, 32, 32, 0), dict(threshold=1.0, max_density=0.25)),
+    ((2, 4, 2, 300, 300, 48, 40, 32, 1), dict(threshold=0.75, max_density=0.5)),
+    ((1, 2, 1, 400, 400, 64, 64, 64, 0), dict(threshold=0.5, max_density=0.5, global_tokens=64)),
+    ((1, 1, 1, 640, 640, 16, 16, 64, 1), dict(threshold=0.25, max_density=1.0, local_window=100)),
+    (
+        (1, 2, 1, 333, 333, 24, 24, 50, 0),
+        dict(threshold=0.875, max_density=0.375, global_tokens=10, local_window=30),
+    ),
+    ((1, 2, 2, 96, 480, 32, 32, 32, 1), dict(threshold=0.5, max_density=0.5)),
+]
+
+
+@pytest.mark.parametrize("shape,attrs", SPARSE_CASES, ids=lambda x: str(x))
+def test_sparse_settings_match_reference(shape, attrs):
+    b, hq, hkv, sq, sk, d, dv, bs, causal = shape
+    rng = np.random.default_rng(sq * 7 + d)
+    q, k, v = random_qkv(rng, b, hq, hkv, sq, sk, d, dv)
+    # Structured keys so the estimate has real preferences, not ties of noise.
+    k += 3 * rng.standard_normal((b, hkv, sk // bs + 1, d)).repeat(bs, axis=2)[:, :, :sk].astype(np.float32)
+    full = dict(SPARSE_OFF, min_seq_len=0, block_size=bs, is_causal=causal) | attrs
+    y, density = run_op(q, k, v, **full)
+    y_ref, density_ref = sparse_attention(q, k, v, None, **full)
+    np.testing.assert_allclose(density, density_ref, atol=1e-6)
+    assert density.max() < 1.0, "a sparse setting should skip blocks"
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-4)
+
+
+def test_bool_padding_mask_and_fully_masked_rows_give_zeros():
+    rng = np.random.default_rng(1)
+    q, k, v = random_qkv(rng, 2, 2, 2, 40, 40, 16, 16)
+    mask = np.ones((2, 1, 40, 40), bool)
+    mask[0, :, :, 30:] = False  # padding
+    mask[1, :, 5, :] = False  # a query that sees nothing
+    y, _ = run_op(q, k, v, mask, block_size=16, threshold=1.0, max_density=1.0, **SPARSE_OFF)
+    assert not np.isnan(y).any()
+    np.testing.assert_array_equal(y[1, :, 5], 0)
+    expected = dense_attention(q, k, v, mask)
+    expected[1, :, 5] = 0
+    np.testing.assert_allclose(y, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("mask_shape", [(40, 48), (2, 1, 1, 48), (1, 2, 40, 48), (48,), (2, 2, 40, 48)])
+def test_additive_mask_broadcasts(mask_shape):
+    rng = np.random.default_rng(2)
+    q, k, v = random_qkv(rng, 2, 2, 1, 40, 48, 16, 8)
+    mask = rng.standard_normal(mask_shape).astype(np.float32)
+    mask[..., :3] = -np.inf
+    attrs = dict(block_size=16, threshold=1.0, max_density=1.0, **SPARSE_OFF)
+    y, _ = run_op(q, k, v, mask, **attrs)
+    np.testing.assert_allclose(y, dense_attention(q, k, v, mask), atol=2e-5)
+    np.testing.assert_allclose(y, sparse_attention(q, k, v, mask, **attrs)[0], atol=2e-5)
+
+
+def test_masked_key_blocks_are_never_chosen_and_not_counted():
+    rng = np.random.default_rng(3)
+    q, k, v = random_qkv(rng, 1, 2, 2, 256, 256, 32, 32)
+    mask = np.ones((1, 1, 1, 256), bool)
+    mask[..., 128:] = False  # half the key blocks are padding
+    attrs = dict(block_size=32, threshold=1.0, max_density=0.5, **SPARSE_OFF)
+    y, density = run_op(q, k, v, mask, **attrs)
+    y_ref, density_ref = sparse_attention(q, k, v, mask, **attrs)
+    np.testing.assert_allclose(density, 0.5, atol=1e-6)  # 2 of the 4 attendable blocks
+    np.testing.assert_allclose(density, density_ref)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5)
+
+
+def test_float16():
+    rng = np.random.default_rng(4)
+    q, k, v = random_qkv(rng, 1, 4, 2, 200, 200, 64, 64, np.float16)
+    mask = np.where(rng.random((1, 1, 1, 200)) < 0.1, -np.inf, 0).astype(np.float16)
+    attrs = dict(block_size=64, is_causal=1, threshold=1.0, max_density=1.0, **SPARSE_OFF)
+    y, _ = run_op(q, k, v, mask, **attrs)
+    assert y.dtype == np.float16
+    np.testing.assert_allclose(y.astype(np.float32), dense_attention(q, k, v, mask, causal=True), atol=3e-3)
+
+
+def test_nan_propagates_without_crashing():
+    rng = np.random.default_rng(5)
+    q, k, v = random_qkv(rng, 2, 2, 2, 64, 64, 16, 16)
+    q[0, 0, 3, 0] = np.nan
+    v[0, 1, 10, :] = np.nan
+    for attrs in (dict(threshold=1.0, max_density=1.0), dict(threshold=0.5, max_density=0.5)):
+        y, density = run_op(q, k, v, block_size=16, **attrs, **SPARSE_OFF)
+        assert np.isnan(y[0, 0, 3]).all()
+        assert np.isnan(y[0, 1]).any()
+        assert not np.isnan(y[1]).any(), "NaN must not leak into other batch rows"
+        assert np.isfinite(density).all()
+
+
+def test_min_seq_len_computes_dense():
+    rng = np.random.default_rng(6)
+    q, k, v = random_qkv(rng, 1, 2, 2, 256, 256, 32, 32)
+    sparse = dict(block_size=32, threshold=0.1, max_density=0.1, global_tokens=0, local_window=0)
+    y, density = run_op(q, k, v, min_seq_len=257, **sparse)
+    np.testing.assert_allclose(y, dense_attention(q, k, v), atol=2e-5)
+    np.testing.assert_array_equal(density, 1.0)
+    _, density = run_op(q, k, v, min_seq_len=256, **sparse)
+    assert density.max() < 0.5
+
+
+def test_thread_count_does_not_change_results():
+    rng = np.random.default_rng(7)
+    q, k, v = random_qkv(rng, 2, 3, 1, 300, 300, 32, 32)
+    attrs = dict(block_size=32, is_causal=1, threshold=0.75, max_density=0.5, **SPARSE_OFF)
+    y1, d1 = run_op(q, k, v, threads=1, **attrs)
+    y2, d2 = run_op(q, k, v, threads=2, **attrs)
+    np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_array_equal(d1, d2)
+
+
+def test_density_output_is_optional():
+    rng = np.random.default_rng(8)
+    q, k, v = random_qkv(rng, 1, 1, 1, 16, 16, 8, 8)
+    (y,) = run_op(q, k, v, density=False, block_size=8, **SPARSE_OFF)
+    np.testing.assert_allclose(y, dense_attention(q, k, v), atol=2e-5)
+
+
+def test_default_attributes_are_the_references():
+    rng = np.random.default_rng(9)
+    q, k, v = random_qkv(rng, 1, 2, 1, 1100, 1100, 16, 16)
+    y, density = run_op(q, k, v)  # no attributes: the op's defaults
+    y_ref, density_ref = sparse_attention(q, k, v)
+    np.testing.assert_allclose(density, density_ref)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5)
+
+
+def test_defaults_agree_with_the_cpp_contract():
+    header = (ROOT / "custom_ops/include/tfsa/contract.h").read_text()
+    start = header.index("struct Attributes {")
+    struct = header[start : header.index("};", start)]
+    cpp = {name: float(value) for name, value in re.findall(r"(\w+) = ([-\d.]+)f?;", struct)}
+    python = {name: float(value) for name, value in SparseAttentionAttributes().as_dict().items()}
+    assert cpp == python
+
+
+# --- bad input: an ONNX Runtime error naming what is wrong, never a crash ---------------
+
+BAD_SHAPES = [
+    ((1, 2, 8, 4), (1, 2, 8), (1, 2, 8, 4), "4-D"),
+    ((1, 2, 8, 4), (2, 2, 8, 4), (2, 2, 8, 4), "batch"),
+    ((1, 2, 8, 4), (1, 2, 8, 5), (1, 2, 8, 4), "head_dim"),
+    ((1, 3, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4), "multiple"),
+    ((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 9, 4), "value"),
+]
+
+
+@pytest.mark.parametrize("q_shape,k_shape,v_shape,words", BAD_SHAPES)
+def test_bad_shapes_are_errors_that_name_the_shapes(q_shape, k_shape, v_shape, words):
+    session = _session((), TensorProto.FLOAT, None, 4, 1, True)
+    # Rank-3 inputs need a model without fixed ranks: build one with symbolic 4-D dims but
+    # feed what the graph allows; mismatched sizes are what the kernel must catch.
+    if len(k_shape) != 4:
+        model = sparse_attention_model()
+        model.graph.input[1].type.tensor_type.shape.dim.pop()
+        session = ort.InferenceSession(model.SerializeToString(), tfsa_onnx.session_options())
+    shapes = {"query": q_shape, "key": k_shape, "value": v_shape}
+    feeds = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    with pytest.raises(Exception, match=words) as info:
+        session.run(None, feeds)
+    assert str(list(q_shape)).replace(" ", "") in str(info.value).replace(" ", "")
+
+
+def test_mask_that_does_not_broadcast_is_an_error():
+    q = np.zeros((1, 2, 8, 4), np.float32)
+    with pytest.raises(Exception, match="attn_mask does not broadcast"):
+        run_op(q, q, q, np.zeros((1, 3, 8, 8), np.float32))
+
+
+def test_unsupported_dtype_is_an_error():
+    model = sparse_attention_model(TensorProto.DOUBLE)
+    session = ort.InferenceSession(model.SerializeToString(), tfsa_onnx.session_options())
+    q = np.zeros((1, 1, 4, 4), np.float64)
+    with pytest.raises(Exception, match="float32 or float16, got float64"):
+        session.run(None, {"query": q, "key": q, "value": q})
+
+
+@pytest.mark.parametrize(
+    "attrs,words",
+    [
+        (dict(block_size=0), "block_size must be > 0"),
+        (dict(block_size=-4), "block_size must be > 0"),
+        (dict(threshold=0.0), "threshold must be in"),
+        (dict(threshold=1.5), "threshold must be in"),
+        (dict(max_density=0.0), "max_density must be in"),
+    ],
+)
+def test_bad_attributes_are_errors(attrs, words):
+    q = np.zeros((1, 1, 4, 4), np.float32)
+    with pytest.raises(Exception, match=words):
+        run_op(q, q, q, **attrs)
+
+
+def test_library_registers_with_the_installed_onnxruntime():
+    assert Path(tfsa_onnx.get_library_path()).is_file()
+    so = tfsa_onnx.session_options()
+    assert isinstance(so, ort.SessionOptions)

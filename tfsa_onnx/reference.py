@@ -1,0 +1,168 @@
+"""Executable specification of ai.tfsa::SparseAttention, in numpy.
+
+The C++ and CUDA kernels must agree with this file. It favours clarity over speed:
+everything is materialised at [B, H, Sq, Sk].
+
+Schedule (which key blocks a query block computes), per (batch, head, query block):
+  1. allowed: key blocks holding at least one key that causality and the mask let
+     some query of the block see.
+  2. forced: allowed blocks holding a global token (key index < global_tokens) or
+     touching the local window (|key - query position| <= local_window, W > 0).
+     Query blocks holding a global query (index < global_tokens) take every allowed block.
+  3. estimate: the other allowed blocks are ranked by softmax over key blocks of
+     scale * mean(Q block) . mean(K block) + log(keys in block); they are added in
+     that order until their cumulative estimated mass reaches `threshold` or the block
+     count reaches ceil(max_density * allowed) (forced blocks count against the cap,
+     but are kept even when they alone exceed it).
+  Below min_seq_len keys, every allowed block is computed.
+Math: exactly softmax(scale * Q K^T + mask) V over the selected blocks, the rest -inf;
+rows with nothing to attend give zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SparseAttentionAttributes:
+    """The operator's attributes and their defaults (custom_ops/include/tfsa/contract.h agrees)."""
+
+    scale: float = 0.0
+    is_causal: int = 0
+    block_size: int = 64
+    global_tokens: int = 64
+    local_window: int = 128
+    threshold: float = 0.95
+    max_density: float = 1.0
+    min_seq_len: int = 1024
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _attendable(mask, shape, is_causal: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Additive bias [B,H,Sq,Sk] (float64) and the boolean 'may attend' of each pair."""
+    b, h, sq, sk = shape
+    if mask is None:
+        bias = np.zeros(shape)
+    elif mask.dtype == np.bool_:
+        bias = np.where(np.broadcast_to(mask, shape), 0.0, -np.inf)
+    else:
+        bias = np.broadcast_to(mask.astype(np.float64), shape).copy()
+    if is_causal:
+        i = np.arange(sq)[:, None]
+        j = np.arange(sk)[None, :]
+        bias = np.where(j <= i + (sk - sq), bias, -np.inf)
+    return bias, bias != -np.inf
+
+
+def _block_any(pairs: np.ndarray, bs: int) -> np.ndarray:
+    """[.., Sq, Sk] bool -> [.., nQ, nK]: does the block hold any true pair."""
+    *lead, sq, sk = pairs.shape
+    nq, nk = -(-sq // bs), -(-sk // bs)
+    padded = np.zeros((*lead, nq * bs, nk * bs), dtype=bool)
+    padded[..., :sq, :sk] = pairs
+    return padded.reshape(*lead, nq, bs, nk, bs).any(axis=(-3, -1))
+
+
+def _block_means(x: np.ndarray, bs: int) -> np.ndarray:
+    """[.., S, D] -> [.., nBlocks, D], mean over the rows each block holds."""
+    s = x.shape[-2]
+    return np.stack([x[..., i : i + bs, :].mean(axis=-2) for i in range(0, s, bs)], axis=-2)
+
+
+def _forced_blocks(sq: int, sk: int, a: SparseAttentionAttributes) -> np.ndarray:
+    """[nQ, nK] bool: global and local-window blocks."""
+    bs = a.block_size
+    nq, nk = -(-sq // bs), -(-sk // bs)
+    forced = np.zeros((nq, nk), dtype=bool)
+    key_start = np.arange(nk) * bs
+    key_end = np.minimum(key_start + bs, sk) - 1
+    forced[:, key_start < a.global_tokens] = True
+    for qb in range(nq):
+        if qb * bs < a.global_tokens:
+            forced[qb, :] = True
+        if a.local_window > 0:
+            first = qb * bs + (sk - sq)
+            last = min(qb * bs + bs, sq) - 1 + (sk - sq)
+            near = (key_end >= first - a.local_window) & (key_start <= last + a.local_window)
+            forced[qb, near] = True
+    return forced
+
+
+def select_blocks(
+    q: np.ndarray, k: np.ndarray, allowed: np.ndarray, a: SparseAttentionAttributes
+) -> np.ndarray:
+    """[B, Hq, nQ, nK] bool: the key blocks each query block computes."""
+    sq, sk = q.shape[2], k.shape[2]
+    if sk < a.min_seq_len:
+        return allowed.copy()
+    bs = a.block_size
+    group = q.shape[1] // k.shape[1]
+    scale = a.scale or 1.0 / math.sqrt(q.shape[-1])
+    q_mean = _block_means(q.astype(np.float64), bs)
+    k_mean = np.repeat(_block_means(k.astype(np.float64), bs), group, axis=1)
+    keys_per_block = np.minimum(bs, sk - np.arange(0, sk, bs))
+    estimate = scale * q_mean @ np.swapaxes(k_mean, -1, -2) + np.log(keys_per_block)
+    forced = _forced_blocks(sq, sk, a) & allowed
+    selected = forced.copy()
+    for idx in np.ndindex(*allowed.shape[:3]):
+        candidates = np.flatnonzero(allowed[idx] & ~forced[idx])
+        if candidates.size == 0:
+            continue
+        score = estimate[idx][candidates]
+        mass = np.exp(score - score.max())
+        mass /= mass.sum()
+        # the tolerance keeps float32 attribute rounding from adding a block (0.1 * 30)
+        cap = max(1, math.ceil(a.max_density * allowed[idx].sum() - 1e-4))
+        budget = cap - forced[idx].sum()
+        cumulative = 0.0
+        for i in np.argsort(-mass, kind="stable")[: max(budget, 0)]:
+            if cumulative >= a.threshold:
+                break
+            selected[idx][candidates[i]] = True
+            cumulative += mass[i]
+    return selected
+
+
+def sparse_attention(
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    attn_mask: np.ndarray | None = None,
+    **attributes,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reference ai.tfsa::SparseAttention: returns (Y [B,Hq,Sq,Dv], density [B,Hq] float32)."""
+    a = SparseAttentionAttributes(**attributes)
+    b, hq, sq, d = query.shape
+    hkv, sk = key.shape[1], key.shape[2]
+    bias, may_attend = _attendable(attn_mask, (b, hq, sq, sk), bool(a.is_causal))
+    allowed = _block_any(may_attend, a.block_size)
+    selected = select_blocks(query, key, allowed, a)
+
+    bs = a.block_size
+    in_selected = np.repeat(np.repeat(selected, bs, axis=2), bs, axis=3)[:, :, :sq, :sk]
+    scale = a.scale or 1.0 / math.sqrt(d)
+    k = np.repeat(key.astype(np.float64), hq // hkv, axis=1)
+    v = np.repeat(value.astype(np.float64), hq // hkv, axis=1)
+    scores = scale * query.astype(np.float64) @ np.swapaxes(k, -1, -2) + bias
+    scores = np.where(in_selected, scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True)
+    row_max = np.where(np.isneginf(row_max), 0.0, row_max)
+    weights = np.exp(scores - row_max)
+    total = weights.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        y = np.where(total > 0, (weights @ v) / np.where(total > 0, total, 1.0), 0.0)
+    y = np.where(np.isnan(total), np.nan, y)
+
+    allowed_pairs = allowed.sum(axis=(2, 3))
+    density = np.where(allowed_pairs > 0, selected.sum(axis=(2, 3)) / np.maximum(allowed_pairs, 1), 1.0)
+    return y.astype(query.dtype), density.astype(np.float32)
