@@ -1,5 +1,6 @@
 // Block kernels for avx2 (8 floats a vector); flags in CMakeLists.txt.
 #define TFSA_LANES 8
+#define TFSA_ROWS 6
 #include "block_math_impl.inc"
 
 namespace tfsa::cpu {

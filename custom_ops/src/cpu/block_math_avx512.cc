@@ -1,5 +1,6 @@
 // Block kernels for avx512 (16 floats a vector); flags in CMakeLists.txt.
 #define TFSA_LANES 16
+#define TFSA_ROWS 8
 #include "block_math_impl.inc"
 
 namespace tfsa::cpu {

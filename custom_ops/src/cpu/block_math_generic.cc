@@ -1,5 +1,6 @@
 // Block kernels for generic (4 floats a vector); flags in CMakeLists.txt.
 #define TFSA_LANES 4
+#define TFSA_ROWS 6
 #include "block_math_impl.inc"
 
 namespace tfsa::cpu {
