@@ -1,0 +1,267 @@
+"""Shared pieces of the attention matchers: the site record, IR helpers, node building."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from tfsa_onnx import DOMAIN, OP_TYPE, OP_VERSION
+
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+# An additive mask value at or below this is "never attend" (finfo(float16).min is -65504).
+NEG_LIMIT = -1e4
+
+
+class GiveUp(Exception):
+    """A matcher cannot prove a candidate is attention it can replace; the message says why."""
+
+
+class NotAttention(GiveUp):
+    """The anchor is not attention at all (e.g. a classifier's Softmax): not a site."""
+
+
+@dataclass
+class Match:
+    """What a matcher proved about one attention block: enough to build the SparseAttention node."""
+
+    query: ir.Value
+    key: ir.Value
+    value: ir.Value
+    output: ir.Value  # the [B, Hq, Sq, Dv] value the SparseAttention output replaces
+    scale: float | None  # None: 1/sqrt(head_dim) as the op computes it
+    mask: ir.Value | None = None
+    mask_additive: bool = True
+    is_causal: bool = False
+    # Optional: turns the op's Y [B, Hq, Sq, Dv] into what `output` was (fused ops pack it).
+    finish: Any = None
+
+
+@dataclass
+class Site:
+    """One attention block found in a model (one report entry)."""
+
+    name: str
+    family: str
+    layer: int = -1
+    heads: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    masked: bool = False
+    causal: bool = False
+    replaced: bool = False
+    reason: str = ""
+    node: ir.Node | None = field(default=None, repr=False)
+    match: Match | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        keys = ("name", "family", "layer", "heads", "kv_heads", "head_dim", "masked", "causal", "replaced")
+        out = {k: getattr(self, k) for k in keys}
+        out["reason"] = self.reason or None
+        return out
+
+
+# ---------------------------------------------------------------- reading the graph
+
+
+def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
+    """The node producing `value` if it is one of `op_types` in the default domain (any op if none)."""
+    if value is None:
+        return None
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None if op_types else node
+    if op_types and node.op_type not in op_types:
+        return None
+    return node
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind `value` (initializer or Constant node), else None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None:
+        return None
+    return tensor.numpy()
+
+
+def const_scalar(value: ir.Value | None) -> float | None:
+    """A constant with a single element, as a float."""
+    arr = const_array(value)
+    if arr is None or arr.size != 1:
+        return None
+    return float(arr.reshape(()))
+
+
+def attr(node: ir.Node, name: str, default: Any = None) -> Any:
+    a = node.attributes.get(name)
+    if a is None:
+        return default
+    return list(a.value) if isinstance(a.value, tuple) else a.value
+
+
+def dims(value: ir.Value | None) -> list[int | str | None] | None:
+    """Static shape as a list (int, symbolic name, or None); None if the rank is unknown."""
+    if value is None or value.shape is None:
+        return None
+    out: list[int | str | None] = []
+    for d in value.shape:
+        if isinstance(d, int):
+            out.append(d)
+        else:
+            out.append(d.value if d.value else None)
+    return out
+
+
+def rank(value: ir.Value | None) -> int | None:
+    shape = dims(value)
+    return None if shape is None else len(shape)
+
+
+def same_dim(a: int | str | None, b: int | str | None) -> bool:
+    """True when two dims are provably equal."""
+    return a is not None and a == b
+
+
+def single_consumer(value: ir.Value) -> ir.Node | None:
+    users = {id(n): n for n, _ in value.uses()}
+    if len(users) != 1 or value.is_graph_output():
+        return None
+    return next(iter(users.values()))
+
+
+def site_name(node: ir.Node) -> str:
+    """A stable, readable site name: the module path (dynamo metadata) + node name."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            import ast
+
+            path = ""
+            for scope in ast.literal_eval(scopes):
+                if scope.startswith(path):
+                    path = scope
+            if path:
+                return f"{path}/{node.name}"
+        except (ValueError, SyntaxError):
+            pass
+    return node.name or f"{node.op_type}_{id(node)}"
+
+
+def static_int(d: int | str | None) -> int | None:
+    return d if isinstance(d, int) else None
+
+
+def heads_of(value: ir.Value, head_dim: int | None) -> int | None:
+    """Head count of a [B, H, S, D] value: from its shape, or from the packed [B, S, H*D]
+    tensor it was reshaped from (TorchScript exports leave H as -1 in the Reshape)."""
+    shape = dims(value)
+    if shape is not None and len(shape) == 4 and isinstance(shape[1], int):
+        return shape[1]
+    node = producer(value, "Transpose")
+    for _ in range(3):  # rotary embeddings: Add(Mul(x, cos), Mul(rotate(x), sin))
+        if node is not None:
+            break
+        node = producer(value, "Add", "Mul", "Cast")
+        value = node.inputs[0] if node is not None else value
+        node = producer(value, "Transpose")
+    if node is None or attr(node, "perm") != [0, 2, 1, 3]:
+        return None
+    reshape = producer(node.inputs[0], "Reshape")
+    if reshape is None:
+        return None
+    target = const_array(reshape.inputs[1])
+    if target is not None and target.size == 4 and target[2] > 0:
+        return int(target[2])
+    packed = dims(reshape.inputs[0])
+    if head_dim and packed and isinstance(packed[-1], int) and packed[-1] % head_dim == 0:
+        return packed[-1] // head_dim
+    return None
+
+
+# ---------------------------------------------------------------- building nodes
+
+
+class Builder:
+    """Inserts new nodes before an anchor node, keeping the graph topologically sorted."""
+
+    def __init__(self, graph: ir.Graph, anchor: ir.Node, prefix: str) -> None:
+        self.graph = graph
+        self.anchor = anchor
+        self.prefix = prefix
+        self.count = 0
+
+    def op(
+        self,
+        op_type: str,
+        inputs: list[ir.Value | None],
+        domain: str = "",
+        num_outputs: int = 1,
+        **attributes: Any,
+    ) -> ir.Value | tuple[ir.Value, ...]:
+        self.count += 1
+        name = f"{self.prefix}/{op_type}_{self.count}"
+        node = ir.Node(
+            domain,
+            op_type,
+            inputs,
+            attributes=ir.convenience.convert_attributes(attributes),
+            num_outputs=num_outputs,
+            name=name,
+        )
+        for i, out in enumerate(node.outputs):
+            out.name = f"{name}_out{i}"
+        self.graph.insert_before(self.anchor, node)
+        return node.outputs[0] if num_outputs == 1 else tuple(node.outputs)
+
+    def const(self, array: np.ndarray, name: str) -> ir.Value:
+        """An initializer (registered with the graph)."""
+        self.count += 1
+        value = ir.Value(name=f"{self.prefix}/{name}_{self.count}", const_value=ir.tensor(array))
+        value.shape = ir.Shape(array.shape)
+        value.dtype = ir.DataType.from_numpy(array.dtype)
+        self.graph.register_initializer(value)
+        return value
+
+    def ints(self, values: list[int], name: str = "shape") -> ir.Value:
+        return self.const(np.asarray(values, dtype=np.int64), name)
+
+    def transpose(self, value: ir.Value, perm: list[int]) -> ir.Value:
+        if perm == list(range(len(perm))):
+            return value
+        return self.op("Transpose", [value], perm=perm)
+
+
+def sparse_attention_node(
+    builder: Builder,
+    match: Match,
+    tunables: dict[str, Any],
+    name: str,
+) -> ir.Value:
+    """Insert the ai.tfsa::SparseAttention node for `match` and return its Y output."""
+    scale = match.scale
+    if scale is None:
+        head_dim = static_int((dims(match.query) or [None])[-1])
+        scale = 1.0 / math.sqrt(head_dim) if head_dim else 0.0
+    attributes: dict[str, Any] = {"scale": float(scale), "is_causal": int(match.is_causal)}
+    for key, val in tunables.items():
+        attributes[key] = float(val) if isinstance(val, float) else int(val)
+    inputs = [match.query, match.key, match.value]
+    if match.mask is not None:
+        inputs.append(match.mask)
+    node = ir.Node(
+        DOMAIN,
+        OP_TYPE,
+        inputs,
+        attributes=ir.convenience.convert_attributes(attributes),
+        num_outputs=1,
+        name=name,
+        version=OP_VERSION,
+    )
+    node.outputs[0].name = f"{name}_Y"
+    builder.graph.insert_before(builder.anchor, node)
+    return node.outputs[0]

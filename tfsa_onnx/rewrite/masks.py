@@ -1,0 +1,284 @@
+"""Attention masks: find the causal part of a mask and replace it by is_causal.
+
+A mask term is causal when it does not depend on any input's values (only on shapes and
+constants) and, evaluated at several sequence lengths, it is exactly the lower triangle
+`key j <= query i`. Such a term is dropped from the mask and the op gets is_causal=1; what
+is left (a padding mask, usually [B,1,1,S]) is passed as the op's mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from tfsa_onnx.rewrite.common import NEG_LIMIT, Builder, const_array, const_scalar, producer
+
+PROBE_LENGTHS = (1, 2, 5, 16, 33)
+_SHAPE_OF = {"Shape", "Size"}
+# Ops whose output shape follows from their inputs' shapes alone.
+_SHAPE_FROM_SHAPES = {
+    "Cast",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Equal",
+    "Less",
+    "LessOrEqual",
+    "Greater",
+    "GreaterOrEqual",
+    "And",
+    "Or",
+    "Not",
+    "Xor",
+    "Where",
+    "Neg",
+    "Abs",
+    "Sqrt",
+    "Erf",
+    "Exp",
+    "Identity",
+    "Transpose",
+    "Gather",
+    "GatherElements",
+    "GatherND",
+    "MatMul",
+    "Gemm",
+    "Softmax",
+    "LayerNormalization",
+    "Flatten",
+    "Relu",
+    "Tanh",
+    "Sigmoid",
+    "Gelu",
+    "Max",
+    "Min",
+    "IsNaN",
+    "Concat",
+}
+# Ops whose output shape follows from input 0's shape and the other inputs' values.
+_SHAPE_FROM_VALUES = {
+    "Reshape",
+    "Expand",
+    "Slice",
+    "Unsqueeze",
+    "Squeeze",
+    "Tile",
+    "Pad",
+    "Split",
+    "ConstantOfShape",
+    "Range",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+}
+
+
+def _value_independent(value: ir.Value, limit: int = 600) -> list[ir.Node] | None:
+    """Nodes computing `value` if it depends on graph inputs only through their shapes."""
+    nodes: dict[int, ir.Node] = {}
+    seen: set[tuple[int, bool]] = set()
+    stack = [(value, False)]  # (value, only its shape matters)
+    while stack:
+        v, shape_only = stack.pop()
+        if (id(v), shape_only) in seen:
+            continue
+        seen.add((id(v), shape_only))
+        if v.is_graph_input():
+            if shape_only:
+                continue
+            return None
+        node = v.producer()
+        if node is None:
+            continue  # an initializer
+        if len(nodes) > limit or node.domain not in ("", "ai.onnx") or _has_subgraph(node):
+            return None
+        nodes[id(node)] = node
+        inputs = [i for i in node.inputs if i is not None]
+        if node.op_type in _SHAPE_OF:
+            stack.append((inputs[0], True))
+        elif not shape_only:
+            stack.extend((i, False) for i in inputs)
+        elif node.op_type in _SHAPE_FROM_SHAPES:
+            stack.extend((i, True) for i in inputs)
+        elif node.op_type in _SHAPE_FROM_VALUES and inputs:
+            stack.append((inputs[0], True))
+            stack.extend((i, False) for i in inputs[1:])
+        else:
+            return None
+    return list(nodes.values())
+
+
+class MaskProber:
+    """Evaluates value-independent subgraphs of one model with onnxruntime."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.cache: dict[int, list[np.ndarray] | None] = {}
+
+    def evaluate(self, value: ir.Value) -> list[np.ndarray] | None:
+        """`value` at each probe length, or None when it depends on input values (or fails)."""
+        if id(value) in self.cache:
+            return self.cache[id(value)]
+        result = None
+        nodes = _value_independent(value)
+        if nodes is not None:
+            try:
+                result = self._run(nodes, value)
+            except Exception:  # noqa: BLE001 - a subgraph ORT cannot run is simply not proven causal
+                result = None
+        self.cache[id(value)] = result
+        return result
+
+    def _run(self, nodes: list[ir.Node], value: ir.Value) -> list[np.ndarray]:
+        import onnxruntime as ort
+
+        graph = self.model.graph
+        order = {id(n): i for i, n in enumerate(graph)}
+        nodes.sort(key=lambda n: order.get(id(n), 0))
+        used_inputs = [
+            v for v in graph.inputs if any(u in {id(n) for n in nodes} for u in (id(c) for c, _ in v.uses()))
+        ]
+        inits = []
+        for n in nodes:
+            for i in n.inputs:
+                if i is not None and i.is_initializer() and i.const_value is not None:
+                    inits.append(ir.serde.serialize_tensor(i.const_value))
+                    inits[-1].name = i.name
+        proto_nodes = [ir.serde.serialize_node(n) for n in nodes]
+        inputs = [ir.serde.serialize_value(v) for v in used_inputs]
+        out = onnx.helper.make_tensor_value_info(value.name, int(value.dtype or 0), None)
+        g = onnx.helper.make_graph(proto_nodes, "probe", inputs, [out], initializer=list(_dedupe(inits)))
+        opsets = [onnx.helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()]
+        proto = onnx.helper.make_model(g, opset_imports=opsets, ir_version=self.model.ir_version)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        results = []
+        for n in PROBE_LENGTHS:
+            feeds = {v.name: _probe_input(v, n) for v in used_inputs}
+            results.append(session.run([value.name], feeds)[0])
+        return results
+
+
+def _dedupe(tensors: list[onnx.TensorProto]):
+    seen = set()
+    for t in tensors:
+        if t.name not in seen:
+            seen.add(t.name)
+            yield t
+
+
+def _probe_input(value: ir.Value, n: int) -> np.ndarray:
+    shape = [d if isinstance(d, int) else n for d in (value.shape or [])]
+    dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+    return np.ones(shape, dtype=dtype)
+
+
+def _is_lower_triangle(results: list[np.ndarray], additive: bool) -> bool:
+    for n, arr in zip(PROBE_LENGTHS, results, strict=False):
+        if arr.ndim < 2 or arr.shape[-1] != n or arr.shape[-2] != n:
+            return False
+        tri = np.tril(np.ones((n, n), dtype=bool))
+        allowed = (arr > NEG_LIMIT) if additive else arr.astype(bool)
+        if additive and not np.all(np.where(tri, arr, 0) == 0):
+            return False
+        if not np.all(allowed == tri):
+            return False
+    return True
+
+
+def _all_true(results: list[np.ndarray]) -> bool:
+    return all(bool(np.all(r.astype(bool))) for r in results)
+
+
+class MaskAnalyzer:
+    """Splits masks into (remaining mask, is_causal), building new mask nodes once per model."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.prober = MaskProber(model)
+        self.done: dict[tuple[int, bool], tuple[ir.Value | None, bool]] = {}
+
+    def split(self, mask: ir.Value, builder: Builder, additive: bool) -> tuple[ir.Value | None, bool]:
+        key = (id(mask), additive)
+        if key not in self.done:
+            self.done[key] = self._split(mask, builder, additive)
+        return self.done[key]
+
+    def _split(self, mask: ir.Value, builder: Builder, additive: bool) -> tuple[ir.Value | None, bool]:
+        if additive:
+            probe = self.prober.evaluate(mask)
+            if probe is not None and _is_lower_triangle(probe, additive=True):
+                return None, True
+            if probe is not None and all(np.all(p == 0) for p in probe):
+                return None, False
+            where = producer(mask, "Where")
+            if where is None:
+                return mask, False
+            cond, zero, neg = where.inputs
+            if const_scalar(zero) != 0.0 or (const_scalar(neg) or 0.0) > NEG_LIMIT:
+                return mask, False
+            cond = _strip_expand(cond)
+            new_cond, causal = self._split_bool(cond, builder)
+            if new_cond is None:
+                return None, causal
+            if new_cond is cond and not causal:
+                return mask, False
+            return builder.op("Where", [new_cond, zero, neg]), causal
+        return self._split_bool(_strip_expand(mask), builder)
+
+    def _split_bool(self, cond: ir.Value, builder: Builder) -> tuple[ir.Value | None, bool]:
+        """(cond without its causal or all-true terms, causal found); None = all true."""
+        probe = self.prober.evaluate(cond)
+        if probe is not None:
+            if _is_lower_triangle(probe, additive=False):
+                return None, True
+            if _all_true(probe):
+                return None, False
+            return cond, False
+        node = producer(cond, "And", "Cast", "Expand")
+        if node is None:
+            return cond, False
+        if node.op_type in ("Cast", "Expand"):
+            if node.op_type == "Cast" and node.inputs[0].dtype != ir.DataType.BOOL:
+                return cond, False
+            inner, causal = self._split_bool(node.inputs[0], builder)
+            return (cond if inner is node.inputs[0] else inner), causal
+        parts = [self._split_bool(i, builder) for i in node.inputs]
+        causal = any(found for _, found in parts)
+        if all(v is i for (v, _), i in zip(parts, node.inputs, strict=False)):
+            return cond, causal
+        kept = [v for v, _ in parts if v is not None]
+        if not kept:
+            return None, causal
+        if len(kept) == 1:
+            return kept[0], causal
+        return builder.op("And", kept), causal
+
+
+def _strip_expand(value: ir.Value) -> ir.Value:
+    """Expand only broadcasts; the op broadcasts the mask itself."""
+    node = producer(value, "Expand")
+    while node is not None:
+        value = node.inputs[0]
+        node = producer(value, "Expand")
+    return value
+
+
+def mask_dtype_fix(builder: Builder, mask: ir.Value, query_dtype: Any) -> ir.Value:
+    """Additive masks must have the query's type; bool stays bool."""
+    if mask.dtype in (None, ir.DataType.BOOL, query_dtype):
+        return mask
+    return builder.op("Cast", [mask], to=query_dtype)
+
+
+def is_constant(value: ir.Value) -> bool:
+    return const_array(value) is not None
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())

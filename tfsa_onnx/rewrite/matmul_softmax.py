@@ -1,0 +1,296 @@
+"""Unfused attention: MatMul(Q, K^T) -> scale / mask -> Softmax -> MatMul(., V).
+
+Covers what the TorchScript and dynamo exporters emit for eager and SDPA attention
+(BERT, ViT, GPT-2, Llama/Qwen2): scale on the scores or sqrt(scale) on Q and K, additive
+or Where masks, Cast and Where(IsNaN) around the Softmax, K^T as a 4-D Transpose or as
+Reshape(Transpose(Reshape 3-D)), and key/value heads repeated by Unsqueeze-Expand-Reshape.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from tfsa_onnx.rewrite.common import (
+    FLOAT_TYPES,
+    NEG_LIMIT,
+    Builder,
+    GiveUp,
+    Match,
+    NotAttention,
+    attr,
+    const_array,
+    const_scalar,
+    dims,
+    producer,
+    rank,
+    same_dim,
+    single_consumer,
+)
+
+_SWAP_LAST = [0, 1, 3, 2]
+
+
+class MatMulSoftmaxRule:
+    """Anchor: a Softmax over the last axis whose input comes from a 4-D MatMul."""
+
+    family = "matmul-softmax"
+
+    def is_anchor(self, node: ir.Node) -> bool:
+        return node.op_type == "Softmax" and node.domain in ("", "ai.onnx")
+
+    def match(self, softmax: ir.Node, builder_factory) -> Match:
+        r = rank(softmax.outputs[0])
+        axis = attr(softmax, "axis", -1)
+        if r is not None and axis not in (-1, r - 1):
+            raise GiveUp(f"Softmax over axis {axis}, not the key axis")
+        try:
+            pv = _probs_to_matmul(softmax.outputs[0])
+        except GiveUp as e:
+            if not (_leads_to_matmul(softmax.inputs[0]) and _feeds_matmul(softmax.outputs[0])):
+                raise NotAttention(str(e)) from None
+            raise
+        scores, post_scale, masks = _scores_chain(softmax.inputs[0])
+        qk = producer(scores, "MatMul")
+        if qk is None:
+            raise NotAttention("the Softmax input does not come from a MatMul")
+        q, k_t = qk.inputs
+        for name, v in (("Q", q), ("K^T", k_t), ("V", pv.inputs[1])):
+            if rank(v) != 4:
+                raise GiveUp(f"{name} is not a 4-D [batch, heads, seq, dim] tensor (rank {rank(v)})")
+        q, q_scale = _strip_scalar_mul(q)
+        k_t, k_scale = _strip_scalar_mul(k_t)
+        builder = builder_factory(pv)
+        key, value = _untranspose_key(k_t, builder), pv.inputs[1]
+        folded_k, folded_v = _fold_repeat(key), _fold_repeat(value)
+        if folded_k is not key and folded_v is not value:  # fold both or neither
+            key, value = folded_k, folded_v
+        mask = _combine_masks(masks, builder)
+        return Match(
+            query=q,
+            key=key,
+            value=value,
+            output=pv.outputs[0],
+            scale=q_scale * k_scale * post_scale,
+            mask=mask[0] if mask else None,
+            mask_additive=mask[1] if mask else True,
+        )
+
+
+def _probs_to_matmul(probs: ir.Value) -> ir.Node:
+    """Follow the probabilities through Cast / Dropout / Where(IsNaN) to the PV MatMul."""
+    value = probs
+    for _ in range(6):
+        users = [n for n, _ in value.uses()]
+        if value.is_graph_output():
+            raise GiveUp("attention probabilities are a graph output")
+        nan_where = _isnan_where(value, users)
+        if nan_where is not None:
+            value = nan_where.outputs[0]
+            continue
+        if len(users) != 1:
+            raise GiveUp("attention probabilities have other consumers (e.g. output_attentions)")
+        node = users[0]
+        if node.op_type == "MatMul" and node.inputs[0] is value:
+            return node
+        if node.op_type in ("Cast", "Identity", "Dropout") and node.inputs[0] is value:
+            if node.op_type == "Cast" and node.outputs[0].dtype not in FLOAT_TYPES:
+                raise GiveUp("attention probabilities are cast to a non-float type")
+            if node.op_type == "Dropout" and len(node.inputs) > 2 and node.inputs[2] is not None:
+                if const_scalar(node.inputs[2]) not in (0.0, None):
+                    raise GiveUp("Dropout in training mode after the Softmax")
+            value = node.outputs[0]
+            continue
+        raise GiveUp(f"unexpected {node.op_type} between the Softmax and the value MatMul")
+    raise GiveUp("no value MatMul after the Softmax")
+
+
+def _feeds_matmul(value: ir.Value, depth: int = 4) -> bool:
+    """Does the value reach a MatMul's first input within a few ops (attention's PV product)."""
+    for node, index in value.uses():
+        if node.op_type == "MatMul" and index == 0:
+            return True
+        if depth > 0 and any(_feeds_matmul(o, depth - 1) for o in node.outputs):
+            return True
+    return False
+
+
+def _isnan_where(value: ir.Value, users: list[ir.Node]) -> ir.Node | None:
+    """Where(IsNaN(p), 0, p): SDPA's guard for fully masked rows (the op gives zeros there)."""
+    if len(users) != 2:
+        return None
+    isnan = next((n for n in users if n.op_type == "IsNaN"), None)
+    where = next((n for n in users if n.op_type == "Where"), None)
+    if isnan is None or where is None:
+        return None
+    cond, fill, data = where.inputs
+    if cond is not isnan.outputs[0] or data is not value or const_scalar(fill) != 0.0:
+        return None
+    if single_consumer(isnan.outputs[0]) is not where:
+        return None
+    return where
+
+
+def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple[ir.Value, bool, float]]]:
+    """Walk back from the Softmax input: (QK scores, scale applied after QK, masks).
+
+    Each mask is (value, additive, scale applied after it was added).
+    """
+    scale = 1.0
+    masks: list[tuple[ir.Value, bool, float]] = []
+    for _ in range(12):
+        node = producer(value)
+        if node is None or node.op_type == "MatMul":
+            return value, scale, masks
+        if node.op_type in ("Cast", "Identity"):
+            if node.inputs[0].dtype not in FLOAT_TYPES:
+                raise GiveUp("the scores are cast from a non-float type")
+            value = node.inputs[0]
+        elif node.op_type in ("Mul", "Div"):
+            c, other = _scalar_operand(node)
+            if c is None:
+                raise GiveUp(f"the scores go through a {node.op_type} by a non-constant")
+            if node.op_type == "Div" and c != 0.0:
+                c = 1.0 / c
+            elif node.op_type == "Div":
+                raise GiveUp("the scores are divided by zero")
+            scale *= c
+            value = other
+        elif node.op_type == "Add":
+            a, b = node.inputs
+            if _leads_to_matmul(a):
+                value, mask = a, b
+            elif _leads_to_matmul(b):
+                value, mask = b, a
+            else:
+                raise GiveUp("cannot tell the scores from the mask in an Add before the Softmax")
+            masks.append((mask, True, scale))
+        elif node.op_type == "Where":
+            cond, x, y = node.inputs
+            if (const_scalar(y) or 0.0) <= NEG_LIMIT and const_scalar(y) is not None:
+                masks.append((cond, False, scale))
+                value = x
+            elif (const_scalar(x) or 0.0) <= NEG_LIMIT and const_scalar(x) is not None:
+                raise GiveUp("Where(mask, -inf, scores): inverted boolean masks are not supported")
+            else:
+                raise GiveUp("a Where before the Softmax that does not fill with a large negative")
+        else:
+            raise GiveUp(f"unexpected {node.op_type} between the QK MatMul and the Softmax")
+    raise GiveUp("no QK MatMul within 12 ops before the Softmax")
+
+
+def _leads_to_matmul(value: ir.Value, depth: int = 8) -> bool:
+    node = producer(value)
+    for _ in range(depth):
+        if node is None:
+            return False
+        if node.op_type == "MatMul":
+            return True
+        if node.op_type in ("Mul", "Div", "Cast", "Identity"):
+            nxt = [i for i in node.inputs if const_array(i) is None]
+            if len(nxt) != 1:
+                return False
+            node = producer(nxt[0])
+        elif node.op_type == "Add":
+            return any(_leads_to_matmul(i, depth - 1) for i in node.inputs)
+        elif node.op_type == "Where":
+            return _leads_to_matmul(node.inputs[1], depth - 1)
+        else:
+            return False
+    return False
+
+
+def _scalar_operand(node: ir.Node) -> tuple[float | None, ir.Value]:
+    a, b = node.inputs
+    cb = const_scalar(b)
+    if cb is not None:
+        return cb, a
+    if node.op_type == "Mul":
+        ca = const_scalar(a)
+        if ca is not None:
+            return ca, b
+    return None, a
+
+
+def _strip_scalar_mul(value: ir.Value) -> tuple[ir.Value, float]:
+    """Q or K^T multiplied by sqrt(scale) (SDPA exports): return the unscaled tensor and the factor."""
+    scale = 1.0
+    while True:
+        node = producer(value, "Mul", "Div")
+        if node is None:
+            return value, scale
+        c, other = _scalar_operand(node)
+        if c is None or c == 0.0:
+            return value, scale
+        scale *= c if node.op_type == "Mul" else 1.0 / c
+        value = other
+
+
+def _untranspose_key(k_t: ir.Value, builder: Builder) -> ir.Value:
+    """K [B,H,S,D] from K^T [B,H,D,S], reusing the exporter's transposes where provable."""
+    node = producer(k_t, "Transpose")
+    if node is not None and rank(node.inputs[0]) == 4:
+        perm = attr(node, "perm")
+        composed = [perm[i] for i in _SWAP_LAST]
+        return builder.transpose(node.inputs[0], composed)
+    k = _reshape_transpose_reshape(k_t)
+    if k is not None:
+        return k
+    return builder.transpose(k_t, _SWAP_LAST)
+
+
+def _reshape_transpose_reshape(k_t: ir.Value) -> ir.Value | None:
+    """Reshape([B,H,D,S]) <- Transpose[0,2,1] <- Reshape([B*H,S,D]) <- K: prove it is K^T."""
+    outer = producer(k_t, "Reshape")
+    tr = producer(outer.inputs[0], "Transpose") if outer else None
+    inner = producer(tr.inputs[0], "Reshape") if tr else None
+    if inner is None or attr(tr, "perm") != [0, 2, 1]:
+        return None
+    k = inner.inputs[0]
+    kd, flat, out = dims(k), dims(inner.outputs[0]), dims(k_t)
+    if kd is None or flat is None or out is None or len(kd) != 4 or len(flat) != 3:
+        return None
+    ok = same_dim(flat[1], kd[2]) and same_dim(flat[2], kd[3])
+    ok = ok and same_dim(out[0], kd[0]) and same_dim(out[1], kd[1])
+    return k if ok else None
+
+
+def _fold_repeat(value: ir.Value) -> ir.Value:
+    """Reshape(Expand(Unsqueeze(x, 2))) repeats x's heads (GQA): the op takes x itself."""
+    reshape = producer(value, "Reshape")
+    expand = producer(reshape.inputs[0], "Expand") if reshape else None
+    unsq = producer(expand.inputs[0], "Unsqueeze") if expand else None
+    if unsq is None or rank(unsq.inputs[0]) != 4 or rank(expand.outputs[0]) != 5:
+        return value
+    axes = attr(unsq, "axes")
+    if axes is None and len(unsq.inputs) > 1:
+        arr = const_array(unsq.inputs[1])
+        axes = None if arr is None else [int(a) for a in arr.reshape(-1)]
+    if axes not in ([2], [-3]):
+        return value
+    x, out = dims(unsq.inputs[0]), dims(value)
+    # Where shapes are known they must agree: [B, Hkv, S, D] -> [B, n*Hkv, S, D].
+    for i in (0, 2, 3):
+        if x[i] is not None and out[i] is not None and x[i] != out[i]:
+            return value
+    if isinstance(x[1], int) and isinstance(out[1], int) and out[1] % x[1]:
+        return value
+    return unsq.inputs[0]
+
+
+def _combine_masks(masks: list[tuple[ir.Value, bool, float]], builder: Builder) -> tuple | None:
+    """Masks as found: [(value, additive, scale after it)]; the analyzer finishes them."""
+    if not masks:
+        return None
+    if len(masks) > 1:
+        raise GiveUp(f"{len(masks)} masks applied to the scores; only one is supported")
+    value, additive, scale_after = masks[0]
+    if additive and scale_after != 1.0:
+        # softmax(s * (qk + m)): the op adds the mask after scaling, so pre-scale it.
+        value = builder.op("Mul", [value, builder.const(_as_array(scale_after, value.dtype), "mask_scale")])
+    return (value, additive)
+
+
+def _as_array(x: float, dtype):
+    import numpy as np
+
+    return np.asarray(x, dtype=dtype.numpy() if dtype is not None else np.float32)

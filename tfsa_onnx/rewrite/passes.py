@@ -1,0 +1,334 @@
+"""The rewrite pass: find attention sites, replace them with ai.tfsa::SparseAttention, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+
+from tfsa_onnx import DOMAIN, OP_TYPE, OP_VERSION
+from tfsa_onnx.config import TUNABLE, SparsityConfig
+from tfsa_onnx.rewrite.common import (
+    Builder,
+    GiveUp,
+    Match,
+    NotAttention,
+    Site,
+    dims,
+    sparse_attention_node,
+    static_int,
+)
+from tfsa_onnx.rewrite.masks import MaskAnalyzer, mask_dtype_fix
+from tfsa_onnx.rewrite.matmul_softmax import MatMulSoftmaxRule
+from tfsa_onnx.rewrite.onnx_attention import OnnxAttentionRule
+from tfsa_onnx.rewrite.ort_contrib import OrtAttentionRule, OrtMultiHeadAttentionRule
+
+MIN_OPSET = 13
+# Safe defaults: dense below 1,024 keys, a conservative threshold above.
+SAFE_DEFAULTS = {"min_seq_len": 1024, "threshold": 0.95, "max_density": 1.0}
+
+
+class OptimizeError(Exception):
+    """The model cannot be optimized; the message is one sentence for the user."""
+
+
+def _rules() -> list[Any]:
+    return [OnnxAttentionRule(), OrtAttentionRule(), OrtMultiHeadAttentionRule(), MatMulSoftmaxRule()]
+
+
+@dataclass
+class Report:
+    """What the pass found and did: one Site per attention block, in graph order."""
+
+    sites: list[Site] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (node, why it is not attention)
+
+    @property
+    def replaced(self) -> int:
+        return sum(s.replaced for s in self.sites)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [s.as_dict() for s in self.sites]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_list(), indent=2) + "\n")
+
+    def table(self) -> str:
+        """The report as a text table (the same facts as the JSON)."""
+        head = ("layer", "name", "family", "heads", "kv", "dim", "masked", "causal", "replaced", "reason")
+        rows = [head]
+        for s in self.sites:
+            d = s.as_dict()
+            rows.append(
+                tuple(
+                    _cell(d[k])
+                    for k in (
+                        "layer",
+                        "name",
+                        "family",
+                        "heads",
+                        "kv_heads",
+                        "head_dim",
+                        "masked",
+                        "causal",
+                        "replaced",
+                        "reason",
+                    )
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v)
+
+
+# ---------------------------------------------------------------- loading / saving
+
+
+def load_ir(model_or_path: onnx.ModelProto | ir.Model | str | os.PathLike) -> ir.Model:
+    """Load a model into the IR; file errors become one-sentence OptimizeErrors."""
+    if isinstance(model_or_path, ir.Model):
+        model = model_or_path
+    elif isinstance(model_or_path, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model_or_path)
+    else:
+        path = Path(model_or_path)
+        if not path.is_file():
+            raise OptimizeError(f"{path} does not exist or is not a file.")
+        try:
+            model = ir.load(str(path))
+        except Exception as e:  # noqa: BLE001 - protobuf parse errors are not typed
+            raise OptimizeError(f"{path} is not a readable ONNX model ({type(e).__name__}).") from None
+        if len(model.graph) == 0:
+            raise OptimizeError(f"{path} is not a readable ONNX model (it has no graph nodes).")
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if opset is None or opset < MIN_OPSET:
+        raise OptimizeError(f"the model uses opset {opset}; tfsa-onnx needs opset {MIN_OPSET} or newer.")
+    return model
+
+
+def save_ir(model: ir.Model, out: str | os.PathLike, source: str | os.PathLike | None = None) -> None:
+    """Write atomically; large weights go to external data beside OUT."""
+    out = Path(out)
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise OptimizeError("the output path is the input path; choose another file with -o.")
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    external = total > 1_800_000_000 or _has_external(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        data_name = f"{out.name}.data" if external else None
+        # The data file is written under its final name (only the new model refers to it),
+        # then the model file appears at once.
+        ir.save(model, tmp, external_data=data_name)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _has_external(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+# ---------------------------------------------------------------- the pass
+
+
+def find_sites(model_or_path: onnx.ModelProto | ir.Model | str | os.PathLike) -> Report:
+    """Inspect: the attention sites of a model; nothing is changed or written."""
+    model = load_ir(model_or_path)
+    if isinstance(model_or_path, ir.Model):
+        model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    return _run(model, None, apply=False)
+
+
+def optimize(
+    model_or_path: onnx.ModelProto | str | os.PathLike,
+    config: SparsityConfig | dict | None = None,
+    *,
+    reapply: bool = False,
+) -> tuple[onnx.ModelProto, Report]:
+    """Replace every attention block with ai.tfsa::SparseAttention; returns (model, report)."""
+    model = load_ir(model_or_path)
+    report = optimize_ir(model, config, reapply=reapply)
+    return ir.serde.serialize_model(model), report
+
+
+def optimize_ir(
+    model: ir.Model, config: SparsityConfig | dict | None = None, *, reapply: bool = False
+) -> Report:
+    """optimize() on an IR model, in place (the CLI uses this to keep external data lazy)."""
+    if config is None:
+        config = SparsityConfig(defaults=dict(SAFE_DEFAULTS))
+    elif isinstance(config, dict):
+        config = SparsityConfig.from_dict(config)
+    report = _run(model, config, apply=True, reapply=reapply)
+    if not report.sites:
+        raise OptimizeError("no attention block was found in the model.")
+    return report
+
+
+def _run(model: ir.Model, config: SparsityConfig | None, *, apply: bool, reapply: bool = False) -> Report:
+    _infer_shapes(model)
+    graph = model.graph
+    report = Report()
+    candidates = []
+    rules = _rules()
+    for node in graph:
+        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+            candidates.append((node, None))
+            continue
+        for rule in rules:
+            if rule.is_anchor(node):
+                candidates.append((node, rule))
+                break
+    analyzer = MaskAnalyzer(model)
+    for node, rule in candidates:
+        site = _existing_site(node) if rule is None else _match(graph, node, rule, report)
+        if site is None:
+            continue
+        site.layer = len(report.sites)
+        report.sites.append(site)
+        if site.match is not None:
+            _resolve_mask(graph, site, analyzer)
+        if not apply or config is None:
+            continue
+        tunables = config.for_site(site.layer, site.name)
+        if rule is None:
+            if reapply and tunables is not None:
+                for key in TUNABLE:
+                    node.attributes[key] = ir.convenience.convert_attribute(key, tunables[key])
+            continue
+        if site.match is None:
+            continue
+        if tunables is None:
+            site.reason = "skipped by the config"
+            continue
+        _replace(graph, site, tunables, analyzer)
+    if apply:
+        _cleanup(model)
+    return report
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    try:
+        ShapeInferencePass(strict_mode=False)(model)
+    except Exception:  # noqa: BLE001 - matchers still work with unknown shapes, just prove less
+        pass
+
+
+def _match(graph: ir.Graph, node: ir.Node, rule: Any, report: Report) -> Site | None:
+    from tfsa_onnx.rewrite.common import site_name
+
+    name = site_name(node)
+    site = Site(name=name, family=rule.family, node=node)
+    try:
+        site.match = rule.match(node, lambda anchor: Builder(graph, anchor, name))
+    except NotAttention as e:
+        report.ignored.append((name, str(e)))
+        return None
+    except GiveUp as e:
+        site.reason = f"not replaced: {e}"
+        return site
+    _describe(site, site.match)
+    return site
+
+
+def _describe(site: Site, match: Match) -> None:
+    from tfsa_onnx.rewrite.common import heads_of
+
+    q = dims(match.query) or [None] * 4
+    site.head_dim = static_int(q[-1])
+    site.heads = heads_of(match.query, site.head_dim)
+    site.kv_heads = heads_of(match.key, site.head_dim)
+    site.masked = match.mask is not None
+    site.causal = match.is_causal
+
+
+def _existing_site(node: ir.Node) -> Site:
+    from tfsa_onnx.rewrite.common import attr, heads_of
+
+    q = dims(node.inputs[0]) or [None] * 4
+    head_dim = static_int(q[-1])
+    return Site(
+        name=node.name or "SparseAttention",
+        family="tfsa",
+        heads=heads_of(node.inputs[0], head_dim),
+        kv_heads=heads_of(node.inputs[1], head_dim),
+        head_dim=head_dim,
+        masked=len(node.inputs) > 3 and node.inputs[3] is not None,
+        causal=bool(attr(node, "is_causal", 0)),
+        replaced=True,
+        reason="already SparseAttention",
+        node=node,
+    )
+
+
+def _replace(graph: ir.Graph, site: Site, tunables: dict[str, Any], analyzer: MaskAnalyzer) -> None:
+    match = site.match
+    builder = Builder(graph, match.output.producer(), site.name)
+    y = sparse_attention_node(builder, match, tunables, site.name)
+    _set_y_type(y, match)
+    result = match.finish(builder, y) if match.finish else y
+    if match.finish is None:
+        result.shape = match.output.shape
+    old = match.output
+    was_output = old.is_graph_output()
+    old.replace_all_uses_with(result, replace_graph_outputs=True)
+    if was_output:
+        name = old.name
+        old.name = f"{name}_replaced"
+        result.name = name
+    site.replaced = True
+    site.reason = ""
+
+
+def _resolve_mask(graph: ir.Graph, site: Site, analyzer: MaskAnalyzer) -> None:
+    """Split the causal part off the mask (is_causal) and give the rest the query's type."""
+    match = site.match
+    if match.mask is not None:
+        builder = Builder(graph, match.output.producer(), site.name)
+        mask, causal = analyzer.split(match.mask, builder, match.mask_additive)
+        match.is_causal = match.is_causal or causal
+        match.mask = None if mask is None else mask_dtype_fix(builder, mask, match.query.dtype)
+    site.causal = match.is_causal
+    site.masked = match.mask is not None
+
+
+def _set_y_type(y: ir.Value, match: Match) -> None:
+    """Shape inference does not know the custom op: give Y [B, Hq, Sq, Dv] explicitly."""
+    y.dtype = match.query.dtype
+    q, v = dims(match.query), dims(match.value)
+    if match.finish is None and match.output.shape is not None:
+        y.shape = match.output.shape
+    elif q is not None and v is not None:
+        y.shape = ir.Shape([*match.query.shape[:3], match.value.shape[3]])
+
+
+def _cleanup(model: ir.Model) -> None:
+    RemoveUnusedNodesPass()(model)
+    used = {n.domain for n in model.graph.all_nodes()}
+    if DOMAIN in used:
+        model.opset_imports[DOMAIN] = OP_VERSION
+    # Shape inference filled every intermediate value's shape; keep them (harmless) but make
+    # sure no initializer is left unused.
+    graph = model.graph
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+            del graph.initializers[name]
