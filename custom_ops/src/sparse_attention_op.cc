@@ -111,10 +111,12 @@ OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
       if (density) tensors.density = density.GetTensorMutableData<float>();
     }
 
-    cpu::RunSparseAttention(problem, tensors, [&](size_t n, const std::function<void(size_t)>& fn) {
+    std::unique_ptr<cpu::Workspace> workspace = TakeWorkspace();
+    cpu::RunSparseAttention(problem, tensors, *workspace, [&](size_t n, const std::function<void(size_t)>& fn) {
       context.ParallelFor([](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); },
                           n, 0, const_cast<std::function<void(size_t)>*>(&fn));
     });
+    ReturnWorkspace(std::move(workspace));
     return nullptr;
   } catch (const Ort::Exception& e) {
     return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
@@ -165,6 +167,19 @@ OrtStatusPtr InferOutputs(const OrtCustomOp*, OrtShapeInferContext* ctx) {
 }
 
 }  // namespace
+
+std::unique_ptr<cpu::Workspace> SparseAttentionKernel::TakeWorkspace() {
+  std::lock_guard<std::mutex> lock(pool_mutex_);
+  if (pool_.empty()) return std::make_unique<cpu::Workspace>();
+  std::unique_ptr<cpu::Workspace> workspace = std::move(pool_.back());
+  pool_.pop_back();
+  return workspace;
+}
+
+void SparseAttentionKernel::ReturnWorkspace(std::unique_ptr<cpu::Workspace> workspace) {
+  std::lock_guard<std::mutex> lock(pool_mutex_);
+  pool_.push_back(std::move(workspace));
+}
 
 SparseAttentionOp::SparseAttentionOp() {
   // Announce the oldest API we use, not the headers' newest, so older runtimes accept the op.

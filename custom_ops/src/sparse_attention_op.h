@@ -2,6 +2,11 @@
 // against the contract, allocates outputs and hands the work to the CPU kernel.
 #pragma once
 
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "cpu/attention_cpu.h"
 #include "tfsa/contract.h"
 #include "tfsa/ort_api.h"
 
@@ -13,6 +18,13 @@ struct SparseAttentionKernel {
 
   Attributes attributes;
   std::string attribute_error;  // non-empty: the node's attributes break the contract
+
+ private:
+  // Workspaces of finished runs, reused; concurrent Run() calls each take their own.
+  std::unique_ptr<cpu::Workspace> TakeWorkspace();
+  void ReturnWorkspace(std::unique_ptr<cpu::Workspace> workspace);
+  std::mutex pool_mutex_;
+  std::vector<std::unique_ptr<cpu::Workspace>> pool_;
 };
 
 struct SparseAttentionOp : Ort::CustomOpBase<SparseAttentionOp, SparseAttentionKernel, true> {

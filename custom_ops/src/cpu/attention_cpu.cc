@@ -22,7 +22,9 @@ inline T FromFloat(float x) {
 // Keys transposed and values padded, block by block, for every (batch, kv head).
 struct PackedKeysValues {
   int64_t key_pad = 0, v_pad = 0, kt_block = 0, v_block = 0, k_blocks = 0, head_dim = 0;
-  std::vector<float> kt, v, k_means;
+  std::vector<float>& kt;
+  std::vector<float>& v;
+  std::vector<float>& k_means;
 
   const float* Kt(int64_t bk, int64_t kb) const { return kt.data() + (bk * k_blocks + kb) * kt_block; }
   const float* V(int64_t bk, int64_t kb) const { return v.data() + (bk * k_blocks + kb) * v_block; }
@@ -44,7 +46,11 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t bk, Packed
       for (int64_t x = 0; x < d.head_dim; ++x) kt[x * out.key_pad + j] = ToFloat(k_row[x]);
       const T* v_row = v_head + (k_begin + j) * d.v_head_dim;
       for (int64_t x = 0; x < d.v_head_dim; ++x) v[j * out.v_pad + x] = ToFloat(v_row[x]);
+      std::fill(v + j * out.v_pad + d.v_head_dim, v + (j + 1) * out.v_pad, 0.0f);
     }
+    // Padding keys of a ragged last block: zero scores (masked later), zero values.
+    for (int64_t x = 0; x < d.head_dim; ++x) std::fill(kt + x * out.key_pad + keys, kt + (x + 1) * out.key_pad, 0.0f);
+    std::fill(v + keys * out.v_pad, v + out.key_pad * out.v_pad, 0.0f);
     for (int64_t x = 0; x < d.head_dim; ++x) {
       double sum = 0.0;
       for (int64_t j = 0; j < keys; ++j) sum += kt[x * out.key_pad + j];
@@ -128,10 +134,10 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
 }
 
 template <class T>
-void Run(const Problem& p, const Tensors& t, const ParallelFor& parallel_for) {
+void Run(const Problem& p, const Tensors& t, Workspace& workspace, const ParallelFor& parallel_for) {
   const Dims& d = p.dims;
   const BlockMath& math = SelectBlockMath();
-  PackedKeysValues kv;
+  PackedKeysValues kv{0, 0, 0, 0, 0, 0, workspace.kt, workspace.v, workspace.k_means};
   kv.k_blocks = p.grid.k_blocks;
   kv.head_dim = d.head_dim;
   kv.key_pad = RoundUp(p.grid.block, math.pad);
@@ -139,9 +145,9 @@ void Run(const Problem& p, const Tensors& t, const ParallelFor& parallel_for) {
   kv.kt_block = d.head_dim * kv.key_pad;
   kv.v_block = kv.key_pad * kv.v_pad;
   const int64_t heads = d.batch * d.kv_heads;
-  kv.kt.assign(heads * kv.k_blocks * kv.kt_block, 0.0f);
-  kv.v.assign(heads * kv.k_blocks * kv.v_block, 0.0f);
-  kv.k_means.assign(heads * kv.k_blocks * d.head_dim, 0.0f);
+  kv.kt.resize(heads * kv.k_blocks * kv.kt_block);
+  kv.v.resize(heads * kv.k_blocks * kv.v_block);
+  kv.k_means.resize(heads * kv.k_blocks * d.head_dim);
   const T* key = static_cast<const T*>(t.key);
   const T* value = static_cast<const T*>(t.value);
   parallel_for(heads, [&](size_t bk) { PackHead<T>(p, key, value, static_cast<int64_t>(bk), kv); });
@@ -163,7 +169,8 @@ void Run(const Problem& p, const Tensors& t, const ParallelFor& parallel_for) {
 
 }  // namespace
 
-void RunSparseAttention(const Problem& problem, const Tensors& tensors, const ParallelFor& parallel_for) {
+void RunSparseAttention(const Problem& problem, const Tensors& tensors, Workspace& workspace,
+                        const ParallelFor& parallel_for) {
   const Dims& d = problem.dims;
   const bool empty = d.batch == 0 || d.q_heads == 0 || d.q_len == 0;
   if (empty || d.kv_len == 0 || d.head_dim == 0) {
@@ -173,8 +180,8 @@ void RunSparseAttention(const Problem& problem, const Tensors& tensors, const Pa
     if (tensors.density) std::fill(tensors.density, tensors.density + d.batch * d.q_heads, 1.0f);
     if (empty || d.kv_len == 0) return;
   }
-  if (tensors.half) Run<Ort::Float16_t>(problem, tensors, parallel_for);
-  else Run<float>(problem, tensors, parallel_for);
+  if (tensors.half) Run<Ort::Float16_t>(problem, tensors, workspace, parallel_for);
+  else Run<float>(problem, tensors, workspace, parallel_for);
 }
 
 }  // namespace tfsa::cpu

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <functional>
+#include <vector>
 
 #include "problem.h"
 
@@ -21,6 +22,13 @@ struct Tensors {
 // Runs fn(0) .. fn(n-1), possibly concurrently (ONNX Runtime's intra-op pool).
 using ParallelFor = std::function<void(size_t n, const std::function<void(size_t)>& fn)>;
 
-void RunSparseAttention(const Problem& problem, const Tensors& tensors, const ParallelFor& parallel_for);
+// Packed keys/values of one call. Kept between calls so that large inputs do not pay for
+// fresh, page-faulting allocations every run; every byte read is written by the call.
+struct Workspace {
+  std::vector<float> kt, v, k_means;
+};
+
+void RunSparseAttention(const Problem& problem, const Tensors& tensors, Workspace& workspace,
+                        const ParallelFor& parallel_for);
 
 }  // namespace tfsa::cpu

@@ -1,0 +1,186 @@
+"""Kernel benchmark: our SparseAttention against ONNX Runtime's own dense attention.
+
+Three single-node ONNX Runtime sessions with the same thread count run on the same random
+inputs, interleaved round by round so that a noisy machine slows all of them alike:
+  sparse   ai.tfsa::SparseAttention (global 0, local 0, threshold 1, the given max_density)
+  ort_mha  com.microsoft.MultiHeadAttention (dense; ORT's flash-attention CPU path)
+  unfused  MatMul -> Mul -> (Add mask) -> Softmax -> MatMul, what an exporter emits
+Times are medians; ratios are what to read, absolute times depend on the machine's load.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+import tfsa_onnx
+from tfsa_onnx.opmodel import sparse_attention_model
+
+
+@dataclass
+class KernelResult:
+    seq_len: int
+    heads: int
+    head_dim: int
+    batch: int
+    threads: int
+    causal: bool
+    max_density: float
+    density: float
+    sparse_ms: float
+    ort_mha_ms: float
+    unfused_ms: float | None
+    speedup_vs_ort_mha: float
+    speedup_vs_unfused: float | None
+    sparse_gflops: float
+    ort_mha_gflops: float
+    unfused_gflops: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mha_model(heads: int, causal: bool) -> onnx.ModelProto:
+    """com.microsoft.MultiHeadAttention on [B, S, H*D] query/key/value."""
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", "hidden"]) for n in "qkv"]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", "hidden"])
+    node = helper.make_node(
+        "MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", num_heads=heads,
+        unidirectional=int(causal),
+    )
+    graph = helper.make_graph([node], "mha", io, [out])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def _unfused_model(seq_len: int, head_dim: int, causal: bool) -> onnx.ModelProto:
+    """MatMul(Q, K^T) * scale (+ causal mask) -> Softmax -> MatMul(V) on [B, H, S, D]."""
+    dims = ["batch", "heads", "seq", "head_dim"]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("query", "key", "value")]
+    out = helper.make_tensor_value_info("Y", TensorProto.FLOAT, dims)
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [1.0 / math.sqrt(head_dim)])
+    nodes = [
+        helper.make_node("Transpose", ["key"], ["key_t"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["query", "key_t"], ["scores"]),
+        helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+    ]
+    inits = [scale]
+    logits = "scaled"
+    if causal:
+        mask = np.triu(np.full((seq_len, seq_len), -np.inf, np.float32), k=1)
+        inits.append(onnx.numpy_helper.from_array(mask, "causal_mask"))
+        nodes.append(helper.make_node("Add", ["scaled", "causal_mask"], ["masked"]))
+        logits = "masked"
+    nodes += [
+        helper.make_node("Softmax", [logits], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "value"], ["Y"]),
+    ]
+    graph = helper.make_graph(nodes, "unfused", inputs, [out], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _session(model: onnx.ModelProto, threads: int, ours: bool = False) -> ort.InferenceSession:
+    so = tfsa_onnx.session_options() if ours else ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _interleaved_medians(runs: dict[str, Callable[[], object]], warmup: int, repeat: int) -> dict[str, float]:
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def bench_kernel(
+    seq_len: int,
+    heads: int = 12,
+    head_dim: int = 64,
+    batch: int = 1,
+    max_density: float = 0.125,
+    causal: bool = False,
+    threads: int = 2,
+    warmup: int = 1,
+    repeat: int = 5,
+    unfused: bool = True,
+    block_size: int = 64,
+) -> KernelResult:
+    """Time sparse / ORT MHA / unfused attention at one sequence length (see module doc)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((batch, heads, seq_len, head_dim), dtype=np.float32) for _ in range(3))
+    packed = [x.transpose(0, 2, 1, 3).reshape(batch, seq_len, heads * head_dim).copy() for x in (q, k, v)]
+
+    sparse = _session(
+        sparse_attention_model(
+            is_causal=int(causal), block_size=block_size, global_tokens=0, local_window=0,
+            threshold=1.0, max_density=max_density, min_seq_len=0,
+        ),
+        threads, ours=True,
+    )
+    feeds = {"query": q, "key": k, "value": v}
+    mha = _session(_mha_model(heads, causal), threads)
+    mha_feeds = dict(zip("qkv", packed, strict=True))
+    runs: dict[str, Callable[[], object]] = {
+        "sparse": lambda: sparse.run(["Y"], feeds),
+        "ort_mha": lambda: mha.run(None, mha_feeds),
+    }
+    if unfused:
+        plain = _session(_unfused_model(seq_len, head_dim, causal), threads)
+        runs["unfused"] = lambda: plain.run(None, feeds)
+    ms = _interleaved_medians(runs, warmup, repeat)
+    density = float(sparse.run(["density"], feeds)[0].mean())
+
+    # Dense attention work: QK^T and PV, 2 flops per multiply-add; causal halves it.
+    dense_flops = 4.0 * batch * heads * seq_len * seq_len * head_dim * (0.5 if causal else 1.0)
+    gflops = lambda flops, t: flops / (t * 1e-3) / 1e9  # noqa: E731
+    unfused_ms = ms.get("unfused")
+    return KernelResult(
+        seq_len=seq_len, heads=heads, head_dim=head_dim, batch=batch, threads=threads, causal=causal,
+        max_density=max_density, density=density,
+        sparse_ms=ms["sparse"], ort_mha_ms=ms["ort_mha"], unfused_ms=unfused_ms,
+        speedup_vs_ort_mha=ms["ort_mha"] / ms["sparse"],
+        speedup_vs_unfused=unfused_ms / ms["sparse"] if unfused_ms else None,
+        sparse_gflops=gflops(dense_flops * density, ms["sparse"]),
+        ort_mha_gflops=gflops(dense_flops, ms["ort_mha"]),
+        unfused_gflops=gflops(dense_flops, unfused_ms) if unfused_ms else None,
+    )
+
+
+def plot_kernel_results(results: list[KernelResult], path: str) -> None:
+    """Latency against sequence length for the three implementations (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seq = [r.seq_len for r in results]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(seq, [r.sparse_ms for r in results], "o-", label="tfsa SparseAttention")
+    ax.plot(seq, [r.ort_mha_ms for r in results], "s-", label="ORT MultiHeadAttention (dense)")
+    if all(r.unfused_ms for r in results):
+        ax.plot(seq, [r.unfused_ms for r in results], "^-", label="MatMul-Softmax-MatMul (dense)")
+    r0 = results[0]
+    ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="latency (ms, median)",
+           title=f"H={r0.heads} D={r0.head_dim} max_density={r0.max_density} threads={r0.threads}")
+    ax.set_xticks(seq, [str(s) for s in seq])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
