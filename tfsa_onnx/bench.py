@@ -53,7 +53,11 @@ def _mha_model(heads: int, causal: bool) -> onnx.ModelProto:
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", "hidden"]) for n in "qkv"]
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", "hidden"])
     node = helper.make_node(
-        "MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", num_heads=heads,
+        "MultiHeadAttention",
+        ["q", "k", "v"],
+        ["y"],
+        domain="com.microsoft",
+        num_heads=heads,
         unidirectional=int(causal),
     )
     graph = helper.make_graph([node], "mha", io, [out])
@@ -128,10 +132,16 @@ def bench_kernel(
 
     sparse = _session(
         sparse_attention_model(
-            is_causal=int(causal), block_size=block_size, global_tokens=0, local_window=0,
-            threshold=1.0, max_density=max_density, min_seq_len=0,
+            is_causal=int(causal),
+            block_size=block_size,
+            global_tokens=0,
+            local_window=0,
+            threshold=1.0,
+            max_density=max_density,
+            min_seq_len=0,
         ),
-        threads, ours=True,
+        threads,
+        ours=True,
     )
     feeds = {"query": q, "key": k, "value": v}
     mha = _session(_mha_model(heads, causal), threads)
@@ -151,9 +161,17 @@ def bench_kernel(
     gflops = lambda flops, t: flops / (t * 1e-3) / 1e9  # noqa: E731
     unfused_ms = ms.get("unfused")
     return KernelResult(
-        seq_len=seq_len, heads=heads, head_dim=head_dim, batch=batch, threads=threads, causal=causal,
-        max_density=max_density, density=density,
-        sparse_ms=ms["sparse"], ort_mha_ms=ms["ort_mha"], unfused_ms=unfused_ms,
+        seq_len=seq_len,
+        heads=heads,
+        head_dim=head_dim,
+        batch=batch,
+        threads=threads,
+        causal=causal,
+        max_density=max_density,
+        density=density,
+        sparse_ms=ms["sparse"],
+        ort_mha_ms=ms["ort_mha"],
+        unfused_ms=unfused_ms,
         speedup_vs_ort_mha=ms["ort_mha"] / ms["sparse"],
         speedup_vs_unfused=unfused_ms / ms["sparse"] if unfused_ms else None,
         sparse_gflops=gflops(dense_flops * density, ms["sparse"]),
@@ -176,8 +194,13 @@ def plot_kernel_results(results: list[KernelResult], path: str) -> None:
     if all(r.unfused_ms for r in results):
         ax.plot(seq, [r.unfused_ms for r in results], "^-", label="MatMul-Softmax-MatMul (dense)")
     r0 = results[0]
-    ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="latency (ms, median)",
-           title=f"H={r0.heads} D={r0.head_dim} max_density={r0.max_density} threads={r0.threads}")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="sequence length",
+        ylabel="latency (ms, median)",
+        title=f"H={r0.heads} D={r0.head_dim} max_density={r0.max_density} threads={r0.threads}",
+    )
     ax.set_xticks(seq, [str(s) for s in seq])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
