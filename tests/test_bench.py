@@ -1,0 +1,80 @@
+"""`tfsa-onnx bench kernel` and the kernel's memory footprint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from click.testing import CliRunner
+
+from tfsa_onnx.bench import bench_kernel
+from tfsa_onnx.cli import main
+
+
+def test_bench_kernel_reports_all_three_and_the_density_reached():
+    result = bench_kernel(512, heads=2, head_dim=32, max_density=0.25, repeat=2, threads=1)
+    assert abs(result.density - 0.25) < 1e-6
+    assert result.sparse_ms > 0 and result.ort_mha_ms > 0 and result.unfused_ms > 0
+    assert result.speedup_vs_ort_mha == result.ort_mha_ms / result.sparse_ms
+
+
+def test_bench_kernel_cli_writes_json_and_plot(tmp_path):
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = [
+        "bench",
+        "kernel",
+        "--seq-len",
+        "128,256",
+        "--heads",
+        "2",
+        "--head-dim",
+        "16",
+        "--max-density",
+        "0.5",
+        "--causal",
+        "--threads",
+        "1",
+        "--repeat",
+        "1",
+        "--json",
+        str(out),
+        "--plot",
+        str(plot),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [r["seq_len"] for r in rows] == [128, 256]
+    assert all(r["causal"] and r["density"] <= 0.75 for r in rows)
+    assert plot.stat().st_size > 1000
+    assert "speedup_vs_ort_mha" in result.output
+
+
+def test_long_sequence_memory_grows_with_blocks_not_with_s_squared():
+    # S = 32768: an S x S score matrix would be 32 GiB (8 heads); the kernel must stay far below.
+    script = textwrap.dedent(
+        """
+        import resource, numpy as np, onnxruntime as ort, tfsa_onnx
+        from tfsa_onnx.opmodel import sparse_attention_model
+        s, h, d = 32768, 8, 64
+        rng = np.random.default_rng(0)
+        q, k, v = (rng.standard_normal((1, h, s, d), dtype=np.float32) for _ in range(3))
+        so = tfsa_onnx.session_options()
+        so.intra_op_num_threads = 2
+        model = sparse_attention_model(global_tokens=0, local_window=0, threshold=1.0, max_density=0.05,
+                                       min_seq_len=0)
+        session = ort.InferenceSession(model.SerializeToString(), so)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        y, density = session.run(None, {"query": q, "key": k, "value": v})
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) / 2**20, float(density.mean()), bool(np.isfinite(y).all()))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    growth_gib, density, finite = out.stdout.split()
+    assert float(growth_gib) < 1.0, f"peak RSS grew by {growth_gib} GiB"
+    assert abs(float(density) - 0.05) < 0.01
+    assert finite == "True"
