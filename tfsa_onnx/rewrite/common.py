@@ -38,6 +38,14 @@ class Match:
     is_causal: bool = False
     # Optional: turns the op's Y [B, Hq, Sq, Dv] into what `output` was (fused ops pack it).
     finish: Any = None
+    dtype: ir.DataType | None = None  # element type, where shape inference cannot tell
+    head_dim: int | None = None  # where shape inference cannot tell
+
+    def element_type(self) -> ir.DataType | None:
+        for t in (self.query.dtype, self.output.dtype, self.dtype):
+            if t is not None:
+                return t
+        return None
 
 
 @dataclass
@@ -245,7 +253,7 @@ def sparse_attention_node(
     """Insert the ai.tfsa::SparseAttention node for `match` and return its Y output."""
     scale = match.scale
     if scale is None:
-        head_dim = static_int((dims(match.query) or [None])[-1])
+        head_dim = static_int((dims(match.query) or [None])[-1]) or match.head_dim
         scale = 1.0 / math.sqrt(head_dim) if head_dim else 0.0
     attributes: dict[str, Any] = {"scale": float(scale), "is_causal": int(match.is_causal)}
     for key, val in tunables.items():
@@ -265,3 +273,24 @@ def sparse_attention_node(
     node.outputs[0].name = f"{name}_Y"
     builder.graph.insert_before(builder.anchor, node)
     return node.outputs[0]
+
+
+def split_heads(builder: Builder, packed: ir.Value, heads: int) -> ir.Value:
+    """[B, S, H*D] -> [B, H, S, D]."""
+    x = builder.op("Reshape", [packed, builder.ints([0, 0, heads, -1])])
+    return builder.op("Transpose", [x], perm=[0, 2, 1, 3])
+
+
+def merge_heads(builder: Builder, y: ir.Value) -> ir.Value:
+    """[B, H, S, Dv] -> [B, S, H*Dv]."""
+    x = builder.op("Transpose", [y], perm=[0, 2, 1, 3])
+    return builder.op("Reshape", [x, builder.ints([0, 0, -1])])
+
+
+def outputs_unused(node: ir.Node, first: int = 1) -> bool:
+    """True when the node's outputs from `first` on are absent or unused."""
+    return all(not o.uses() and not o.is_graph_output() for o in node.outputs[first:] if o is not None)
+
+
+def optional_input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None

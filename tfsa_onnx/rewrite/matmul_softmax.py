@@ -61,7 +61,7 @@ class MatMulSoftmaxRule:
         k_t, k_scale = _strip_scalar_mul(k_t)
         builder = builder_factory(pv)
         key, value = _untranspose_key(k_t, builder), pv.inputs[1]
-        folded_k, folded_v = _fold_repeat(key), _fold_repeat(value)
+        folded_k, folded_v = fold_repeat(key), fold_repeat(value)
         if folded_k is not key and folded_v is not value:  # fold both or neither
             key, value = folded_k, folded_v
         mask = _combine_masks(masks, builder)
@@ -254,7 +254,7 @@ def _reshape_transpose_reshape(k_t: ir.Value) -> ir.Value | None:
     return k if ok else None
 
 
-def _fold_repeat(value: ir.Value) -> ir.Value:
+def fold_repeat(value: ir.Value) -> ir.Value:
     """Reshape(Expand(Unsqueeze(x, 2))) repeats x's heads (GQA): the op takes x itself."""
     reshape = producer(value, "Reshape")
     expand = producer(reshape.inputs[0], "Expand") if reshape else None

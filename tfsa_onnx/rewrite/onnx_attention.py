@@ -1,10 +1,27 @@
-"""The standard ONNX Attention op (opset 23): 4-D inputs, or 3-D with q_num_heads/kv_num_heads."""
+"""The standard ONNX Attention op (opset 23): 4-D inputs, or 3-D with q_num_heads/kv_num_heads.
+
+Same math as SparseAttention (bool masks: true = attend). Past key/value, softcap and
+extra outputs are not supported. ONNX aligns is_causal top-left while the op aligns it
+bottom-right, so is_causal is only taken over when Sq == Sk is provable.
+"""
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
-from tfsa_onnx.rewrite.common import GiveUp, Match
+from tfsa_onnx.rewrite.common import (
+    GiveUp,
+    Match,
+    attr,
+    dims,
+    merge_heads,
+    optional_input,
+    outputs_unused,
+    rank,
+    same_dim,
+    split_heads,
+)
+from tfsa_onnx.rewrite.matmul_softmax import fold_repeat
 
 
 class OnnxAttentionRule:
@@ -14,4 +31,47 @@ class OnnxAttentionRule:
         return node.op_type == "Attention" and node.domain in ("", "ai.onnx")
 
     def match(self, node: ir.Node, builder_factory) -> Match:
-        raise GiveUp("not implemented yet")
+        _check_supported(node)
+        q, k, v = node.inputs[:3]
+        r = rank(q)
+        if r not in (3, 4) or rank(k) != r or rank(v) != r:
+            raise GiveUp(f"Q, K, V ranks {rank(q)}, {rank(k)}, {rank(v)}: expected all 3 or all 4")
+        builder = builder_factory(node)
+        finish = None
+        if r == 3:
+            hq, hkv = attr(node, "q_num_heads"), attr(node, "kv_num_heads")
+            if not hq or not hkv:
+                raise GiveUp("3-D inputs without q_num_heads/kv_num_heads")
+            q, k, v = split_heads(builder, q, hq), split_heads(builder, k, hkv), split_heads(builder, v, hkv)
+            finish = merge_heads
+        else:
+            folded_k, folded_v = fold_repeat(k), fold_repeat(v)
+            if folded_k is not k and folded_v is not v:
+                k, v = folded_k, folded_v
+        is_causal = bool(attr(node, "is_causal", 0))
+        if is_causal and not same_dim((dims(q) or [None] * 3)[-2], (dims(k) or [None] * 3)[-2]):
+            raise GiveUp("is_causal with query and key lengths not provably equal (ONNX aligns it top-left)")
+        mask = optional_input(node, 3)
+        scale = attr(node, "scale")
+        return Match(
+            query=q,
+            key=k,
+            value=v,
+            output=node.outputs[0],
+            scale=scale if scale else None,
+            mask=mask,
+            mask_additive=mask is not None and mask.dtype != ir.DataType.BOOL,
+            is_causal=is_causal,
+            finish=finish,
+        )
+
+
+def _check_supported(node: ir.Node) -> None:
+    if optional_input(node, 4) is not None or optional_input(node, 5) is not None:
+        raise GiveUp("past key/value inputs (KV cache) are not supported")
+    if optional_input(node, 6) is not None:
+        raise GiveUp("nonpad_kv_seqlen is not supported")
+    if attr(node, "softcap", 0.0):
+        raise GiveUp("softcap is not supported")
+    if not outputs_unused(node, 1):
+        raise GiveUp("present key/value or QK outputs are used")

@@ -254,7 +254,7 @@ def _describe(site: Site, match: Match) -> None:
     from tfsa_onnx.rewrite.common import heads_of
 
     q = dims(match.query) or [None] * 4
-    site.head_dim = static_int(q[-1])
+    site.head_dim = static_int(q[-1]) or match.head_dim
     site.heads = heads_of(match.query, site.head_dim)
     site.kv_heads = heads_of(match.key, site.head_dim)
     site.masked = match.mask is not None
@@ -286,7 +286,7 @@ def _replace(graph: ir.Graph, site: Site, tunables: dict[str, Any], analyzer: Ma
     y = sparse_attention_node(builder, match, tunables, site.name)
     _set_y_type(y, match)
     result = match.finish(builder, y) if match.finish else y
-    if match.finish is None:
+    if match.finish is None and y.dtype is not None:
         result.shape = match.output.shape
     old = match.output
     was_output = old.is_graph_output()
@@ -306,14 +306,16 @@ def _resolve_mask(graph: ir.Graph, site: Site, analyzer: MaskAnalyzer) -> None:
         builder = Builder(graph, match.output.producer(), site.name)
         mask, causal = analyzer.split(match.mask, builder, match.mask_additive)
         match.is_causal = match.is_causal or causal
-        match.mask = None if mask is None else mask_dtype_fix(builder, mask, match.query.dtype)
+        match.mask = None if mask is None else mask_dtype_fix(builder, mask, match.element_type())
     site.causal = match.is_causal
     site.masked = match.mask is not None
 
 
 def _set_y_type(y: ir.Value, match: Match) -> None:
     """Shape inference does not know the custom op: give Y [B, Hq, Sq, Dv] explicitly."""
-    y.dtype = match.query.dtype
+    y.dtype = match.element_type()
+    if y.dtype is None:
+        return
     q, v = dims(match.query), dims(match.value)
     if match.finish is None and match.output.shape is not None:
         y.shape = match.output.shape
