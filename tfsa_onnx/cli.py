@@ -131,5 +131,81 @@ def _write_text_atomically(path: str, text: str) -> None:
         raise
 
 
+def _sparsity_config(config_path, overrides: dict):
+    """The config file (or the safe defaults) with command-line attributes on top."""
+    from tfsa_onnx.config import ConfigError, SparsityConfig
+    from tfsa_onnx.rewrite.passes import SAFE_DEFAULTS
+
+    try:
+        config = SparsityConfig.load(config_path) if config_path else SparsityConfig(dict(SAFE_DEFAULTS))
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return SparsityConfig(defaults={**config.defaults, **given}, layers=config.layers)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command("optimize")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="Output model (default MODEL.tfsa.onnx)."
+)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Sparsity config (JSON/YAML).")
+@click.option("--block-size", type=click.IntRange(1), help="Query/key block edge.")
+@click.option("--global-tokens", type=click.IntRange(0), help="Leading tokens every query sees.")
+@click.option("--local-window", type=click.IntRange(0), help="Keys always computed near each query.")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), help="Estimated mass to keep.")
+@click.option("--max-density", type=click.FloatRange(0, 1, min_open=True), help="Cap on key blocks computed.")
+@click.option("--min-seq-len", type=click.IntRange(0), help="Dense attention below this many keys.")
+@click.option("--reapply", is_flag=True, help="On an optimized model, set these attributes on its nodes.")
+@click.option(
+    "--report", "report_path", type=click.Path(dir_okay=False), help="Write the site report (JSON)."
+)
+def optimize_cmd(model, output, config_path, report_path, reapply, **attributes) -> None:
+    """Replace every attention block of MODEL with ai.tfsa::SparseAttention."""
+    from pathlib import Path
+
+    from tfsa_onnx.rewrite import OptimizeError, load_ir, optimize_ir, save_ir
+
+    source = Path(model)
+    out = Path(output) if output else source.with_name(source.name.removesuffix(".onnx") + ".tfsa.onnx")
+    if out.resolve() == source.resolve():
+        raise click.ClickException("the output path is the input path; choose another file with -o.")
+    config = _sparsity_config(config_path, attributes)
+    try:
+        ir_model = load_ir(source)
+        report = optimize_ir(ir_model, config, reapply=reapply)
+    except OptimizeError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(report.table())
+    try:
+        save_ir(ir_model, out, source)
+    except OptimizeError as e:
+        raise click.ClickException(str(e)) from None
+    if report_path:
+        report.save(report_path)
+    already = sum(s.family == "tfsa" for s in report.sites)
+    click.echo(
+        f"{len(report.sites)} attention sites, {report.replaced - already} replaced"
+        + (f", {already} already SparseAttention" if already else "")
+        + f"; wrote {out}"
+    )
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+def inspect_cmd(model) -> None:
+    """List the attention sites of MODEL; writes nothing."""
+    from tfsa_onnx.rewrite import OptimizeError, find_sites
+
+    try:
+        report = find_sites(model)
+    except OptimizeError as e:
+        raise click.ClickException(str(e)) from None
+    if not report.sites:
+        raise click.ClickException("no attention block was found in the model.")
+    click.echo(report.table())
+    click.echo(f"{len(report.sites)} attention sites")
+
+
 if __name__ == "__main__":
     main()
