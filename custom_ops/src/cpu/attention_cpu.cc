@@ -21,14 +21,15 @@ inline T FromFloat(float x) {
 
 // Keys transposed and values padded, block by block, for every (batch, kv head).
 struct PackedKeysValues {
-  int64_t key_pad = 0, v_pad = 0, kt_block = 0, v_block = 0, k_blocks = 0, head_dim = 0;
+  int64_t key_pad = 0, v_pad = 0, kt_block = 0, v_block = 0, k_blocks = 0, head_dim = 0, means_pad = 0;
   std::vector<float>& kt;
   std::vector<float>& v;
   std::vector<float>& k_means;
 
   const float* Kt(int64_t bk, int64_t kb) const { return kt.data() + (bk * k_blocks + kb) * kt_block; }
   const float* V(int64_t bk, int64_t kb) const { return v.data() + (bk * k_blocks + kb) * v_block; }
-  const float* KMeans(int64_t bk) const { return k_means.data() + bk * k_blocks * head_dim; }
+  // Key block means transposed, [head_dim, means_pad], so the estimate is one Scores call.
+  const float* KMeansT(int64_t bk) const { return k_means.data() + bk * head_dim * means_pad; }
 };
 
 template <class T>
@@ -36,11 +37,11 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t bk, Packed
   const Dims& d = p.dims;
   const T* k_head = key + bk * d.kv_len * d.head_dim;
   const T* v_head = value + bk * d.kv_len * d.v_head_dim;
+  float* means_t = out.k_means.data() + bk * d.head_dim * out.means_pad;
   for (int64_t kb = 0; kb < out.k_blocks; ++kb) {
     const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
     float* kt = out.kt.data() + (bk * out.k_blocks + kb) * out.kt_block;
     float* v = out.v.data() + (bk * out.k_blocks + kb) * out.v_block;
-    float* mean = out.k_means.data() + (bk * out.k_blocks + kb) * d.head_dim;
     for (int64_t j = 0; j < keys; ++j) {
       const T* k_row = k_head + (k_begin + j) * d.head_dim;
       for (int64_t x = 0; x < d.head_dim; ++x) kt[x * out.key_pad + j] = ToFloat(k_row[x]);
@@ -54,13 +55,15 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t bk, Packed
     for (int64_t x = 0; x < d.head_dim; ++x) {
       double sum = 0.0;
       for (int64_t j = 0; j < keys; ++j) sum += kt[x * out.key_pad + j];
-      mean[x] = static_cast<float>(sum / static_cast<double>(keys));
+      means_t[x * out.means_pad + kb] = static_cast<float>(sum / static_cast<double>(keys));
     }
   }
+  for (int64_t x = 0; x < d.head_dim; ++x)
+    std::fill(means_t + x * out.means_pad + out.k_blocks, means_t + (x + 1) * out.means_pad, 0.0f);
 }
 
 struct Scratch {
-  std::vector<float> q, q_mean, s, o, m, l;
+  std::vector<float> q, q_mean, pooled_scores, s, o, m, l;
   std::vector<int32_t> chosen;
   SelectionScratch selection;
 };
@@ -108,7 +111,12 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
     }
 
   counts[2 * task + 1] = AllowedKeyBlocks(p, b, h, qb, sc.selection.allowed);
-  ChooseKeyBlocks(p, qb, sc.q_mean.data(), kv.KMeans(bk), sc.selection, sc.chosen);
+  if (UsesEstimate(p)) {
+    sc.pooled_scores.resize(kv.means_pad);
+    math.scores(sc.q_mean.data(), 1, head_dim, kv.KMeansT(bk), static_cast<int>(kv.means_pad),
+                sc.pooled_scores.data());
+  }
+  ChooseKeyBlocks(p, qb, sc.pooled_scores.data(), sc.selection, sc.chosen);
   counts[2 * task] = static_cast<int64_t>(sc.chosen.size());
 
   sc.m.assign(rows, kNegInf);
@@ -137,17 +145,18 @@ template <class T>
 void Run(const Problem& p, const Tensors& t, Workspace& workspace, const ParallelFor& parallel_for) {
   const Dims& d = p.dims;
   const BlockMath& math = SelectBlockMath();
-  PackedKeysValues kv{0, 0, 0, 0, 0, 0, workspace.kt, workspace.v, workspace.k_means};
+  PackedKeysValues kv{0, 0, 0, 0, 0, 0, 0, workspace.kt, workspace.v, workspace.k_means};
   kv.k_blocks = p.grid.k_blocks;
   kv.head_dim = d.head_dim;
   kv.key_pad = RoundUp(p.grid.block, math.pad);
   kv.v_pad = RoundUp(std::max<int64_t>(d.v_head_dim, 1), math.pad);
   kv.kt_block = d.head_dim * kv.key_pad;
   kv.v_block = kv.key_pad * kv.v_pad;
+  kv.means_pad = RoundUp(kv.k_blocks, math.pad);
   const int64_t heads = d.batch * d.kv_heads;
   kv.kt.resize(heads * kv.k_blocks * kv.kt_block);
   kv.v.resize(heads * kv.k_blocks * kv.v_block);
-  kv.k_means.resize(heads * kv.k_blocks * d.head_dim);
+  kv.k_means.resize(heads * d.head_dim * kv.means_pad);
   const T* key = static_cast<const T*>(t.key);
   const T* value = static_cast<const T*>(t.value);
   parallel_for(heads, [&](size_t bk) { PackHead<T>(p, key, value, static_cast<int64_t>(bk), kv); });

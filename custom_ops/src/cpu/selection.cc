@@ -62,16 +62,12 @@ int64_t ForcedKeyBlocks(const Problem& p, int64_t qb, const std::vector<uint8_t>
 }
 
 // Softmax over the candidates' estimated scores; NaN scores count as the least likely.
-void EstimateMass(const Problem& p, const float* q_mean, const float* k_means, SelectionScratch& s) {
-  const int64_t d = p.dims.head_dim;
+void EstimateMass(const Problem& p, const float* pooled_scores, SelectionScratch& s) {
   s.mass.resize(s.candidates.size());
   double best = -INFINITY;
   for (size_t c = 0; c < s.candidates.size(); ++c) {
     const int64_t kb = s.candidates[c];
-    const float* k_mean = k_means + kb * d;
-    double score = 0.0;
-    for (int64_t x = 0; x < d; ++x) score += static_cast<double>(q_mean[x]) * k_mean[x];
-    score += std::log(static_cast<double>(p.grid.KeyEnd(kb) - p.grid.KeyBegin(kb)));
+    const double score = pooled_scores[kb] + std::log(static_cast<double>(p.grid.KeyEnd(kb) - p.grid.KeyBegin(kb)));
     s.mass[c] = std::isnan(score) ? -INFINITY : score;
     best = std::max(best, s.mass[c]);
   }
@@ -82,13 +78,17 @@ void EstimateMass(const Problem& p, const float* q_mean, const float* k_means, S
 
 }  // namespace
 
-void ChooseKeyBlocks(const Problem& p, int64_t qb, const float* q_mean, const float* k_means,
-                     SelectionScratch& s, std::vector<int32_t>& chosen) {
+bool UsesEstimate(const Problem& p) {
+  const Attributes& a = p.attrs;
+  return !(p.grid.kv_len < a.min_seq_len || (a.threshold >= 1.0f && a.max_density >= 1.0f));
+}
+
+void ChooseKeyBlocks(const Problem& p, int64_t qb, const float* pooled_scores, SelectionScratch& s,
+                     std::vector<int32_t>& chosen) {
   const Attributes& a = p.attrs;
   const std::vector<uint8_t>& allowed = s.allowed;
   chosen.clear();
-  const bool dense = p.grid.kv_len < a.min_seq_len || (a.threshold >= 1.0f && a.max_density >= 1.0f);
-  if (dense) {
+  if (!UsesEstimate(p)) {
     for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb)
       if (allowed[kb]) chosen.push_back(static_cast<int32_t>(kb));
     return;
@@ -100,10 +100,12 @@ void ChooseKeyBlocks(const Problem& p, int64_t qb, const float* q_mean, const fl
     if (allowed[kb] && !s.forced[kb]) s.candidates.push_back(static_cast<int32_t>(kb));
   std::vector<uint8_t>& take = s.forced;  // forced blocks, then the estimate's picks
   if (!s.candidates.empty()) {
-    EstimateMass(p, q_mean, k_means, s);
+    EstimateMass(p, pooled_scores, s);
     s.order.resize(s.candidates.size());
     for (size_t c = 0; c < s.order.size(); ++c) s.order[c] = static_cast<int32_t>(c);
-    std::stable_sort(s.order.begin(), s.order.end(), [&](int32_t x, int32_t y) { return s.mass[x] > s.mass[y]; });
+    // Heaviest first; ties by block index, as the reference's stable argsort.
+    std::sort(s.order.begin(), s.order.end(),
+              [&](int32_t x, int32_t y) { return s.mass[x] > s.mass[y] || (s.mass[x] == s.mass[y] && x < y); });
     // The small tolerance keeps float attribute rounding from adding a block (0.1f * 30).
     const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(double(a.max_density) * n_allowed - 1e-4)));
     const int64_t budget = std::min<int64_t>(cap - n_forced, static_cast<int64_t>(s.order.size()));

@@ -19,10 +19,14 @@ struct SelectionScratch {
 // the block may see, by causality and the mask. Returns how many.
 int64_t AllowedKeyBlocks(const Problem& p, int64_t b, int64_t h, int64_t qb, std::vector<uint8_t>& allowed);
 
-// The key blocks to compute, ascending, from the allowed ones: global and local blocks, then
-// the rest by estimated mass (q_mean . k_means[kb] + log(keys in kb)) until `threshold`
-// or the max_density cap. q_mean is the scaled query block's mean, k_means [k_blocks, D].
-void ChooseKeyBlocks(const Problem& p, int64_t qb, const float* q_mean, const float* k_means,
-                     SelectionScratch& scratch, std::vector<int32_t>& chosen);
+// Whether ChooseKeyBlocks reads the estimate (else every allowed block is computed).
+bool UsesEstimate(const Problem& p);
+
+// The key blocks to compute, ascending, from the allowed ones (scratch.allowed): global and
+// local blocks, then the rest by estimated mass until `threshold` or the max_density cap.
+// pooled_scores[kb] = mean(scaled query block) . mean(key block kb); the estimate adds
+// log(keys in kb) and takes a softmax over the candidates.
+void ChooseKeyBlocks(const Problem& p, int64_t qb, const float* pooled_scores, SelectionScratch& scratch,
+                     std::vector<int32_t>& chosen);
 
 }  // namespace tfsa::cpu
