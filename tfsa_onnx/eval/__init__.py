@@ -1,0 +1,1 @@
+"""Real-model accuracy work: exports of the models the accuracy table uses, and the table script."""

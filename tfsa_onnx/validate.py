@@ -1,0 +1,340 @@
+"""Compare an optimized model with its original in ONNX Runtime: accuracy, latency, density.
+
+    from tfsa_onnx.validate import validate
+    result = validate("model.onnx", "model.tfsa.onnx", feeds)
+    print(result.table()); failures = result.failures(cos_min=0.995)
+
+Per output: max / mean abs error, relative L2 error, cosine similarity per sample (the mean of
+the cosines of the last-axis vectors: per token for hidden states), argmax agreement for outputs
+that look like classes or a vocabulary, and perplexity of both models for causal language models.
+The density the kernel reached comes from each SparseAttention node's `density` output, which an
+in-memory copy of the optimized model exposes as extra graph outputs.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from tfsa_onnx import DOMAIN, OP_TYPE
+from tfsa_onnx.inputs import Feed, check_same_inputs, graph_inputs
+
+DENSITY_SUFFIX = "__tfsa_density"
+_CLASS_NAMES = re.compile(r"logit|class|prob|score", re.IGNORECASE)
+_ROWS = 512  # rows per chunk for the heavy per-vector metrics
+
+
+# ---------------------------------------------------------------- models and sessions
+
+
+def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return onnx.load(str(model))
+
+
+def attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The SparseAttention nodes of a model, in graph order."""
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+
+
+def expose_density(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy whose SparseAttention nodes also output density, as graph outputs; returns (copy, names)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    outputs = {o.name for o in copy.graph.output}
+    names = []
+    for i, node in enumerate(attention_nodes(copy)):
+        if len(node.output) < 2 or not node.output[1]:
+            del node.output[1:]
+            node.output.append(f"{node.name or f'sparse_attention_{i}'}{DENSITY_SUFFIX}")
+        names.append(node.output[1])
+        if node.output[1] not in outputs:
+            copy.graph.output.append(helper.make_tensor_value_info(node.output[1], TensorProto.FLOAT, None))
+    return copy, names
+
+
+def is_causal_lm(model: onnx.ModelProto) -> bool:
+    """Any causal SparseAttention node: the model is a causal (decoder) language model."""
+    for node in attention_nodes(model):
+        for a in node.attribute:
+            if a.name == "is_causal" and a.i:
+                return True
+    return False
+
+
+def make_session(model: onnx.ModelProto | str | Path, threads: int | None = None):
+    """An ORT CPU session, our library registered when the model uses our domain."""
+    import onnxruntime as ort
+
+    from tfsa_onnx import session_options
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    if isinstance(model, onnx.ModelProto):
+        if any(n.domain == DOMAIN for n in model.graph.node):
+            session_options(so)
+        source = model.SerializeToString()
+    else:
+        source = str(model)
+        session_options(so)  # a path: registering costs nothing and keeps our nodes loadable
+    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+
+
+def timed_run(session, feed: Feed, names: list[str] | None = None) -> tuple[list[np.ndarray], float]:
+    start = time.perf_counter()
+    out = session.run(names, feed)
+    return out, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def looks_like_classes(name: str, shape: tuple[int, ...]) -> bool:
+    """Argmax makes sense: a logits-like name, or a last axis as wide as a vocabulary."""
+    if len(shape) < 2 or shape[-1] < 2:
+        return False
+    return bool(_CLASS_NAMES.search(name)) or shape[-1] >= 10_000
+
+
+def row_cosines(ref: np.ndarray, opt: np.ndarray) -> np.ndarray:
+    """Cosine of each last-axis vector pair (1.0 where both are zero)."""
+    a = ref.reshape(-1, ref.shape[-1]) if ref.ndim > 1 else ref.reshape(1, -1)
+    b = opt.reshape(a.shape)
+    out = np.empty(a.shape[0])
+    for s in range(0, a.shape[0], _ROWS):
+        x, y = a[s : s + _ROWS].astype(np.float64), b[s : s + _ROWS].astype(np.float64)
+        nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+        dot = (x * y).sum(axis=1)
+        both_zero = (nx == 0) & (ny == 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[s : s + _ROWS] = np.where(both_zero, 1.0, dot / (nx * ny))
+    return np.nan_to_num(out, nan=0.0)
+
+
+def token_nll(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray | None) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood and the number of predicted tokens."""
+    b, s, v = logits.shape
+    if mask is None:
+        mask = np.ones((b, s), dtype=bool)
+    keep = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
+    total, count = 0.0, 0
+    for row in range(b):
+        for start in range(0, s - 1, _ROWS):
+            end = min(start + _ROWS, s - 1)
+            x = logits[row, start:end].astype(np.float64)
+            top = x.max(axis=1, keepdims=True)
+            lse = np.log(np.exp(x - top).sum(axis=1)) + top[:, 0]
+            target = x[np.arange(end - start), ids[row, start + 1 : end + 1]]
+            sel = keep[row, start:end]
+            total += float((lse - target)[sel].sum())
+            count += int(sel.sum())
+    return total, count
+
+
+@dataclass
+class OutputStats:
+    """Running comparison figures of one output over all samples."""
+
+    name: str
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    count: int = 0
+    sum_sq_diff: float = 0.0
+    sum_sq_ref: float = 0.0
+    cosines: list[float] = field(default_factory=list)
+    argmax_agree: int = 0
+    argmax_total: int = 0
+    nll_ref: float = 0.0
+    nll_opt: float = 0.0
+    nll_tokens: int = 0
+
+    def update(
+        self, ref: np.ndarray, opt: np.ndarray, ids: np.ndarray | None, mask: np.ndarray | None
+    ) -> None:
+        if ref.shape != opt.shape:
+            raise ValueError(f"output {self.name!r}: shapes differ, {ref.shape} vs {opt.shape}")
+        diff = np.abs(ref.astype(np.float64) - opt.astype(np.float64))
+        self.max_abs = max(self.max_abs, float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0)))
+        self.sum_abs += float(diff.sum())
+        self.count += diff.size
+        self.sum_sq_diff += float((diff**2).sum())
+        self.sum_sq_ref += float((ref.astype(np.float64) ** 2).sum())
+        del diff
+        self.cosines.append(float(row_cosines(ref, opt).mean()) if ref.size else 1.0)
+        if looks_like_classes(self.name, ref.shape):
+            agree = ref.argmax(axis=-1) == opt.argmax(axis=-1)
+            self.argmax_agree += int(agree.sum())
+            self.argmax_total += agree.size
+        is_vocab = ids is not None and ref.ndim == 3 and ref.shape[:2] == ids.shape
+        if is_vocab and looks_like_classes(self.name, ref.shape) and ids.max() < ref.shape[-1]:
+            nll, n = token_nll(ref, ids, mask)
+            self.nll_ref += nll
+            self.nll_opt += token_nll(opt, ids, mask)[0]
+            self.nll_tokens += n
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "max_abs_error": self.max_abs,
+            "mean_abs_error": self.sum_abs / max(self.count, 1),
+            "relative_l2_error": float(np.sqrt(self.sum_sq_diff / self.sum_sq_ref))
+            if self.sum_sq_ref
+            else 0.0,
+            "cosine_min": min(self.cosines, default=1.0),
+            "cosine_mean": float(np.mean(self.cosines)) if self.cosines else 1.0,
+        }
+        if self.argmax_total:
+            out["argmax_agreement"] = self.argmax_agree / self.argmax_total
+        if self.nll_tokens:
+            out["perplexity_original"] = float(np.exp(self.nll_ref / self.nll_tokens))
+            out["perplexity_optimized"] = float(np.exp(self.nll_opt / self.nll_tokens))
+            out["perplexity_increase"] = out["perplexity_optimized"] / out["perplexity_original"] - 1.0
+            out["perplexity_tokens"] = self.nll_tokens
+        return out
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+@dataclass
+class ValidationResult:
+    """Every figure of one validate run."""
+
+    outputs: dict[str, dict[str, Any]]
+    latency_original_s: float
+    latency_optimized_s: float
+    density_per_layer: dict[str, float]
+    samples: int
+    threads: int | None
+
+    @property
+    def speedup(self) -> float:
+        return (
+            self.latency_original_s / self.latency_optimized_s if self.latency_optimized_s else float("nan")
+        )
+
+    @property
+    def density(self) -> float | None:
+        values = list(self.density_per_layer.values())
+        return float(np.mean(values)) if values else None
+
+    def failures(
+        self, atol: float | None = None, cos_min: float | None = None, max_ppl_increase: float | None = None
+    ) -> list[str]:
+        """One sentence per threshold that does not hold; empty = pass."""
+        out = []
+        for name, m in self.outputs.items():
+            if atol is not None and not m["max_abs_error"] <= atol:
+                out.append(f"{name}: max abs error {m['max_abs_error']:.3g} > atol {atol:g}")
+            if cos_min is not None and not m["cosine_mean"] >= cos_min:
+                out.append(f"{name}: mean cosine {m['cosine_mean']:.6f} < {cos_min:g}")
+            inc = m.get("perplexity_increase")
+            if max_ppl_increase is not None and inc is not None and not inc <= max_ppl_increase:
+                out.append(f"{name}: perplexity +{inc:.2%} > +{max_ppl_increase:.2%}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "threads": self.threads,
+            "outputs": self.outputs,
+            "latency_original_s": self.latency_original_s,
+            "latency_optimized_s": self.latency_optimized_s,
+            "speedup": self.speedup,
+            "density": self.density,
+            "density_per_layer": self.density_per_layer,
+        }
+
+    def table(self) -> str:
+        lines = []
+        for name, m in self.outputs.items():
+            lines.append(f"output {name}")
+            for key, value in m.items():
+                text = f"{value:.6g}" if isinstance(value, float) else str(value)
+                lines.append(f"  {key:<22} {text}")
+        lines.append(f"latency original       {self.latency_original_s * 1e3:.2f} ms (median)")
+        lines.append(f"latency optimized      {self.latency_optimized_s * 1e3:.2f} ms (median)")
+        lines.append(f"speedup                {self.speedup:.3f}x")
+        if self.density is not None:
+            per_layer = " ".join(f"{v:.2f}" for v in self.density_per_layer.values())
+            lines.append(f"density                {self.density:.4f} (per layer: {per_layer})")
+        return "\n".join(lines)
+
+
+def validate(
+    original: str | Path | onnx.ModelProto,
+    optimized: str | Path | onnx.ModelProto,
+    feeds: list[Feed],
+    *,
+    threads: int | None = None,
+    warmup: int = 1,
+    progress: bool = True,
+) -> ValidationResult:
+    """Run both models on the same feeds and compare every output; see the module docstring."""
+    original_proto, optimized_proto = load_model(original), load_model(optimized)
+    check_same_inputs(graph_inputs(original_proto), graph_inputs(optimized_proto))
+    exposed, density_names = expose_density(optimized_proto)
+    ref_session = make_session(
+        original if not isinstance(original, onnx.ModelProto) else original_proto, threads
+    )
+    opt_session = make_session(exposed, threads)
+    out_names = [o.name for o in ref_session.get_outputs()]
+    missing = [n for n in out_names if n not in {o.name for o in opt_session.get_outputs()}]
+    if missing:
+        raise ValueError(f"the optimized model lacks output(s) {', '.join(missing)} of the original")
+    causal = is_causal_lm(optimized_proto)
+    del original_proto, optimized_proto, exposed
+    return _compare(
+        ref_session, opt_session, out_names, density_names, feeds, threads, warmup, progress, causal
+    )
+
+
+def _compare(ref_session, opt_session, names, feeds, threads, warmup, progress, causal) -> ValidationResult:
+    from tqdm.auto import tqdm
+
+    out_names, density_names = names
+    opt_names = out_names + density_names
+    for _ in range(warmup if feeds else 0):
+        ref_session.run(out_names, feeds[0])
+        opt_session.run(opt_names, feeds[0])
+    stats = {n: OutputStats(n) for n in out_names}
+    densities: dict[str, list[float]] = {n: [] for n in density_names}
+    t_ref, t_opt = [], []
+    for feed in tqdm(feeds, desc="validate", unit="sample", disable=not progress or len(feeds) < 2):
+        ref_out, dt_ref = timed_run(ref_session, feed, out_names)
+        opt_out, dt_opt = timed_run(opt_session, feed, opt_names)
+        t_ref.append(dt_ref)
+        t_opt.append(dt_opt)
+        ids, mask = _ids_and_mask(feed) if causal else (None, None)
+        for name, a, b in zip(out_names, ref_out, opt_out, strict=False):
+            stats[name].update(a, b, ids, mask)
+        for name, d in zip(density_names, opt_out[len(out_names) :], strict=True):
+            densities[name].append(float(np.mean(d)))
+        del ref_out, opt_out
+    per_layer = {n.removesuffix(DENSITY_SUFFIX): float(np.mean(v)) for n, v in densities.items() if v}
+    return ValidationResult(
+        outputs={n: s.result() for n, s in stats.items()},
+        latency_original_s=statistics.median(t_ref) if t_ref else 0.0,
+        latency_optimized_s=statistics.median(t_opt) if t_opt else 0.0,
+        density_per_layer=per_layer,
+        samples=len(feeds),
+        threads=threads,
+    )
+
+
+def _ids_and_mask(feed: Feed) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The token ids and attention mask of a text feed, when it has them (for perplexity)."""
+    ids = next((v for k, v in feed.items() if k.lower() in ("input_ids", "ids", "tokens")), None)
+    mask = next((v for k, v in feed.items() if "attention_mask" in k.lower()), None)
+    if ids is None or ids.ndim != 2:
+        return None, None
+    return ids, mask if mask is not None and mask.shape == ids.shape else None
