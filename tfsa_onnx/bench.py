@@ -11,6 +11,7 @@ Times are medians; ratios are what to read, absolute times depend on the machine
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ class KernelResult:
     max_density: float
     density: float
     sparse_ms: float
+    selection_ms: float
+    selection_share: float
     ort_mha_ms: float
     unfused_ms: float | None
     speedup_vs_ort_mha: float
@@ -91,12 +94,24 @@ def _unfused_model(seq_len: int, head_dim: int, causal: bool) -> onnx.ModelProto
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _session(model: onnx.ModelProto, threads: int, ours: bool = False) -> ort.InferenceSession:
+def _session(
+    model: onnx.ModelProto, threads: int, ours: bool = False, selection_only: bool = False
+) -> ort.InferenceSession:
     so = tfsa_onnx.session_options() if ours else ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    # The kernel reads TFSA_SELECTION_ONLY when the session is created: block selection
+    # (and key packing) alone, no attention computed, to time the schedule's share.
+    previous = os.environ.pop("TFSA_SELECTION_ONLY", None)
+    if selection_only:
+        os.environ["TFSA_SELECTION_ONLY"] = "1"
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    finally:
+        os.environ.pop("TFSA_SELECTION_ONLY", None)
+        if previous is not None:
+            os.environ["TFSA_SELECTION_ONLY"] = previous
 
 
 def _interleaved_medians(runs: dict[str, Callable[[], object]], warmup: int, repeat: int) -> dict[str, float]:
@@ -130,24 +145,23 @@ def bench_kernel(
     q, k, v = (rng.standard_normal((batch, heads, seq_len, head_dim), dtype=np.float32) for _ in range(3))
     packed = [x.transpose(0, 2, 1, 3).reshape(batch, seq_len, heads * head_dim).copy() for x in (q, k, v)]
 
-    sparse = _session(
-        sparse_attention_model(
-            is_causal=int(causal),
-            block_size=block_size,
-            global_tokens=0,
-            local_window=0,
-            threshold=1.0,
-            max_density=max_density,
-            min_seq_len=0,
-        ),
-        threads,
-        ours=True,
+    op_model = sparse_attention_model(
+        is_causal=int(causal),
+        block_size=block_size,
+        global_tokens=0,
+        local_window=0,
+        threshold=1.0,
+        max_density=max_density,
+        min_seq_len=0,
     )
+    sparse = _session(op_model, threads, ours=True)
+    selection = _session(op_model, threads, ours=True, selection_only=True)
     feeds = {"query": q, "key": k, "value": v}
     mha = _session(_mha_model(heads, causal), threads)
     mha_feeds = dict(zip("qkv", packed, strict=True))
     runs: dict[str, Callable[[], object]] = {
         "sparse": lambda: sparse.run(["Y"], feeds),
+        "selection": lambda: selection.run(["density"], feeds),
         "ort_mha": lambda: mha.run(None, mha_feeds),
     }
     if unfused:
@@ -170,6 +184,8 @@ def bench_kernel(
         max_density=max_density,
         density=density,
         sparse_ms=ms["sparse"],
+        selection_ms=ms["selection"],
+        selection_share=ms["selection"] / ms["sparse"],
         ort_mha_ms=ms["ort_mha"],
         unfused_ms=unfused_ms,
         speedup_vs_ort_mha=ms["ort_mha"] / ms["sparse"],

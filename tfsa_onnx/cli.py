@@ -67,22 +67,12 @@ def bench_kernel_cmd(
 
     from tfsa_onnx.bench import bench_kernel, plot_kernel_results
 
-    columns = [
-        "seq_len",
-        "heads",
-        "head_dim",
-        "threads",
-        "density",
-        "sparse_ms",
-        "ort_mha_ms",
-        "unfused_ms",
-        "speedup_vs_ort_mha",
-        "speedup_vs_unfused",
-        "sparse_gflops",
-        "ort_mha_gflops",
-        "unfused_gflops",
-    ]
-    click.echo("  ".join(f"{c:>12}" for c in columns))
+    columns = (
+        "seq_len heads head_dim threads density sparse_ms selection_share ort_mha_ms unfused_ms "
+        "speedup_vs_ort_mha speedup_vs_unfused sparse_gflops ort_mha_gflops unfused_gflops"
+    ).split()
+    widths = [max(10, len(c)) for c in columns]
+    click.echo("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
     results = []
     for s in seq_len:
         result = bench_kernel(
@@ -99,7 +89,7 @@ def bench_kernel_cmd(
         )
         results.append(result)
         row = result.as_dict()
-        click.echo("  ".join(_fmt(row[c]) for c in columns))
+        click.echo("  ".join(_fmt(row[c]).rjust(w) for c, w in zip(columns, widths, strict=True)))
     if json_path:
         _write_text_atomically(json_path, json.dumps([r.as_dict() for r in results], indent=2) + "\n")
         click.echo(f"wrote {json_path}")
@@ -110,10 +100,10 @@ def bench_kernel_cmd(
 
 def _fmt(value) -> str:
     if value is None:
-        return f"{'-':>12}"
+        return "-"
     if isinstance(value, float):
-        return f"{value:>12.3f}" if value < 100 else f"{value:>12.1f}"
-    return f"{value:>12}"
+        return f"{value:.3f}" if value < 100 else f"{value:.1f}"
+    return str(value)
 
 
 def _write_text_atomically(path: str, text: str) -> None:

@@ -1,6 +1,7 @@
 #include "sparse_attention_op.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <new>
 #include <string>
 
@@ -52,6 +53,8 @@ SparseAttentionKernel::SparseAttentionKernel(const OrtApi& api, const OrtKernelI
   attributes.max_density = ReadAttribute(api, info, "max_density", d.max_density);
   attributes.min_seq_len = ReadAttribute(api, info, "min_seq_len", d.min_seq_len);
   attribute_error = CheckAttributes(attributes);
+  const char* selection_only_env = std::getenv("TFSA_SELECTION_ONLY");
+  selection_only = selection_only_env != nullptr && std::string(selection_only_env) == "1";
 }
 
 OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
@@ -95,6 +98,7 @@ OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
     const Dims& d = problem.dims;
     for (int i = 0; i < 4; ++i) problem.mask.stride[i] = d.mask_stride[i];
     problem.attrs = attributes;
+    problem.selection_only = selection_only;
     problem.scale = attributes.scale > 0.0f ? attributes.scale
                                             : (d.head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(d.head_dim)) : 1.0f);
     problem.grid = cpu::BlockGrid(attributes.block_size, d.q_len, d.kv_len, attributes.is_causal != 0);

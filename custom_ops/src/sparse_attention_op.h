@@ -18,6 +18,7 @@ struct SparseAttentionKernel {
 
   Attributes attributes;
   std::string attribute_error;  // non-empty: the node's attributes break the contract
+  bool selection_only = false;  // TFSA_SELECTION_ONLY=1 at session creation: time the schedule alone
 
  private:
   // Workspaces of finished runs, reused; concurrent Run() calls each take their own.

@@ -32,12 +32,30 @@ struct PackedKeysValues {
   const float* KMeansT(int64_t bk) const { return k_means.data() + bk * head_dim * means_pad; }
 };
 
+// Key block means (for the estimate), transposed: means_t[x, kb].
+template <class T>
+void KeyBlockMeans(const Problem& p, const T* k_head, float* means_t, int64_t means_pad) {
+  const Dims& d = p.dims;
+  std::vector<double> sum(d.head_dim);
+  for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb) {
+    const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
+    std::fill(sum.begin(), sum.end(), 0.0);
+    for (int64_t j = 0; j < keys; ++j)
+      for (int64_t x = 0; x < d.head_dim; ++x) sum[x] += ToFloat(k_head[(k_begin + j) * d.head_dim + x]);
+    for (int64_t x = 0; x < d.head_dim; ++x) means_t[x * means_pad + kb] = static_cast<float>(sum[x] / keys);
+  }
+  for (int64_t x = 0; x < d.head_dim; ++x)
+    std::fill(means_t + x * means_pad + p.grid.k_blocks, means_t + (x + 1) * means_pad, 0.0f);
+}
+
+// Keys transposed and values padded into blocks, plus the key block means, of one (b, kv head).
 template <class T>
 void PackHead(const Problem& p, const T* key, const T* value, int64_t bk, PackedKeysValues& out) {
   const Dims& d = p.dims;
   const T* k_head = key + bk * d.kv_len * d.head_dim;
   const T* v_head = value + bk * d.kv_len * d.v_head_dim;
-  float* means_t = out.k_means.data() + bk * d.head_dim * out.means_pad;
+  KeyBlockMeans(p, k_head, out.k_means.data() + bk * d.head_dim * out.means_pad, out.means_pad);
+  if (p.selection_only) return;
   for (int64_t kb = 0; kb < out.k_blocks; ++kb) {
     const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
     float* kt = out.kt.data() + (bk * out.k_blocks + kb) * out.kt_block;
@@ -52,14 +70,7 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t bk, Packed
     // Padding keys of a ragged last block: zero scores (masked later), zero values.
     for (int64_t x = 0; x < d.head_dim; ++x) std::fill(kt + x * out.key_pad + keys, kt + (x + 1) * out.key_pad, 0.0f);
     std::fill(v + keys * out.v_pad, v + out.key_pad * out.v_pad, 0.0f);
-    for (int64_t x = 0; x < d.head_dim; ++x) {
-      double sum = 0.0;
-      for (int64_t j = 0; j < keys; ++j) sum += kt[x * out.key_pad + j];
-      means_t[x * out.means_pad + kb] = static_cast<float>(sum / static_cast<double>(keys));
-    }
   }
-  for (int64_t x = 0; x < d.head_dim; ++x)
-    std::fill(means_t + x * out.means_pad + out.k_blocks, means_t + (x + 1) * out.means_pad, 0.0f);
 }
 
 struct Scratch {
@@ -118,6 +129,7 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   }
   ChooseKeyBlocks(p, qb, sc.pooled_scores.data(), sc.selection, sc.chosen);
   counts[2 * task] = static_cast<int64_t>(sc.chosen.size());
+  if (p.selection_only) sc.chosen.clear();
 
   sc.m.assign(rows, kNegInf);
   sc.l.assign(rows, 0.0f);

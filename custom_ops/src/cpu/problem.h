@@ -50,6 +50,7 @@ struct Problem {
   float scale = 1.0f;
   BlockGrid grid;
   MaskView mask;
+  bool selection_only = false;  // profiling: pick blocks, compute nothing (outputs zeros)
 };
 
 }  // namespace tfsa::cpu

@@ -61,16 +61,20 @@ int64_t ForcedKeyBlocks(const Problem& p, int64_t qb, const std::vector<uint8_t>
   return count;
 }
 
-// Softmax over the candidates' estimated scores; NaN scores count as the least likely.
-void EstimateMass(const Problem& p, const float* pooled_scores, SelectionScratch& s) {
+// The candidates' estimated scores, as softmax mass when `normalise` (the threshold needs
+// it; the ranking alone does not). NaN scores count as the least likely.
+void EstimateMass(const Problem& p, const float* pooled_scores, bool normalise, SelectionScratch& s) {
   s.mass.resize(s.candidates.size());
   double best = -INFINITY;
   for (size_t c = 0; c < s.candidates.size(); ++c) {
     const int64_t kb = s.candidates[c];
-    const double score = pooled_scores[kb] + std::log(static_cast<double>(p.grid.KeyEnd(kb) - p.grid.KeyBegin(kb)));
+    double score = pooled_scores[kb];
+    const int64_t keys = p.grid.KeyEnd(kb) - p.grid.KeyBegin(kb);
+    if (keys != p.grid.block) score += std::log(static_cast<double>(keys) / p.grid.block);  // + log(keys), shifted
     s.mass[c] = std::isnan(score) ? -INFINITY : score;
     best = std::max(best, s.mass[c]);
   }
+  if (!normalise) return;
   double total = 0.0;
   for (double& m : s.mass) total += (m = std::isfinite(best) ? std::exp(m - best) : 1.0);
   for (double& m : s.mass) m /= total;
@@ -100,17 +104,19 @@ void ChooseKeyBlocks(const Problem& p, int64_t qb, const float* pooled_scores, S
     if (allowed[kb] && !s.forced[kb]) s.candidates.push_back(static_cast<int32_t>(kb));
   std::vector<uint8_t>& take = s.forced;  // forced blocks, then the estimate's picks
   if (!s.candidates.empty()) {
-    EstimateMass(p, pooled_scores, s);
-    s.order.resize(s.candidates.size());
-    for (size_t c = 0; c < s.order.size(); ++c) s.order[c] = static_cast<int32_t>(c);
-    // Heaviest first; ties by block index, as the reference's stable argsort.
-    std::sort(s.order.begin(), s.order.end(),
-              [&](int32_t x, int32_t y) { return s.mass[x] > s.mass[y] || (s.mass[x] == s.mass[y] && x < y); });
+    const bool use_threshold = a.threshold < 1.0f;
+    EstimateMass(p, pooled_scores, use_threshold, s);
     // The small tolerance keeps float attribute rounding from adding a block (0.1f * 30).
     const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(double(a.max_density) * n_allowed - 1e-4)));
-    const int64_t budget = std::min<int64_t>(cap - n_forced, static_cast<int64_t>(s.order.size()));
+    const int64_t budget = std::max<int64_t>(0, std::min<int64_t>(cap - n_forced, s.candidates.size()));
+    s.order.resize(s.candidates.size());
+    for (size_t c = 0; c < s.order.size(); ++c) s.order[c] = static_cast<int32_t>(c);
+    // The `budget` heaviest first; ties by block index, as the reference's stable argsort.
+    std::partial_sort(s.order.begin(), s.order.begin() + budget, s.order.end(), [&](int32_t x, int32_t y) {
+      return s.mass[x] > s.mass[y] || (s.mass[x] == s.mass[y] && x < y);
+    });
     double cumulative = 0.0;
-    for (int64_t r = 0; r < budget && cumulative < a.threshold; ++r) {
+    for (int64_t r = 0; r < budget && (!use_threshold || cumulative < a.threshold); ++r) {
       take[s.candidates[s.order[r]]] = 1;
       cumulative += s.mass[s.order[r]];
     }
