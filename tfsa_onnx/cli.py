@@ -197,5 +197,133 @@ def inspect_cmd(model) -> None:
     click.echo(f"{len(report.sites)} attention sites")
 
 
+# ---------------------------------------------------------------- validate / calibrate
+
+
+def _input_options(f):
+    """Options shared by validate and calibrate: where the samples come from."""
+    options = [
+        click.option(
+            "--inputs", type=click.Path(exists=True, dir_okay=False), help="NPZ: one array per input."
+        ),
+        click.option(
+            "--text", type=click.Path(exists=True, dir_okay=False), help="Text file (token stream)."
+        ),
+        click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), help="HF tokenizer dir."),
+        click.option("--seq-len", type=click.IntRange(1), default=512, show_default=True),
+        click.option("--batch", type=click.IntRange(1), default=1, show_default=True),
+        click.option("--samples", type=click.IntRange(1), default=4, show_default=True),
+        click.option("--threads", type=click.IntRange(1), help="ORT intra-op threads (both models)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _percent(_ctx, _param, value):
+    if value is None:
+        return None
+    text = str(value).strip().lstrip("+")
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number or a percentage like 2%") from None
+
+
+@main.command("validate")
+@click.argument("original", type=click.Path(exists=True, dir_okay=False))
+@click.argument("optimized", type=click.Path(exists=True, dir_okay=False))
+@_input_options
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
+@click.option("--atol", type=float, help="Fail when any max abs error exceeds this.")
+@click.option("--cos-min", type=float, default=0.99, show_default=True, help="Fail below this mean cosine.")
+@click.option(
+    "--max-ppl-increase", callback=_percent, default="2%", show_default=True, help="e.g. 2% or 0.02."
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
+def validate_cmd(
+    original, optimized, warmup, atol, cos_min, max_ppl_increase, json_path, threads, **src
+) -> None:
+    """Compare OPTIMIZED with ORIGINAL on the same inputs; exit 1 when a threshold fails."""
+    import json
+
+    import onnx
+
+    from tfsa_onnx.inputs import InputError, check_same_inputs, describe, graph_inputs, load_feeds
+    from tfsa_onnx.validate import validate
+
+    try:
+        original_proto = onnx.load(original, load_external_data=False)
+        check_same_inputs(
+            graph_inputs(original_proto), graph_inputs(onnx.load(optimized, load_external_data=False))
+        )
+        feeds = load_feeds(original_proto, **src)
+    except (InputError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"inputs: {describe(feeds)}", err=True)
+    try:
+        result = validate(original, optimized, feeds, threads=threads, warmup=warmup)
+    except Exception as e:  # noqa: BLE001 - ORT and shape errors become one sentence
+        raise click.ClickException(f"running the models failed: {str(e).strip().splitlines()[0]}") from None
+    click.echo(result.table())
+    failures = result.failures(atol=atol, cos_min=cos_min, max_ppl_increase=max_ppl_increase)
+    if json_path:
+        data = {**result.to_dict(), "original": original, "optimized": optimized, "failures": failures}
+        _write_text_atomically(json_path, json.dumps(data, indent=2) + "\n")
+    for line in failures:
+        click.echo(f"FAIL {line}")
+    click.echo("FAIL" if failures else "PASS")
+    raise SystemExit(1 if failures else 0)
+
+
+@main.command("calibrate")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@_input_options
+@click.option("--target", required=True, help="'cos>=0.995' (output vs dense) or 'ppl<=+1%' (perplexity).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Config JSON to write.")
+@click.option("--output-name", help="Model output the target is measured on (default: the first).")
+@click.option("--block-size", type=click.IntRange(1), help="Query/key block edge.")
+@click.option("--global-tokens", type=click.IntRange(0), help="Leading tokens every query sees.")
+@click.option("--local-window", type=click.IntRange(0), help="Keys always computed near each query.")
+@click.option(
+    "--min-seq-len",
+    type=click.IntRange(0),
+    help="Dense below this many keys (default: min(1024, --seq-len)).",
+)
+@click.option(
+    "--curve-samples", type=click.IntRange(1), default=2, show_default=True, help="Samples per layer curve."
+)
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Write the calibration record as JSON."
+)
+def calibrate_cmd(model, target, output, output_name, curve_samples, json_path, threads, **options) -> None:
+    """Choose per-layer thresholds for MODEL so TARGET holds at the lowest density; writes a config."""
+    import json
+
+    import onnx
+
+    from tfsa_onnx.calibrate import CalibrationError, Target, calibrate
+    from tfsa_onnx.inputs import InputError, describe, load_feeds
+
+    src = {k: options.pop(k) for k in ("inputs", "text", "tokenizer", "seq_len", "batch", "samples")}
+    base = {k: v for k, v in options.items() if v is not None}
+    base.setdefault("min_seq_len", min(1024, src["seq_len"]))
+    try:
+        goal = Target.parse(target)
+        proto = onnx.load(model)
+        feeds = load_feeds(proto, **src)
+        click.echo(f"calibration inputs: {describe(feeds)}", err=True)
+        result = calibrate(
+            proto, feeds, goal, base=base, output=output_name, curve_samples=curve_samples, threads=threads
+        )
+    except (CalibrationError, InputError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    result.config.save(output)
+    if json_path:
+        _write_text_atomically(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
+    click.echo(result.table())
+    click.echo(f"wrote {output}; use it with: tfsa-onnx optimize {model} --config {output}")
+
+
 if __name__ == "__main__":
     main()

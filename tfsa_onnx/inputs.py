@@ -306,3 +306,27 @@ def describe(feeds: list[Feed]) -> str:
         return "no samples"
     shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds[0].items())
     return f"{len(feeds)} sample(s): {shapes}"
+
+
+def load_feeds(
+    model: onnx.ModelProto,
+    *,
+    inputs: str | Path | None = None,
+    text: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    seq_len: int = 128,
+    batch: int = 1,
+    samples: int = 4,
+    seed: int = 0,
+) -> list[Feed]:
+    """Feeds from --inputs, or --text with --tokenizer, or generated from the graph's specs."""
+    specs = graph_inputs(model)
+    if inputs is not None and text is not None:
+        raise InputError("give either --inputs or --text, not both")
+    if inputs is not None:
+        return load_npz(inputs, specs)[:samples] if samples else load_npz(inputs, specs)
+    if text is not None:
+        if tokenizer is None:
+            raise InputError("--text needs --tokenizer DIR (a Hugging Face tokenizer directory)")
+        return load_text(text, tokenizer, specs, seq_len=seq_len, samples=samples, batch=batch)
+    return generate(model, specs, seq_len=seq_len, batch=batch, samples=samples, seed=seed)

@@ -78,6 +78,7 @@ def make_session(model: onnx.ModelProto | str | Path, threads: int | None = None
     from tfsa_onnx import session_options
 
     so = ort.SessionOptions()
+    so.log_severity_level = 3  # shape-merge warnings about custom-op outputs are noise here
     if threads:
         so.intra_op_num_threads = threads
     if isinstance(model, onnx.ModelProto):
@@ -293,9 +294,8 @@ def validate(
         raise ValueError(f"the optimized model lacks output(s) {', '.join(missing)} of the original")
     causal = is_causal_lm(optimized_proto)
     del original_proto, optimized_proto, exposed
-    return _compare(
-        ref_session, opt_session, out_names, density_names, feeds, threads, warmup, progress, causal
-    )
+    names = (out_names, density_names)
+    return _compare(ref_session, opt_session, names, feeds, threads, warmup, progress, causal)
 
 
 def _compare(ref_session, opt_session, names, feeds, threads, warmup, progress, causal) -> ValidationResult:

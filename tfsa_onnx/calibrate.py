@@ -1,0 +1,356 @@
+"""Choose per-layer sparsity so that an accuracy target holds with the lowest density.
+
+Strategy (cheap, and every step is a measurement with the real kernel):
+  1. Rewrite the model once with every layer dense (threshold 1), run it on the calibration
+     samples and capture each SparseAttention node's inputs and output.
+  2. Per layer, run that node alone (a one-node model) at each candidate threshold on the
+     captured tensors: its density and its output error (relative L2 against dense).
+     This is each layer's error-vs-density curve, with the other layers dense.
+  3. A single error budget `eps` picks, per layer, the lowest-density threshold whose error is
+     <= eps. Binary-search eps on the whole model end to end (the target metric on all
+     calibration samples) for the largest budget that still meets the target.
+The result holds on the calibration samples by construction (the last check is end to end).
+Per-head budgets are not expressible (the operator's attributes are per node); within a
+layer the cumulative threshold already gives each head the number of blocks it needs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from tfsa_onnx.config import TUNABLE, SparsityConfig
+from tfsa_onnx.inputs import Feed
+from tfsa_onnx.validate import (
+    attention_nodes,
+    expose_density,
+    load_model,
+    make_session,
+    row_cosines,
+    token_nll,
+)
+
+THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+_TARGET = re.compile(r"^\s*(cos|ppl)\s*(>=|<=)\s*\+?\s*([0-9.]+)\s*(%?)\s*$", re.IGNORECASE)
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot run as asked; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """cos>=X: mean cosine of the output vs dense; ppl<=+X%: relative perplexity increase."""
+
+    metric: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        m = _TARGET.match(text)
+        if not m:
+            raise CalibrationError(f"cannot read target {text!r}; write e.g. 'cos>=0.995' or 'ppl<=+1%'")
+        metric, op, number, percent = m.group(1).lower(), m.group(2), float(m.group(3)), m.group(4)
+        if (metric, op) not in (("cos", ">="), ("ppl", "<=")):
+            raise CalibrationError(f"target {text!r}: use 'cos>=X' or 'ppl<=+X%'")
+        value = number / 100 if percent else number
+        if metric == "ppl" and not percent and value >= 1.0:
+            value -= 1.0  # 'ppl<=1.01' means a ratio
+        return cls(metric, value)
+
+    def holds(self, score: float) -> bool:
+        return score >= self.value if self.metric == "cos" else score <= self.value
+
+    def __str__(self) -> str:
+        return f"cos>={self.value:g}" if self.metric == "cos" else f"ppl<=+{self.value:.2%}"
+
+
+@dataclass
+class LayerCurve:
+    """One layer's measured (threshold, density, error) points, dense excluded."""
+
+    index: int
+    name: str
+    points: list[tuple[float, float, float]] = field(default_factory=list)
+
+    def choose(self, eps: float) -> tuple[float, float, float]:
+        """(threshold, density, error) of the sparsest point with error <= eps; dense when none."""
+        ok = [p for p in self.points if p[2] <= eps]
+        return min(ok, key=lambda p: (p[1], -p[0])) if ok else (1.0, 1.0, 0.0)
+
+
+@dataclass
+class CalibrationResult:
+    config: SparsityConfig
+    target: Target
+    score: float
+    layers: list[dict[str, Any]]
+    trials: list[dict[str, Any]]
+
+    @property
+    def density(self) -> float:
+        return float(np.mean([row["density"] for row in self.layers])) if self.layers else 1.0
+
+    def table(self) -> str:
+        lines = [f"{'layer':<6}{'threshold':>10}{'density':>9}{'local err':>11}  name"]
+        for row in self.layers:
+            lines.append(
+                f"{row['layer']:<6}{row['threshold']:>10.4g}{row['density']:>9.3f}{row['local_error']:>11.2e}"
+                f"  {row['name']}"
+            )
+        lines.append(f"mean density {self.density:.3f}; {self.target.metric} = {_fmt_score(self)}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": str(self.target),
+            "score": self.score,
+            "density": self.density,
+            "layers": self.layers,
+            "trials": self.trials,
+            "config": self.config.to_dict(),
+        }
+
+
+def _fmt_score(result: CalibrationResult) -> str:
+    if result.target.metric == "cos":
+        return f"{result.score:.5f} (target {result.target})"
+    return f"+{result.score:.2%} (target {result.target})"
+
+
+# ---------------------------------------------------------------- the search
+
+
+def calibrate(
+    model: str | Path | onnx.ModelProto,
+    feeds: list[Feed],
+    target: Target | str,
+    *,
+    base: dict[str, Any] | None = None,
+    output: str | None = None,
+    thresholds: tuple[float, ...] = THRESHOLDS,
+    curve_samples: int = 2,
+    threads: int | None = None,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Per-layer thresholds meeting `target` on `feeds` at the lowest density (see module docstring)."""
+    from tfsa_onnx.rewrite import optimize
+
+    target = Target.parse(target) if isinstance(target, str) else target
+    if not feeds:
+        raise CalibrationError("calibration needs at least one sample")
+    base = {**(base or {}), "threshold": 1.0, "max_density": 1.0}
+    optimized, report = optimize(load_model(model), SparsityConfig(defaults=base), reapply=True)
+    layer_of = {s.name: s.layer for s in report.sites if s.replaced}
+    working, density_names = expose_density(optimized)
+    nodes = [n for n in attention_nodes(working) if n.name in layer_of]
+    if not nodes:
+        raise CalibrationError("the model has no attention block the rewriter could replace")
+    out_name = output or working.graph.output[0].name
+    capture = _Capture(working, nodes, out_name, target, threads)
+    reference = capture.run(feeds, curve_samples, progress)
+    curves = [
+        _curve(layer_of[n.name], n, capture.tensors[n.name], thresholds, threads)
+        for n in _bar(nodes, progress)
+    ]
+    search = _Search(working, nodes, density_names, out_name, target, reference, feeds, threads)
+    best = search.run(curves, progress)
+    return _result(best, curves, nodes, target, base, search.trials)
+
+
+def _bar(items, progress: bool, desc: str = "layer curves"):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="layer", disable=not progress)
+
+
+class _Capture:
+    """The dense run: each node's inputs/output (first samples) and the target's dense reference."""
+
+    def __init__(self, model, nodes, out_name, target, threads) -> None:
+        self.model, self.nodes, self.out_name, self.target, self.threads = (
+            model,
+            nodes,
+            out_name,
+            target,
+            threads,
+        )
+        self.tensors: dict[str, list[list[np.ndarray | None]]] = {n.name: [] for n in nodes}
+
+    def run(self, feeds: list[Feed], curve_samples: int, progress: bool) -> list[Any]:
+        from tqdm.auto import tqdm
+
+        copy = onnx.ModelProto()
+        copy.CopyFrom(self.model)
+        names = [self.out_name]
+        for node in self.nodes:
+            names += [x for x in list(node.input) + [node.output[0]] if x and x not in names]
+        known = {o.name for o in copy.graph.output}
+        copy.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+        session = make_session(copy, self.threads)
+        del copy
+        reference = []
+        for i, feed in enumerate(tqdm(feeds, desc="dense run", unit="sample", disable=not progress)):
+            want = names if i < curve_samples else [self.out_name]
+            values = dict(zip(want, session.run(want, feed), strict=True))
+            reference.append(_reference(values[self.out_name], feed, self.target))
+            if i < curve_samples:
+                for node in self.nodes:
+                    ins = [values[x] if x else None for x in node.input] + [None] * (4 - len(node.input))
+                    self.tensors[node.name].append([*ins[:4], values[node.output[0]]])
+        return reference
+
+
+def _reference(out: np.ndarray, feed: Feed, target: Target) -> Any:
+    if target.metric == "cos":
+        return out
+    ids = feed.get("input_ids")
+    if ids is None or out.ndim != 3:
+        raise CalibrationError("a perplexity target needs a causal LM: input_ids and [B, S, vocab] logits")
+    return token_nll(out, ids, feed.get("attention_mask"))
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _curve(index: int, node, samples, thresholds, threads) -> LayerCurve:
+    """Run the node alone at each threshold on the captured tensors: density and output error."""
+    from tfsa_onnx.opmodel import sparse_attention_model
+
+    curve = LayerCurve(index, node.name)
+    q, _, _, mask, _ = samples[0]
+    mask_dtype = helper.np_dtype_to_tensor_dtype(mask.dtype) if mask is not None else None
+    rank = mask.ndim if mask is not None else 4
+    dtype = helper.np_dtype_to_tensor_dtype(q.dtype)
+    for t in thresholds:
+        attrs = {**_attrs(node), "threshold": float(t)}
+        single = sparse_attention_model(dtype, mask_dtype=mask_dtype, mask_rank=rank, **attrs)
+        session = make_session(single, threads)
+        diff = ref = 0.0
+        densities = []
+        for q, k, v, m, y in samples:
+            feed = {"query": q, "key": k, "value": v}
+            if m is not None:
+                feed["attn_mask"] = m
+            out, density = session.run(None, feed)
+            diff += float(((out.astype(np.float64) - y) ** 2).sum())
+            ref += float((y.astype(np.float64) ** 2).sum())
+            densities.append(float(density.mean()))
+        curve.points.append((float(t), float(np.mean(densities)), math.sqrt(diff / max(ref, 1e-300))))
+    return curve
+
+
+class _Search:
+    """End-to-end checks of eps budgets on every calibration sample."""
+
+    def __init__(self, model, nodes, density_names, out_name, target, reference, feeds, threads) -> None:
+        self.model, self.nodes, self.density_names = model, nodes, density_names
+        self.out_name, self.target, self.reference, self.feeds, self.threads = (
+            out_name,
+            target,
+            reference,
+            feeds,
+            threads,
+        )
+        self.trials: list[dict[str, Any]] = []
+
+    def run(self, curves: list[LayerCurve], progress: bool) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        budgets = _budgets(curves)
+        lo, hi = -1, len(budgets) - 1  # budgets[lo] is known to pass (-1: all dense)
+        best = {"eps": 0.0, "choice": [(1.0, 1.0, 0.0)] * len(curves), "score": _dense_score(self.target)}
+        best["densities"] = [1.0] * len(curves)
+        bar = tqdm(
+            total=max(1, math.ceil(math.log2(len(budgets) + 1))), desc="end-to-end", disable=not progress
+        )
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            trial = self.check(curves, budgets[mid])
+            bar.update(1)
+            if self.target.holds(trial["score"]):
+                lo, best = mid, trial
+            else:
+                hi = mid - 1
+        bar.close()
+        return best
+
+    def check(self, curves: list[LayerCurve], eps: float) -> dict[str, Any]:
+        choice = [c.choose(eps) for c in curves]
+        for node, (threshold, _, _) in zip(self.nodes, choice, strict=True):
+            _set_attr(node, "threshold", threshold)
+        session = make_session(self.model, self.threads)
+        names = [self.out_name] + self.density_names
+        scores, densities = [], []
+        for feed, ref in zip(self.feeds, self.reference, strict=True):
+            out, *dens = session.run(names, feed)
+            scores.append(_score(out, ref, feed, self.target))
+            densities.append([float(d.mean()) for d in dens])
+        score = _combine(scores, self.target)
+        trial = {"eps": eps, "choice": choice, "score": score, "densities": list(np.mean(densities, axis=0))}
+        self.trials.append({"eps": eps, "score": score, "density": float(np.mean(trial["densities"]))})
+        return trial
+
+
+def _budgets(curves: list[LayerCurve], most: int = 32) -> list[float]:
+    """Candidate eps values: the measured errors (the only places a choice changes), thinned."""
+    errors = sorted({p[2] for c in curves for p in c.points if p[2] > 0})
+    if len(errors) > most:
+        errors = [errors[round(i * (len(errors) - 1) / (most - 1))] for i in range(most)]
+    return errors or [0.0]
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value: float) -> None:
+    for a in node.attribute:
+        if a.name == name:
+            a.f = float(value)
+            return
+    node.attribute.append(helper.make_attribute(name, float(value)))
+
+
+def _dense_score(target: Target) -> float:
+    return 1.0 if target.metric == "cos" else 0.0
+
+
+def _score(out: np.ndarray, ref: Any, feed: Feed, target: Target) -> Any:
+    if target.metric == "cos":
+        return float(row_cosines(ref, out).mean())
+    nll, tokens = token_nll(out, feed["input_ids"], feed.get("attention_mask"))
+    return (nll, ref[0], tokens)
+
+
+def _combine(scores: list[Any], target: Target) -> float:
+    if target.metric == "cos":
+        return float(np.mean(scores))
+    nll = sum(s[0] for s in scores)
+    dense = sum(s[1] for s in scores)
+    tokens = max(1, sum(s[2] for s in scores))
+    return math.exp((nll - dense) / tokens) - 1.0
+
+
+def _result(best, curves, nodes, target, base, trials) -> CalibrationResult:
+    defaults = {k: v for k, v in base.items() if k in TUNABLE}
+    defaults["max_density"] = 1.0
+    layers, overrides = [], {}
+    for curve, (threshold, _, err), density in zip(curves, best["choice"], best["densities"], strict=True):
+        overrides[str(curve.index)] = {"threshold": threshold}
+        layers.append(
+            {
+                "layer": curve.index,
+                "name": curve.name,
+                "threshold": threshold,
+                "density": density,
+                "local_error": err,
+            }
+        )
+    defaults["threshold"] = 1.0
+    config = SparsityConfig(defaults=defaults, layers=overrides)
+    return CalibrationResult(config, target, best["score"], layers, trials)
