@@ -78,3 +78,36 @@ def test_long_sequence_memory_grows_with_blocks_not_with_s_squared():
     assert float(growth_gib) < 1.0, f"peak RSS grew by {growth_gib} GiB"
     assert abs(float(density) - 0.05) < 0.01
     assert finite == "True"
+
+
+def test_bench_model_compares_with_the_ort_fused_original(exports, tmp_path):
+    import tfsa_onnx
+
+    original = exports.get("bert", "eager")
+    optimized_model, _ = tfsa_onnx.optimize(str(original), None)
+    optimized = tmp_path / "bert.tfsa.onnx"
+    import onnx
+
+    onnx.save(optimized_model, optimized)
+    out = tmp_path / "model.json"
+    args = [
+        "bench",
+        "model",
+        str(original),
+        str(optimized),
+        "--seq-len",
+        "64",
+        "--threads",
+        "1",
+        "--repeat",
+        "1",
+        "--json",
+        str(out),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())
+    assert row["ort_fused_attention_nodes"] == 2, "the transformers optimizer fuses this BERT export"
+    assert row["best_dense"] in ("original", "ort_fused")
+    assert row["density"] == 1.0  # 64 tokens: below min_seq_len, dense
+    assert row["speedup_vs_best_dense"] == min(row["original_ms"], row["ort_fused_ms"]) / row["optimized_ms"]

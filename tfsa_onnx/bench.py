@@ -223,3 +223,125 @@ def plot_kernel_results(results: list[KernelResult], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- whole models
+
+
+@dataclass
+class ModelResult:
+    seq_len: int
+    batch: int
+    threads: int
+    density: float | None
+    original_ms: float
+    ort_fused_ms: float | None
+    ort_fused_attention_nodes: int
+    optimized_ms: float
+    best_dense: str
+    speedup_vs_original: float
+    speedup_vs_best_dense: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def ort_fused_model(original: str, work_dir: str) -> tuple[str | None, int]:
+    """The original after onnxruntime.transformers.optimizer fusion, if it fuses any attention.
+
+    Returns (path, fused attention nodes); (None, 0) when the optimizer fuses nothing or fails,
+    since then the original itself is the best dense alternative.
+    """
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from tfsa_onnx.rewrite import find_sites
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    logging.getLogger("fusion_attention").setLevel(logging.ERROR)
+    # The optimizer cannot always detect the head count; our own matcher can.
+    sites = [s for s in find_sites(original).sites if s.heads and s.head_dim]
+    heads = sites[0].heads if sites else 0
+    hidden = sites[0].heads * sites[0].head_dim if sites else 0
+    best: tuple[str | None, int] = (None, 0)
+    for model_type in ("bert", "gpt2"):
+        try:
+            fused = optimize_model(
+                original, model_type=model_type, num_heads=heads, hidden_size=hidden, opt_level=0
+            )
+        except Exception:  # noqa: BLE001 - a model the optimizer does not understand: no fused alternative
+            continue
+        count = sum(
+            n.op_type in ("Attention", "MultiHeadAttention", "GroupQueryAttention")
+            for n in fused.model.graph.node
+        )
+        if count > best[1]:
+            path = os.path.join(work_dir, f"ort_fused_{model_type}.onnx")
+            fused.save_model_to_file(path, use_external_data_format=True)
+            best = (path, count)
+    return best
+
+
+def bench_model(
+    original: str,
+    optimized: str,
+    seq_len: int,
+    batch: int = 1,
+    threads: int = 2,
+    warmup: int = 1,
+    repeat: int = 5,
+    fuse: bool = True,
+) -> ModelResult:
+    """Median latency of the original, its ORT-fused form (when fusion applies) and ours."""
+    import tempfile
+
+    from tfsa_onnx.inputs import check_same_inputs, generate, graph_inputs
+    from tfsa_onnx.validate import expose_density
+
+    original_model = onnx.load(original, load_external_data=False)
+    optimized_model = onnx.load(optimized)
+    specs = graph_inputs(original_model)
+    check_same_inputs(specs, graph_inputs(optimized_model))
+    feeds = generate(original_model, specs, seq_len=seq_len, batch=batch, samples=1)[0]
+
+    with tempfile.TemporaryDirectory() as work_dir:
+        fused_path, fused_nodes = ort_fused_model(original, work_dir) if fuse else (None, 0)
+        with_density, density_names = expose_density(optimized_model)
+        sessions = {
+            "original": _session_from_path(original, threads),
+            "optimized": _session(with_density, threads, ours=True),
+        }
+        if fused_path:
+            sessions["ort_fused"] = _session_from_path(fused_path, threads)
+        first_output = [o.name for o in original_model.graph.output]
+        runs = {name: (lambda s=s: s.run(first_output, feeds)) for name, s in sessions.items()}
+        ms = _interleaved_medians(runs, warmup, repeat)
+        density = None
+        if density_names:
+            values = sessions["optimized"].run(density_names, feeds)
+            density = float(np.mean([v.mean() for v in values]))
+
+    dense = {k: v for k, v in ms.items() if k != "optimized"}
+    best_dense = min(dense, key=dense.get)
+    return ModelResult(
+        seq_len=seq_len,
+        batch=batch,
+        threads=threads,
+        density=density,
+        original_ms=ms["original"],
+        ort_fused_ms=ms.get("ort_fused"),
+        ort_fused_attention_nodes=fused_nodes,
+        optimized_ms=ms["optimized"],
+        best_dense=best_dense,
+        speedup_vs_original=ms["original"] / ms["optimized"],
+        speedup_vs_best_dense=dense[best_dense] / ms["optimized"],
+    )
+
+
+def _session_from_path(path: str, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])

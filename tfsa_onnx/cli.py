@@ -98,6 +98,44 @@ def bench_kernel_cmd(
         click.echo(f"wrote {plot_path}")
 
 
+@bench.command("model")
+@click.argument("original", type=click.Path(exists=True, dir_okay=False))
+@click.argument("optimized", type=click.Path(exists=True, dir_okay=False))
+@click.option("--seq-len", default="4096", callback=_int_list, help="Sequence length(s), comma-separated.")
+@click.option("--batch", default=1, show_default=True)
+@click.option("--threads", default=2, show_default=True, help="intra_op_num_threads of every session.")
+@click.option("--repeat", default=3, show_default=True, help="Timed rounds (median reported).")
+@click.option("--no-fuse", is_flag=True, help="Skip the onnxruntime.transformers.optimizer baseline.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
+def bench_model_cmd(original, optimized, seq_len, batch, threads, repeat, no_fuse, json_path) -> None:
+    """ORIGINAL vs its ORT-fused form (when fusion applies) vs OPTIMIZED, generated inputs."""
+    import json
+
+    from tfsa_onnx.bench import bench_model
+    from tfsa_onnx.inputs import InputError
+
+    columns = (
+        "seq_len batch threads density original_ms ort_fused_ms optimized_ms best_dense "
+        "speedup_vs_original speedup_vs_best_dense"
+    ).split()
+    widths = [max(10, len(c)) for c in columns]
+    click.echo("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    results = []
+    for s in seq_len:
+        try:
+            result = bench_model(
+                original, optimized, s, batch=batch, threads=threads, repeat=repeat, fuse=not no_fuse
+            )
+        except InputError as e:
+            raise click.ClickException(str(e)) from None
+        results.append(result)
+        row = result.as_dict()
+        click.echo("  ".join(_fmt(row[c]).rjust(w) for c, w in zip(columns, widths, strict=True)))
+    if json_path:
+        _write_text_atomically(json_path, json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"
