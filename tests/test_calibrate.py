@@ -1,0 +1,93 @@
+"""calibrate: target parsing, a per-layer config that meets its target, the CLI; real models are slow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from tfsa_onnx.calibrate import CalibrationError, Target, calibrate
+from tfsa_onnx.cli import main
+from tfsa_onnx.config import SparsityConfig
+from tfsa_onnx.eval.tiny import tiny_feeds, tiny_model
+from tfsa_onnx.validate import validate
+
+
+def _has_library() -> bool:
+    from tfsa_onnx import get_library_path
+
+    try:
+        get_library_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+kernel = pytest.mark.skipif(not _has_library(), reason="the operator library is not built")
+BASE = {"block_size": 16, "global_tokens": 16, "local_window": 16, "min_seq_len": 0}
+
+
+@pytest.mark.parametrize(
+    ("text", "metric", "value"),
+    [
+        ("cos>=0.995", "cos", 0.995),
+        ("ppl<=+1%", "ppl", 0.01),
+        ("ppl <= 2 %", "ppl", 0.02),
+        ("ppl<=1.01", "ppl", 0.01),
+    ],
+)
+def test_target_parse(text, metric, value):
+    target = Target.parse(text)
+    assert target.metric == metric and target.value == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["cos<=0.9", "latency<1", "ppl>=1%", ""])
+def test_target_parse_rejects(text):
+    with pytest.raises(CalibrationError):
+        Target.parse(text)
+
+
+@kernel
+def test_calibrated_config_meets_the_target_at_lower_density(tmp_path: Path):
+    from tfsa_onnx import optimize
+
+    feeds = tiny_feeds(3, 256)
+    result = calibrate(tiny_model(), feeds, "cos>=0.99", base=BASE, output="hidden", progress=False)
+    assert result.score >= 0.99
+    assert result.density < 0.95  # something was skipped
+    assert result.layers[0]["threshold"] < 1.0
+    path = tmp_path / "c.json"
+    result.config.save(path)
+    optimized, _ = optimize(tiny_model(), SparsityConfig.load(path))
+    check = validate(tiny_model(), optimized, feeds, progress=False)
+    assert check.outputs["hidden"]["cosine_mean"] == pytest.approx(result.score, abs=1e-5)
+    assert check.density == pytest.approx(result.density, abs=1e-6)
+
+
+@kernel
+def test_calibrate_cli_writes_a_config_for_optimize(tmp_path: Path):
+    model = tmp_path / "m.onnx"
+    onnx.save(tiny_model(), str(model))
+    config, record = tmp_path / "c.json", tmp_path / "r.json"
+    args = ["calibrate", str(model), "--target", "cos>=0.98", "-o", str(config), "--json", str(record)]
+    sizes = ["--seq-len", "256", "--samples", "2", "--block-size", "16", "--global-tokens", "16"]
+    result = CliRunner().invoke(main, [*args, *sizes, "--local-window", "16", "--output-name", "hidden"])
+    assert result.exit_code == 0, result.output
+    assert "mean density" in result.output
+    loaded = SparsityConfig.load(config)
+    assert loaded.defaults["block_size"] == 16 and loaded.defaults["min_seq_len"] == 256
+    assert "0" in loaded.layers
+    assert json.loads(record.read_text())["score"] >= 0.98
+
+
+def test_calibrate_cli_rejects_a_bad_target(tmp_path: Path):
+    model = tmp_path / "m.onnx"
+    onnx.save(tiny_model(), str(model))
+    result = CliRunner().invoke(
+        main, ["calibrate", str(model), "--target", "speed>2", "-o", str(tmp_path / "c")]
+    )
+    assert result.exit_code != 0
+    assert "cannot read target" in result.output
