@@ -185,6 +185,7 @@ def optimize_ir(
 
 
 def _run(model: ir.Model, config: SparsityConfig | None, *, apply: bool, reapply: bool = False) -> Report:
+    declared = _declared_types(model.graph)
     _infer_shapes(model)
     graph = model.graph
     report = Report()
@@ -223,7 +224,58 @@ def _run(model: ir.Model, config: SparsityConfig | None, *, apply: bool, reapply
         _replace(graph, site, tunables, analyzer)
     if apply:
         _cleanup(model)
+        _restore_types(model.graph, declared)
     return report
+
+
+def _declared_types(graph: ir.Graph) -> dict[int, tuple]:
+    """Types and shapes as the model declared them (inference only helps the matchers)."""
+    values = [*graph.inputs, *graph.initializers.values()]
+    values += [o for n in graph.all_nodes() for o in n.outputs]
+    return {id(v): (v, v.type, v.shape) for v in values}
+
+
+def _restore_types(graph: ir.Graph, declared: dict[int, tuple]) -> None:
+    """Keep the graph's interface and value_info as they were. New values keep what we set,
+    with dims inference invented ('unk__3') renamed per value: onnxruntime invents the same
+    names for other dims, and a dim left unknown on the custom op's output reads as -1 to
+    onnxruntime's constant folding of Shape (the library's shape inference sets -1)."""
+    names = {str(d) for _, _, shape in declared.values() if shape is not None for d in shape}
+    for value, type_, shape in declared.values():
+        value.type = type_
+        value.shape = shape
+    for node in graph.all_nodes():
+        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+            _name_unknown_dims(node, declared, names)
+        for out in node.outputs:
+            if id(out) in declared or out.shape is None:
+                continue
+            out.shape = ir.Shape(
+                [
+                    d if isinstance(d, int) or str(d) in names else f"{out.name}_dim{i}"
+                    for i, d in enumerate(out.shape)
+                ]
+            )
+
+
+def _name_unknown_dims(node: ir.Node, declared: dict[int, tuple], names: set[str]) -> None:
+    """onnxruntime reads a dim the op's inputs leave unknown as a literal -1 on its output
+    (and then folds Shape(Y) to -1): name every dim of query and value."""
+    for value in (node.inputs[0], node.inputs[2]):
+        if value.is_graph_input() or value.is_initializer():
+            continue
+        known = value.shape if id(value) not in declared else declared[id(value)][2]
+        if known is None:
+            known = value.shape if value.shape is not None else ir.Shape([None] * 4)
+        value.shape = ir.Shape(
+            [
+                d if isinstance(d, int) or (d is not None and str(d) in names) else f"{value.name}_dim{i}"
+                for i, d in enumerate(known)
+            ]
+        )
+        if value.dtype is None and node.outputs[0].dtype is not None:
+            value.dtype = node.outputs[0].dtype
+        declared.pop(id(value), None)
 
 
 def _infer_shapes(model: ir.Model) -> None:

@@ -1,0 +1,159 @@
+"""Shared fixtures: tiny Hugging Face models exported by torch itself, cached per session."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+VOCAB = 100
+
+
+def _bert(attn: str):
+    import transformers as T
+
+    config = T.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=1100,
+        attn_implementation=attn,
+    )
+    return T.BertModel(config, add_pooling_layer=False)
+
+
+def _vit(attn: str):
+    import transformers as T
+
+    config = T.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        attn_implementation=attn,
+    )
+    return T.ViTModel(config, add_pooling_layer=False)
+
+
+def _gpt2(attn: str):
+    import transformers as T
+
+    config = T.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=1100, attn_implementation=attn
+    )
+    return T.GPT2Model(config)
+
+
+def _llama(attn: str):
+    import transformers as T
+
+    config = T.LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=2048,
+        attn_implementation=attn,
+    )
+    return T.LlamaModel(config)
+
+
+def _qwen2(attn: str):
+    import transformers as T
+
+    config = T.Qwen2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=2048,
+        attn_implementation=attn,
+    )
+    return T.Qwen2Model(config)
+
+
+BUILDERS = {"bert": _bert, "vit": _vit, "gpt2": _gpt2, "llama": _llama, "qwen2": _qwen2}
+
+
+def example_inputs(family: str) -> dict:
+    import torch
+
+    if family == "vit":
+        return {"pixel_values": torch.randn(2, 3, 32, 32)}
+    ids = torch.randint(0, VOCAB, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class ExportCache:
+    """Exports each (family, attention, exporter, opset) once per test session."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.paths: dict[tuple, Path] = {}
+
+    def get(self, family: str, attn: str = "eager", dynamo: bool = False, opset: int | None = None) -> Path:
+        key = (family, attn, dynamo, opset)
+        if key not in self.paths:
+            import torch
+
+            from tfsa_onnx.export import export_hf_model
+
+            torch.manual_seed(0)
+            model = BUILDERS[family](attn)
+            path = self.root / f"{family}_{attn}_{'dynamo' if dynamo else 'ts'}_{opset}.onnx"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export_hf_model(model, example_inputs(family), path, dynamo=dynamo, opset=opset)
+            self.paths[key] = path
+        return self.paths[key]
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory) -> ExportCache:
+    return ExportCache(tmp_path_factory.mktemp("exports"))
+
+
+def feeds(session, seq: int, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for a session: token ids with right padding on the last row, or images."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in session.get_inputs():
+        if i.name == "input_ids":
+            out[i.name] = rng.integers(0, VOCAB, (batch, seq)).astype(np.int64)
+        elif i.name == "attention_mask":
+            mask = np.ones((batch, seq), np.int64)
+            if batch > 1:
+                mask[-1, max(1, seq * 2 // 3) :] = 0
+            out[i.name] = mask
+        elif i.name == "pixel_values":
+            out[i.name] = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        else:
+            raise KeyError(i.name)
+    return out
+
+
+def sessions(original, optimized):
+    """(ORT session of the original, ORT session of the optimized model with our library)."""
+    import onnxruntime as ort
+
+    import tfsa_onnx
+
+    def load(model, so):
+        data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return load(original, so), load(optimized, tfsa_onnx.session_options())
