@@ -91,3 +91,20 @@ def test_calibrate_cli_rejects_a_bad_target(tmp_path: Path):
     )
     assert result.exit_code != 0
     assert "cannot read target" in result.output
+
+
+@kernel
+def test_table_script_fast_variant(tmp_path: Path):
+    """The accuracy table's code path on the tiny model: defaults row + one calibrated row."""
+    from tfsa_onnx.eval.table import markdown, run_case
+
+    model = tmp_path / "m.onnx"
+    onnx.save(tiny_model(), str(model))
+    structure = {k: BASE[k] for k in ("block_size", "global_tokens", "local_window")}
+    rows = run_case(
+        model, tiny_feeds(2, 256), tiny_feeds(2, 256, seed=1), "cos>=0.99", [structure], 256, False
+    )
+    assert [r["label"].split()[0] for r in rows] == ["defaults", "calibrated"]
+    assert rows[1]["calib_score"] >= 0.99 and rows[1]["density"] < 1.0
+    table = markdown([{"model": "tiny", "seq_len": 256, **r} for r in rows])
+    assert table.count("\n") == 3 and "| tiny | 256 |" in table

@@ -94,7 +94,7 @@ def smollm2_dir() -> Path:
 
 def smollm2_onnx() -> Path:
     """SmolLM2-135M prefill as ONNX (input_ids, attention_mask -> logits), use_cache=False."""
-    path = cache_dir() / "models" / "smollm2-135m.onnx"
+    path = cache_dir() / "models" / "smollm2-135m-dynamo.onnx"
     if path.is_file():
         return path
     hf_dir = smollm2_dir()
@@ -107,11 +107,13 @@ def smollm2_onnx() -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float32)
     ids = torch.randint(100, 2000, (1, 96))
     tmp = path.with_suffix(".tmp.onnx")
-    export_hf_model(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp)
+    # The dynamo exporter: the rewriter's TorchScript-Llama path broke a Reshape downstream (see docs).
+    export_hf_model(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp, dynamo=True)
     model_proto = onnx.load(str(tmp))
     _rename_output(model_proto, "last_hidden_state", "logits")
     onnx.save(model_proto, str(path))
-    tmp.unlink()
+    for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
+        leftover.unlink(missing_ok=True)
     return path
 
 
