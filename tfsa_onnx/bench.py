@@ -25,6 +25,8 @@ from onnx import TensorProto, helper
 import tfsa_onnx
 from tfsa_onnx.opmodel import sparse_attention_model
 
+UNFUSED_MEMORY_LIMIT = 8 * 2**30
+
 
 @dataclass
 class KernelResult:
@@ -164,7 +166,9 @@ def bench_kernel(
         "selection": lambda: selection.run(["density"], feeds),
         "ort_mha": lambda: mha.run(None, mha_feeds),
     }
-    if unfused:
+    # The unfused graph holds a few [B, H, S, S] float tensors at once: skip it where they
+    # would not fit comfortably (S = 16384, 12 heads: ~13 GB each).
+    if unfused and 3 * 4 * batch * heads * seq_len**2 <= UNFUSED_MEMORY_LIMIT:
         plain = _session(_unfused_model(seq_len, head_dim, causal), threads)
         runs["unfused"] = lambda: plain.run(None, feeds)
     ms = _interleaved_medians(runs, warmup, repeat)
