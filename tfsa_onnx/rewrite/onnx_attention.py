@@ -36,21 +36,23 @@ class OnnxAttentionRule:
         r = rank(q)
         if r not in (3, 4) or rank(k) != r or rank(v) != r:
             raise GiveUp(f"Q, K, V ranks {rank(q)}, {rank(k)}, {rank(v)}: expected all 3 or all 4")
+        is_causal = bool(attr(node, "is_causal", 0))
+        if is_causal and not same_dim((dims(q) or [None] * 3)[-2], (dims(k) or [None] * 3)[-2]):
+            raise GiveUp("is_causal with query and key lengths not provably equal (ONNX aligns it top-left)")
         builder = builder_factory(node)
-        finish = None
+        finish, head_dim = None, None
         if r == 3:
             hq, hkv = attr(node, "q_num_heads"), attr(node, "kv_num_heads")
             if not hq or not hkv:
                 raise GiveUp("3-D inputs without q_num_heads/kv_num_heads")
+            packed = (dims(q) or [None])[-1]
+            head_dim = packed // hq if isinstance(packed, int) else None
             q, k, v = split_heads(builder, q, hq), split_heads(builder, k, hkv), split_heads(builder, v, hkv)
             finish = merge_heads
         else:
             folded_k, folded_v = fold_repeat(k), fold_repeat(v)
             if folded_k is not k and folded_v is not v:
                 k, v = folded_k, folded_v
-        is_causal = bool(attr(node, "is_causal", 0))
-        if is_causal and not same_dim((dims(q) or [None] * 3)[-2], (dims(k) or [None] * 3)[-2]):
-            raise GiveUp("is_causal with query and key lengths not provably equal (ONNX aligns it top-left)")
         mask = optional_input(node, 3)
         scale = attr(node, "scale")
         return Match(
@@ -63,6 +65,7 @@ class OnnxAttentionRule:
             mask_additive=mask is not None and mask.dtype != ir.DataType.BOOL,
             is_causal=is_causal,
             finish=finish,
+            head_dim=head_dim,
         )
 
 

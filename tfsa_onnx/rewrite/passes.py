@@ -244,6 +244,11 @@ def _restore_types(graph: ir.Graph, declared: dict[int, tuple]) -> None:
     for value, type_, shape in declared.values():
         value.type = type_
         value.shape = shape
+    for out in graph.outputs:
+        old = out.meta.get("tfsa_replaces")
+        if old is not None:
+            out.type, out.shape = old.type, old.shape
+            declared[id(out)] = (out, out.type, out.shape)
     for node in graph.all_nodes():
         if node.domain == DOMAIN and node.op_type == OP_TYPE:
             _name_unknown_dims(node, declared, names)
@@ -264,6 +269,10 @@ def _name_unknown_dims(node: ir.Node, declared: dict[int, tuple], names: set[str
     for value in (node.inputs[0], node.inputs[2]):
         if value.is_graph_input() or value.is_initializer():
             continue
+        if value.dtype is None:
+            value.dtype = node.outputs[0].dtype
+        if value.dtype is None:
+            continue
         known = value.shape if id(value) not in declared else declared[id(value)][2]
         if known is None:
             known = value.shape if value.shape is not None else ir.Shape([None] * 4)
@@ -273,8 +282,6 @@ def _name_unknown_dims(node: ir.Node, declared: dict[int, tuple], names: set[str
                 for i, d in enumerate(known)
             ]
         )
-        if value.dtype is None and node.outputs[0].dtype is not None:
-            value.dtype = node.outputs[0].dtype
         declared.pop(id(value), None)
 
 
@@ -343,10 +350,11 @@ def _replace(graph: ir.Graph, site: Site, tunables: dict[str, Any], analyzer: Ma
     old = match.output
     was_output = old.is_graph_output()
     old.replace_all_uses_with(result, replace_graph_outputs=True)
-    if was_output:
+    if was_output:  # the graph keeps its output: name, type and shape
         name = old.name
         old.name = f"{name}_replaced"
         result.name = name
+        result.meta["tfsa_replaces"] = old
     site.replaced = True
     site.reason = ""
 
@@ -380,6 +388,9 @@ def _cleanup(model: ir.Model) -> None:
     used = {n.domain for n in model.graph.all_nodes()}
     if DOMAIN in used:
         model.opset_imports[DOMAIN] = OP_VERSION
+    for domain in used - set(model.opset_imports) - {"", "ai.onnx"}:
+        # onnxruntime's optimizer leaves com.microsoft unimported; the checker requires it.
+        model.opset_imports[domain] = 1
     # Shape inference filled every intermediate value's shape; keep them (harmless) but make
     # sure no initializer is left unused.
     graph = model.graph
