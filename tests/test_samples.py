@@ -96,3 +96,26 @@ def test_cpp_app_reports_a_missing_library_as_an_error(tmp_path):
         assert "missing.so" in str(e)
     else:
         raise AssertionError("registering a missing library must fail")
+
+
+def test_python_app_and_sample_configs(exports, tmp_path):
+    import sys
+
+    from tfsa_onnx.config import SparsityConfig
+
+    for config in (ROOT / "samples/configs").iterdir():
+        SparsityConfig.load(config)  # every shipped config parses and checks
+    config = SparsityConfig.load(ROOT / "samples/configs/per_layer.json")
+    original = exports.get("bert", "eager")
+    model, report = tfsa_onnx.optimize(str(original), config)
+    assert [s.replaced for s in report.sites] == [False, True]  # layer 0 skipped by the config
+    path = tmp_path / "bert.tfsa.onnx"
+    onnx.save(model, path)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "samples/python_app.py"), str(path), "--seq-len", "32"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "mean density 1.000" in out.stdout
