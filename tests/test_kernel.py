@@ -169,6 +169,34 @@ def test_float16():
     np.testing.assert_allclose(y.astype(np.float32), dense_attention(q, k, v, mask, causal=True), atol=3e-3)
 
 
+def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)  # truncation
+
+
+def _from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def test_bfloat16():
+    # numpy has no bfloat16: feed and read the raw 16-bit patterns through OrtValues.
+    rng = np.random.default_rng(41)
+    q, k, v = (_from_bfloat16_bits(_bfloat16_bits(x)) for x in random_qkv(rng, 1, 2, 1, 70, 70, 16, 16))
+    attrs = dict(block_size=16, is_causal=1, threshold=1.0, max_density=1.0, **SPARSE_OFF)
+    session = _session(tuple(sorted(attrs.items())), TensorProto.BFLOAT16, None, 4, 2, True)
+    binding = session.io_binding()
+    for name, x in (("query", q), ("key", k), ("value", v)):
+        value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(_bfloat16_bits(x), TensorProto.BFLOAT16)
+        binding.bind_ortvalue_input(name, value)
+    y_bits = np.zeros((1, 2, 70, 16), np.uint16)
+    binding.bind_ortvalue_output(
+        "Y", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(y_bits, TensorProto.BFLOAT16)
+    )
+    binding.bind_output("density")
+    session.run_with_iobinding(binding)
+    expected = dense_attention(q, k, v, causal=True)
+    np.testing.assert_allclose(_from_bfloat16_bits(y_bits), expected, atol=1e-2)
+
+
 def test_nan_propagates_without_crashing():
     rng = np.random.default_rng(5)
     q, k, v = random_qkv(rng, 2, 2, 2, 64, 64, 16, 16)
@@ -265,7 +293,7 @@ def test_unsupported_dtype_is_an_error():
     model = sparse_attention_model(TensorProto.DOUBLE)
     session = ort.InferenceSession(model.SerializeToString(), tfsa_onnx.session_options())
     q = np.zeros((1, 1, 4, 4), np.float64)
-    with pytest.raises(Exception, match="float32 or float16, got float64"):
+    with pytest.raises(Exception, match="float32, float16 or bfloat16, got float64"):
         session.run(None, {"query": q, "key": q, "value": q})
 
 

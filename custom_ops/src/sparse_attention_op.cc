@@ -69,8 +69,9 @@ OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
     const auto q_info = query.GetTensorTypeAndShapeInfo(), k_info = key.GetTensorTypeAndShapeInfo();
     const auto v_info = value.GetTensorTypeAndShapeInfo();
     const auto type = q_info.GetElementType();
-    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
-      return Error(std::string("query must be float32 or float16, got ") + TypeName(type));
+    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 &&
+        type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
+      return Error(std::string("query must be float32, float16 or bfloat16, got ") + TypeName(type));
     if (k_info.GetElementType() != type || v_info.GetElementType() != type)
       return Error(std::string("key and value must have query's type ") + TypeName(type) + ", got " +
                    TypeName(k_info.GetElementType()) + " and " + TypeName(v_info.GetElementType()));
@@ -83,8 +84,9 @@ OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
       const auto m_type = m_info.GetElementType();
       if (m_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) problem.mask.kind = cpu::MaskView::Kind::kBool;
       else if (m_type == type)
-        problem.mask.kind = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? cpu::MaskView::Kind::kFloat
-                                                                        : cpu::MaskView::Kind::kHalf;
+        problem.mask.kind = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT     ? cpu::MaskView::Kind::kFloat
+                            : type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? cpu::MaskView::Kind::kHalf
+                                                                            : cpu::MaskView::Kind::kBFloat16;
       else
         return Error(std::string("attn_mask must be bool or ") + TypeName(type) + " like query, got " +
                      TypeName(m_type));
@@ -107,7 +109,9 @@ OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
     tensors.query = query.GetTensorRawData();
     tensors.key = key.GetTensorRawData();
     tensors.value = value.GetTensorRawData();
-    tensors.half = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    tensors.type = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT     ? cpu::Tensors::Type::kFloat
+                   : type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? cpu::Tensors::Type::kHalf
+                                                                   : cpu::Tensors::Type::kBFloat16;
     auto output = context.GetOutput(0, {d.batch, d.q_heads, d.q_len, d.v_head_dim});
     tensors.output = output.GetTensorMutableRawData();
     if (context.GetOutputCount() > 1) {

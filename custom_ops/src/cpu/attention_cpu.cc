@@ -13,10 +13,11 @@ namespace {
 
 inline float ToFloat(float x) { return x; }
 inline float ToFloat(Ort::Float16_t x) { return x.ToFloat(); }
+inline float ToFloat(Ort::BFloat16_t x) { return x.ToFloat(); }
 template <class T>
 inline T FromFloat(float x) {
   if constexpr (std::is_same_v<T, float>) return x;
-  else return Ort::Float16_t(x);
+  else return T(x);
 }
 
 // Keys transposed and values padded, block by block, for every (batch, kv head).
@@ -197,12 +198,15 @@ void RunSparseAttention(const Problem& problem, const Tensors& tensors, Workspac
   if (empty || d.kv_len == 0 || d.head_dim == 0) {
     // Nothing to attend (or nothing to compute): zeros, density 1.
     const size_t n = static_cast<size_t>(d.batch * d.q_heads * d.q_len * d.v_head_dim);
-    std::memset(tensors.output, 0, n * (tensors.half ? 2 : 4));
+    std::memset(tensors.output, 0, n * (tensors.type == Tensors::Type::kFloat ? 4 : 2));
     if (tensors.density) std::fill(tensors.density, tensors.density + d.batch * d.q_heads, 1.0f);
     if (empty || d.kv_len == 0) return;
   }
-  if (tensors.half) Run<Ort::Float16_t>(problem, tensors, workspace, parallel_for);
-  else Run<float>(problem, tensors, workspace, parallel_for);
+  switch (tensors.type) {
+    case Tensors::Type::kFloat: return Run<float>(problem, tensors, workspace, parallel_for);
+    case Tensors::Type::kHalf: return Run<Ort::Float16_t>(problem, tensors, workspace, parallel_for);
+    case Tensors::Type::kBFloat16: return Run<Ort::BFloat16_t>(problem, tensors, workspace, parallel_for);
+  }
 }
 
 }  // namespace tfsa::cpu

@@ -16,7 +16,7 @@ struct Tensors {
   const void* value = nullptr;  // [B, Hkv, Sk, Dv]
   void* output = nullptr;       // [B, Hq, Sq, Dv]
   float* density = nullptr;     // [B, Hq] or null
-  bool half = false;            // float16 tensors (else float32)
+  enum class Type { kFloat, kHalf, kBFloat16 } type = Type::kFloat;  // of query/key/value/output
 };
 
 // Runs fn(0) .. fn(n-1), possibly concurrently (ONNX Runtime's intra-op pool).

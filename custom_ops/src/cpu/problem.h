@@ -14,7 +14,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Read access to the optional attn_mask, broadcast to [B, Hq, Sq, Sk] by strides.
 struct MaskView {
-  enum class Kind { kNone, kBool, kFloat, kHalf } kind = Kind::kNone;
+  enum class Kind { kNone, kBool, kFloat, kHalf, kBFloat16 } kind = Kind::kNone;
   const void* data = nullptr;
   int64_t stride[4] = {0, 0, 0, 0};
 

@@ -12,6 +12,7 @@ float MaskView::Bias(int64_t offset) const {
     case Kind::kBool: return static_cast<const bool*>(data)[offset] ? 0.0f : kNegInf;
     case Kind::kFloat: return static_cast<const float*>(data)[offset];
     case Kind::kHalf: return static_cast<const Ort::Float16_t*>(data)[offset].ToFloat();
+    case Kind::kBFloat16: return static_cast<const Ort::BFloat16_t*>(data)[offset].ToFloat();
     case Kind::kNone: break;
   }
   return 0.0f;
