@@ -317,3 +317,19 @@ def test_library_registers_with_the_installed_onnxruntime():
     assert Path(tfsa_onnx.get_library_path()).is_file()
     so = tfsa_onnx.session_options()
     assert isinstance(so, ort.SessionOptions)
+
+
+def test_unknown_dims_are_not_taken_for_minus_one():
+    # Inputs whose dims have neither a value nor a name: a Shape of Y must still see the real sizes.
+    from onnx import helper
+
+    model = sparse_attention_model(density_output=False)
+    for value in list(model.graph.input) + list(model.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            dim.Clear()
+    model.graph.node.append(helper.make_node("Shape", ["Y"], ["y_shape"]))
+    model.graph.output.append(helper.make_tensor_value_info("y_shape", TensorProto.INT64, [4]))
+    session = ort.InferenceSession(model.SerializeToString(), tfsa_onnx.session_options())
+    q = np.zeros((2, 2, 5, 4), np.float32)
+    _, shape = session.run(None, {"query": q, "key": q, "value": q[..., :3]})
+    np.testing.assert_array_equal(shape, [2, 2, 5, 3])

@@ -1,5 +1,6 @@
 #include "sparse_attention_op.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <new>
@@ -160,11 +161,21 @@ OrtStatusPtr InferOutputs(const OrtCustomOp*, OrtShapeInferContext* ctx) {
       check(api.GetDimensions(q_info, q_dims, 4)) && check(api.GetDimensions(v_info, v_dims, 4)) &&
           check(api.GetSymbolicDimensions(q_info, q_syms, 4)) && check(api.GetSymbolicDimensions(v_info, v_syms, 4));
     }
-    const int64_t y_dims[4] = {q_dims[0], q_dims[1], q_dims[2], v_dims[3]};
+    // An unknown dim without a name must get one: ORT reads an unnamed -1 as a literal -1.
+    // Each gets its own name, so ORT assumes no equality between them.
+    static std::atomic<uint64_t> unknown_dims{0};
+    std::string names[4];
+    int64_t y_dims[4] = {q_dims[0], q_dims[1], q_dims[2], v_dims[3]};
     const char* y_syms[4] = {q_syms[0], q_syms[1], q_syms[2], v_syms[3]};
+    for (int i = 0; i < 4; ++i) {
+      if (y_dims[i] < 0 && (y_syms[i] == nullptr || y_syms[i][0] == '\0')) {
+        names[i] = "tfsa_unknown_" + std::to_string(unknown_dims++);
+        y_syms[i] = names[i].c_str();
+      }
+    }
     if (status == nullptr && check(api.SetDimensions(y_info, y_dims, 4)) &&
-        check(api.SetSymbolicDimensions(y_info, y_syms, 4)) && check(api.SetDimensions(d_info, q_dims, 2)))
-      check(api.SetSymbolicDimensions(d_info, q_syms, 2));
+        check(api.SetSymbolicDimensions(y_info, y_syms, 4)) && check(api.SetDimensions(d_info, y_dims, 2)))
+      check(api.SetSymbolicDimensions(d_info, y_syms, 2));
     if (status == nullptr && check(api.ShapeInferContext_SetOutputTypeShape(ctx, 0, y_info)))
       check(api.ShapeInferContext_SetOutputTypeShape(ctx, 1, d_info));
   }
