@@ -300,7 +300,7 @@ class _Search:
         return trial
 
 
-def _budgets(curves: list[LayerCurve], most: int = 32) -> list[float]:
+def _budgets(curves: list[LayerCurve], most: int = 16) -> list[float]:
     """Candidate eps values: the measured errors (the only places a choice changes), thinned."""
     errors = sorted({p[2] for c in curves for p in c.points if p[2] > 0})
     if len(errors) > most:

@@ -46,8 +46,8 @@ def cases(long: bool = False) -> list[Case]:
     out = [
         Case("all-MiniLM-L6-v2", 256, "cos>=0.997", **minilm),
         Case("all-MiniLM-L6-v2", 512, "cos>=0.997", **minilm),
-        Case("SmolLM2-135M", 2048, "ppl<=+1%", calib_samples=2, eval_samples=4, **smol),
-        Case("SmolLM2-135M", 4096, "ppl<=+1%", calib_samples=2, eval_samples=3, **smol),
+        Case("SmolLM2-135M", 2048, "ppl<=+1%", calib_samples=2, eval_samples=3, **smol),
+        Case("SmolLM2-135M", 4096, "ppl<=+1%", calib_samples=1, eval_samples=2, **smol),
     ]
     if long:
         out.append(Case("SmolLM2-135M", 8192, "ppl<=+1%", calib_samples=1, eval_samples=2, **smol))
