@@ -28,7 +28,8 @@ install: venv
 build: venv
 	cmake -S custom_ops -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release
 	cmake --build $(BUILD_DIR) -j
-	cp $(BUILD_DIR)/libtfsa_ops.so tfsa_onnx/
+	# copy then rename: running processes keep the old file instead of reading a half-written one
+	cp $(BUILD_DIR)/libtfsa_ops.so tfsa_onnx/.libtfsa_ops.so.tmp && mv tfsa_onnx/.libtfsa_ops.so.tmp tfsa_onnx/libtfsa_ops.so
 
 lint: venv
 	$(VENV)/bin/ruff check tfsa_onnx tests samples

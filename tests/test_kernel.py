@@ -159,6 +159,25 @@ def test_masked_key_blocks_are_never_chosen_and_not_counted():
     np.testing.assert_allclose(y, y_ref, atol=2e-5)
 
 
+@pytest.mark.parametrize("causal", [0, 1])
+def test_per_query_masks_with_sparse_settings_match_reference(causal):
+    rng = np.random.default_rng(10 + causal)
+    q, k, v = random_qkv(rng, 2, 2, 1, 150, 150, 16, 16)
+    mask = rng.random((2, 2, 150, 150)) < 0.3
+    mask[:, :, :, 64:96] = False  # whole key blocks closed
+    mask[0, 1, 40:, :] &= np.tril(np.ones((150, 150), bool), -8)[40:]  # closed only near the diagonal
+    attrs = dict(block_size=32, is_causal=causal, threshold=0.75, max_density=0.75, **SPARSE_OFF)
+    y, density = run_op(q, k, v, mask, **attrs)
+    y_ref, density_ref = sparse_attention(q, k, v, mask, **attrs)
+    np.testing.assert_allclose(density, density_ref, atol=1e-6)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5)
+    additive = np.where(mask, rng.standard_normal(mask.shape), -np.inf).astype(np.float32)
+    y, density = run_op(q, k, v, additive, **attrs)
+    y_ref, density_ref = sparse_attention(q, k, v, additive, **attrs)
+    np.testing.assert_allclose(density, density_ref, atol=1e-6)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5)
+
+
 def test_float16():
     rng = np.random.default_rng(4)
     q, k, v = random_qkv(rng, 1, 4, 2, 200, 200, 64, 64, np.float16)

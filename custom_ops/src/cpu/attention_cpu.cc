@@ -81,14 +81,17 @@ struct Scratch {
 };
 
 // Adds the mask and removes future keys inside one (query block, key block) score tile.
-void ApplyMaskAndCausality(const Problem& p, int64_t b, int64_t h, int64_t q_begin, int64_t k_begin, int rows,
-                           int keys, int key_pad, float* s) {
+void ApplyMaskAndCausality(const Problem& p, int64_t b, int64_t h, int64_t qb, int64_t kb, int rows, int keys,
+                           int key_pad, float* s) {
+  const int64_t q_begin = p.grid.QueryBegin(qb), k_begin = p.grid.KeyBegin(kb);
   const bool causal_cut = p.grid.causal && k_begin + keys - 1 > p.grid.LastVisibleKey(q_begin);
-  if (!p.mask.present() && !causal_cut) return;
+  const MaskBlocks* mb = p.mask_blocks;
+  const bool add_mask = mb && mb->At(b, h, mb->q_blocks == 1 ? 0 : qb, kb) != MaskBlocks::kOpen;
+  if (!add_mask && !causal_cut) return;
   for (int r = 0; r < rows; ++r) {
     float* row = s + static_cast<size_t>(r) * key_pad;
     const int64_t i = q_begin + r;
-    if (p.mask.present()) {
+    if (add_mask) {
       const int64_t base = p.mask.Offset(b, h, i, k_begin), step = p.mask.stride[3];
       for (int j = 0; j < keys; ++j) row[j] += p.mask.Bias(base + j * step);
     }
@@ -140,7 +143,7 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
     const int64_t k_begin = p.grid.KeyBegin(kb);
     const int keys = static_cast<int>(p.grid.KeyEnd(kb) - k_begin);
     math.scores(sc.q.data(), rows, head_dim, kv.Kt(bk, kb), key_pad, sc.s.data());
-    ApplyMaskAndCausality(p, b, h, q_begin, k_begin, rows, keys, key_pad, sc.s.data());
+    ApplyMaskAndCausality(p, b, h, qb, kb, rows, keys, key_pad, sc.s.data());
     math.softmax_step(sc.s.data(), rows, keys, key_pad, sc.m.data(), sc.l.data(), sc.o.data(), v_pad);
     math.accumulate(sc.s.data(), rows, keys, key_pad, kv.V(bk, kb), v_pad, sc.o.data());
   }
@@ -174,9 +177,15 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
   const T* value = static_cast<const T*>(t.value);
   parallel_for(heads, [&](size_t bk) { PackHead<T>(p, key, value, static_cast<int64_t>(bk), kv); });
 
+  MaskBlocks mask_blocks;
+  Problem with_mask = p;
+  if (p.mask.present()) {
+    ClassifyMaskBlocks(p, mask_blocks, parallel_for);
+    with_mask.mask_blocks = &mask_blocks;
+  }
   const size_t tasks = static_cast<size_t>(d.batch * d.q_heads * p.grid.q_blocks);
   std::vector<int64_t> counts(2 * tasks, 0);  // per task: computed blocks, allowed blocks
-  parallel_for(tasks, [&](size_t task) { QueryBlock<T>(p, math, kv, t, task, counts.data()); });
+  parallel_for(tasks, [&](size_t task) { QueryBlock<T>(with_mask, math, kv, t, task, counts.data()); });
 
   if (t.density == nullptr) return;
   for (int64_t bh = 0; bh < d.batch * d.q_heads; ++bh) {

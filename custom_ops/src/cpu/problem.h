@@ -6,7 +6,10 @@
 #include <cstdint>
 #include <limits>
 
+#include <vector>
+
 #include "tfsa/contract.h"
+#include "tfsa/ort_api.h"
 
 namespace tfsa::cpu {
 
@@ -22,8 +25,31 @@ struct MaskView {
   int64_t Offset(int64_t b, int64_t h, int64_t i, int64_t j) const {
     return b * stride[0] + h * stride[1] + i * stride[2] + j * stride[3];
   }
-  float Bias(int64_t offset) const;  // additive value: bool true -> 0, false -> -inf
+  // The additive value at an element: bool true -> 0, false -> -inf. Inline, so that loops
+  // over a row get the switch hoisted out.
+  float Bias(int64_t offset) const {
+    switch (kind) {
+      case Kind::kBool: return static_cast<const bool*>(data)[offset] ? 0.0f : kNegInf;
+      case Kind::kFloat: return static_cast<const float*>(data)[offset];
+      case Kind::kHalf: return static_cast<const Ort::Float16_t*>(data)[offset].ToFloat();
+      case Kind::kBFloat16: return static_cast<const Ort::BFloat16_t*>(data)[offset].ToFloat();
+      case Kind::kNone: break;
+    }
+    return 0.0f;
+  }
   bool Allows(int64_t offset) const { return Bias(offset) != kNegInf; }
+};
+
+// What the mask leaves of each (batch, mask head, query block, key block), found once per
+// call so that tasks neither rescan the mask per head nor add an all-zero bias.
+struct MaskBlocks {
+  enum State : uint8_t { kClosed = 0, kPartial = 1, kOpen = 2 };  // kOpen: all attendable, bias 0
+  std::vector<uint8_t> state;
+  int64_t heads = 1, q_blocks = 0, k_blocks = 0;  // heads: 1 when the mask is shared by all heads
+
+  uint8_t At(int64_t b, int64_t h, int64_t qb, int64_t kb) const {
+    return state[((b * heads + (heads == 1 ? 0 : h)) * q_blocks + qb) * k_blocks + kb];
+  }
 };
 
 // Query and key blocks of edge `block`; query i sits at key position i + offset.
@@ -50,6 +76,7 @@ struct Problem {
   float scale = 1.0f;
   BlockGrid grid;
   MaskView mask;
+  const MaskBlocks* mask_blocks = nullptr;  // set when a mask is present
   bool selection_only = false;  // profiling: pick blocks, compute nothing (outputs zeros)
 };
 

@@ -7,35 +7,45 @@
 
 namespace tfsa::cpu {
 
-float MaskView::Bias(int64_t offset) const {
-  switch (kind) {
-    case Kind::kBool: return static_cast<const bool*>(data)[offset] ? 0.0f : kNegInf;
-    case Kind::kFloat: return static_cast<const float*>(data)[offset];
-    case Kind::kHalf: return static_cast<const Ort::Float16_t*>(data)[offset].ToFloat();
-    case Kind::kBFloat16: return static_cast<const Ort::BFloat16_t*>(data)[offset].ToFloat();
-    case Kind::kNone: break;
-  }
-  return 0.0f;
+void ClassifyMaskBlocks(const Problem& p, MaskBlocks& out, const std::function<void(size_t, const std::function<void(size_t)>&)>& parallel_for) {
+  const BlockGrid& g = p.grid;
+  const MaskView& mask = p.mask;
+  out.heads = mask.stride[1] == 0 ? 1 : p.dims.q_heads;
+  out.q_blocks = mask.stride[2] == 0 ? 1 : g.q_blocks;  // rows broadcast: one row stands for all
+  out.k_blocks = g.k_blocks;
+  out.state.assign(p.dims.batch * out.heads * out.q_blocks * out.k_blocks, MaskBlocks::kClosed);
+  parallel_for(p.dims.batch * out.heads * out.q_blocks, [&](size_t task) {
+    const int64_t qb = task % out.q_blocks, bh = task / out.q_blocks;
+    const int64_t b = bh / out.heads, h = bh % out.heads;
+    const int64_t q_begin = g.QueryBegin(qb), q_end = out.q_blocks == 1 ? q_begin + 1 : g.QueryEnd(qb);
+    for (int64_t kb = 0; kb < g.k_blocks; ++kb) {
+      bool any = false, all_zero = true;
+      for (int64_t i = q_begin; i < q_end; ++i)
+        for (int64_t j = g.KeyBegin(kb); j < g.KeyEnd(kb); ++j) {
+          const float bias = mask.Bias(mask.Offset(b, h, i, j));
+          any = any || bias != kNegInf;
+          all_zero = all_zero && bias == 0.0f;
+        }
+      out.state[task * out.k_blocks + kb] = all_zero ? MaskBlocks::kOpen : any ? MaskBlocks::kPartial : MaskBlocks::kClosed;
+    }
+  });
 }
 
 int64_t AllowedKeyBlocks(const Problem& p, int64_t b, int64_t h, int64_t qb, std::vector<uint8_t>& allowed) {
   const BlockGrid& g = p.grid;
   const int64_t q_begin = g.QueryBegin(qb), q_end = g.QueryEnd(qb);
-  // With the mask's rows broadcast, one row stands for all; the last query row sees most.
-  const bool one_row = !p.mask.present() || p.mask.stride[2] == 0;
+  const int64_t mask_qb = p.mask_blocks && p.mask_blocks->q_blocks == 1 ? 0 : qb;
   int64_t count = 0;
   allowed.assign(g.k_blocks, 0);
   for (int64_t kb = 0; kb < g.k_blocks; ++kb) {
     const int64_t k_begin = g.KeyBegin(kb), k_end = g.KeyEnd(kb);
-    bool any = false;
-    for (int64_t i = one_row ? q_end - 1 : q_begin; i < q_end && !any; ++i) {
-      const int64_t last = std::min(k_end - 1, g.LastVisibleKey(i));
-      if (!p.mask.present()) {
-        any = last >= k_begin;
-        break;
-      }
-      for (int64_t j = k_begin; j <= last && !any; ++j) any = p.mask.Allows(p.mask.Offset(b, h, i, j));
-    }
+    if (k_begin > g.LastVisibleKey(q_end - 1)) continue;  // the future, for every row
+    const uint8_t state = p.mask_blocks ? p.mask_blocks->At(b, h, mask_qb, kb) : uint8_t{MaskBlocks::kOpen};
+    bool any = state == MaskBlocks::kOpen || (state == MaskBlocks::kPartial && k_end - 1 <= g.LastVisibleKey(q_begin));
+    if (state == MaskBlocks::kPartial && !any)  // on the causal edge: look at the visible pairs
+      for (int64_t i = q_begin; i < q_end && !any; ++i)
+        for (int64_t j = k_begin; j <= std::min(k_end - 1, g.LastVisibleKey(i)) && !any; ++j)
+          any = p.mask.Allows(p.mask.Offset(b, h, i, j));
     allowed[kb] = any;
     count += any;
   }

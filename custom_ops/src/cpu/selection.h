@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "problem.h"
@@ -15,8 +16,12 @@ struct SelectionScratch {
   std::vector<double> mass;
 };
 
+// Fills `out` from the mask (p.mask must be present); parallel over (batch, head, query block).
+void ClassifyMaskBlocks(const Problem& p, MaskBlocks& out,
+                        const std::function<void(size_t, const std::function<void(size_t)>&)>& parallel_for);
+
 // Key blocks of (batch b, head h, query block qb) that hold at least one key some query of
-// the block may see, by causality and the mask. Returns how many.
+// the block may see, by causality and the mask (p.mask_blocks). Returns how many.
 int64_t AllowedKeyBlocks(const Problem& p, int64_t b, int64_t h, int64_t qb, std::vector<uint8_t>& allowed);
 
 // Whether ChooseKeyBlocks reads the estimate (else every allowed block is computed).
