@@ -74,6 +74,8 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t bk, Packed
   }
 }
 
+constexpr size_t kTileBlocks = 4;  // key blocks one softmax step covers at most
+
 struct Scratch {
   std::vector<float> q, q_mean, pooled_scores, s, o, m, l;
   std::vector<int32_t> chosen;
@@ -82,14 +84,14 @@ struct Scratch {
 
 // Adds the mask and removes future keys inside one (query block, key block) score tile.
 void ApplyMaskAndCausality(const Problem& p, int64_t b, int64_t h, int64_t qb, int64_t kb, int rows, int keys,
-                           int key_pad, float* s) {
+                           int s_stride, float* s) {
   const int64_t q_begin = p.grid.QueryBegin(qb), k_begin = p.grid.KeyBegin(kb);
   const bool causal_cut = p.grid.causal && k_begin + keys - 1 > p.grid.LastVisibleKey(q_begin);
   const MaskBlocks* mb = p.mask_blocks;
   const bool add_mask = mb && mb->At(b, h, mb->q_blocks == 1 ? 0 : qb, kb) != MaskBlocks::kOpen;
   if (!add_mask && !causal_cut) return;
   for (int r = 0; r < rows; ++r) {
-    float* row = s + static_cast<size_t>(r) * key_pad;
+    float* row = s + static_cast<size_t>(r) * s_stride;
     const int64_t i = q_begin + r;
     if (add_mask) {
       const int64_t base = p.mask.Offset(b, h, i, k_begin), step = p.mask.stride[3];
@@ -128,8 +130,8 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   counts[2 * task + 1] = AllowedKeyBlocks(p, b, h, qb, sc.selection.allowed);
   if (UsesEstimate(p)) {
     sc.pooled_scores.resize(kv.means_pad);
-    math.scores(sc.q_mean.data(), 1, head_dim, kv.KMeansT(bk), static_cast<int>(kv.means_pad),
-                sc.pooled_scores.data());
+    const int means_pad = static_cast<int>(kv.means_pad);
+    math.scores(sc.q_mean.data(), 1, head_dim, kv.KMeansT(bk), means_pad, sc.pooled_scores.data(), means_pad);
   }
   ChooseKeyBlocks(p, qb, sc.pooled_scores.data(), sc.selection, sc.chosen);
   counts[2 * task] = static_cast<int64_t>(sc.chosen.size());
@@ -138,14 +140,27 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   sc.m.assign(rows, kNegInf);
   sc.l.assign(rows, 0.0f);
   sc.o.assign(static_cast<size_t>(rows) * v_pad, 0.0f);
-  sc.s.resize(static_cast<size_t>(rows) * key_pad);
-  for (int32_t kb : sc.chosen) {
-    const int64_t k_begin = p.grid.KeyBegin(kb);
-    const int keys = static_cast<int>(p.grid.KeyEnd(kb) - k_begin);
-    math.scores(sc.q.data(), rows, head_dim, kv.Kt(bk, kb), key_pad, sc.s.data());
-    ApplyMaskAndCausality(p, b, h, qb, kb, rows, keys, key_pad, sc.s.data());
-    math.softmax_step(sc.s.data(), rows, keys, key_pad, sc.m.data(), sc.l.data(), sc.o.data(), v_pad);
-    math.accumulate(sc.s.data(), rows, keys, key_pad, kv.V(bk, kb), v_pad, sc.o.data());
+  sc.s.resize(static_cast<size_t>(rows) * key_pad * kTileBlocks);
+  const auto keys_of = [&](int32_t kb) { return static_cast<int>(p.grid.KeyEnd(kb) - p.grid.KeyBegin(kb)); };
+  for (size_t first = 0; first < sc.chosen.size();) {
+    // A tile: up to kTileBlocks consecutive key blocks whose columns line up (full blocks but
+    // the last), so that the softmax's per-row work is paid once per tile, not per block.
+    size_t end = first + 1;
+    while (end < sc.chosen.size() && end - first < kTileBlocks && sc.chosen[end] == sc.chosen[end - 1] + 1 &&
+           keys_of(sc.chosen[end - 1]) == key_pad)
+      ++end;
+    const int width = static_cast<int>(end - first) * key_pad;
+    for (size_t i = first; i < end; ++i) {
+      float* s = sc.s.data() + (i - first) * key_pad;
+      math.scores(sc.q.data(), rows, head_dim, kv.Kt(bk, sc.chosen[i]), key_pad, s, width);
+      ApplyMaskAndCausality(p, b, h, qb, sc.chosen[i], rows, keys_of(sc.chosen[i]), width, s);
+    }
+    const int valid = width - key_pad + keys_of(sc.chosen[end - 1]);
+    math.softmax_step(sc.s.data(), rows, valid, width, sc.m.data(), sc.l.data(), sc.o.data(), v_pad);
+    for (size_t i = first; i < end; ++i)
+      math.accumulate(sc.s.data() + (i - first) * key_pad, rows, keys_of(sc.chosen[i]), width,
+                      kv.V(bk, sc.chosen[i]), v_pad, sc.o.data());
+    first = end;
   }
 
   T* out = static_cast<T*>(t.output) + (bh * d.q_len + q_begin) * d.v_head_dim;

@@ -8,7 +8,7 @@
 //   q    [rows, head_dim]          the query block, already multiplied by scale
 //   kt   [head_dim, key_pad]       a key block transposed; key_pad = keys rounded up to KeyPad()
 //   v    [key_pad, v_pad]          a value block; v_pad = v_head_dim rounded up to KeyPad()
-//   s    [rows, key_pad]           scores, then probabilities
+//   s    [rows, s_stride]          scores, then probabilities (several key blocks side by side)
 //   o    [rows, v_pad]             running (unnormalised) output
 #pragma once
 
@@ -20,13 +20,14 @@ struct BlockMath {
   const char* isa;  // "avx512", "avx2" or "generic"
   int pad;          // key_pad and v_pad are multiples of this
 
-  // s = q . kt for `rows` query rows and key_pad keys.
-  void (*scores)(const float* q, int rows, int head_dim, const float* kt, int key_pad, float* s);
-  // Online softmax step over the first `keys` columns of s: updates the running max m and
-  // sum l, rescales o by exp(m_old - m_new), leaves exp(s - m_new) in s (zero past `keys`).
-  void (*softmax_step)(float* s, int rows, int keys, int key_pad, float* m, float* l, float* o, int v_pad);
-  // o += s[:, :keys] . v[:keys, :]
-  void (*accumulate)(const float* s, int rows, int keys, int key_pad, const float* v, int v_pad, float* o);
+  // s[:, :key_pad] = q . kt for `rows` query rows and key_pad keys.
+  void (*scores)(const float* q, int rows, int head_dim, const float* kt, int key_pad, float* s, int s_stride);
+  // Online softmax step over the first `keys` of `width` columns of s (width = s's row
+  // stride): updates the running max m and sum l, rescales o by exp(m_old - m_new), leaves
+  // exp(s - m_new) in s (zero past `keys`).
+  void (*softmax_step)(float* s, int rows, int keys, int width, float* m, float* l, float* o, int v_pad);
+  // o += s[:, :keys] . v[:keys, :], s with row stride s_stride
+  void (*accumulate)(const float* s, int rows, int keys, int s_stride, const float* v, int v_pad, float* o);
 };
 
 const BlockMath& BlockMathAvx512();
