@@ -143,12 +143,10 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   sc.s.resize(static_cast<size_t>(rows) * key_pad * kTileBlocks);
   const auto keys_of = [&](int32_t kb) { return static_cast<int>(p.grid.KeyEnd(kb) - p.grid.KeyBegin(kb)); };
   for (size_t first = 0; first < sc.chosen.size();) {
-    // A tile: up to kTileBlocks consecutive key blocks whose columns line up (full blocks but
-    // the last), so that the softmax's per-row work is paid once per tile, not per block.
+    // A tile: up to kTileBlocks chosen key blocks side by side (full blocks but the last, so
+    // that no padding sits between them): the softmax's per-row work is paid once per tile.
     size_t end = first + 1;
-    while (end < sc.chosen.size() && end - first < kTileBlocks && sc.chosen[end] == sc.chosen[end - 1] + 1 &&
-           keys_of(sc.chosen[end - 1]) == key_pad)
-      ++end;
+    while (end < sc.chosen.size() && end - first < kTileBlocks && keys_of(sc.chosen[end - 1]) == key_pad) ++end;
     const int width = static_cast<int>(end - first) * key_pad;
     for (size_t i = first; i < end; ++i) {
       float* s = sc.s.data() + (i - first) * key_pad;
