@@ -352,3 +352,42 @@ def test_unknown_dims_are_not_taken_for_minus_one():
     q = np.zeros((2, 2, 5, 4), np.float32)
     _, shape = session.run(None, {"query": q, "key": q, "value": q[..., :3]})
     np.testing.assert_array_equal(shape, [2, 2, 5, 3])
+
+
+def _random_case(seed: int):
+    """A random, often awkward, configuration: shapes, GQA, block size, mask, attributes."""
+    rng = np.random.default_rng(1000 + seed)
+    hkv = int(rng.integers(1, 4))
+    hq = hkv * int(rng.integers(1, 4))
+    sk = int(rng.integers(1, 400))
+    sq = int(rng.integers(1, sk + 1)) if rng.random() < 0.3 else sk
+    d, dv = int(rng.integers(1, 80)), int(rng.integers(1, 80))
+    q, k, v = random_qkv(rng, int(rng.integers(1, 3)), hq, hkv, sq, sk, d, dv)
+    bs = int(rng.choice([1, 7, 16, 32, 50, 64, 128]))
+    attrs = dict(
+        block_size=bs,
+        is_causal=int(rng.integers(0, 2)),
+        global_tokens=int(rng.choice([0, 0, 5, 64])),
+        local_window=int(rng.choice([0, 0, 10, 100])),
+        threshold=float(rng.choice([0.25, 0.5, 0.875, 1.0])),
+        max_density=float(rng.choice([0.125, 0.5, 0.75, 1.0])),
+        min_seq_len=int(rng.choice([0, 0, 0, 200])),
+        scale=float(rng.choice([0.0, 0.0, 0.3])),
+    )
+    mask = None
+    kind = rng.integers(0, 3)
+    if kind == 1:
+        mask = rng.random((q.shape[0], 1, 1, sk)) < 0.8
+    elif kind == 2:
+        mask = np.where(rng.random((hq, sq, sk)) < 0.7, rng.standard_normal((hq, sq, sk)), -np.inf)
+        mask = mask.astype(np.float32)
+    return q, k, v, mask, attrs
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_configurations_match_reference(seed):
+    q, k, v, mask, attrs = _random_case(seed)
+    y, density = run_op(q, k, v, mask, **attrs)
+    y_ref, density_ref = sparse_attention(q, k, v, mask, **attrs)
+    np.testing.assert_allclose(density, density_ref, atol=1e-6)
+    np.testing.assert_allclose(y, y_ref, atol=5e-5, rtol=1e-4)
