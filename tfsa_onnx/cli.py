@@ -145,18 +145,9 @@ def _fmt(value) -> str:
 
 
 def _write_text_atomically(path: str, text: str) -> None:
-    import os
-    import tempfile
+    from tfsa_onnx.files import atomic_write_text
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 def _sparsity_config(config_path, overrides: dict):

@@ -83,7 +83,9 @@ class SparsityConfig:
         return {"defaults": dict(self.defaults), "layers": {k: dict(v) for k, v in self.layers.items()}}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from tfsa_onnx.files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparsityConfig:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from tfsa_onnx import DOMAIN, OP_TYPE, OP_VERSION
 from tfsa_onnx.config import TUNABLE, SparsityConfig
+from tfsa_onnx.files import atomic_write, atomic_write_text
 from tfsa_onnx.rewrite.common import (
     Builder,
     GiveUp,
@@ -58,7 +58,7 @@ class Report:
         return [s.as_dict() for s in self.sites]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_list(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_list(), indent=2) + "\n")
 
     def table(self) -> str:
         """The report as a text table (the same facts as the JSON)."""
@@ -129,18 +129,10 @@ def save_ir(model: ir.Model, out: str | os.PathLike, source: str | os.PathLike |
         raise OptimizeError("the output path is the input path; choose another file with -o.")
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     external = total > 1_800_000_000 or _has_external(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        data_name = f"{out.name}.data" if external else None
-        # The data file is written under its final name (only the new model refers to it),
-        # then the model file appears at once.
-        ir.save(model, tmp, external_data=data_name)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data_name = f"{out.name}.data" if external else None
+    # The data file is written under its final name (only the new model refers to it),
+    # then the model file appears at once.
+    atomic_write(out, lambda tmp: ir.save(model, tmp, external_data=data_name))
 
 
 def _has_external(model: ir.Model) -> bool:
