@@ -9,10 +9,13 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     return oldest->CreateStatus(ORT_FAIL, "the tfsa-onnx operator library needs onnxruntime >= 1.17");
   }
   Ort::InitApi(api);
-  static tfsa::SparseAttentionOp sparse_attention;
+  static tfsa::SparseAttentionOp ops[] = {tfsa::SparseAttentionOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+                                          tfsa::SparseAttentionOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
+                                          tfsa::SparseAttentionOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)};
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* status = api->CreateCustomOpDomain(tfsa::kDomain, &domain)) return status;
-  if (OrtStatus* status = api->CustomOpDomain_Add(domain, &sparse_attention)) return status;
+  for (tfsa::SparseAttentionOp& op : ops)
+    if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op)) return status;
   // ORT keeps using the domain for the sessions' lifetime; it is intentionally never released.
   return api->AddCustomOpDomain(options, domain);
 }

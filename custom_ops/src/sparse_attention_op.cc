@@ -24,6 +24,14 @@ V ReadAttribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, 
   return value;
 }
 
+// Input data through GetTensorMutableData (API 1): the headers' GetTensorRawData() calls
+// GetTensorData, which runtimes before 1.23 do not have.
+const void* InputData(const Ort::ConstValue& value) {
+  void* data = nullptr;
+  Ort::ThrowOnError(Ort::GetApi().GetTensorMutableData(const_cast<OrtValue*>(static_cast<const OrtValue*>(value)), &data));
+  return data;
+}
+
 OrtStatusPtr Error(const std::string& message) {
   return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, ("SparseAttention: " + message).c_str());
 }
@@ -91,7 +99,7 @@ OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
       else
         return Error(std::string("attn_mask must be bool or ") + TypeName(type) + " like query, got " +
                      TypeName(m_type));
-      problem.mask.data = mask.GetTensorRawData();
+      problem.mask.data = InputData(mask);
     }
     const std::string shape_error =
         CheckShapes(q_info.GetShape(), k_info.GetShape(), v_info.GetShape(), mask ? &mask_shape : nullptr,
@@ -107,9 +115,9 @@ OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
     problem.grid = cpu::BlockGrid(attributes.block_size, d.q_len, d.kv_len, attributes.is_causal != 0);
 
     cpu::Tensors tensors;
-    tensors.query = query.GetTensorRawData();
-    tensors.key = key.GetTensorRawData();
-    tensors.value = value.GetTensorRawData();
+    tensors.query = InputData(query);
+    tensors.key = InputData(key);
+    tensors.value = InputData(value);
     tensors.type = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT     ? cpu::Tensors::Type::kFloat
                    : type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? cpu::Tensors::Type::kHalf
                                                                    : cpu::Tensors::Type::kBFloat16;
@@ -200,7 +208,7 @@ void SparseAttentionKernel::ReturnWorkspace(std::unique_ptr<cpu::Workspace> work
   pool_.push_back(std::move(workspace));
 }
 
-SparseAttentionOp::SparseAttentionOp() {
+SparseAttentionOp::SparseAttentionOp(ONNXTensorElementDataType type) : type_(type) {
   // Announce the oldest API we use, not the headers' newest, so older runtimes accept the op.
   OrtCustomOp::version = kMinOrtApiVersion;
   OrtCustomOp::InferOutputShapeFn = InferOutputs;
@@ -220,7 +228,7 @@ OrtCustomOpInputOutputCharacteristic SparseAttentionOp::GetInputCharacteristic(s
 }
 
 ONNXTensorElementDataType SparseAttentionOp::GetOutputType(size_t index) const {
-  return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : type_;
 }
 
 OrtCustomOpInputOutputCharacteristic SparseAttentionOp::GetOutputCharacteristic(size_t index) const {

@@ -28,17 +28,25 @@ struct SparseAttentionKernel {
   std::vector<std::unique_ptr<cpu::Workspace>> pool_;
 };
 
+// One registration per element type T of query/key/value/Y (float32, float16, bfloat16),
+// all named SparseAttention: ORT picks the kernel by the node's types. Outputs have fixed
+// types, which is what lets onnxruntime 1.17+ load the op (older runtimes refuse a dynamically
+// typed output unless exactly one input is dynamic). The mask (T or bool) stays dynamic.
 struct SparseAttentionOp : Ort::CustomOpBase<SparseAttentionOp, SparseAttentionKernel, true> {
-  SparseAttentionOp();
+  explicit SparseAttentionOp(ONNXTensorElementDataType type);
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
   const char* GetName() const { return kOpName; }
   size_t GetInputTypeCount() const { return 4; }
-  // Undefined: any element type reaches Compute, which names the unsupported one.
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : type_;
+  }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
   size_t GetOutputTypeCount() const { return 2; }
   ONNXTensorElementDataType GetOutputType(size_t index) const;
   OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const;
+
+ private:
+  ONNXTensorElementDataType type_;
 };
 
 }  // namespace tfsa
