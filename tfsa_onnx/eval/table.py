@@ -163,10 +163,13 @@ def main(long: bool, only: str | None, out: str | None) -> None:
         for row in run_case(path, calib, evaluation, case.target, case.structures, case.seq_len):
             records.append({"model": case.model, "seq_len": case.seq_len, "samples": len(evaluation), **row})
             click.echo(markdown(records[-1:]).splitlines()[-1])
-    table = markdown(records)
-    click.echo(table)
+            _write(out, records)  # after every row: a long run that dies keeps what it measured
+    click.echo(markdown(records))
+
+
+def _write(out: str | None, records: list[dict[str, Any]]) -> None:
     if out:
-        Path(out).write_text(table + "\n")
+        Path(out).write_text(markdown(records) + "\n")
         Path(out).with_suffix(".json").write_text(json.dumps(records, indent=2) + "\n")
 
 
