@@ -37,13 +37,13 @@ struct PackedKeysValues {
 template <class T>
 void KeyBlockMeans(const Problem& p, const T* k_head, float* means_t, int64_t means_pad) {
   const Dims& d = p.dims;
-  std::vector<double> sum(d.head_dim);
+  std::vector<float> sum(d.head_dim);  // float sums over <= block rows: ample for an estimate
   for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb) {
     const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
-    std::fill(sum.begin(), sum.end(), 0.0);
+    std::fill(sum.begin(), sum.end(), 0.0f);
     for (int64_t j = 0; j < keys; ++j)
       for (int64_t x = 0; x < d.head_dim; ++x) sum[x] += ToFloat(k_head[(k_begin + j) * d.head_dim + x]);
-    for (int64_t x = 0; x < d.head_dim; ++x) means_t[x * means_pad + kb] = static_cast<float>(sum[x] / keys);
+    for (int64_t x = 0; x < d.head_dim; ++x) means_t[x * means_pad + kb] = sum[x] / static_cast<float>(keys);
   }
   for (int64_t x = 0; x < d.head_dim; ++x)
     std::fill(means_t + x * means_pad + p.grid.k_blocks, means_t + (x + 1) * means_pad, 0.0f);

@@ -123,9 +123,11 @@ void ChooseKeyBlocks(const Problem& p, int64_t qb, const float* pooled_scores, S
     s.order.resize(s.candidates.size());
     for (size_t c = 0; c < s.order.size(); ++c) s.order[c] = static_cast<int32_t>(c);
     // The `budget` heaviest first; ties by block index, as the reference's stable argsort.
-    std::partial_sort(s.order.begin(), s.order.begin() + budget, s.order.end(), [&](int32_t x, int32_t y) {
+    const auto heavier = [&](int32_t x, int32_t y) {
       return s.mass[x] > s.mass[y] || (s.mass[x] == s.mass[y] && x < y);
-    });
+    };
+    std::nth_element(s.order.begin(), s.order.begin() + budget, s.order.end(), heavier);
+    std::sort(s.order.begin(), s.order.begin() + budget, heavier);
     double cumulative = 0.0;
     for (int64_t r = 0; r < budget && (!use_threshold || cumulative < a.threshold); ++r) {
       take[s.candidates[s.order[r]]] = 1;
