@@ -208,12 +208,15 @@ def plot_kernel_results(results: list[KernelResult], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullFormatter
+
     seq = [r.seq_len for r in results]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(seq, [r.sparse_ms for r in results], "o-", label="tfsa SparseAttention")
     ax.plot(seq, [r.ort_mha_ms for r in results], "s-", label="ORT MultiHeadAttention (dense)")
-    if all(r.unfused_ms for r in results):
-        ax.plot(seq, [r.unfused_ms for r in results], "^-", label="MatMul-Softmax-MatMul (dense)")
+    unfused = [(r.seq_len, r.unfused_ms) for r in results if r.unfused_ms]
+    if unfused:
+        ax.plot(*zip(*unfused, strict=True), "^-", label="MatMul-Softmax-MatMul (dense)")
     r0 = results[0]
     ax.set(
         xscale="log",
@@ -223,6 +226,7 @@ def plot_kernel_results(results: list[KernelResult], path: str) -> None:
         title=f"H={r0.heads} D={r0.head_dim} max_density={r0.max_density} threads={r0.threads}",
     )
     ax.set_xticks(seq, [str(s) for s in seq])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
