@@ -207,7 +207,6 @@ def plot_kernel_results(results: list[KernelResult], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullFormatter
 
     seq = [r.seq_len for r in results]
