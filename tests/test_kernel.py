@@ -398,3 +398,18 @@ def test_random_configurations_match_reference(seed):
     y_ref, density_ref = sparse_attention(q, k, v, mask, **attrs)
     np.testing.assert_allclose(density, density_ref, atol=1e-6)
     np.testing.assert_allclose(y, y_ref, atol=5e-5, rtol=1e-4)
+
+
+def test_generic_kernels_match_reference_too():
+    # This machine runs the AVX2 kernels; TFSA_ISA=generic (read at load) runs the portable
+    # build of the same math, as on CPUs without AVX2 or on ARM.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TFSA_ISA="generic")
+    tests = "random_configurations or dense_settings or per_query_masks or nan"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
