@@ -157,7 +157,9 @@ def site_name(node: ir.Node) -> str:
                 return f"{path}/{node.name}"
         except (ValueError, SyntaxError):
             pass
-    return node.name or f"{node.op_type}_{id(node)}"
+    # Unnamed nodes: their first output's name is fixed by the file, so the name is the same
+    # on every run (config globs and reports rely on that).
+    return node.name or f"{node.op_type}_{node.outputs[0].name}"
 
 
 def static_int(d: int | str | None) -> int | None:
