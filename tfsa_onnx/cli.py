@@ -63,16 +63,13 @@ def bench_kernel_cmd(
     plot_path,
 ) -> None:
     """SparseAttention vs com.microsoft.MultiHeadAttention vs the unfused graph, interleaved."""
-    import json
 
     from tfsa_onnx.bench import bench_kernel, plot_kernel_results
 
-    columns = (
+    table = _Table(
         "seq_len heads head_dim threads density sparse_ms selection_share ort_mha_ms unfused_ms "
         "speedup_vs_ort_mha speedup_vs_unfused sparse_gflops ort_mha_gflops unfused_gflops"
-    ).split()
-    widths = [max(10, len(c)) for c in columns]
-    click.echo("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    )
     results = []
     for s in seq_len:
         result = bench_kernel(
@@ -88,11 +85,8 @@ def bench_kernel_cmd(
             unfused=not no_unfused,
         )
         results.append(result)
-        row = result.as_dict()
-        click.echo("  ".join(_fmt(row[c]).rjust(w) for c, w in zip(columns, widths, strict=True)))
-    if json_path:
-        _write_text_atomically(json_path, json.dumps([r.as_dict() for r in results], indent=2) + "\n")
-        click.echo(f"wrote {json_path}")
+        table.row(result.as_dict())
+    _write_json(json_path, [r.as_dict() for r in results])
     if plot_path:
         plot_kernel_results(results, plot_path)
         click.echo(f"wrote {plot_path}")
@@ -109,17 +103,14 @@ def bench_kernel_cmd(
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
 def bench_model_cmd(original, optimized, seq_len, batch, threads, repeat, no_fuse, json_path) -> None:
     """ORIGINAL vs its ORT-fused form (when fusion applies) vs OPTIMIZED, generated inputs."""
-    import json
 
     from tfsa_onnx.bench import bench_model
     from tfsa_onnx.inputs import InputError
 
-    columns = (
+    table = _Table(
         "seq_len batch threads density original_ms ort_fused_ms optimized_ms best_dense "
         "speedup_vs_original speedup_vs_best_dense"
-    ).split()
-    widths = [max(10, len(c)) for c in columns]
-    click.echo("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    )
     results = []
     for s in seq_len:
         try:
@@ -129,11 +120,29 @@ def bench_model_cmd(original, optimized, seq_len, batch, threads, repeat, no_fus
         except InputError as e:
             raise click.ClickException(str(e)) from None
         results.append(result)
-        row = result.as_dict()
-        click.echo("  ".join(_fmt(row[c]).rjust(w) for c, w in zip(columns, widths, strict=True)))
-    if json_path:
-        _write_text_atomically(json_path, json.dumps([r.as_dict() for r in results], indent=2) + "\n")
-        click.echo(f"wrote {json_path}")
+        table.row(result.as_dict())
+    _write_json(json_path, [r.as_dict() for r in results])
+
+
+class _Table:
+    """Right-aligned columns printed as rows arrive (benchmarks take a while per row)."""
+
+    def __init__(self, columns: str) -> None:
+        self.columns = columns.split()
+        self.widths = [max(10, len(c)) for c in self.columns]
+        click.echo("  ".join(c.rjust(w) for c, w in zip(self.columns, self.widths, strict=True)))
+
+    def row(self, values: dict) -> None:
+        cells = (_fmt(values[c]).rjust(w) for c, w in zip(self.columns, self.widths, strict=True))
+        click.echo("  ".join(cells))
+
+
+def _write_json(path: str | None, data) -> None:
+    if path:
+        import json
+
+        _write_text_atomically(path, json.dumps(data, indent=2) + "\n")
+        click.echo(f"wrote {path}")
 
 
 def _fmt(value) -> str:
