@@ -1,4 +1,4 @@
-"""validate: metrics, inputs, exit status; runs the real ORT kernel (skipped only without the library)."""
+"""validate: metrics, inputs, exit status; runs the real ORT kernel."""
 
 from __future__ import annotations
 
@@ -15,18 +15,6 @@ from tfsa_onnx.eval.tiny import VOCAB, sparse_twin, tiny_feeds, tiny_model
 from tfsa_onnx.inputs import InputError, generate, graph_inputs, load_feeds, load_npz, load_text
 from tfsa_onnx.validate import token_nll, validate
 
-
-def _has_library() -> bool:
-    from tfsa_onnx import get_library_path
-
-    try:
-        get_library_path()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-kernel = pytest.mark.skipif(not _has_library(), reason="the operator library is not built")
 DENSE = {"threshold": 1.0, "max_density": 1.0, "min_seq_len": 0}
 BAD = {"threshold": 0.05, "max_density": 0.05, "min_seq_len": 0, "global_tokens": 0, "local_window": 0}
 
@@ -45,7 +33,6 @@ def models(tmp_path: Path) -> dict[str, str]:
     return out
 
 
-@kernel
 def test_dense_config_passes_with_cosine_one(models, tmp_path):
     report = tmp_path / "v.json"
     args = ["validate", models["original"], models["dense"], "--seq-len", "256", "--batch", "2"]
@@ -62,7 +49,6 @@ def test_dense_config_passes_with_cosine_one(models, tmp_path):
     assert data["latency_original_s"] > 0 and data["speedup"] > 0
 
 
-@kernel
 def test_bad_config_fails_with_exit_1(models):
     args = ["validate", models["original"], models["bad"], "--seq-len", "256", "--samples", "2"]
     result = CliRunner().invoke(main, [*args, "--cos-min", "0.99"])
@@ -155,7 +141,6 @@ def test_token_nll_matches_a_direct_computation():
     assert count == n and total == pytest.approx(expected, rel=1e-9)
 
 
-@kernel
 def test_perplexity_for_causal_models():
     model = sparse_twin(is_causal=1, **DENSE)
     result = validate(model, model, tiny_feeds(2, 128), progress=False)
