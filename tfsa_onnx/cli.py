@@ -217,6 +217,10 @@ def optimize_cmd(model, output, config_path, report_path, reapply, **attributes)
         + (f", {already} already SparseAttention" if already else "")
         + f"; wrote {out}"
     )
+    settings = config.for_site(-1, "") or {}
+    overrides = f"; {len(config.layers)} per-layer override(s)" if config.layers else ""
+    click.echo("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()) + overrides)
+    click.echo(f"check it: tfsa-onnx validate {source} {out}")
 
 
 @main.command("inspect")
