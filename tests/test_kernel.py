@@ -413,3 +413,13 @@ def test_generic_kernels_match_reference_too():
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+@pytest.mark.parametrize("sq,sk", [(0, 5), (5, 0), (0, 0)])
+def test_empty_sequences_give_empty_or_zero_outputs(sq, sk):
+    q = np.zeros((1, 2, sq, 8), np.float32)
+    k = np.ones((1, 2, sk, 8), np.float32)
+    y, density = run_op(q, k, k, threshold=0.5, **SPARSE_OFF)
+    assert y.shape == (1, 2, sq, 8)
+    np.testing.assert_array_equal(y, 0)
+    np.testing.assert_array_equal(density, 1)
