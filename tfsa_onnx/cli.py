@@ -88,7 +88,10 @@ def bench_kernel_cmd(
         table.row(result.as_dict())
     _write_json(json_path, [r.as_dict() for r in results])
     if plot_path:
-        plot_kernel_results(results, plot_path)
+        try:
+            plot_kernel_results(results, plot_path)
+        except ImportError:
+            raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
         click.echo(f"wrote {plot_path}")
 
 

@@ -106,8 +106,10 @@ def load_tokenizer(directory: str | Path):
     """A Hugging Face tokenizer from a local directory, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise InputError("--tokenizer needs the transformers package: pip install transformers") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any loader failure is one sentence for the user
