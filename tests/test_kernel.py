@@ -400,14 +400,16 @@ def test_random_configurations_match_reference(seed):
     np.testing.assert_allclose(y, y_ref, atol=5e-5, rtol=1e-4)
 
 
-def test_generic_kernels_match_reference_too():
-    # This machine runs the AVX2 kernels; TFSA_ISA=generic (read at load) runs the portable
-    # build of the same math, as on CPUs without AVX2 or on ARM.
+@pytest.mark.parametrize("isa", ["generic", "wide"])
+def test_other_kernel_builds_match_reference_too(isa):
+    # TFSA_ISA (read at load) picks another build of the same math: `generic` is the portable
+    # one (CPUs without AVX2, ARM); `wide` is the AVX-512 layout (16-float vectors, 8-row
+    # tiles) compiled for any CPU, so that its logic is tested where AVX-512 is missing.
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, TFSA_ISA="generic")
+    env = dict(os.environ, TFSA_ISA=isa)
     tests = "random_configurations or dense_settings or per_query_masks or nan"
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests]
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

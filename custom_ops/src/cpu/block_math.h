@@ -33,8 +33,10 @@ struct BlockMath {
 const BlockMath& BlockMathAvx512();
 const BlockMath& BlockMathAvx2();
 const BlockMath& BlockMathGeneric();
+const BlockMath& BlockMathWide();  // the AVX-512 layout for any CPU, for tests
 
-// The fastest variant this CPU supports (TFSA_ISA=avx2|generic forces a narrower one).
+// The fastest variant this CPU supports (TFSA_ISA=avx2|generic forces a narrower one;
+// TFSA_ISA=wide runs the AVX-512 layout on any CPU, slowly, to test it).
 const BlockMath& SelectBlockMath();
 
 inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }

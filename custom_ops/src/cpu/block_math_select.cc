@@ -8,6 +8,7 @@ namespace tfsa::cpu {
 const BlockMath& SelectBlockMath() {
   static const BlockMath& chosen = [] () -> const BlockMath& {
     const char* forced = std::getenv("TFSA_ISA");
+    if (forced && std::strcmp(forced, "wide") == 0) return BlockMathWide();
     const bool allow_avx512 = !forced || std::strcmp(forced, "avx512") == 0;
     const bool allow_avx2 = allow_avx512 || std::strcmp(forced, "avx2") == 0;
 #if defined(TFSA_X86_KERNELS)
