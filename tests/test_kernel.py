@@ -425,3 +425,20 @@ def test_empty_sequences_give_empty_or_zero_outputs(sq, sk):
     assert y.shape == (1, 2, sq, 8)
     np.testing.assert_array_equal(y, 0)
     np.testing.assert_array_equal(density, 1)
+
+
+def test_concurrent_runs_of_one_session_agree_with_serial_ones():
+    # A server calls run() from several threads on one session: each call takes its own
+    # workspace, so results must not mix.
+    from concurrent.futures import ThreadPoolExecutor
+
+    attrs = dict(block_size=32, is_causal=1, threshold=0.75, max_density=0.5, **SPARSE_OFF)
+    inputs = [
+        random_qkv(np.random.default_rng(50 + i), 1, 4, 2, 300 + 40 * i, 300 + 40 * i, 32, 32)
+        for i in range(6)
+    ]
+    serial = [run_op(*qkv, **attrs)[0] for qkv in inputs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda qkv: run_op(*qkv, **attrs)[0], inputs * 3))
+    for i, y in enumerate(concurrent):
+        np.testing.assert_array_equal(y, serial[i % len(inputs)])
