@@ -97,8 +97,9 @@ def _unfused_model(seq_len: int, head_dim: int, causal: bool) -> onnx.ModelProto
 
 
 def _session(
-    model: onnx.ModelProto, threads: int, ours: bool = False, selection_only: bool = False
+    model: onnx.ModelProto | str, threads: int, ours: bool = False, selection_only: bool = False
 ) -> ort.InferenceSession:
+    """A CPU session (a model or a path) with `threads` intra-op threads; `ours` registers the library."""
     so = tfsa_onnx.session_options() if ours else ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -109,7 +110,8 @@ def _session(
     if selection_only:
         os.environ["TFSA_SELECTION_ONLY"] = "1"
     try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        source = model if isinstance(model, str) else model.SerializeToString()
+        return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     finally:
         os.environ.pop("TFSA_SELECTION_ONLY", None)
         if previous is not None:
@@ -317,11 +319,11 @@ def bench_model(
         fused_path, fused_nodes = ort_fused_model(original, work_dir) if fuse else (None, 0)
         with_density, density_names = expose_density(optimized_model)
         sessions = {
-            "original": _session_from_path(original, threads),
+            "original": _session(original, threads),
             "optimized": _session(with_density, threads, ours=True),
         }
         if fused_path:
-            sessions["ort_fused"] = _session_from_path(fused_path, threads)
+            sessions["ort_fused"] = _session(fused_path, threads)
         first_output = [o.name for o in original_model.graph.output]
         runs = {name: (lambda s=s: s.run(first_output, feeds)) for name, s in sessions.items()}
         ms = _interleaved_medians(runs, warmup, repeat)
@@ -345,11 +347,3 @@ def bench_model(
         speedup_vs_original=ms["original"] / ms["optimized"],
         speedup_vs_best_dense=dense[best_dense] / ms["optimized"],
     )
-
-
-def _session_from_path(path: str, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])

@@ -16,8 +16,7 @@ inline float ToFloat(Ort::Float16_t x) { return x.ToFloat(); }
 inline float ToFloat(Ort::BFloat16_t x) { return x.ToFloat(); }
 template <class T>
 inline T FromFloat(float x) {
-  if constexpr (std::is_same_v<T, float>) return x;
-  else return T(x);
+  return T(x);  // Float16_t / BFloat16_t have explicit float constructors
 }
 
 // Keys transposed and values padded, block by block, for every (batch, kv head).
@@ -88,7 +87,7 @@ void ApplyMaskAndCausality(const Problem& p, int64_t b, int64_t h, int64_t qb, i
   const int64_t q_begin = p.grid.QueryBegin(qb), k_begin = p.grid.KeyBegin(kb);
   const bool causal_cut = p.grid.causal && k_begin + keys - 1 > p.grid.LastVisibleKey(q_begin);
   const MaskBlocks* mb = p.mask_blocks;
-  const bool add_mask = mb && mb->At(b, h, mb->q_blocks == 1 ? 0 : qb, kb) != MaskBlocks::kOpen;
+  const bool add_mask = mb && mb->At(b, h, qb, kb) != MaskBlocks::kOpen;
   if (!add_mask && !causal_cut) return;
   for (int r = 0; r < rows; ++r) {
     float* row = s + static_cast<size_t>(r) * s_stride;
@@ -216,13 +215,11 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
 void RunSparseAttention(const Problem& problem, const Tensors& tensors, Workspace& workspace,
                         const ParallelFor& parallel_for) {
   const Dims& d = problem.dims;
-  const bool empty = d.batch == 0 || d.q_heads == 0 || d.q_len == 0;
-  if (empty || d.kv_len == 0 || d.head_dim == 0) {
-    // Nothing to attend (or nothing to compute): zeros, density 1.
+  if (d.batch * d.q_heads * d.q_len == 0 || d.kv_len == 0) {  // no query, or no key to attend
     const size_t n = static_cast<size_t>(d.batch * d.q_heads * d.q_len * d.v_head_dim);
     std::memset(tensors.output, 0, n * (tensors.type == Tensors::Type::kFloat ? 4 : 2));
     if (tensors.density) std::fill(tensors.density, tensors.density + d.batch * d.q_heads, 1.0f);
-    if (empty || d.kv_len == 0) return;
+    return;
   }
   switch (tensors.type) {
     case Tensors::Type::kFloat: return Run<float>(problem, tensors, workspace, parallel_for);

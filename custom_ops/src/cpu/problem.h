@@ -45,10 +45,12 @@ struct MaskView {
 struct MaskBlocks {
   enum State : uint8_t { kClosed = 0, kPartial = 1, kOpen = 2 };  // kOpen: all attendable, bias 0
   std::vector<uint8_t> state;
-  int64_t heads = 1, q_blocks = 0, k_blocks = 0;  // heads: 1 when the mask is shared by all heads
+  // heads / q_blocks: 1 when the mask is shared by all heads / all query rows
+  int64_t heads = 1, q_blocks = 0, k_blocks = 0;
 
   uint8_t At(int64_t b, int64_t h, int64_t qb, int64_t kb) const {
-    return state[((b * heads + (heads == 1 ? 0 : h)) * q_blocks + qb) * k_blocks + kb];
+    const int64_t mask_h = heads == 1 ? 0 : h, mask_qb = q_blocks == 1 ? 0 : qb;
+    return state[((b * heads + mask_h) * q_blocks + mask_qb) * k_blocks + kb];
   }
 };
 

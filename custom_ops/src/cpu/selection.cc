@@ -34,13 +34,12 @@ void ClassifyMaskBlocks(const Problem& p, MaskBlocks& out, const std::function<v
 int64_t AllowedKeyBlocks(const Problem& p, int64_t b, int64_t h, int64_t qb, std::vector<uint8_t>& allowed) {
   const BlockGrid& g = p.grid;
   const int64_t q_begin = g.QueryBegin(qb), q_end = g.QueryEnd(qb);
-  const int64_t mask_qb = p.mask_blocks && p.mask_blocks->q_blocks == 1 ? 0 : qb;
   int64_t count = 0;
   allowed.assign(g.k_blocks, 0);
   for (int64_t kb = 0; kb < g.k_blocks; ++kb) {
     const int64_t k_begin = g.KeyBegin(kb), k_end = g.KeyEnd(kb);
     if (k_begin > g.LastVisibleKey(q_end - 1)) continue;  // the future, for every row
-    const uint8_t state = p.mask_blocks ? p.mask_blocks->At(b, h, mask_qb, kb) : uint8_t{MaskBlocks::kOpen};
+    const uint8_t state = p.mask_blocks ? p.mask_blocks->At(b, h, qb, kb) : uint8_t{MaskBlocks::kOpen};
     bool any = state == MaskBlocks::kOpen || (state == MaskBlocks::kPartial && k_end - 1 <= g.LastVisibleKey(q_begin));
     if (state == MaskBlocks::kPartial && !any)  // on the causal edge: look at the visible pairs
       for (int64_t i = q_begin; i < q_end && !any; ++i)
