@@ -138,15 +138,21 @@ def sparse_attention(
     key: np.ndarray,
     value: np.ndarray,
     attn_mask: np.ndarray | None = None,
+    selected: np.ndarray | None = None,
     **attributes,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reference ai.tfsa::SparseAttention: returns (Y [B,Hq,Sq,Dv], density [B,Hq] float32)."""
+    """Reference ai.tfsa::SparseAttention: returns (Y [B,Hq,Sq,Dv], density [B,Hq] float32).
+
+    `selected` ([B, Hq, nQ, nK] bool) replaces the schedule: a kernel's own block choice, to
+    check its math apart from its selection.
+    """
     a = SparseAttentionAttributes(**attributes)
     b, hq, sq, d = query.shape
     hkv, sk = key.shape[1], key.shape[2]
     bias, may_attend = _attendable(attn_mask, (b, hq, sq, sk), bool(a.is_causal))
     allowed = _block_any(may_attend, a.block_size)
-    selected = select_blocks(query, key, allowed, a)
+    if selected is None:
+        selected = select_blocks(query, key, allowed, a)
 
     bs = a.block_size
     in_selected = np.repeat(np.repeat(selected, bs, axis=2), bs, axis=3)[:, :, :sq, :sk]

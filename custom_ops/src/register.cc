@@ -9,9 +9,18 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     return oldest->CreateStatus(ORT_FAIL, "the tfsa-onnx operator library needs onnxruntime >= 1.17");
   }
   Ort::InitApi(api);
-  static tfsa::SparseAttentionOp ops[] = {tfsa::SparseAttentionOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
-                                          tfsa::SparseAttentionOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
-                                          tfsa::SparseAttentionOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)};
+  using tfsa::Provider;
+  using tfsa::SparseAttentionOp;
+  static SparseAttentionOp ops[] = {
+      SparseAttentionOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, Provider::kCpu),
+      SparseAttentionOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, Provider::kCpu),
+      SparseAttentionOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16, Provider::kCpu),
+#ifdef TFSA_WITH_CUDA  // the CUDA library: the same op for CUDAExecutionProvider as well
+      SparseAttentionOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, Provider::kCuda),
+      SparseAttentionOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, Provider::kCuda),
+      SparseAttentionOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16, Provider::kCuda),
+#endif
+  };
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* status = api->CreateCustomOpDomain(tfsa::kDomain, &domain)) return status;
   for (tfsa::SparseAttentionOp& op : ops)

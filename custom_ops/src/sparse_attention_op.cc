@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <new>
+#include <stdexcept>
 #include <string>
 
 #include "cpu/attention_cpu.h"
@@ -51,7 +52,8 @@ const char* TypeName(ONNXTensorElementDataType type) {
 
 }  // namespace
 
-SparseAttentionKernel::SparseAttentionKernel(const OrtApi& api, const OrtKernelInfo* info) {
+SparseAttentionKernel::SparseAttentionKernel(const OrtApi& api, const OrtKernelInfo* info, Provider where)
+    : provider(where) {
   const Attributes d;
   attributes.scale = ReadAttribute(api, info, "scale", d.scale);
   attributes.is_causal = ReadAttribute(api, info, "is_causal", d.is_causal);
@@ -66,74 +68,63 @@ SparseAttentionKernel::SparseAttentionKernel(const OrtApi& api, const OrtKernelI
   selection_only = selection_only_env != nullptr && std::string(selection_only_env) == "1";
 }
 
+namespace {
+
+// Reads and checks the inputs of one call; returns the problem with them, "" when usable.
+std::string ReadInputs(Ort::KernelContext& context, Call& call) {
+  const size_t n_inputs = context.GetInputCount();
+  auto query = context.GetInput(0), key = context.GetInput(1), value = context.GetInput(2);
+  Ort::ConstValue mask{nullptr};
+  if (n_inputs > 3) mask = context.GetInput(3);
+
+  const auto q_info = query.GetTensorTypeAndShapeInfo(), k_info = key.GetTensorTypeAndShapeInfo();
+  const auto v_info = value.GetTensorTypeAndShapeInfo();
+  const auto type = call.type = q_info.GetElementType();
+  if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 &&
+      type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
+    return std::string("query must be float32, float16 or bfloat16, got ") + TypeName(type);
+  if (k_info.GetElementType() != type || v_info.GetElementType() != type)
+    return std::string("key and value must have query's type ") + TypeName(type) + ", got " +
+           TypeName(k_info.GetElementType()) + " and " + TypeName(v_info.GetElementType());
+  Shape mask_shape;
+  if (mask) {
+    const auto m_info = mask.GetTensorTypeAndShapeInfo();
+    mask_shape = m_info.GetShape();
+    call.mask_type = m_info.GetElementType();
+    if (call.mask_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL && call.mask_type != type)
+      return std::string("attn_mask must be bool or ") + TypeName(type) + " like query, got " +
+             TypeName(call.mask_type);
+    call.mask = InputData(mask);
+  }
+  const std::string shape_error = CheckShapes(q_info.GetShape(), k_info.GetShape(), v_info.GetShape(),
+                                              mask ? &mask_shape : nullptr, call.dims);
+  if (!shape_error.empty()) return shape_error;
+  call.query = InputData(query);
+  call.key = InputData(key);
+  call.value = InputData(value);
+  Ort::ThrowOnError(Ort::GetApi().GetTensorMemoryInfo(query, &call.memory));
+  return "";
+}
+
+}  // namespace
+
 OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
   try {
     Ort::KernelContext context(raw_context);
     if (!attribute_error.empty()) return Error(attribute_error);
-    const size_t n_inputs = context.GetInputCount();
-    auto query = context.GetInput(0), key = context.GetInput(1), value = context.GetInput(2);
-    Ort::ConstValue mask{nullptr};
-    if (n_inputs > 3) mask = context.GetInput(3);
-
-    const auto q_info = query.GetTensorTypeAndShapeInfo(), k_info = key.GetTensorTypeAndShapeInfo();
-    const auto v_info = value.GetTensorTypeAndShapeInfo();
-    const auto type = q_info.GetElementType();
-    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 &&
-        type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
-      return Error(std::string("query must be float32, float16 or bfloat16, got ") + TypeName(type));
-    if (k_info.GetElementType() != type || v_info.GetElementType() != type)
-      return Error(std::string("key and value must have query's type ") + TypeName(type) + ", got " +
-                   TypeName(k_info.GetElementType()) + " and " + TypeName(v_info.GetElementType()));
-
-    cpu::Problem problem;
-    Shape mask_shape;
-    if (mask) {
-      const auto m_info = mask.GetTensorTypeAndShapeInfo();
-      mask_shape = m_info.GetShape();
-      const auto m_type = m_info.GetElementType();
-      if (m_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) problem.mask.kind = cpu::MaskView::Kind::kBool;
-      else if (m_type == type)
-        problem.mask.kind = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT     ? cpu::MaskView::Kind::kFloat
-                            : type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? cpu::MaskView::Kind::kHalf
-                                                                            : cpu::MaskView::Kind::kBFloat16;
-      else
-        return Error(std::string("attn_mask must be bool or ") + TypeName(type) + " like query, got " +
-                     TypeName(m_type));
-      problem.mask.data = InputData(mask);
-    }
-    const std::string shape_error =
-        CheckShapes(q_info.GetShape(), k_info.GetShape(), v_info.GetShape(), mask ? &mask_shape : nullptr,
-                    problem.dims);
-    if (!shape_error.empty()) return Error(shape_error);
-
-    const Dims& d = problem.dims;
-    for (int i = 0; i < 4; ++i) problem.mask.stride[i] = d.mask_stride[i];
-    problem.attrs = attributes;
-    problem.selection_only = selection_only;
-    problem.scale = attributes.scale > 0.0f ? attributes.scale
-                                            : (d.head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(d.head_dim)) : 1.0f);
-    problem.grid = cpu::BlockGrid(attributes.block_size, d.q_len, d.kv_len, attributes.is_causal != 0);
-
-    cpu::Tensors tensors;
-    tensors.query = InputData(query);
-    tensors.key = InputData(key);
-    tensors.value = InputData(value);
-    tensors.type = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT     ? cpu::Tensors::Type::kFloat
-                   : type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? cpu::Tensors::Type::kHalf
-                                                                   : cpu::Tensors::Type::kBFloat16;
-    auto output = context.GetOutput(0, {d.batch, d.q_heads, d.q_len, d.v_head_dim});
-    tensors.output = output.GetTensorMutableRawData();
+    Call call;
+    const std::string input_error = ReadInputs(context, call);
+    if (!input_error.empty()) return Error(input_error);
+    const Dims& d = call.dims;
+    call.scale = attributes.scale > 0.0f ? attributes.scale
+                                         : (d.head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(d.head_dim)) : 1.0f);
+    call.output = context.GetOutput(0, {d.batch, d.q_heads, d.q_len, d.v_head_dim}).GetTensorMutableRawData();
     if (context.GetOutputCount() > 1) {
       auto density = context.GetOutput(1, {d.batch, d.q_heads});
-      if (density) tensors.density = density.GetTensorMutableData<float>();
+      if (density) call.density = density.GetTensorMutableData<float>();
     }
-
-    std::unique_ptr<cpu::Workspace> workspace = TakeWorkspace();
-    cpu::RunSparseAttention(problem, tensors, *workspace, [&](size_t n, const std::function<void(size_t)>& fn) {
-      context.ParallelFor([](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); },
-                          n, 0, const_cast<std::function<void(size_t)>*>(&fn));
-    });
-    ReturnWorkspace(std::move(workspace));
+    if (provider == Provider::kCuda) RunCuda(context, call);
+    else RunCpu(context, call);
     return nullptr;
   } catch (const Ort::Exception& e) {
     return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
@@ -142,6 +133,39 @@ OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
   } catch (const std::exception& e) {
     return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("SparseAttention: ") + e.what()).c_str());
   }
+}
+
+void SparseAttentionKernel::RunCpu(Ort::KernelContext& context, const Call& call) {
+  using Kind = cpu::MaskView::Kind;
+  cpu::Problem problem;
+  problem.dims = call.dims;
+  problem.mask.data = call.mask;
+  if (call.mask_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) problem.mask.kind = Kind::kBool;
+  else if (call.mask_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) problem.mask.kind = Kind::kFloat;
+  else if (call.mask_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) problem.mask.kind = Kind::kHalf;
+  else if (call.mask_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) problem.mask.kind = Kind::kBFloat16;
+  for (int i = 0; i < 4; ++i) problem.mask.stride[i] = call.dims.mask_stride[i];
+  problem.attrs = attributes;
+  problem.selection_only = selection_only;
+  problem.scale = call.scale;
+  problem.grid = cpu::BlockGrid(attributes.block_size, call.dims.q_len, call.dims.kv_len, attributes.is_causal != 0);
+
+  cpu::Tensors tensors;
+  tensors.query = call.query;
+  tensors.key = call.key;
+  tensors.value = call.value;
+  tensors.type = call.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT     ? cpu::Tensors::Type::kFloat
+                 : call.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? cpu::Tensors::Type::kHalf
+                                                                      : cpu::Tensors::Type::kBFloat16;
+  tensors.output = call.output;
+  tensors.density = call.density;
+
+  std::unique_ptr<cpu::Workspace> workspace = TakeWorkspace();
+  cpu::RunSparseAttention(problem, tensors, *workspace, [&](size_t n, const std::function<void(size_t)>& fn) {
+    context.ParallelFor([](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); },
+                        n, 0, const_cast<std::function<void(size_t)>*>(&fn));
+  });
+  ReturnWorkspace(std::move(workspace));
 }
 
 namespace {
@@ -195,6 +219,13 @@ OrtStatusPtr InferOutputs(const OrtCustomOp*, OrtShapeInferContext* ctx) {
 
 }  // namespace
 
+#ifndef TFSA_WITH_CUDA
+// The CPU library registers no CUDA kernels, so this is never reached there.
+void SparseAttentionKernel::RunCuda(Ort::KernelContext&, const Call&) {
+  throw std::runtime_error("this build of the library has no CUDA kernel");
+}
+#endif
+
 std::unique_ptr<cpu::Workspace> SparseAttentionKernel::TakeWorkspace() {
   std::lock_guard<std::mutex> lock(pool_mutex_);
   if (pool_.empty()) return std::make_unique<cpu::Workspace>();
@@ -208,7 +239,8 @@ void SparseAttentionKernel::ReturnWorkspace(std::unique_ptr<cpu::Workspace> work
   pool_.push_back(std::move(workspace));
 }
 
-SparseAttentionOp::SparseAttentionOp(ONNXTensorElementDataType type) : type_(type) {
+SparseAttentionOp::SparseAttentionOp(ONNXTensorElementDataType type, Provider provider)
+    : type_(type), provider_(provider) {
   // Announce the oldest API we use, not the headers' newest, so older runtimes accept the op.
   OrtCustomOp::version = kMinOrtApiVersion;
   OrtCustomOp::InferOutputShapeFn = InferOutputs;
@@ -216,7 +248,7 @@ SparseAttentionOp::SparseAttentionOp(ONNXTensorElementDataType type) : type_(typ
 
 OrtStatusPtr SparseAttentionOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
   try {
-    *kernel = new SparseAttentionKernel(api, info);
+    *kernel = new SparseAttentionKernel(api, info, provider_);
     return nullptr;
   } catch (const std::exception& e) {
     return api.CreateStatus(ORT_FAIL, e.what());

@@ -12,15 +12,35 @@
 
 namespace tfsa {
 
+// Where a registration's kernels run: ONNX Runtime's CPU or CUDA execution provider.
+enum class Provider { kCpu, kCuda };
+
+// One call as Compute read it from the context: checked sizes, types and data pointers
+// (host memory for the CPU provider, device memory for CUDA).
+struct Call {
+  Dims dims;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  ONNXTensorElementDataType mask_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // none, bool or `type`
+  const void *query = nullptr, *key = nullptr, *value = nullptr, *mask = nullptr;
+  const OrtMemoryInfo* memory = nullptr;  // where query lives
+  void* output = nullptr;
+  float* density = nullptr;
+  float scale = 1.0f;
+};
+
 struct SparseAttentionKernel {
-  SparseAttentionKernel(const OrtApi& api, const OrtKernelInfo* info);
+  SparseAttentionKernel(const OrtApi& api, const OrtKernelInfo* info, Provider provider);
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 
+  Provider provider;
   Attributes attributes;
   std::string attribute_error;  // non-empty: the node's attributes break the contract
   bool selection_only = false;  // TFSA_SELECTION_ONLY=1 at session creation: time the schedule alone
 
  private:
+  void RunCpu(Ort::KernelContext& context, const Call& call);
+  // Defined in cuda/cuda_op.cc; only the CUDA library registers kernels that call it.
+  void RunCuda(Ort::KernelContext& context, const Call& call);
   // Workspaces of finished runs, reused; concurrent Run() calls each take their own.
   std::unique_ptr<cpu::Workspace> TakeWorkspace();
   void ReturnWorkspace(std::unique_ptr<cpu::Workspace> workspace);
@@ -33,9 +53,12 @@ struct SparseAttentionKernel {
 // types, which is what lets onnxruntime 1.17+ load the op (older runtimes refuse a dynamically
 // typed output unless exactly one input is dynamic). The mask (T or bool) stays dynamic.
 struct SparseAttentionOp : Ort::CustomOpBase<SparseAttentionOp, SparseAttentionKernel, true> {
-  explicit SparseAttentionOp(ONNXTensorElementDataType type);
+  SparseAttentionOp(ONNXTensorElementDataType type, Provider provider);
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
   const char* GetName() const { return kOpName; }
+  const char* GetExecutionProviderType() const {
+    return provider_ == Provider::kCuda ? "CUDAExecutionProvider" : nullptr;  // nullptr: CPU
+  }
   size_t GetInputTypeCount() const { return 4; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
     return index == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : type_;
@@ -47,6 +70,7 @@ struct SparseAttentionOp : Ort::CustomOpBase<SparseAttentionOp, SparseAttentionK
 
  private:
   ONNXTensorElementDataType type_;
+  Provider provider_;
 };
 
 }  // namespace tfsa

@@ -8,10 +8,13 @@
 
 #include <vector>
 
+#include "tfsa/block_grid.h"
 #include "tfsa/contract.h"
 #include "tfsa/ort_api.h"
 
 namespace tfsa::cpu {
+
+using tfsa::BlockGrid;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -52,24 +55,6 @@ struct MaskBlocks {
     const int64_t mask_h = heads == 1 ? 0 : h, mask_qb = q_blocks == 1 ? 0 : qb;
     return state[((b * heads + mask_h) * q_blocks + mask_qb) * k_blocks + kb];
   }
-};
-
-// Query and key blocks of edge `block`; query i sits at key position i + offset.
-struct BlockGrid {
-  int64_t block = 64, q_len = 0, kv_len = 0, offset = 0, q_blocks = 0, k_blocks = 0;
-  bool causal = false;
-
-  BlockGrid() = default;
-  BlockGrid(int64_t block_size, int64_t q, int64_t kv, bool is_causal)
-      : block(block_size), q_len(q), kv_len(kv), offset(kv - q),
-        q_blocks((q + block_size - 1) / block_size), k_blocks((kv + block_size - 1) / block_size),
-        causal(is_causal) {}
-  int64_t QueryBegin(int64_t qb) const { return qb * block; }
-  int64_t QueryEnd(int64_t qb) const { return std::min(q_len, qb * block + block); }
-  int64_t KeyBegin(int64_t kb) const { return kb * block; }
-  int64_t KeyEnd(int64_t kb) const { return std::min(kv_len, kb * block + block); }
-  // Last key query row i may see (causal), or the last key.
-  int64_t LastVisibleKey(int64_t i) const { return causal ? std::min(kv_len - 1, i + offset) : kv_len - 1; }
 };
 
 struct Problem {

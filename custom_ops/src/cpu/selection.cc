@@ -56,16 +56,10 @@ namespace {
 // Global-token and local-window blocks (only among the allowed ones).
 int64_t ForcedKeyBlocks(const Problem& p, int64_t qb, const std::vector<uint8_t>& allowed,
                         std::vector<uint8_t>& forced) {
-  const BlockGrid& g = p.grid;
-  const Attributes& a = p.attrs;
-  const bool global_query = g.QueryBegin(qb) < a.global_tokens;
-  const int64_t first = g.QueryBegin(qb) + g.offset, last = g.QueryEnd(qb) - 1 + g.offset;
   int64_t count = 0;
-  forced.assign(g.k_blocks, 0);
-  for (int64_t kb = 0; kb < g.k_blocks; ++kb) {
-    const int64_t k_begin = g.KeyBegin(kb), k_end = g.KeyEnd(kb) - 1;
-    const bool local = a.local_window > 0 && k_end >= first - a.local_window && k_begin <= last + a.local_window;
-    forced[kb] = allowed[kb] && (global_query || k_begin < a.global_tokens || local);
+  forced.assign(p.grid.k_blocks, 0);
+  for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb) {
+    forced[kb] = allowed[kb] && p.grid.Forced(qb, kb, p.attrs.global_tokens, p.attrs.local_window);
     count += forced[kb];
   }
   return count;

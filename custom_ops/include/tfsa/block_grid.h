@@ -1,0 +1,42 @@
+// The block grid of one call: query and key blocks of edge `block_size`, and which keys a
+// query row may see. Shared by the CPU and CUDA kernels (host and device code).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define TFSA_HOST_DEVICE __host__ __device__
+#else
+#define TFSA_HOST_DEVICE
+#endif
+
+namespace tfsa {
+
+// Query and key blocks of edge `block`; query i sits at key position i + offset.
+struct BlockGrid {
+  int64_t block = 64, q_len = 0, kv_len = 0, offset = 0, q_blocks = 0, k_blocks = 0;
+  bool causal = false;
+
+  BlockGrid() = default;
+  TFSA_HOST_DEVICE BlockGrid(int64_t block_size, int64_t q, int64_t kv, bool is_causal)
+      : block(block_size), q_len(q), kv_len(kv), offset(kv - q),
+        q_blocks((q + block_size - 1) / block_size), k_blocks((kv + block_size - 1) / block_size),
+        causal(is_causal) {}
+  TFSA_HOST_DEVICE int64_t QueryBegin(int64_t qb) const { return qb * block; }
+  TFSA_HOST_DEVICE int64_t QueryEnd(int64_t qb) const { return Min(q_len, qb * block + block); }
+  TFSA_HOST_DEVICE int64_t KeyBegin(int64_t kb) const { return kb * block; }
+  TFSA_HOST_DEVICE int64_t KeyEnd(int64_t kb) const { return Min(kv_len, kb * block + block); }
+  // Last key query row i may see (causal), or the last key.
+  TFSA_HOST_DEVICE int64_t LastVisibleKey(int64_t i) const { return causal ? Min(kv_len - 1, i + offset) : kv_len - 1; }
+  // Whether key block kb touches the global tokens or query block qb's local window.
+  TFSA_HOST_DEVICE bool Forced(int64_t qb, int64_t kb, int64_t global_tokens, int64_t local_window) const {
+    if (QueryBegin(qb) < global_tokens || KeyBegin(kb) < global_tokens) return true;
+    const int64_t first = QueryBegin(qb) + offset, last = QueryEnd(qb) - 1 + offset;
+    return local_window > 0 && KeyEnd(kb) - 1 >= first - local_window && KeyBegin(kb) <= last + local_window;
+  }
+
+ private:
+  TFSA_HOST_DEVICE static int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
+};
+
+}  // namespace tfsa

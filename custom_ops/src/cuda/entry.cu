@@ -1,0 +1,135 @@
+// tfsa_cuda_sparse_attention: checks the call, lays out the workspace, and enqueues the
+// schedule (selection.cu) and then the attention (attention.cu) on the caller's stream.
+#include <cstdio>
+#include <string>
+
+#include "attention.cuh"
+#include "selection.cuh"
+#include "tfsa/contract.h"
+
+namespace tfsa::cuda {
+namespace {
+
+constexpr size_t Align(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Byte offsets of the schedule's arrays in the workspace.
+struct Layout {
+  size_t q_means = 0, k_means = 0, mask_states = 0, allowed = 0, chosen = 0, counts = 0, pairs = 0, total = 0;
+};
+
+bool UsesEstimate(const TfsaCudaCall& c) {
+  return !(c.kv_len < c.min_seq_len || (c.threshold >= 1.0f && c.max_density >= 1.0f));
+}
+
+Geometry MakeGeometry(const TfsaCudaCall& c) {
+  Geometry g;
+  g.grid = BlockGrid(c.block_size, c.q_len, c.kv_len, c.is_causal != 0);
+  g.batch = c.batch, g.q_heads = c.q_heads, g.kv_heads = c.kv_heads;
+  g.head_dim = c.head_dim, g.v_head_dim = c.v_head_dim;
+  g.scale = c.scale > 0.0f ? c.scale : (c.head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(c.head_dim)) : 1.0f);
+  g.global_tokens = c.global_tokens, g.local_window = c.local_window;
+  g.threshold = c.threshold, g.max_density = c.max_density;
+  g.uses_estimate = UsesEstimate(c);
+  g.mask.kind = c.mask_kind, g.mask.dtype = c.dtype, g.mask.data = c.mask;
+  for (int i = 0; i < 4; ++i) g.mask.stride[i] = c.mask_stride[i];
+  if (c.mask_kind != TFSA_MASK_NONE) {
+    g.mask_heads = c.mask_stride[1] == 0 ? 1 : c.q_heads;
+    g.mask_q_blocks = c.mask_stride[2] == 0 ? 1 : g.grid.q_blocks;
+  }
+  return g;
+}
+
+Layout Plan(const Geometry& g, bool has_mask) {
+  const size_t rows = g.batch * g.q_heads * g.grid.q_blocks, nk = g.grid.k_blocks;
+  Layout l;
+  size_t at = 0;
+  const auto take = [&](size_t bytes) { const size_t start = at; at += Align(bytes); return start; };
+  l.q_means = take(g.uses_estimate ? sizeof(float) * rows * g.head_dim : 0);
+  l.k_means = take(g.uses_estimate ? sizeof(float) * g.batch * g.kv_heads * nk * g.head_dim : 0);
+  l.mask_states = take(has_mask ? g.batch * g.mask_heads * g.mask_q_blocks * nk : 0);
+  l.allowed = take(rows * nk);
+  l.chosen = take(sizeof(int32_t) * rows * nk);
+  l.counts = take(sizeof(int32_t) * rows);
+  l.pairs = take(sizeof(unsigned long long) * 2 * g.batch * g.q_heads);
+  l.total = at;
+  return l;
+}
+
+// Empty when the call is usable, else what is wrong with it.
+std::string CheckCall(const TfsaCudaCall& c) {
+  Attributes a;
+  a.scale = c.scale, a.is_causal = c.is_causal, a.block_size = c.block_size, a.global_tokens = c.global_tokens;
+  a.local_window = c.local_window, a.threshold = c.threshold, a.max_density = c.max_density;
+  a.min_seq_len = c.min_seq_len;
+  std::string error = CheckAttributes(a);
+  if (!error.empty()) return error;
+  if (c.dtype < TFSA_FLOAT32 || c.dtype > TFSA_BFLOAT16) return "dtype must be float32, float16 or bfloat16";
+  if (c.mask_kind < TFSA_MASK_NONE || c.mask_kind > TFSA_MASK_T) return "unknown mask kind";
+  if ((c.mask_kind != TFSA_MASK_NONE) != (c.mask != nullptr)) return "mask pointer and mask kind disagree";
+  if (c.batch < 0 || c.q_heads < 0 || c.kv_heads <= 0 || c.q_len < 0 || c.kv_len < 0 || c.head_dim < 0 ||
+      c.v_head_dim < 0 || c.q_heads % c.kv_heads != 0)
+    return "sizes must be >= 0 with query heads a multiple of key/value heads (> 0)";
+  if (c.v_head_dim > 256) return "the CUDA kernel supports value head dims up to 256, got " + std::to_string(c.v_head_dim);
+  if (c.head_dim > 1024) return "the CUDA kernel supports head dims up to 1024, got " + std::to_string(c.head_dim);
+  if (ChooseSharedBytes((c.kv_len + c.block_size - 1) / c.block_size) > kMaxChooseShared)
+    return "too many key blocks for the CUDA schedule (kv_len / block_size = " +
+           std::to_string((c.kv_len + c.block_size - 1) / c.block_size) + "); use a larger block_size";
+  return "";
+}
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <class T>
+T* At(void* workspace, size_t offset) {
+  return reinterpret_cast<T*>(static_cast<unsigned char*>(workspace) + offset);
+}
+
+int Fail(char* error, size_t size, const std::string& message) {
+  if (error && size) std::snprintf(error, size, "%s", message.c_str());
+  return 1;
+}
+
+}  // namespace
+}  // namespace tfsa::cuda
+
+using namespace tfsa::cuda;
+
+extern "C" __attribute__((visibility("default"))) size_t tfsa_cuda_workspace_bytes(const TfsaCudaCall* call) {
+  if (!call || !CheckCall(*call).empty()) return 0;
+  return Plan(MakeGeometry(*call), call->mask_kind != TFSA_MASK_NONE).total;
+}
+
+extern "C" __attribute__((visibility("default"))) int tfsa_cuda_sparse_attention(const TfsaCudaCall* call, void* stream_ptr,
+                                                                                char* error, size_t error_size) {
+  if (!call) return Fail(error, error_size, "no call");
+  const TfsaCudaCall& c = *call;
+  const std::string problem = CheckCall(c);
+  if (!problem.empty()) return Fail(error, error_size, problem);
+  if (c.batch * c.q_heads == 0) return 0;  // empty output and density
+  const auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const Geometry g = MakeGeometry(c);
+  const Layout l = Plan(g, c.mask_kind != TFSA_MASK_NONE);
+  const size_t out_bytes = (c.dtype == TFSA_FLOAT32 ? 4 : 2) * size_t(c.batch * c.q_heads * c.q_len * c.v_head_dim);
+
+  Schedule s;
+  s.q_means = At<float>(c.workspace, l.q_means);
+  s.k_means = At<float>(c.workspace, l.k_means);
+  s.mask_states = c.mask_kind != TFSA_MASK_NONE ? At<uint8_t>(c.workspace, l.mask_states) : nullptr;
+  s.allowed = At<uint8_t>(c.workspace, l.allowed);
+  s.chosen = At<int32_t>(c.workspace, l.chosen);
+  s.counts = At<int32_t>(c.workspace, l.counts);
+  s.pairs = At<unsigned long long>(c.workspace, l.pairs);
+  cudaError_t status = BuildSchedule(g, c.dtype, c.query, c.key, s, c.selected, c.density, stream);
+  if (status == cudaSuccess && out_bytes > 0) {
+    if (c.selection_only || c.kv_len == 0) {
+      status = cudaMemsetAsync(c.output, 0, out_bytes, stream);  // nothing to attend: zeros
+    } else {
+      const AttentionArgs args{g, c.query, c.key, c.value, c.output, s.chosen, s.counts};
+      const bool aligned = Aligned16(c.query) && Aligned16(c.key) && Aligned16(c.value) && Aligned16(c.output);
+      status = LaunchAttention(args, c.dtype, aligned, stream);
+    }
+  }
+  if (status != cudaSuccess)
+    return Fail(error, error_size, std::string("CUDA error: ") + cudaGetErrorString(status));
+  return 0;
+}

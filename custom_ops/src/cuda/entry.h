@@ -1,0 +1,50 @@
+/* The CUDA kernels' C entry point. The ONNX Runtime op (cuda_op.cc) calls it with ORT's
+ * tensors and stream; tests and benchmarks call it through ctypes with torch or CuPy
+ * buffers, so the kernels can be checked on a GPU machine without onnxruntime-gpu.
+ * Plain C: tfsa_onnx/cuda.py mirrors TfsaCudaCall field by field. */
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum TfsaDType { TFSA_FLOAT32 = 0, TFSA_FLOAT16 = 1, TFSA_BFLOAT16 = 2 };
+/* TFSA_MASK_T: the mask has the element type of query (additive). */
+enum TfsaMaskKind { TFSA_MASK_NONE = 0, TFSA_MASK_BOOL = 1, TFSA_MASK_T = 2 };
+
+typedef struct TfsaCudaCall {
+  int32_t dtype;     /* TfsaDType of query, key, value and output */
+  int32_t mask_kind; /* TfsaMaskKind */
+  /* query [B, Hq, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv], contiguous */
+  int64_t batch, q_heads, kv_heads, q_len, kv_len, head_dim, v_head_dim;
+  int64_t mask_stride[4]; /* element strides of the mask over [B, Hq, Sq, Sk]; 0 broadcasts */
+  /* the operator's attributes; scale 0 means 1/sqrt(D) */
+  float scale;
+  int64_t is_causal, block_size, global_tokens, local_window;
+  float threshold, max_density;
+  int64_t min_seq_len;
+  int32_t selection_only; /* profiling: choose blocks, write zeros */
+  const void* query;
+  const void* key;
+  const void* value;
+  const void* mask;      /* NULL when mask_kind is TFSA_MASK_NONE */
+  void* output;          /* [B, Hq, Sq, Dv] */
+  float* density;        /* [B, Hq] or NULL */
+  uint8_t* selected;     /* [B, Hq, nQ, nK] chosen blocks (1/0) or NULL: for tests */
+  void* workspace;       /* device memory of tfsa_cuda_workspace_bytes(call) bytes */
+} TfsaCudaCall;
+
+/* Device workspace a call needs, in bytes (0 when the call's sizes are invalid). */
+size_t tfsa_cuda_workspace_bytes(const TfsaCudaCall* call);
+
+/* Enqueues the call on `stream` (a cudaStream_t; NULL: the default stream) without
+ * synchronising. Returns 0, or non-zero with a message in `error` (bad sizes or
+ * attributes, a launch failure). */
+int tfsa_cuda_sparse_attention(const TfsaCudaCall* call, void* stream, char* error, size_t error_size);
+
+#ifdef __cplusplus
+}
+#endif

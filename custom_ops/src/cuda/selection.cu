@@ -1,0 +1,260 @@
+#include "selection.cuh"
+
+namespace tfsa::cuda {
+namespace {
+
+constexpr int kChooseThreads = 256;
+enum BlockFlag : uint8_t { kAllowed = 1, kForced = 2, kCandidate = 4, kTake = 8 };
+
+// Mean over each block's rows of x [heads, seq, dim], times `scale`: out [heads, n_blocks, dim].
+template <class T>
+__global__ void BlockMeansKernel(const T* x, int64_t seq, int64_t dim, int64_t block, int64_t n_blocks,
+                                 float scale, float* out) {
+  const int64_t item = blockIdx.x, head = item / n_blocks, begin = (item % n_blocks) * block;
+  const int64_t end = begin + block < seq ? begin + block : seq;
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+    float sum = 0.0f;
+    for (int64_t r = begin; r < end; ++r) sum += ToFloat(x[(head * seq + r) * dim + d]) * scale;
+    out[item * dim + d] = sum / static_cast<float>(end - begin);
+  }
+}
+
+// One warp per (batch, mask head, mask query block, key block): closed, partial or open.
+__global__ void ClassifyMaskKernel(Geometry g, uint8_t* states) {
+  const int64_t warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / 32;
+  const int64_t n_items = g.batch * g.mask_heads * g.mask_q_blocks * g.grid.k_blocks;
+  if (item >= n_items) return;
+  const int64_t kb = item % g.grid.k_blocks, rest = item / g.grid.k_blocks;
+  const int64_t mqb = rest % g.mask_q_blocks, bh = rest / g.mask_q_blocks;
+  const int64_t b = bh / g.mask_heads, mh = bh % g.mask_heads;
+  const int64_t q_begin = g.grid.QueryBegin(mqb);
+  const int64_t q_end = g.mask_q_blocks == 1 ? q_begin + 1 : g.grid.QueryEnd(mqb);  // rows broadcast: one row
+  const int64_t k_begin = g.grid.KeyBegin(kb), keys = g.grid.KeyEnd(kb) - k_begin;
+  bool any = false, all_zero = true;
+  for (int64_t e = lane; e < (q_end - q_begin) * keys; e += 32) {
+    const float bias = g.mask.Bias(g.mask.Offset(b, mh, q_begin + e / keys, k_begin + e % keys));
+    any = any || bias != kNegInf;
+    all_zero = all_zero && bias == 0.0f;
+  }
+  any = __any_sync(0xffffffffu, any);
+  all_zero = __all_sync(0xffffffffu, all_zero);
+  if (lane == 0) states[item] = all_zero ? kOpen : any ? kPartial : kClosed;
+}
+
+// Key blocks holding a key that causality and the mask let some query of the block see.
+__global__ void AllowedBlocksKernel(Geometry g, const uint8_t* states, uint8_t* allowed) {
+  const BlockGrid& grid = g.grid;
+  const int64_t row = blockIdx.x, qb = row % grid.q_blocks, bh = row / grid.q_blocks;
+  const int64_t b = bh / g.q_heads, h = bh % g.q_heads;
+  const int64_t q_begin = grid.QueryBegin(qb), q_end = grid.QueryEnd(qb);
+  for (int64_t kb = threadIdx.x; kb < grid.k_blocks; kb += blockDim.x) {
+    const int64_t k_begin = grid.KeyBegin(kb), k_end = grid.KeyEnd(kb);
+    bool any = false;
+    if (k_begin <= grid.LastVisibleKey(q_end - 1)) {  // else the future, for every row
+      const uint8_t state = states ? states[g.MaskBlockIndex(b, h, qb, kb)] : uint8_t{kOpen};
+      any = state == kOpen || (state == kPartial && k_end - 1 <= grid.LastVisibleKey(q_begin));
+      if (state == kPartial && !any)  // on the causal edge: look at the visible pairs
+        for (int64_t i = q_begin; i < q_end && !any; ++i) {
+          const int64_t last = k_end - 1 < grid.LastVisibleKey(i) ? k_end - 1 : grid.LastVisibleKey(i);
+          for (int64_t j = k_begin; j <= last && !any; ++j) any = g.mask.Bias(g.mask.Offset(b, h, i, j)) != kNegInf;
+        }
+    }
+    allowed[row * grid.k_blocks + kb] = any;
+  }
+}
+
+template <class T, class Op>
+__device__ T BlockReduce(T x, Op op, T* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
+  __syncthreads();
+  T total = scratch[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) total = op(total, scratch[w]);
+  __syncthreads();
+  return total;
+}
+
+// Writes the indices whose flags have `bit`, ascending, to `out`; returns how many.
+__device__ int CompactAscending(const uint8_t* flags, int n, uint8_t bit, int32_t* out, int* warp_totals) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  int written = 0;
+  for (int base = 0; base < n; base += blockDim.x) {
+    const int index = base + threadIdx.x;
+    const bool take = index < n && (flags[index] & bit);
+    const unsigned ballot = __ballot_sync(0xffffffffu, take);
+    if (lane == 0) warp_totals[warp] = __popc(ballot);
+    __syncthreads();
+    int before = 0, total = 0;
+    for (int w = 0; w < warps; ++w) {
+      before += w < warp ? warp_totals[w] : 0;
+      total += warp_totals[w];
+    }
+    if (take) out[written + before + __popc(ballot & ((1u << lane) - 1u))] = index;
+    written += total;
+    __syncthreads();
+  }
+  return written;
+}
+
+__device__ double Max(double a, double b) { return a > b ? a : b; }
+__device__ double Sum(double a, double b) { return a + b; }
+__device__ int SumInt(int a, int b) { return a + b; }
+
+// The estimate of candidate kb: pooled score + log(keys in kb), shifted by log(block).
+__device__ double Estimate(const Geometry& g, const float* q_mean, const float* k_mean, int64_t kb) {
+  float dot = 0.0f;
+  for (int64_t x = 0; x < g.head_dim; ++x) dot += q_mean[x] * k_mean[kb * g.head_dim + x];
+  double score = dot;
+  const int64_t keys = g.grid.KeyEnd(kb) - g.grid.KeyBegin(kb);
+  if (keys != g.grid.block) score += log(static_cast<double>(keys) / static_cast<double>(g.grid.block));
+  return isnan(score) ? -INFINITY : score;
+}
+
+// Marks the candidates the estimate takes: the `budget` heaviest (ties by block index),
+// in that order while the cumulative mass stays below the threshold.
+__device__ void TakeByEstimate(const Geometry& g, int n_allowed, int n_forced, int n_candidates, double* mass,
+                               double* ranked, int32_t* rank, uint8_t* flags, double* scratch) {
+  const int64_t nk = g.grid.k_blocks;
+  const bool use_threshold = g.threshold < 1.0f;
+  double best = -INFINITY;
+  for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
+    if (flags[kb] & kCandidate) best = Max(best, mass[kb]);
+  best = BlockReduce(best, Max, scratch);
+  if (use_threshold) {  // softmax over the candidates
+    double total = 0.0;
+    for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
+      if (flags[kb] & kCandidate) total += (mass[kb] = isfinite(best) ? exp(mass[kb] - best) : 1.0);
+    total = BlockReduce(total, Sum, scratch);
+    for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
+      if (flags[kb] & kCandidate) mass[kb] /= total;
+  }
+  __syncthreads();
+  // The small tolerance keeps float attribute rounding from adding a block (0.1f * 30).
+  const int64_t cap = max(1LL, static_cast<long long>(ceil(double(g.max_density) * n_allowed - 1e-4)));
+  const int64_t budget = max(0LL, min(static_cast<long long>(cap - n_forced), static_cast<long long>(n_candidates)));
+  for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x) {
+    if (!(flags[kb] & kCandidate)) continue;
+    int32_t r = 0;
+    for (int64_t other = 0; other < nk; ++other)
+      r += (flags[other] & kCandidate) && (mass[other] > mass[kb] || (mass[other] == mass[kb] && other < kb));
+    rank[kb] = r;
+    if (r < budget) ranked[r] = mass[kb];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {  // mass before each rank, summed in rank order as on the CPU
+    double cumulative = 0.0;
+    for (int64_t r = 0; r < budget; ++r) {
+      const double m = ranked[r];
+      ranked[r] = cumulative;
+      cumulative += m;
+    }
+  }
+  __syncthreads();
+  for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
+    if ((flags[kb] & kCandidate) && rank[kb] < budget && (!use_threshold || ranked[rank[kb]] < g.threshold))
+      flags[kb] |= kTake;
+  __syncthreads();
+}
+
+// One thread block per row: global and local blocks, then the estimate's picks.
+__global__ void __launch_bounds__(kChooseThreads)
+    ChooseBlocksKernel(Geometry g, Schedule s, uint8_t* selected) {
+  TFSA_DYNAMIC_SHARED(shared);
+  __shared__ double scratch[32];
+  __shared__ int int_scratch[32];
+  const BlockGrid& grid = g.grid;
+  const int64_t nk = grid.k_blocks, row = blockIdx.x, qb = row % grid.q_blocks, bh = row / grid.q_blocks;
+  const int64_t b = bh / g.q_heads, h = bh % g.q_heads;
+  double* mass = reinterpret_cast<double*>(shared);
+  double* ranked = mass + nk;
+  int32_t* rank = reinterpret_cast<int32_t*>(ranked + nk);
+  uint8_t* flags = reinterpret_cast<uint8_t*>(rank + nk);
+  const float* q_mean = g.uses_estimate ? s.q_means + row * g.head_dim : nullptr;
+  const float* k_means = g.uses_estimate ? s.k_means + (b * g.kv_heads + g.KvHead(h)) * nk * g.head_dim : nullptr;
+
+  int n_allowed = 0, n_forced = 0, n_candidates = 0;
+  for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x) {
+    uint8_t f = s.allowed[row * nk + kb] ? kAllowed : 0;
+    if (f && !g.uses_estimate) f |= kTake;
+    else if (f && grid.Forced(qb, kb, g.global_tokens, g.local_window)) f |= kForced | kTake;
+    else if (f) {
+      f |= kCandidate;
+      mass[kb] = Estimate(g, q_mean, k_means, kb);
+    }
+    flags[kb] = f;
+    n_allowed += (f & kAllowed) != 0;
+    n_forced += (f & kForced) != 0;
+    n_candidates += (f & kCandidate) != 0;
+  }
+  n_allowed = BlockReduce(n_allowed, SumInt, int_scratch);
+  n_forced = BlockReduce(n_forced, SumInt, int_scratch);
+  n_candidates = BlockReduce(n_candidates, SumInt, int_scratch);
+  if (n_candidates > 0) TakeByEstimate(g, n_allowed, n_forced, n_candidates, mass, ranked, rank, flags, scratch);
+
+  const int n_chosen = CompactAscending(flags, static_cast<int>(nk), kTake, s.chosen + row * nk, int_scratch);
+  if (selected)
+    for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x) selected[row * nk + kb] = (flags[kb] & kTake) != 0;
+  if (threadIdx.x == 0) {
+    s.counts[row] = n_chosen;
+    atomicAdd(&s.pairs[bh * 2], static_cast<unsigned long long>(n_chosen));
+    atomicAdd(&s.pairs[bh * 2 + 1], static_cast<unsigned long long>(n_allowed));
+  }
+}
+
+// density = chosen pairs / allowed pairs (1.0 when nothing is allowed).
+__global__ void DensityKernel(const unsigned long long* pairs, int64_t n, float* density) {
+  const int64_t bh = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (bh < n) density[bh] = pairs[bh * 2 + 1] ? static_cast<float>(double(pairs[bh * 2]) / double(pairs[bh * 2 + 1])) : 1.0f;
+}
+
+template <class T>
+void LaunchMeans(const Geometry& g, const void* query, const void* key, const Schedule& s, cudaStream_t stream) {
+  const int threads = g.head_dim < 128 ? 64 : 128;
+  const BlockGrid& grid = g.grid;
+  const int64_t q_items = g.batch * g.q_heads * grid.q_blocks, k_items = g.batch * g.kv_heads * grid.k_blocks;
+  if (q_items > 0)
+    TFSA_LAUNCH(BlockMeansKernel<T>, q_items, threads, 0, stream)(static_cast<const T*>(query), grid.q_len, g.head_dim,
+                                                         grid.block, grid.q_blocks, g.scale, s.q_means);
+  if (k_items > 0)
+    TFSA_LAUNCH(BlockMeansKernel<T>, k_items, threads, 0, stream)(static_cast<const T*>(key), grid.kv_len, g.head_dim,
+                                                         grid.block, grid.k_blocks, 1.0f, s.k_means);
+}
+
+}  // namespace
+
+size_t ChooseSharedBytes(int64_t k_blocks) {
+  return static_cast<size_t>(k_blocks) * (2 * sizeof(double) + sizeof(int32_t) + sizeof(uint8_t));
+}
+
+cudaError_t BuildSchedule(const Geometry& g, int32_t dtype, const void* query, const void* key,
+                          const Schedule& s, uint8_t* selected, float* density, cudaStream_t stream) {
+  const BlockGrid& grid = g.grid;
+  const int64_t rows = g.batch * g.q_heads * grid.q_blocks;
+  if (g.uses_estimate) {
+    if (dtype == TFSA_FLOAT16) LaunchMeans<__half>(g, query, key, s, stream);
+    else if (dtype == TFSA_BFLOAT16) LaunchMeans<__nv_bfloat16>(g, query, key, s, stream);
+    else LaunchMeans<float>(g, query, key, s, stream);
+  }
+  if (s.mask_states) {
+    const int64_t items = g.batch * g.mask_heads * g.mask_q_blocks * grid.k_blocks;
+    if (items > 0) TFSA_LAUNCH(ClassifyMaskKernel, (items + 7) / 8, 256, 0, stream)(g, s.mask_states);
+  }
+  if (rows > 0) {
+    TFSA_LAUNCH(AllowedBlocksKernel, rows, 128, 0, stream)(g, s.mask_states, s.allowed);
+    const size_t shared = ChooseSharedBytes(grid.k_blocks);
+    cudaError_t status = cudaFuncSetAttribute(ChooseBlocksKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(shared));
+    if (status != cudaSuccess) return status;
+    cudaMemsetAsync(s.pairs, 0, sizeof(unsigned long long) * 2 * g.batch * g.q_heads, stream);
+    TFSA_LAUNCH(ChooseBlocksKernel, rows, kChooseThreads, shared, stream)(g, s, selected);
+  }
+  const int64_t heads = g.batch * g.q_heads;
+  if (density && heads > 0) {
+    if (rows == 0) cudaMemsetAsync(s.pairs, 0, sizeof(unsigned long long) * 2 * heads, stream);
+    TFSA_LAUNCH(DensityKernel, (heads + 255) / 256, 256, 0, stream)(s.pairs, heads, density);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace tfsa::cuda

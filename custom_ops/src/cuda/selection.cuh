@@ -1,0 +1,30 @@
+// The schedule on the GPU: which key blocks each query block computes. It follows
+// tfsa_onnx/reference.py (select_blocks) and the CPU's selection.cc rule for rule.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common.cuh"
+
+namespace tfsa::cuda {
+
+// Device arrays the schedule fills; rows are (batch, q head, query block).
+struct Schedule {
+  float* q_means = nullptr;          // [B * Hq * nQ, D], scaled
+  float* k_means = nullptr;          // [B * Hkv * nK, D]
+  uint8_t* mask_states = nullptr;    // per Geometry::MaskBlockIndex; null without a mask
+  uint8_t* allowed = nullptr;        // [rows, nK]
+  int32_t* chosen = nullptr;         // [rows, nK]: the first counts[row] entries, ascending
+  int32_t* counts = nullptr;         // [rows]
+  unsigned long long* pairs = nullptr;  // [B * Hq, 2]: chosen and allowed block pairs
+};
+
+// Bytes of dynamic shared memory the block choice needs per row; at most kMaxChooseShared.
+size_t ChooseSharedBytes(int64_t k_blocks);
+constexpr size_t kMaxChooseShared = 160 * 1024;
+
+// Enqueues the schedule's kernels; `selected` ([rows, nK] 0/1) and `density` are optional.
+cudaError_t BuildSchedule(const Geometry& g, int32_t dtype, const void* query, const void* key,
+                          const Schedule& s, uint8_t* selected, float* density, cudaStream_t stream);
+
+}  // namespace tfsa::cuda

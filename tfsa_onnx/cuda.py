@@ -1,0 +1,146 @@
+"""The CUDA kernels called directly, without ONNX Runtime, on torch CUDA tensors.
+
+The ONNX Runtime op and this module drive the same C entry point of the CUDA library
+(custom_ops/src/cuda/entry.h), so the kernels can be tested and timed on a GPU machine that
+has torch but not onnxruntime-gpu:
+
+    y, density = tfsa_onnx.cuda.sparse_attention(q, k, v, mask, threshold=0.9, is_causal=1)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from typing import Any
+
+from tfsa_onnx.reference import SparseAttentionAttributes
+
+FLOAT32, FLOAT16, BFLOAT16 = 0, 1, 2
+MASK_NONE, MASK_BOOL, MASK_T = 0, 1, 2
+
+
+class Call(ctypes.Structure):
+    """TfsaCudaCall of entry.h, field by field."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int32),
+        ("mask_kind", ctypes.c_int32),
+        *[(name, ctypes.c_int64) for name in ("batch", "q_heads", "kv_heads", "q_len", "kv_len")],
+        ("head_dim", ctypes.c_int64),
+        ("v_head_dim", ctypes.c_int64),
+        ("mask_stride", ctypes.c_int64 * 4),
+        ("scale", ctypes.c_float),
+        *[(name, ctypes.c_int64) for name in ("is_causal", "block_size", "global_tokens", "local_window")],
+        ("threshold", ctypes.c_float),
+        ("max_density", ctypes.c_float),
+        ("min_seq_len", ctypes.c_int64),
+        ("selection_only", ctypes.c_int32),
+        *[(name, ctypes.c_void_p) for name in ("query", "key", "value", "mask", "output")],
+        ("density", ctypes.c_void_p),
+        ("selected", ctypes.c_void_p),
+        ("workspace", ctypes.c_void_p),
+    ]
+
+
+_library: ctypes.CDLL | None = None
+
+
+def load(path: str) -> ctypes.CDLL:
+    """A library with the entry point: the CUDA library, or the tests' CPU emulation of it."""
+    lib = ctypes.CDLL(path)
+    lib.tfsa_cuda_workspace_bytes.argtypes = [ctypes.POINTER(Call)]
+    lib.tfsa_cuda_workspace_bytes.restype = ctypes.c_size_t
+    lib.tfsa_cuda_sparse_attention.argtypes = [
+        ctypes.POINTER(Call),
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ]
+    lib.tfsa_cuda_sparse_attention.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL:
+    """The CUDA library, loaded once (tfsa_onnx.get_library_path('cuda'))."""
+    global _library
+    if _library is None:
+        import tfsa_onnx
+
+        _library = load(tfsa_onnx.get_library_path("cuda"))
+    return _library
+
+
+def make_call(
+    shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+    dtype: int = FLOAT32,
+    mask_kind: int = MASK_NONE,
+    mask_strides: tuple[int, int, int, int] = (0, 0, 0, 0),
+    **attributes: Any,
+) -> Call:
+    """A call for query/key/value shapes and attributes (pointers left unset)."""
+    a = SparseAttentionAttributes(**attributes)
+    (b, hq, sq, d), (_, hkv, sk, _), (_, _, _, dv) = shapes
+    call = Call(dtype=dtype, mask_kind=mask_kind, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq, kv_len=sk)
+    call.head_dim, call.v_head_dim = d, dv
+    call.mask_stride[:] = list(mask_strides)
+    for name in SparseAttentionAttributes.names():
+        setattr(call, name, getattr(a, name))
+    return call
+
+
+def workspace_bytes(call: Call, lib: ctypes.CDLL | None = None) -> int:
+    """Device workspace the call needs; 0 when its sizes or attributes are invalid."""
+    return (lib or library()).tfsa_cuda_workspace_bytes(ctypes.byref(call))
+
+
+def run(call: Call, stream: int = 0, lib: ctypes.CDLL | None = None) -> None:
+    """Enqueue a call whose pointers are set; raises RuntimeError with the kernel's message."""
+    error = ctypes.create_string_buffer(512)
+    if (lib or library()).tfsa_cuda_sparse_attention(ctypes.byref(call), ctypes.c_void_p(stream), error, 512):
+        raise RuntimeError(f"SparseAttention (CUDA): {error.value.decode()}")
+
+
+def block_counts(q_len: int, kv_len: int, block_size: int) -> tuple[int, int]:
+    """(query blocks, key blocks) of the schedule."""
+    return math.ceil(q_len / block_size), math.ceil(kv_len / block_size)
+
+
+def sparse_attention(query, key, value, attn_mask=None, *, return_selected: bool = False, **attributes: Any):
+    """SparseAttention on torch CUDA tensors [B, H, S, D]: (Y, density[, selected [B, Hq, nQ, nK]])."""
+    import torch
+
+    dtypes = {torch.float32: FLOAT32, torch.float16: FLOAT16, torch.bfloat16: BFLOAT16}
+    query, key, value = (t.contiguous() for t in (query, key, value))
+    b, hq, sq, _ = query.shape
+    sk, dv = key.shape[2], value.shape[3]
+    mask_kind, strides, mask = MASK_NONE, (0, 0, 0, 0), None
+    if attn_mask is not None:
+        mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_T
+        full = attn_mask.contiguous().reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        mask = full.expand(b, hq, sq, sk)  # broadcast axes get stride 0
+        strides = tuple(mask.stride())
+    call = make_call(
+        (tuple(query.shape), tuple(key.shape), tuple(value.shape)),
+        dtypes[query.dtype],
+        mask_kind,
+        strides,
+        **attributes,
+    )
+    size = workspace_bytes(call)
+    if size == 0:
+        run(call)  # reports what is wrong
+    workspace = torch.empty(size, dtype=torch.uint8, device=query.device)
+    output = torch.empty((b, hq, sq, dv), dtype=query.dtype, device=query.device)
+    density = torch.empty((b, hq), dtype=torch.float32, device=query.device)
+    blocks = block_counts(sq, sk, SparseAttentionAttributes(**attributes).block_size)
+    selected = (
+        torch.zeros((b, hq, *blocks), dtype=torch.uint8, device=query.device) if return_selected else None
+    )
+    call.query, call.key, call.value = query.data_ptr(), key.data_ptr(), value.data_ptr()
+    call.mask = mask.data_ptr() if mask is not None else None
+    call.output, call.density, call.workspace = output.data_ptr(), density.data_ptr(), workspace.data_ptr()
+    call.selected = selected.data_ptr() if selected is not None else None
+    run(call, torch.cuda.current_stream(query.device).cuda_stream)
+    if return_selected:
+        return output, density, selected.bool()
+    return output, density
