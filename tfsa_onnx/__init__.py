@@ -8,24 +8,60 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Bound here rather than in __getattr__: `export` is also its submodule's name, and importing
+# that submodule (tfsa_onnx.export) would otherwise leave the module where the function belongs.
+# The submodule imports only the standard library; torch and transformers load on first call.
+from tfsa_onnx.export import export as export
+
 __version__ = "0.1.0"
 DOMAIN = "ai.tfsa"
 OP_TYPE = "SparseAttention"
 OP_VERSION = 1
 
-_LIBRARY_NAMES = ("libtfsa_ops.so", "libtfsa_ops.dylib", "tfsa_ops.dll")
+_CPU_LIBRARIES = ("libtfsa_ops.so", "libtfsa_ops.dylib", "tfsa_ops.dll")
+_CUDA_LIBRARIES = ("libtfsa_ops_cuda.so", "tfsa_ops_cuda.dll")
 
 
-def get_library_path() -> str:
-    """Path of the custom-op library to pass to SessionOptions.register_custom_ops_library."""
+def _find(names: tuple[str, ...]) -> Path | None:
     here = Path(__file__).resolve().parent
-    for name in _LIBRARY_NAMES:
-        if (here / name).is_file():
-            return str(here / name)
-    raise FileNotFoundError(
-        f"the tfsa-onnx operator library is not in {here}; install the package with "
-        "'pip install .' (or run 'make build' in a source checkout) to build it"
-    )
+    return next((here / name for name in names if (here / name).is_file()), None)
+
+
+def _onnxruntime_has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def get_library_path(provider: str | None = None) -> str:
+    """Path of the custom-op library to pass to SessionOptions.register_custom_ops_library.
+
+    provider: "cpu" (the CPU library), "cuda" (the library that also registers the op for
+    CUDAExecutionProvider), or None: $TFSA_ONNX_LIBRARY if set, else "cuda" when that library
+    was built and the installed onnxruntime has the CUDA provider (onnxruntime-gpu), else "cpu".
+    """
+    import os
+
+    provider = provider or os.environ.get("TFSA_ONNX_LIBRARY") or None
+    if provider not in (None, "cpu", "cuda"):
+        raise ValueError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
+    cuda = _find(_CUDA_LIBRARIES)
+    if provider == "cuda" or (provider is None and cuda is not None and _onnxruntime_has_cuda()):
+        if cuda is None:
+            raise FileNotFoundError(
+                "the tfsa-onnx CUDA library was not built: install the package on a machine with the "
+                "CUDA toolkit (nvcc on PATH), or build with -DTFSA_CUDA=ON"
+            )
+        return str(cuda)
+    cpu = _find(_CPU_LIBRARIES)
+    if cpu is None:
+        raise FileNotFoundError(
+            f"the tfsa-onnx operator library is not in {Path(__file__).resolve().parent}; install the "
+            "package with 'pip install .' (or run 'make build' in a source checkout) to build it"
+        )
+    return str(cpu)
 
 
 def session_options(so=None):
