@@ -1,55 +1,80 @@
-"""Run a tfsa-optimized model from any Python ONNX Runtime application.
+"""Sentence embeddings from a tfsa-optimized text encoder, with nothing but ONNX Runtime.
 
-    tfsa-onnx optimize model.onnx                 # writes model.tfsa.onnx
-    python samples/python_app.py model.tfsa.onnx --seq-len 2048
+    tfsa-onnx optimize minilm.onnx -o minilm.tfsa.onnx
+    python samples/python_app.py minilm.tfsa.onnx --tokenizer MODEL_DIR "first text" "second text"
 
-The only tfsa-specific line is `tfsa_onnx.session_options()`, which registers the operator
-library with ONNX Runtime (or: so.register_custom_ops_library(tfsa_onnx.get_library_path())).
+MODEL_DIR holds the model's tokenizer.json (Hugging Face's fast-tokenizer file). The texts are
+tokenized as one padded batch, run, mean-pooled over their real tokens (the attention mask) and
+L2-normalised, as sentence-transformers does for all-MiniLM-L6-v2; it prints each text's
+embedding size and the texts' cosine similarities. The only tfsa-specific line registers the
+operator library with ONNX Runtime.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+from pathlib import Path
 
-import onnx
+import numpy as np
 import onnxruntime as ort
+from tokenizers import Tokenizer
 
-import tfsa_onnx
-from tfsa_onnx.inputs import generate, graph_inputs
-from tfsa_onnx.validate import expose_density
+from tfsa_onnx import get_library_path
+
+
+def load_tokenizer(directory: Path, max_length: int) -> Tokenizer:
+    """The directory's tokenizer.json, padding each batch to its longest text (not a fixed length)."""
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    # The file's pad token if it names one; the mask hides padding, so any id works otherwise.
+    pad_token = (tokenizer.padding or {}).get("pad_token", "[PAD]")
+    tokenizer.enable_padding(pad_id=tokenizer.token_to_id(pad_token) or 0, pad_token=pad_token)
+    tokenizer.enable_truncation(max_length)
+    return tokenizer
+
+
+def make_session(model: Path, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.register_custom_ops_library(get_library_path())  # ai.tfsa::SparseAttention
+    return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+
+
+def embed(session: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
+    """[len(texts), hidden] unit vectors: the model's first output, mean-pooled over real tokens."""
+    batch = tokenizer.encode_batch(texts)
+    columns = {
+        "input_ids": [e.ids for e in batch],
+        "attention_mask": [e.attention_mask for e in batch],
+        "token_type_ids": [e.type_ids for e in batch],
+    }
+    feeds = {i.name: np.array(columns[i.name], dtype=np.int64) for i in session.get_inputs()}
+    hidden = session.run(None, feeds)[0]  # [batch, tokens, hidden]
+    mask = np.array(columns["attention_mask"], dtype=np.float32)[:, :, None]
+    pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", help="an optimized model (with ai.tfsa::SparseAttention nodes)")
-    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("model", type=Path, help="an optimized text encoder (.tfsa.onnx)")
+    parser.add_argument("texts", nargs="+", help="texts to embed")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens kept per text")
     parser.add_argument("--threads", type=int, default=0, help="intra_op_num_threads (0: ORT's default)")
+    parser.add_argument("--save", type=Path, help="also write the embeddings to this .npy file")
     args = parser.parse_args()
 
-    model = onnx.load(args.model)
-    # Ask every SparseAttention node for its optional `density` output too.
-    model_with_density, density_names = expose_density(model)
-
-    so = tfsa_onnx.session_options()
-    so.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(
-        model_with_density.SerializeToString(), so, providers=["CPUExecutionProvider"]
-    )
-
-    feeds = generate(model, graph_inputs(model), seq_len=args.seq_len, batch=1, samples=1)[0]
-    start = time.perf_counter()
-    outputs = session.run(None, feeds)
-    elapsed = time.perf_counter() - start
-    names = [o.name for o in session.get_outputs()]
-    for name, value in zip(names, outputs, strict=True):
-        if name in density_names:
-            print(f"{name}: mean density {value.mean():.3f}")
-        else:
-            print(f"{name}: shape {list(value.shape)}")
-    print(f"one run at {args.seq_len} tokens: {elapsed * 1e3:.1f} ms")
+    session = make_session(args.model, args.threads)
+    embeddings = embed(session, load_tokenizer(args.tokenizer, args.max_length), args.texts)
+    for i, text in enumerate(args.texts):
+        print(f"[{i}] {embeddings.shape[1]} dims  {text[:60]!r}")
+    print("cosine similarities:")
+    for row in embeddings @ embeddings.T:
+        print("  " + "  ".join(f"{v:6.3f}" for v in row))
+    if args.save:
+        np.save(args.save, embeddings)
 
 
 if __name__ == "__main__":
