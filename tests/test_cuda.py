@@ -77,6 +77,7 @@ class Emulated:
         call.mask = mask_h.ctypes.data if mask_h is not None else None
         call.output, call.density = out.ctypes.data, density.ctypes.data
         call.selected, call.workspace = selected.ctypes.data, workspace.ctypes.data
+        call.workspace_size = workspace.nbytes
         cuda.run(call, 0, self.lib)
         return self._float(out, dtype), density, selected.astype(bool)
 
@@ -95,11 +96,13 @@ class Gpu:
         if mask is not None:
             mask_d = torch.from_numpy(np.ascontiguousarray(mask)).to("cuda")
             mask_d = mask_d if mask.dtype == np.bool_ else mask_d.to(torch_dtype)
-        if selection_only:
-            attrs["selection_only"] = True
-        y, density, selected = cuda.sparse_attention(q_d, k_d, v_d, mask_d, return_selected=True, **attrs)
+        prepared = cuda.Prepared(
+            q_d, k_d, v_d, mask_d, selection_only=selection_only, return_selected=True, **attrs
+        )
+        prepared.run()
         torch.cuda.synchronize()
-        return y.float().cpu().numpy(), density.cpu().numpy(), selected.cpu().numpy()
+        y, density, selected = prepared.output, prepared.density, prepared.selected
+        return y.float().cpu().numpy(), density.cpu().numpy(), selected.cpu().numpy().astype(bool)
 
 
 @pytest.fixture(scope="session")
@@ -307,6 +310,8 @@ def test_bad_calls_are_errors_that_say_what_is_wrong(emulated_library):
         cuda.run(cuda.make_call(((1, 1, 8, 16), (1, 1, 8, 16), (1, 1, 8, 300))), 0, lib)
     with pytest.raises(RuntimeError, match="mask pointer and mask kind disagree"):
         cuda.run(cuda.make_call(((1, 1, 8, 16),) * 3, mask_kind=cuda.MASK_BOOL), 0, lib)
+    with pytest.raises(RuntimeError, match="the workspace has 0 bytes, the call needs"):
+        cuda.run(cuda.make_call(((1, 1, 8, 16),) * 3), 0, lib)
     with pytest.raises(RuntimeError, match="too many key blocks"):
         cuda.run(cuda.make_call(((1, 1, 8, 16), (1, 1, 10**6, 16), (1, 1, 10**6, 16)), block_size=16), 0, lib)
     assert cuda.workspace_bytes(cuda.make_call(shapes), lib) == 0
@@ -326,3 +331,29 @@ def test_block_choice_matches_the_reference_exactly_on_clear_cases(backend):
     expected = select_blocks(q, k, np.ones((1, 2, 8, 8), bool), SparseAttentionAttributes(**attrs))
     assert np.array_equal(selected, expected)
     assert 0.1 < selected.mean() < 0.6
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_optimized_model_under_the_cuda_provider_matches_the_original(exports, family):
+    import onnxruntime as ort
+    from conftest import feeds
+
+    import tfsa_onnx
+    from tfsa_onnx.config import SparsityConfig
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(
+            "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu on a GPU machine)"
+        )
+    original = exports.get(family, "sdpa", dynamo=True)
+    optimized, report = tfsa_onnx.optimize(
+        str(original), SparsityConfig.from_dict({"defaults": {"threshold": 1.0}})
+    )
+    assert all(site.replaced for site in report.sites)
+    cpu = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"])
+    so = tfsa_onnx.session_options()
+    assert tfsa_onnx.get_library_path().endswith(("libtfsa_ops_cuda.so", "tfsa_ops_cuda.dll"))
+    gpu = ort.InferenceSession(optimized.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+    inputs = feeds(cpu, 40)
+    expected, actual = cpu.run(None, inputs)[0], gpu.run(None, inputs)[0]
+    np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-4)

@@ -442,3 +442,25 @@ def test_concurrent_runs_of_one_session_agree_with_serial_ones():
         concurrent = list(pool.map(lambda qkv: run_op(*qkv, **attrs)[0], inputs * 3))
     for i, y in enumerate(concurrent):
         np.testing.assert_array_equal(y, serial[i % len(inputs)])
+
+
+def test_cuda_library_loads_everywhere_and_runs_the_cpu_kernels():
+    # libtfsa_ops_cuda registers the op for both providers; under a CPU-only onnxruntime it
+    # must load (its CUDA runtime is linked statically) and give the CPU kernel's results.
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    try:
+        path = tfsa_onnx.get_library_path("cuda")
+    except FileNotFoundError:
+        assert shutil.which("nvcc") is None, "nvcc is on PATH but the CUDA library was not built"
+        pytest.skip("no CUDA toolkit here, so no CUDA library was built")
+    assert Path(path).name.startswith("libtfsa_ops_cuda")
+    env = dict(os.environ, TFSA_ONNX_LIBRARY="cuda")
+    tests = "random_configurations or per_query_masks or bfloat16 or float16"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout

@@ -48,6 +48,20 @@ def _int_list(_ctx, _param, value: str) -> list[int]:
 )
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Latency vs sequence length PNG.")
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="cuda: our CUDA kernel vs torch SDPA (flash) and ORT's CUDA MHA (see tfsa_onnx/bench_cuda.py).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="Element type; --provider cuda only (cpu runs float32).",
+)
 def bench_kernel_cmd(
     seq_len,
     heads,
@@ -61,8 +75,14 @@ def bench_kernel_cmd(
     no_unfused,
     json_path,
     plot_path,
+    provider,
+    dtype,
 ) -> None:
     """SparseAttention vs com.microsoft.MultiHeadAttention vs the unfused graph, interleaved."""
+    if provider == "cuda":
+        shape = dict(heads=heads, head_dim=head_dim, batch=batch, block_size=block_size)
+        run = dict(max_density=max_density, causal=causal, repeat=repeat, dtype=dtype)
+        return _bench_kernel_cuda(seq_len, json_path, plot_path, **shape, **run)
 
     from tfsa_onnx.bench import bench_kernel, plot_kernel_results
 
@@ -93,6 +113,20 @@ def bench_kernel_cmd(
         except ImportError:
             raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
         click.echo(f"wrote {plot_path}")
+
+
+def _bench_kernel_cuda(seq_len: list[int], json_path, plot_path, **options) -> None:
+    """--provider cuda: the GPU benchmark of tfsa_onnx.bench_cuda, with this command's table."""
+    from tfsa_onnx.bench_cuda import CudaBenchError, run_bench
+
+    if plot_path:
+        raise click.UsageError("--plot is for --provider cpu")
+    try:
+        failures = run_bench(seq_len, click.echo, _Table, _write_json, json_path, **options)
+    except CudaBenchError as e:
+        raise click.ClickException(str(e)) from None
+    if failures:
+        raise click.ClickException("; ".join(failures))
 
 
 @bench.command("model")
@@ -242,6 +276,41 @@ def inspect_cmd(model) -> None:
     click.echo(f"{len(report.sites)} attention sites")
 
 
+# ---------------------------------------------------------------- export
+
+
+def _export_tasks() -> list[str]:
+    from tfsa_onnx.export import TASKS  # standard library only at import: cheap
+
+    return list(TASKS)
+
+
+@main.command("export")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX model to write.")
+@click.option("--task", type=click.Choice(_export_tasks()), help="Default: inferred from config.json.")
+@click.option("--seq-len", type=click.IntRange(1), default=128, show_default=True, help="Example length.")
+@click.option("--opset", type=click.IntRange(1), help="ONNX opset (default: the exporter's).")
+@click.option("--legacy-exporter", is_flag=True, help="TorchScript exporter instead of dynamo.")
+@click.option("--gguf-file", help="Load the weights from this GGUF file in MODEL_DIR.")
+@click.option(
+    "--atol", type=click.FloatRange(0), default=1e-3, show_default=True, help="Max abs error vs torch."
+)
+def export_cmd(model_dir, output, **options) -> None:
+    """Export the Hugging Face model in MODEL_DIR to ONNX (offline) and check it against torch."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
+    from tfsa_onnx.export import ExportError, export
+
+    try:
+        result = export(model_dir, output, progress=click.echo, **options)
+    except ExportError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {result.path} ({', '.join(result.input_names)} -> {', '.join(result.output_names)})")
+    click.echo(f"next: tfsa-onnx optimize {result.path}")
+
+
 # ---------------------------------------------------------------- validate / calibrate
 
 
@@ -368,6 +437,59 @@ def calibrate_cmd(model, target, output, output_name, curve_samples, json_path, 
         _write_text_atomically(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
     click.echo(result.table())
     click.echo(f"wrote {output}; use it with: tfsa-onnx optimize {model} --config {output}")
+
+
+# ---------------------------------------------------------------- serving
+
+
+@main.command("triton-repo")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option(
+    "-o", "--output", "repo", required=True, type=click.Path(file_okay=False), help="Model repository folder."
+)
+@click.option("--name", required=True, help="Model name: the folder REPO/NAME and the name clients ask for.")
+@click.option("--max-batch", type=click.IntRange(0), default=8, show_default=True, help="0: no batching.")
+@click.option(
+    "--instance-count", type=click.IntRange(1), default=1, show_default=True, help="N on CPU, N per GPU."
+)
+@click.option("--gpu", is_flag=True, help="KIND_GPU instances (default KIND_CPU).")
+@click.option("--library-dir", help="Absolute folder of the library in the serving container [/models/NAME].")
+@click.option("--force", is_flag=True, help="Replace a non-empty REPO/NAME.")
+def triton_repo_cmd(model, repo, name, max_batch, instance_count, gpu, library_dir, force) -> None:
+    """Write a Triton Inference Server model repository (onnxruntime backend) serving MODEL."""
+    import warnings
+    from pathlib import Path
+
+    from tfsa_onnx.triton import MOUNT, TritonRepoError, TritonRepoWarning, write_triton_repository
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TritonRepoWarning)
+        try:
+            target = write_triton_repository(
+                model,
+                repo,
+                name,
+                max_batch=max_batch,
+                instance_count=instance_count,
+                gpu=gpu,
+                library_dir=library_dir,
+                force=force,
+            )
+        except TritonRepoError as e:
+            raise click.ClickException(str(e)) from None
+    for w in caught:
+        if issubclass(w.category, TritonRepoWarning):
+            click.echo(f"Warning: {w.message}", err=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    click.echo(f"wrote {target}")
+    if library_dir is None:
+        gpus = "--gpus all " if gpu else ""
+        click.echo(
+            f"serve it: docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -v {Path(repo).resolve()}:{MOUNT} "
+            f"nvcr.io/nvidia/tritonserver:<YY.MM>-py3 tritonserver --model-repository={MOUNT}"
+        )
+        click.echo("(any Triton release from 24.03 on: it needs onnxruntime >= 1.17; see docs/triton.md)")
 
 
 if __name__ == "__main__":

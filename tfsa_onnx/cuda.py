@@ -39,6 +39,7 @@ class Call(ctypes.Structure):
         ("density", ctypes.c_void_p),
         ("selected", ctypes.c_void_p),
         ("workspace", ctypes.c_void_p),
+        ("workspace_size", ctypes.c_size_t),
     ]
 
 
@@ -105,42 +106,56 @@ def block_counts(q_len: int, kv_len: int, block_size: int) -> tuple[int, int]:
     return math.ceil(q_len / block_size), math.ceil(kv_len / block_size)
 
 
+class Prepared:
+    """A call on torch CUDA tensors with its outputs and workspace allocated: run() enqueues it."""
+
+    def __init__(
+        self, query, key, value, attn_mask=None, *, selection_only=False, return_selected=False, **attributes
+    ):
+        import torch
+
+        dtypes = {torch.float32: FLOAT32, torch.float16: FLOAT16, torch.bfloat16: BFLOAT16}
+        self.inputs = [t.contiguous() for t in (query, key, value)]  # kept alive with the call
+        query, key, value = self.inputs
+        b, hq, sq, _ = query.shape
+        sk, dv = key.shape[2], value.shape[3]
+        mask_kind, strides, mask = MASK_NONE, (0, 0, 0, 0), None
+        if attn_mask is not None:
+            mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_T
+            full = attn_mask.contiguous().reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+            mask = full.expand(b, hq, sq, sk)  # broadcast axes get stride 0
+            strides = tuple(mask.stride())
+            self.inputs.append(mask)
+        shapes = (tuple(query.shape), tuple(key.shape), tuple(value.shape))
+        self.call = make_call(shapes, dtypes[query.dtype], mask_kind, strides, **attributes)
+        self.call.selection_only = int(selection_only)
+        size = workspace_bytes(self.call)
+        if size == 0:
+            run(self.call)  # raises with the kernel's reason
+        device = query.device
+        self.workspace = torch.empty(size, dtype=torch.uint8, device=device)
+        self.output = torch.empty((b, hq, sq, dv), dtype=query.dtype, device=device)
+        self.density = torch.empty((b, hq), dtype=torch.float32, device=device)
+        self.selected = None
+        if return_selected:
+            blocks = block_counts(sq, sk, self.call.block_size)
+            self.selected = torch.zeros((b, hq, *blocks), dtype=torch.uint8, device=device)
+        c = self.call
+        c.query, c.key, c.value = query.data_ptr(), key.data_ptr(), value.data_ptr()
+        c.mask = mask.data_ptr() if mask is not None else None
+        c.output, c.density = self.output.data_ptr(), self.density.data_ptr()
+        c.selected = self.selected.data_ptr() if self.selected is not None else None
+        c.workspace, c.workspace_size = self.workspace.data_ptr(), size
+        self.stream = torch.cuda.current_stream(device).cuda_stream
+
+    def run(self) -> None:
+        run(self.call, self.stream)
+
+
 def sparse_attention(query, key, value, attn_mask=None, *, return_selected: bool = False, **attributes: Any):
     """SparseAttention on torch CUDA tensors [B, H, S, D]: (Y, density[, selected [B, Hq, nQ, nK]])."""
-    import torch
-
-    dtypes = {torch.float32: FLOAT32, torch.float16: FLOAT16, torch.bfloat16: BFLOAT16}
-    query, key, value = (t.contiguous() for t in (query, key, value))
-    b, hq, sq, _ = query.shape
-    sk, dv = key.shape[2], value.shape[3]
-    mask_kind, strides, mask = MASK_NONE, (0, 0, 0, 0), None
-    if attn_mask is not None:
-        mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_T
-        full = attn_mask.contiguous().reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-        mask = full.expand(b, hq, sq, sk)  # broadcast axes get stride 0
-        strides = tuple(mask.stride())
-    call = make_call(
-        (tuple(query.shape), tuple(key.shape), tuple(value.shape)),
-        dtypes[query.dtype],
-        mask_kind,
-        strides,
-        **attributes,
-    )
-    size = workspace_bytes(call)
-    if size == 0:
-        run(call)  # reports what is wrong
-    workspace = torch.empty(size, dtype=torch.uint8, device=query.device)
-    output = torch.empty((b, hq, sq, dv), dtype=query.dtype, device=query.device)
-    density = torch.empty((b, hq), dtype=torch.float32, device=query.device)
-    blocks = block_counts(sq, sk, SparseAttentionAttributes(**attributes).block_size)
-    selected = (
-        torch.zeros((b, hq, *blocks), dtype=torch.uint8, device=query.device) if return_selected else None
-    )
-    call.query, call.key, call.value = query.data_ptr(), key.data_ptr(), value.data_ptr()
-    call.mask = mask.data_ptr() if mask is not None else None
-    call.output, call.density, call.workspace = output.data_ptr(), density.data_ptr(), workspace.data_ptr()
-    call.selected = selected.data_ptr() if selected is not None else None
-    run(call, torch.cuda.current_stream(query.device).cuda_stream)
+    prepared = Prepared(query, key, value, attn_mask, return_selected=return_selected, **attributes)
+    prepared.run()
     if return_selected:
-        return output, density, selected.bool()
-    return output, density
+        return prepared.output, prepared.density, prepared.selected.bool()
+    return prepared.output, prepared.density

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -144,7 +145,10 @@ struct Launcher {
   void operator()(Args... args) const {
     if (threads % kWarp != 0) std::abort();  // the kernels use whole warps only
     std::vector<std::vector<char>> stacks(threads, std::vector<char>(kStackBytes));
-    std::vector<unsigned char> memory(shared_bytes + 128);
+    // Exactly the bytes asked for, so that a sanitizer build catches reads past the end.
+    const auto free_shared = [](unsigned char* p) { ::operator delete(p, std::align_val_t(128)); };
+    std::unique_ptr<unsigned char, decltype(free_shared)> memory(
+        static_cast<unsigned char*>(::operator new(shared_bytes + 1, std::align_val_t(128))), free_shared);
     const std::function<void()> body = [&] { kernel(args...); };
     Block* const outer = block;
     for (int64_t b = 0; b < grid; ++b) {
@@ -155,8 +159,8 @@ struct Launcher {
       blk.all.expected = blk.threads;
       blk.warps.assign(threads / kWarp, Barrier{kWarp, 0, 0});
       blk.lanes.assign(threads, 0);
-      std::memset(memory.data(), 0xcd, memory.size());  // stale shared memory is not zero on a GPU either
-      blk.shared = memory.data() + (128 - reinterpret_cast<uintptr_t>(memory.data()) % 128) % 128;
+      std::memset(memory.get(), 0xcd, shared_bytes);  // stale shared memory is not zero on a GPU either
+      blk.shared = memory.get();
       if (!RunBlock(blk)) {
         std::fprintf(stderr, "CUDA emulation: deadlock at a barrier in block %lld\n", static_cast<long long>(b));
         std::abort();

@@ -44,6 +44,7 @@ void SparseAttentionKernel::RunCuda(Ort::KernelContext& context, const Call& cal
   // launch: later users of the memory are queued on the same compute stream, after this call.
   Ort::Allocator allocator = context.GetAllocator(*call.memory);
   c.workspace = allocator.Alloc(bytes);
+  c.workspace_size = bytes;
   char error[512] = {0};
   const int failed = tfsa_cuda_sparse_attention(&c, context.GetGPUComputeStream(), error, sizeof(error));
   allocator.Free(c.workspace);

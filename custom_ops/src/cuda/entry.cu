@@ -65,7 +65,6 @@ std::string CheckCall(const TfsaCudaCall& c) {
   if (!error.empty()) return error;
   if (c.dtype < TFSA_FLOAT32 || c.dtype > TFSA_BFLOAT16) return "dtype must be float32, float16 or bfloat16";
   if (c.mask_kind < TFSA_MASK_NONE || c.mask_kind > TFSA_MASK_T) return "unknown mask kind";
-  if ((c.mask_kind != TFSA_MASK_NONE) != (c.mask != nullptr)) return "mask pointer and mask kind disagree";
   if (c.batch < 0 || c.q_heads < 0 || c.kv_heads <= 0 || c.q_len < 0 || c.kv_len < 0 || c.head_dim < 0 ||
       c.v_head_dim < 0 || c.q_heads % c.kv_heads != 0)
     return "sizes must be >= 0 with query heads a multiple of key/value heads (> 0)";
@@ -105,10 +104,15 @@ extern "C" __attribute__((visibility("default"))) int tfsa_cuda_sparse_attention
   const TfsaCudaCall& c = *call;
   const std::string problem = CheckCall(c);
   if (!problem.empty()) return Fail(error, error_size, problem);
+  if ((c.mask_kind != TFSA_MASK_NONE) != (c.mask != nullptr))
+    return Fail(error, error_size, "mask pointer and mask kind disagree");
   if (c.batch * c.q_heads == 0) return 0;  // empty output and density
   const auto stream = static_cast<cudaStream_t>(stream_ptr);
   const Geometry g = MakeGeometry(c);
   const Layout l = Plan(g, c.mask_kind != TFSA_MASK_NONE);
+  if (c.workspace_size < l.total || (l.total > 0 && c.workspace == nullptr))
+    return Fail(error, error_size, "the workspace has " + std::to_string(c.workspace_size) + " bytes, the call needs " +
+                                       std::to_string(l.total));
   const size_t out_bytes = (c.dtype == TFSA_FLOAT32 ? 4 : 2) * size_t(c.batch * c.q_heads * c.q_len * c.v_head_dim);
 
   Schedule s;

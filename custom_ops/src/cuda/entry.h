@@ -34,10 +34,12 @@ typedef struct TfsaCudaCall {
   void* output;          /* [B, Hq, Sq, Dv] */
   float* density;        /* [B, Hq] or NULL */
   uint8_t* selected;     /* [B, Hq, nQ, nK] chosen blocks (1/0) or NULL: for tests */
-  void* workspace;       /* device memory of tfsa_cuda_workspace_bytes(call) bytes */
+  void* workspace;       /* device memory of at least tfsa_cuda_workspace_bytes(call) bytes */
+  size_t workspace_size; /* its size in bytes */
 } TfsaCudaCall;
 
-/* Device workspace a call needs, in bytes (0 when the call's sizes are invalid). */
+/* Device workspace a call needs, in bytes (0 when its sizes or attributes are invalid);
+ * it depends on neither pointers nor workspace_size. */
 size_t tfsa_cuda_workspace_bytes(const TfsaCudaCall* call);
 
 /* Enqueues the call on `stream` (a cudaStream_t; NULL: the default stream) without
