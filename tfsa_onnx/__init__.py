@@ -79,8 +79,8 @@ def __getattr__(name: str):
         from tfsa_onnx.rewrite import optimize
 
         return optimize
-    if name == "validate":
-        from tfsa_onnx.validate import validate
+    if name == "validate":  # the module is tfsa_onnx.validation, so this name stays the function
+        from tfsa_onnx.validation import validate
 
         return validate
     raise AttributeError(f"module 'tfsa_onnx' has no attribute {name!r}")

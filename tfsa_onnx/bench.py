@@ -307,7 +307,7 @@ def bench_model(
     import tempfile
 
     from tfsa_onnx.inputs import check_same_inputs, generate, graph_inputs
-    from tfsa_onnx.validate import expose_density
+    from tfsa_onnx.validation import expose_density
 
     original_model = onnx.load(original, load_external_data=False)
     optimized_model = onnx.load(optimized)

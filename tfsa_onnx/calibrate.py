@@ -28,7 +28,7 @@ from onnx import helper
 
 from tfsa_onnx.config import TUNABLE, SparsityConfig
 from tfsa_onnx.inputs import Feed
-from tfsa_onnx.validate import (
+from tfsa_onnx.validation import (
     attention_nodes,
     expose_density,
     load_model,

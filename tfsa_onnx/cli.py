@@ -364,7 +364,7 @@ def validate_cmd(
     import onnx
 
     from tfsa_onnx.inputs import InputError, check_same_inputs, describe, graph_inputs, load_feeds
-    from tfsa_onnx.validate import validate
+    from tfsa_onnx.validation import validate
 
     try:
         original_proto = onnx.load(original, load_external_data=False)

@@ -22,7 +22,7 @@ import click
 import onnx
 
 from tfsa_onnx.inputs import Feed, graph_inputs, load_text
-from tfsa_onnx.validate import validate
+from tfsa_onnx.validation import validate
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Compare an optimized model with its original in ONNX Runtime: accuracy, latency, density.
 
-    from tfsa_onnx.validate import validate
+    from tfsa_onnx.validation import validate
     result = validate("model.onnx", "model.tfsa.onnx", feeds)
     print(result.table()); failures = result.failures(cos_min=0.995)
 
