@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from tfsa_onnx.cli import main
 from tfsa_onnx.eval.tiny import VOCAB, sparse_twin, tiny_feeds, tiny_model
 from tfsa_onnx.inputs import InputError, generate, graph_inputs, load_feeds, load_npz, load_text
-from tfsa_onnx.validate import token_nll, validate
+from tfsa_onnx.validation import token_nll, validate
 
 DENSE = {"threshold": 1.0, "max_density": 1.0, "min_seq_len": 0}
 BAD = {"threshold": 0.05, "max_density": 0.05, "min_seq_len": 0, "global_tokens": 0, "local_window": 0}
