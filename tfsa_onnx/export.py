@@ -8,7 +8,9 @@ on first use, so `import tfsa_onnx` stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import os
 import shutil
 import tempfile
@@ -504,7 +506,7 @@ def export_hf_model(
             images_only = all(t.dim() == 4 for t in example_inputs.values())
             axes[output_name] = {0: "batch"} if images_only else {0: "batch", 1: "seq"}
             kwargs["dynamic_axes"] = axes
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_registry():
         warnings.simplefilter("ignore")
         if dynamo:
             program = torch.onnx.export(wrapper, args, dynamo=True, verbose=False, **kwargs)
@@ -513,6 +515,18 @@ def export_hf_model(
             torch.onnx.export(wrapper, args, str(path), dynamo=False, **kwargs)
     onnx.checker.check_model(str(path))
     return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter_registry():
+    """Hide the dynamo exporter's notes about optional torchvision ops it cannot register."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _ts_dims(tensor: Any) -> dict[int, str]:
