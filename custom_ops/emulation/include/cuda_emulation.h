@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <new>
@@ -48,8 +49,20 @@ struct Barrier {
   unsigned expected = 0, arrived = 0, generation = 0;
 };
 
+// A thread's asynchronous copies: issued into the open group, done when a wait reaches them.
+struct Pipeline {
+  struct Copy {
+    void* dst;
+    const void* src;
+    size_t bytes, zero_fill;
+  };
+  std::vector<Copy> open;
+  std::deque<std::vector<Copy>> committed;
+};
+
 // One thread block: its fibers, barriers and shared memory.
 struct Block {
+  std::vector<Pipeline> pipelines;  // one per thread
   unsigned threads = 0, index = 0, current = 0;
   ucontext_t scheduler;
   std::vector<ucontext_t> fibers;
@@ -159,6 +172,7 @@ struct Launcher {
       blk.all.expected = blk.threads;
       blk.warps.assign(threads / kWarp, Barrier{kWarp, 0, 0});
       blk.lanes.assign(threads, 0);
+      blk.pipelines.assign(threads, Pipeline{});
       std::memset(memory.get(), 0xcd, shared_bytes);  // stale shared memory is not zero on a GPU either
       blk.shared = memory.get();
       if (!RunBlock(blk)) {

@@ -1,3 +1,4 @@
+#include <cuda_pipeline.h>
 #include <mma.h>
 
 #include "attention.cuh"
@@ -15,23 +16,28 @@ __device__ __forceinline__ float Score(const Geometry& g, int64_t b, int64_t h, 
   return dot * g.scale + bias;
 }
 
-// One online-softmax step of a row held by a warp (N values per lane): scores become
-// probabilities against the new running max; returns the factor for the old output.
-template <int N>
-__device__ __forceinline__ float SoftmaxStep(float (&s)[N], float& m, float& l) {
-  float tile_max = kNegInf;
-  for (int n = 0; n < N; ++n) tile_max = fmaxf(tile_max, s[n]);
-  const float m_new = fmaxf(m, WarpMax(tile_max));
-  const float alpha = m == kNegInf ? 0.0f : __expf(m - m_new);
-  float sum = 0.0f;
-  for (int n = 0; n < N; ++n) {
-    // Nothing attendable yet: masked keys give 0, NaN stays NaN.
-    s[n] = (m_new == kNegInf && !isnan(s[n])) ? 0.0f : __expf(s[n] - m_new);
-    sum += s[n];
-  }
-  l = l * alpha + WarpSum(sum);
-  m = m_new;
-  return alpha;
+// Online softmax, per row. Reductions over the `width` consecutive lanes holding a row:
+template <int width>
+__device__ __forceinline__ float GroupMax(float x) {
+#pragma unroll
+  for (int offset = width / 2; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+template <int width>
+__device__ __forceinline__ float GroupSum(float x) {
+#pragma unroll
+  for (int offset = width / 2; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// The factor for the output so far when the running max moves from m to m_new.
+__device__ __forceinline__ float Rescale(float m, float m_new) { return m == kNegInf ? 0.0f : __expf(m - m_new); }
+
+// A score's weight against the running max; with nothing attendable yet, masked keys weigh 0
+// and NaN stays NaN.
+__device__ __forceinline__ float Weight(float s, float m_new) {
+  return (m_new == kNegInf && !isnan(s)) ? 0.0f : __expf(s - m_new);
 }
 
 // Where a thread block works: batch, head and its rows [q_begin, q_end).
@@ -53,80 +59,100 @@ __device__ __forceinline__ int64_t KeyAt(const Geometry& g, const int32_t* block
 __host__ __device__ constexpr size_t AlignUp(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
 // ---- tensor-core tiles: 64 query rows (4 warps x 16) by 64 keys, head dim HD ----
+// Keys and values arrive by cp.async into one of two stages while the other is computed.
+// The output stays in accumulator fragments; a probe fragment (each element's row index)
+// lets rows be rescaled there without knowing the fragment layout.
 template <class T, int HD>
 struct WmmaMath {
-  static constexpr int kRows = 64, kKeys = 64, kThreads = 128;
-  static constexpr int kLdH = HD + 8, kLdS = kKeys + 4, kLdP = kKeys + 8, kLdO = HD + 4;
-  static constexpr size_t kQ = 0, kK = kQ + AlignUp(sizeof(T) * kRows * kLdH);
-  static constexpr size_t kV = kK + AlignUp(sizeof(T) * kKeys * kLdH);
-  static constexpr size_t kS = kV + AlignUp(sizeof(T) * kKeys * kLdH);
-  static constexpr size_t kP = kS + AlignUp(sizeof(float) * kRows * kLdS);
-  static constexpr size_t kO = kP + AlignUp(sizeof(T) * kRows * kLdP);
-  static constexpr size_t kIdx = kO + AlignUp(sizeof(float) * kRows * kLdO);
-  static constexpr size_t kSharedBytes = kIdx + AlignUp(sizeof(int64_t) * kKeys);
+  static constexpr int kRows = 64, kKeys = 64, kThreads = 128, kStages = 2;
+  static constexpr int kLdH = HD + 8, kLdS = kKeys + 4, kLdP = kKeys + 8;
+  static constexpr size_t kTileBytes = AlignUp(sizeof(T) * kKeys * kLdH);
+  // S doubles as the staging area of Q at the start (and of O at the end): it must hold both.
+  static constexpr size_t kSBytes = AlignUp(sizeof(float) * kRows * kLdS) > AlignUp(sizeof(T) * kRows * kLdH)
+                                        ? AlignUp(sizeof(float) * kRows * kLdS)
+                                        : AlignUp(sizeof(T) * kRows * kLdH);
+  static constexpr size_t kK = 0, kV = kK + kStages * kTileBytes, kS = kV + kStages * kTileBytes;
+  static constexpr size_t kP = kS + kSBytes, kAlpha = kP + AlignUp(sizeof(T) * kRows * kLdP);
+  static constexpr size_t kIdx = kAlpha + AlignUp(sizeof(float) * kRows);
+  static constexpr size_t kSharedBytes = kIdx + AlignUp(sizeof(int64_t) * kKeys * kStages);
+  using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
-  T *q_tile, *k_tile, *v_tile, *p_tile;
-  float *s_tile, *o_tile;
-  int64_t* key_index;
+  unsigned char* shared;
+  T* p_tile;
+  float *s_tile, *alpha;
   const Geometry& g;
   Place at;
   int warp, lane;
-  float m[16], l[16];
+  float m = kNegInf, l = 0.0f;  // of row lane / 2 of this warp's 16
   wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> q_frag[HD / 16];
+  Accumulator o_frag[HD / 16], row_of;
 
-  __device__ WmmaMath(unsigned char* shared, const Geometry& geometry, Place place)
-      : q_tile(reinterpret_cast<T*>(shared + kQ)), k_tile(reinterpret_cast<T*>(shared + kK)),
-        v_tile(reinterpret_cast<T*>(shared + kV)), p_tile(reinterpret_cast<T*>(shared + kP)),
-        s_tile(reinterpret_cast<float*>(shared + kS)), o_tile(reinterpret_cast<float*>(shared + kO)),
-        key_index(reinterpret_cast<int64_t*>(shared + kIdx)), g(geometry), at(place),
-        warp(threadIdx.x / 32), lane(threadIdx.x % 32) {
-    #pragma unroll
-    for (int r = 0; r < 16; ++r) m[r] = kNegInf, l[r] = 0.0f;
-  }
+  __device__ WmmaMath(unsigned char* memory, const Geometry& geometry, Place place)
+      : shared(memory), p_tile(reinterpret_cast<T*>(memory + kP)), s_tile(reinterpret_cast<float*>(memory + kS)),
+        alpha(reinterpret_cast<float*>(memory + kAlpha)), g(geometry), at(place), warp(threadIdx.x / 32),
+        lane(threadIdx.x % 32) {}
 
-  // Copies `rows` rows of HD elements (row r from src_row(r), or zeros) into a tile, 16 bytes at a time.
-  template <class RowOf>
-  __device__ void LoadRows(T* tile, const T* base, int rows, RowOf row_of) {
-    constexpr int kVectors = HD * sizeof(T) / 16;
-    for (int e = threadIdx.x; e < rows * kVectors; e += kThreads) {
-      const int r = e / kVectors, v = e % kVectors;
-      const int64_t src = row_of(r);
-      uint4 value = make_uint4(0, 0, 0, 0);
-      if (src >= 0) value = reinterpret_cast<const uint4*>(base + src * HD)[v];
-      reinterpret_cast<uint4*>(tile + r * kLdH)[v] = value;
-    }
-  }
+  __device__ T* KTile(int stage) { return reinterpret_cast<T*>(shared + kK + stage * kTileBytes); }
+  __device__ T* VTile(int stage) { return reinterpret_cast<T*>(shared + kV + stage * kTileBytes); }
+  __device__ int64_t* KeyIndex(int stage) { return reinterpret_cast<int64_t*>(shared + kIdx) + stage * kKeys; }
 
+  // Q through the S area into registers; the row probe; zero output.
   __device__ void LoadQueries(const T* query) {
+    constexpr int kVectors = HD * sizeof(T) / 16;
+    T* q_tile = reinterpret_cast<T*>(s_tile);
     const int64_t base = at.QueryBase(g), rows = at.q_end - at.q_begin;
-    LoadRows(q_tile, query, kRows, [&](int r) { return r < rows ? base + at.q_begin + r : int64_t{-1}; });
-    for (int e = threadIdx.x; e < kRows * kLdO; e += kThreads) o_tile[e] = 0.0f;
+    for (int e = threadIdx.x; e < kRows * kVectors; e += kThreads) {
+      const int r = e / kVectors, v = e % kVectors;
+      uint4 value = make_uint4(0, 0, 0, 0);
+      if (r < rows) value = reinterpret_cast<const uint4*>(query + (base + at.q_begin + r) * HD)[v];
+      reinterpret_cast<uint4*>(q_tile + r * kLdH)[v] = value;
+    }
     __syncthreads();
-    #pragma unroll
+#pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) wmma::load_matrix_sync(q_frag[kk], q_tile + warp * 16 * kLdH + kk * 16, kLdH);
+    __syncthreads();  // the S area is free again
+    float* probe = s_tile + warp * 16 * kLdS;
+    for (int e = lane; e < 16 * 16; e += 32) probe[(e / 16) * kLdS + e % 16] = static_cast<float>(e / 16);
+    __syncwarp();
+    wmma::load_matrix_sync(row_of, probe, kLdS, wmma::mem_row_major);
+#pragma unroll
+    for (int n = 0; n < HD / 16; ++n) wmma::fill_fragment(o_frag[n], 0.0f);
   }
 
-  __device__ void Step(const T* key, const T* value, const int32_t* blocks, int n_blocks, int64_t stream_pos) {
-    __syncthreads();  // the previous tile is no longer read
+  // Issues the copies of the tile at `pos` of the key stream into `stage`.
+  __device__ void Load(const T* key, const T* value, const int32_t* blocks, int n_blocks, int64_t pos, int stage) {
+    constexpr int kVectors = HD * sizeof(T) / 16;
     const int64_t kv_base = at.KeyBase(g);
-    for (int t = threadIdx.x; t < kKeys; t += kThreads) key_index[t] = KeyAt(g, blocks, n_blocks, stream_pos + t);
+    T *k_tile = KTile(stage), *v_tile = VTile(stage);
+    for (int t = threadIdx.x; t < kKeys; t += kThreads) KeyIndex(stage)[t] = KeyAt(g, blocks, n_blocks, pos + t);
+    for (int e = threadIdx.x; e < kKeys * kVectors; e += kThreads) {
+      const int r = e / kVectors, v = e % kVectors;
+      const int64_t j = KeyAt(g, blocks, n_blocks, pos + r);
+      const size_t offset = j >= 0 ? (kv_base + j) * HD + v * (16 / sizeof(T)) : 0;
+      const size_t zero_fill = j >= 0 ? 0 : 16;  // past the end: zeros, nothing read
+      __pipeline_memcpy_async(k_tile + r * kLdH + v * 16 / sizeof(T), key + offset, 16, zero_fill);
+      __pipeline_memcpy_async(v_tile + r * kLdH + v * 16 / sizeof(T), value + offset, 16, zero_fill);
+    }
+    __pipeline_commit();
+  }
+
+  // Computes the tile in `stage`; `pending`: a later tile's copies were issued after it.
+  __device__ void Compute(int stage, bool pending) {
+    __pipeline_wait_prior(pending ? 1 : 0);
     __syncthreads();
-    const auto row_of = [&](int r) { return key_index[r] >= 0 ? kv_base + key_index[r] : int64_t{-1}; };
-    LoadRows(k_tile, key, kKeys, row_of);
-    LoadRows(v_tile, value, kKeys, row_of);
-    __syncthreads();
-    Scores();
-    Probabilities();
-    Accumulate();
+    Scores(KTile(stage));
+    Probabilities(KeyIndex(stage));
+    Accumulate(VTile(stage));
+    __syncthreads();  // all warps are done with this stage before it is refilled
   }
 
   // s = Q K^T for this warp's 16 rows.
-  __device__ void Scores() {
-    #pragma unroll
+  __device__ void Scores(const T* k_tile) {
+#pragma unroll
     for (int n = 0; n < kKeys / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      Accumulator acc;
       wmma::fill_fragment(acc, 0.0f);
-      #pragma unroll
+#pragma unroll
       for (int kk = 0; kk < HD / 16; ++kk) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> k_frag;
         wmma::load_matrix_sync(k_frag, k_tile + n * 16 * kLdH + kk * 16, kLdH);
@@ -137,54 +163,78 @@ struct WmmaMath {
     __syncwarp();
   }
 
-  // Online softmax of the warp's rows into p_tile; the output rows are rescaled.
-  __device__ void Probabilities() {
-    #pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      const int64_t i = at.q_begin + warp * 16 + r;
-      float s[kKeys / 32];
-      #pragma unroll
-      for (int t = 0; t < kKeys / 32; ++t) {
-        const int c = lane + 32 * t;
-        const int64_t j = key_index[c];
-        s[t] = (i < at.q_end && j >= 0) ? Score(g, at.b, at.h, i, j, s_tile[(warp * 16 + r) * kLdS + c]) : kNegInf;
-      }
-      const float alpha = SoftmaxStep(s, m[r], l[r]);
-      for (int t = 0; t < kKeys / 32; ++t) p_tile[(warp * 16 + r) * kLdP + lane + 32 * t] = FromFloat<T>(s[t]);
-      for (int c = lane; c < HD; c += 32) o_tile[(warp * 16 + r) * kLdO + c] *= alpha;
+  // Online softmax: two lanes per row, 32 keys each, in two passes over the S tile (masked
+  // scores and their max, then weights); weights to p_tile, the rows' rescaling factors to
+  // `alpha`, and the output fragments rescaled.
+  __device__ void Probabilities(const int64_t* key_index) {
+    const int r = warp * 16 + lane / 2, half = lane % 2;
+    const int64_t i = at.q_begin + r;
+    float* s_row = s_tile + r * kLdS + half * 32;
+    float tile_max = kNegInf;
+#pragma unroll 8
+    for (int t = 0; t < 32; ++t) {
+      const int c = (t + r) & 31;  // rotated: the rows of a warp hit different banks
+      const int64_t j = key_index[half * 32 + c];
+      const float score = (i < at.q_end && j >= 0) ? Score(g, at.b, at.h, i, j, s_row[c]) : kNegInf;
+      s_row[c] = score;
+      tile_max = fmaxf(tile_max, score);
     }
+    const float m_new = fmaxf(m, GroupMax<2>(tile_max));
+    float sum = 0.0f;
+#pragma unroll 8
+    for (int t = 0; t < 32; ++t) {
+      const int c = (t + r) & 31;
+      const float w = Weight(s_row[c], m_new);
+      p_tile[r * kLdP + half * 32 + c] = FromFloat<T>(w);
+      sum += w;
+    }
+    const float factor = Rescale(m, m_new);
+    l = l * factor + GroupSum<2>(sum);
+    m = m_new;
+    if (half == 0) alpha[r] = factor;
     __syncwarp();
+#pragma unroll
+    for (int n = 0; n < HD / 16; ++n)
+#pragma unroll
+      for (int e = 0; e < o_frag[n].num_elements; ++e)
+        o_frag[n].x[e] *= alpha[warp * 16 + static_cast<int>(row_of.x[e])];
   }
 
   // o += P V for the warp's rows.
-  __device__ void Accumulate() {
-    #pragma unroll
-    for (int n = 0; n < HD / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      float* o = o_tile + warp * 16 * kLdO + n * 16;
-      wmma::load_matrix_sync(acc, o, kLdO, wmma::mem_row_major);
-      #pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> p_frag;
+  __device__ void Accumulate(const T* v_tile) {
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> p_frag;
+      wmma::load_matrix_sync(p_frag, p_tile + warp * 16 * kLdP + kk * 16, kLdP);
+#pragma unroll
+      for (int n = 0; n < HD / 16; ++n) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> v_frag;
-        wmma::load_matrix_sync(p_frag, p_tile + warp * 16 * kLdP + kk * 16, kLdP);
         wmma::load_matrix_sync(v_frag, v_tile + kk * 16 * kLdH + n * 16, kLdH);
-        wmma::mma_sync(acc, p_frag, v_frag, acc);
+        wmma::mma_sync(o_frag[n], p_frag, v_frag, o_frag[n]);
       }
-      wmma::store_matrix_sync(o, acc, kLdO, wmma::mem_row_major);
     }
-    __syncwarp();
   }
 
+  // O / l through the warp's rows of the S area, 64 columns at a time.
   __device__ void Store(T* output) {
+    const int r = lane / 2;  // this lane's row; its l is the row's sum
+    const float row_l = l;
+    __syncwarp();
+    float* staging = s_tile + warp * 16 * kLdS;
     const int64_t base = at.QueryBase(g);
-    #pragma unroll
-    for (int r = 0; r < 16; ++r) {
+#pragma unroll
+    for (int first = 0; first < HD; first += kKeys) {
+#pragma unroll
+      for (int n = first / 16; n < (first + kKeys) / 16 && n < HD / 16; ++n)
+        wmma::store_matrix_sync(staging + (n * 16 - first), o_frag[n], kLdS, wmma::mem_row_major);
+      __syncwarp();
       const int64_t i = at.q_begin + warp * 16 + r;
-      if (i >= at.q_end) break;
-      const float inv = l[r] == 0.0f ? 0.0f : 1.0f / l[r];  // no key at all: zeros
-      for (int c = lane; c < HD; c += 32)
-        output[(base + i) * HD + c] = FromFloat<T>(l[r] == 0.0f ? 0.0f : o_tile[(warp * 16 + r) * kLdO + c] * inv);
+      const int width = HD - first < kKeys ? HD - first : kKeys;
+      if (i < at.q_end)
+        for (int c = lane % 2; c < width; c += 2)  // no key at all: zeros
+          output[(base + i) * HD + first + c] =
+              FromFloat<T>(row_l == 0.0f ? 0.0f : staging[r * kLdS + c] / row_l);
+      __syncwarp();
     }
   }
 };
@@ -192,25 +242,33 @@ struct WmmaMath {
 // ---- plain tiles: 8 query rows (one per warp) by 32 keys (one per lane), any head dims ----
 template <class T>
 struct SimtMath {
-  static constexpr int kRows = 8, kKeys = 32, kThreads = 256, kMaxDv = 256;
-  float *q_tile, *k_tile, *v_tile;  // [kRows][D], [kKeys][D + 1], [kKeys][Dv]
-  int64_t* key_index;
+  static constexpr int kRows = 8, kKeys = 32, kThreads = 256, kMaxDv = 256, kStages = 2;
+  float* q_tile;        // [kRows][D]
+  float* k_tile[2];     // per stage [kKeys][D + 1]
+  float* v_tile[2];     // per stage [kKeys][Dv]
+  int64_t* key_index;   // per stage [kKeys]
   const Geometry& g;
   Place at;
   int warp, lane;
   float m = kNegInf, l = 0.0f, o[kMaxDv / 32];
 
   static size_t SharedBytes(int64_t d, int64_t dv) {
-    return AlignUp(sizeof(float) * kRows * d) + AlignUp(sizeof(float) * kKeys * (d + 1)) +
-           AlignUp(sizeof(float) * kKeys * dv) + AlignUp(sizeof(int64_t) * kKeys);
+    return AlignUp(sizeof(float) * kRows * d) +
+           kStages * (AlignUp(sizeof(float) * kKeys * (d + 1)) + AlignUp(sizeof(float) * kKeys * dv)) +
+           AlignUp(sizeof(int64_t) * kKeys * kStages);
   }
 
   __device__ SimtMath(unsigned char* shared, const Geometry& geometry, Place place) : g(geometry), at(place) {
     const int64_t d = g.head_dim, dv = g.v_head_dim;
     q_tile = reinterpret_cast<float*>(shared);
-    k_tile = reinterpret_cast<float*>(shared + AlignUp(sizeof(float) * kRows * d));
-    v_tile = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(k_tile) + AlignUp(sizeof(float) * kKeys * (d + 1)));
-    key_index = reinterpret_cast<int64_t*>(reinterpret_cast<unsigned char*>(v_tile) + AlignUp(sizeof(float) * kKeys * dv));
+    shared += AlignUp(sizeof(float) * kRows * d);
+    for (int stage = 0; stage < kStages; ++stage) {
+      k_tile[stage] = reinterpret_cast<float*>(shared);
+      shared += AlignUp(sizeof(float) * kKeys * (d + 1));
+      v_tile[stage] = reinterpret_cast<float*>(shared);
+      shared += AlignUp(sizeof(float) * kKeys * dv);
+    }
+    key_index = reinterpret_cast<int64_t*>(shared);
     warp = threadIdx.x / 32;
     lane = threadIdx.x % 32;
     for (float& x : o) x = 0.0f;
@@ -224,47 +282,58 @@ struct SimtMath {
     }
   }
 
-  __device__ void Step(const T* key, const T* value, const int32_t* blocks, int n_blocks, int64_t stream_pos) {
+  // Copies (converted to float) the tile at `pos` of the key stream into `stage`.
+  __device__ void Load(const T* key, const T* value, const int32_t* blocks, int n_blocks, int64_t pos, int stage) {
     const int64_t d = g.head_dim, dv = g.v_head_dim, kv_base = at.KeyBase(g);
-    __syncthreads();
-    for (int t = threadIdx.x; t < kKeys; t += kThreads) key_index[t] = KeyAt(g, blocks, n_blocks, stream_pos + t);
-    __syncthreads();
+    for (int t = threadIdx.x; t < kKeys; t += kThreads) key_index[stage * kKeys + t] = KeyAt(g, blocks, n_blocks, pos + t);
     for (int64_t e = threadIdx.x; e < kKeys * d; e += kThreads) {
-      const int64_t t = e / d, j = key_index[t];
-      k_tile[t * (d + 1) + e % d] = j >= 0 ? ToFloat(key[(kv_base + j) * d + e % d]) : 0.0f;
+      const int64_t t = e / d, j = KeyAt(g, blocks, n_blocks, pos + t);
+      k_tile[stage][t * (d + 1) + e % d] = j >= 0 ? ToFloat(key[(kv_base + j) * d + e % d]) : 0.0f;
     }
     for (int64_t e = threadIdx.x; e < kKeys * dv; e += kThreads) {
-      const int64_t j = key_index[e / dv];
-      v_tile[e] = j >= 0 ? ToFloat(value[(kv_base + j) * dv + e % dv]) : 0.0f;
+      const int64_t j = KeyAt(g, blocks, n_blocks, pos + e / dv);
+      v_tile[stage][e] = j >= 0 ? ToFloat(value[(kv_base + j) * dv + e % dv]) : 0.0f;
     }
+  }
+
+  __device__ void Compute(int stage, bool) {
     __syncthreads();
-    const int64_t i = at.q_begin + warp;
-    if (i >= at.q_end) return;  // a row past the block: its warp idles to the next barrier
-    float dot = 0.0f;
-    for (int64_t x = 0; x < d; ++x) dot += q_tile[warp * d + x] * k_tile[lane * (d + 1) + x];
-    float s[1] = {key_index[lane] >= 0 ? Score(g, at.b, at.h, i, key_index[lane], dot) : kNegInf};
-    const float alpha = SoftmaxStep(s, m, l);
-    #pragma unroll
-    for (int t = 0; t < kMaxDv / 32; ++t) o[t] *= alpha;
-    for (int k = 0; k < kKeys; ++k) {
-      const float p = __shfl_sync(0xffffffffu, s[0], k);
-      #pragma unroll
-      for (int t = 0; t < kMaxDv / 32; ++t)
-        if (lane + 32 * t < dv) o[t] += p * v_tile[k * dv + lane + 32 * t];
+    const int64_t i = at.q_begin + warp, d = g.head_dim, dv = g.v_head_dim;
+    if (i < at.q_end) {  // a row past the block: its warp idles to the barrier
+      const float* keys = k_tile[stage];
+      const float* values = v_tile[stage];
+      const int64_t j = key_index[stage * kKeys + lane];
+      float dot = 0.0f;
+      for (int64_t x = 0; x < d; ++x) dot += q_tile[warp * d + x] * keys[lane * (d + 1) + x];
+      const float score = j >= 0 ? Score(g, at.b, at.h, i, j, dot) : kNegInf;
+      const float m_new = fmaxf(m, GroupMax<32>(score));
+      const float weight = Weight(score, m_new), factor = Rescale(m, m_new);
+      l = l * factor + GroupSum<32>(weight);
+      m = m_new;
+#pragma unroll
+      for (int t = 0; t < kMaxDv / 32; ++t) o[t] *= factor;
+      for (int k = 0; k < kKeys; ++k) {
+        const float p = __shfl_sync(0xffffffffu, weight, k);
+#pragma unroll
+        for (int t = 0; t < kMaxDv / 32; ++t)
+          if (lane + 32 * t < dv) o[t] += p * values[k * dv + lane + 32 * t];
+      }
     }
+    __syncthreads();  // all warps are done with this stage before it is refilled
   }
 
   __device__ void Store(T* output) {
     const int64_t i = at.q_begin + warp, dv = g.v_head_dim;
     if (i >= at.q_end) return;
-    #pragma unroll
+#pragma unroll
     for (int t = 0; t < kMaxDv / 32; ++t)
       if (lane + 32 * t < dv)
         output[(at.QueryBase(g) + i) * dv + lane + 32 * t] = FromFloat<T>(l == 0.0f ? 0.0f : o[t] / l);
   }
 };
 
-// The schedule: which rows this thread block owns, which keys it visits, in what order.
+// The schedule: which rows this thread block owns and which keys it visits, tile by tile,
+// the next tile's loads issued before the current one is computed.
 template <class T, class Math>
 __global__ void __launch_bounds__(Math::kThreads) SparseAttentionKernel(AttentionArgs a) {
   TFSA_DYNAMIC_SHARED(shared);
@@ -280,11 +349,18 @@ __global__ void __launch_bounds__(Math::kThreads) SparseAttentionKernel(Attentio
   const int64_t row = bh * g.grid.q_blocks + qb;
   const int n_blocks = a.counts[row];
   const int32_t* blocks = a.chosen + row * g.grid.k_blocks;
-  // Keys past the last row's causal horizon add nothing: stop before them.
-  const int64_t last_key = g.grid.LastVisibleKey(q_end - 1);
-  for (int64_t pos = 0; pos < int64_t{n_blocks} * g.grid.block; pos += Math::kKeys) {
-    if (blocks[pos / g.grid.block] * g.grid.block + pos % g.grid.block > last_key) break;
-    math.Step(static_cast<const T*>(a.key), static_cast<const T*>(a.value), blocks, n_blocks, pos);
+  // Tiles up to the first one that starts past the last row's causal horizon (keys ascend).
+  const int64_t last_key = g.grid.LastVisibleKey(q_end - 1), stream_end = int64_t{n_blocks} * g.grid.block;
+  int64_t tiles = 0;
+  while (tiles * Math::kKeys < stream_end && KeyAt(g, blocks, n_blocks, tiles * Math::kKeys) <= last_key &&
+         KeyAt(g, blocks, n_blocks, tiles * Math::kKeys) >= 0)
+    ++tiles;
+  const T *key = static_cast<const T*>(a.key), *value = static_cast<const T*>(a.value);
+  if (tiles > 0) math.Load(key, value, blocks, n_blocks, 0, 0);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const bool more = t + 1 < tiles;
+    if (more) math.Load(key, value, blocks, n_blocks, (t + 1) * Math::kKeys, static_cast<int>((t + 1) % 2));
+    math.Compute(static_cast<int>(t % 2), more);
   }
   math.Store(static_cast<T*>(a.output));
 }

@@ -1,5 +1,5 @@
 // Device helpers shared by the selection and attention kernels: element conversion, the
-// broadcast mask, warp reductions, and the call's geometry as kernels see it.
+// broadcast mask, and the call's geometry as kernels see it.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -73,15 +73,5 @@ struct Geometry {
     return ((b * mask_heads + mh) * mask_q_blocks + mqb) * grid.k_blocks + kb;
   }
 };
-
-__device__ __forceinline__ float WarpMax(float x) {
-  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  return x;
-}
-
-__device__ __forceinline__ float WarpSum(float x) {
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 }  // namespace tfsa::cuda
