@@ -165,7 +165,8 @@ def _check(backend, q, k, v, mask=None, dtype="float32", **attrs):
     # Pooled scores are summed in another order than the reference's: a block on the
     # threshold's edge may flip; anything more is a bug. The math is checked on the
     # kernel's own choice of blocks.
-    assert (selected != selected_ref).mean() <= 0.01, (selected.sum(), selected_ref.sum())
+    flips = int((selected != selected_ref).sum())
+    assert flips <= max(2, 0.01 * selected.size), (flips, selected.sum(), selected_ref.sum())
     if not np.array_equal(selected, selected_ref):
         y_ref, density_ref = sparse_attention(q, k, v, mask, selected=selected, **attrs)
     np.testing.assert_allclose(y, y_ref, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
@@ -363,3 +364,42 @@ def test_optimized_model_under_the_cuda_provider_matches_the_original(exports, f
     inputs = feeds(cpu, 40)
     expected, actual = cpu.run(None, inputs)[0], gpu.run(None, inputs)[0]
     np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def _random_case(seed: int):
+    """A random call: dtype, head dims, GQA, lengths, mask kind and attributes."""
+    rng = np.random.default_rng(seed)
+    dtype = str(rng.choice(["float32", "float16", "bfloat16"]))
+    d = int(rng.choice([16, 24, 40, 64, 80, 96, 128]))
+    dv = d if rng.random() < 0.8 else int(rng.choice([8, 32, 72]))
+    hkv = int(rng.integers(1, 3))
+    hq, b = hkv * int(rng.integers(1, 3)), int(rng.integers(1, 3))
+    sk = int(rng.integers(1, 200))
+    sq = sk if rng.random() < 0.6 else int(rng.integers(1, sk + 1))
+    attrs = dict(
+        block_size=int(rng.choice([8, 16, 20, 32, 64, 100])),
+        threshold=float(rng.choice([0.5, 0.8, 0.95, 1.0])),
+        max_density=float(rng.choice([1.0, 0.5, 0.3])),
+        global_tokens=int(rng.choice([0, 8, 40])),
+        local_window=int(rng.choice([0, 16, 64])),
+        is_causal=int(rng.random() < 0.5),
+        min_seq_len=int(rng.choice([0, 0, 100])),
+    )
+    q, k, v = _inputs(rng, b, hq, hkv, sq, sk, d, dv, dtype)
+    mask = None
+    if rng.random() < 0.3:
+        mask = rng.random((b, 1, 1, sk)) < 0.8
+    elif rng.random() < 0.4:
+        mask = np.where(
+            rng.random((b, hq, sq, sk)) < 0.1, -np.inf, rng.standard_normal((b, hq, sq, sk)) * 0.5
+        )
+        mask = mask.astype(np.float32)
+        mask = _bfloat16_round(mask) if dtype == "bfloat16" else mask.astype(np.float16).astype(np.float32)
+    return q, k, v, mask, dtype, attrs
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_configurations_match_the_reference(backend, seed, monkeypatch):
+    monkeypatch.setenv("TFSA_EMULATION_COPIES", "early" if seed % 2 else "late")
+    q, k, v, mask, dtype, attrs = _random_case(seed)
+    _check(backend, q, k, v, mask, dtype, **attrs)
