@@ -50,36 +50,29 @@ def _gpt2(attn: str):
     return T.GPT2Model(config)
 
 
-def _llama(attn: str):
-    import transformers as T
+def _decoder(config_class: str, model_class: str, kv_heads: int):
+    """A tiny Llama-style decoder (grouped-query attention) of the given transformers classes."""
 
-    config = T.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=2048,
-        attn_implementation=attn,
-    )
-    return T.LlamaModel(config)
+    def build(attn: str):
+        import transformers as T
+
+        config = getattr(T, config_class)(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=kv_heads,
+            intermediate_size=64,
+            vocab_size=VOCAB,
+            max_position_embeddings=2048,
+            attn_implementation=attn,
+        )
+        return getattr(T, model_class)(config)
+
+    return build
 
 
-def _qwen2(attn: str):
-    import transformers as T
-
-    config = T.Qwen2Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=2048,
-        attn_implementation=attn,
-    )
-    return T.Qwen2Model(config)
+_llama = _decoder("LlamaConfig", "LlamaModel", kv_heads=2)
+_qwen2 = _decoder("Qwen2Config", "Qwen2Model", kv_heads=1)
 
 
 BUILDERS = {"bert": _bert, "vit": _vit, "gpt2": _gpt2, "llama": _llama, "qwen2": _qwen2}

@@ -24,6 +24,7 @@ from onnx import TensorProto, helper
 
 import tfsa_onnx
 from tfsa_onnx.opmodel import sparse_attention_model
+from tfsa_onnx.reference import SparseAttentionAttributes
 
 UNFUSED_MEMORY_LIMIT = 8 * 2**30
 
@@ -150,13 +151,7 @@ def bench_kernel(
     packed = [x.transpose(0, 2, 1, 3).reshape(batch, seq_len, heads * head_dim).copy() for x in (q, k, v)]
 
     op_model = sparse_attention_model(
-        is_causal=int(causal),
-        block_size=block_size,
-        global_tokens=0,
-        local_window=0,
-        threshold=1.0,
-        max_density=max_density,
-        min_seq_len=0,
+        **SparseAttentionAttributes.capped(max_density, int(causal), block_size).as_dict()
     )
     sparse = _session(op_model, threads, ours=True)
     selection = _session(op_model, threads, ours=True, selection_only=True)

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from tfsa_onnx.reference import SparseAttentionAttributes
+
 DTYPES = ("float16", "bfloat16", "float32")
 DENSE_BASELINES = ("sdpa_flash", "ort_mha")
 COLUMNS = (
@@ -407,15 +409,7 @@ def bench_kernel_cuda(
     if dtype not in DTYPES:
         raise CudaBenchError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = choose_path(dtype, tfsa_onnx._onnxruntime_has_cuda())
-    attributes = dict(
-        is_causal=int(causal),
-        block_size=block_size,
-        global_tokens=0,
-        local_window=0,
-        threshold=1.0,
-        max_density=max_density,
-        min_seq_len=0,
-    )
+    attributes = SparseAttentionAttributes.capped(max_density, int(causal), block_size).as_dict()
     options = dict(dense_mode=dense_mode, warmup=warmup, repeat=repeat)
     m = _measure(path, (batch, heads, seq_len, head_dim), dtype, attributes, options)
     derived = ratios(m.ms)

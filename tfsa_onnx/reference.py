@@ -47,6 +47,22 @@ class SparseAttentionAttributes:
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    @classmethod
+    def capped(
+        cls, max_density: float, is_causal: int = 0, block_size: int = 64
+    ) -> SparseAttentionAttributes:
+        """Blocks chosen by the estimate under the max_density cap alone (no global, local,
+        threshold or min_seq_len): the setting the kernel benchmarks time."""
+        return cls(
+            is_causal=is_causal,
+            block_size=block_size,
+            global_tokens=0,
+            local_window=0,
+            threshold=1.0,
+            max_density=max_density,
+            min_seq_len=0,
+        )
+
 
 def _attendable(mask, shape, is_causal: bool) -> tuple[np.ndarray, np.ndarray]:
     """Additive bias [B,H,Sq,Sk] (float64) and the boolean 'may attend' of each pair."""

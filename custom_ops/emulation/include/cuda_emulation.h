@@ -11,7 +11,6 @@
 #include <math.h>
 #include <ucontext.h>
 
-#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -200,7 +199,6 @@ Launcher<Kernel> Launch(Kernel kernel, int64_t grid, int64_t threads, size_t sha
 #define blockDim (dim3{::tfsa_emu::block->threads, 1, 1})
 
 inline void __syncthreads() { tfsa_emu::Wait(tfsa_emu::block->all); }
-inline int __syncthreads_count(int predicate) = delete;
 inline void __syncwarp(unsigned = 0xffffffffu) { tfsa_emu::WarpWait(); }
 
 template <class T>

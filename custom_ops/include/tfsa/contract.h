@@ -24,6 +24,12 @@ struct Attributes {
   int64_t min_seq_len = 1024;
 };
 
+// Whether a call ranks blocks by the estimate; else every allowed block is computed (short
+// inputs, or threshold and max_density both 1: dense attention through the same code).
+inline bool UsesEstimate(const Attributes& a, int64_t kv_len) {
+  return !(kv_len < a.min_seq_len || (a.threshold >= 1.0f && a.max_density >= 1.0f));
+}
+
 // Empty string when the attributes are usable, else what is wrong with them.
 inline std::string CheckAttributes(const Attributes& a) {
   std::ostringstream err;

@@ -86,10 +86,7 @@ void EstimateMass(const Problem& p, const float* pooled_scores, bool normalise, 
 
 }  // namespace
 
-bool UsesEstimate(const Problem& p) {
-  const Attributes& a = p.attrs;
-  return !(p.grid.kv_len < a.min_seq_len || (a.threshold >= 1.0f && a.max_density >= 1.0f));
-}
+bool UsesEstimate(const Problem& p) { return tfsa::UsesEstimate(p.attrs, p.grid.kv_len); }
 
 void ChooseKeyBlocks(const Problem& p, int64_t qb, const float* pooled_scores, SelectionScratch& s,
                      std::vector<int32_t>& chosen) {

@@ -1,6 +1,7 @@
 // The CUDA provider's side of SparseAttentionKernel: turns a checked Call into the CUDA
 // entry point's TfsaCudaCall, with ONNX Runtime's compute stream and a workspace from ORT's
 // allocator for the device the inputs live on. Nothing here synchronises the device.
+#include <stdexcept>
 #include <string>
 
 #include "cuda/entry.h"

@@ -17,8 +17,12 @@ struct Layout {
   size_t q_means = 0, k_means = 0, mask_states = 0, allowed = 0, chosen = 0, counts = 0, pairs = 0, total = 0;
 };
 
-bool UsesEstimate(const TfsaCudaCall& c) {
-  return !(c.kv_len < c.min_seq_len || (c.threshold >= 1.0f && c.max_density >= 1.0f));
+Attributes AttributesOf(const TfsaCudaCall& c) {
+  Attributes a;
+  a.scale = c.scale, a.is_causal = c.is_causal, a.block_size = c.block_size, a.global_tokens = c.global_tokens;
+  a.local_window = c.local_window, a.threshold = c.threshold, a.max_density = c.max_density;
+  a.min_seq_len = c.min_seq_len;
+  return a;
 }
 
 Geometry MakeGeometry(const TfsaCudaCall& c) {
@@ -29,7 +33,7 @@ Geometry MakeGeometry(const TfsaCudaCall& c) {
   g.scale = c.scale > 0.0f ? c.scale : (c.head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(c.head_dim)) : 1.0f);
   g.global_tokens = c.global_tokens, g.local_window = c.local_window;
   g.threshold = c.threshold, g.max_density = c.max_density;
-  g.uses_estimate = UsesEstimate(c);
+  g.uses_estimate = UsesEstimate(AttributesOf(c), c.kv_len);
   g.mask.kind = c.mask_kind, g.mask.dtype = c.dtype, g.mask.data = c.mask;
   for (int i = 0; i < 4; ++i) g.mask.stride[i] = c.mask_stride[i];
   if (c.mask_kind != TFSA_MASK_NONE) {
@@ -57,11 +61,7 @@ Layout Plan(const Geometry& g, bool has_mask) {
 
 // Empty when the call is usable, else what is wrong with it.
 std::string CheckCall(const TfsaCudaCall& c) {
-  Attributes a;
-  a.scale = c.scale, a.is_causal = c.is_causal, a.block_size = c.block_size, a.global_tokens = c.global_tokens;
-  a.local_window = c.local_window, a.threshold = c.threshold, a.max_density = c.max_density;
-  a.min_seq_len = c.min_seq_len;
-  std::string error = CheckAttributes(a);
+  std::string error = CheckAttributes(AttributesOf(c));
   if (!error.empty()) return error;
   if (c.dtype < TFSA_FLOAT32 || c.dtype > TFSA_BFLOAT16) return "dtype must be float32, float16 or bfloat16";
   if (c.mask_kind < TFSA_MASK_NONE || c.mask_kind > TFSA_MASK_T) return "unknown mask kind";
