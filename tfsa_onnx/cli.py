@@ -242,6 +242,8 @@ def optimize_cmd(model, output, config_path, report_path, reapply, **attributes)
     except OptimizeError as e:
         raise click.ClickException(str(e)) from None
     click.echo(report.table())
+    for note in report.notes():
+        click.echo(f"note: {note}", err=True)
     try:
         save_ir(ir_model, out, source)
     except OptimizeError as e:
@@ -273,6 +275,8 @@ def inspect_cmd(model) -> None:
     if not report.sites:
         raise click.ClickException("no attention block was found in the model.")
     click.echo(report.table())
+    for note in report.notes():
+        click.echo(f"note: {note}", err=True)
     click.echo(f"{len(report.sites)} attention sites")
 
 

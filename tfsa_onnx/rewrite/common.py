@@ -62,13 +62,16 @@ class Site:
     causal: bool = False
     replaced: bool = False
     reason: str = ""
+    window: int | None = None  # a proven sliding window, kept in the mask
+    notes: list[str] = field(default_factory=list)  # what the mask analysis kept, and why
     node: ir.Node | None = field(default=None, repr=False)
     match: Match | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        keys = ("name", "family", "layer", "heads", "kv_heads", "head_dim", "masked", "causal", "replaced")
-        out = {k: getattr(self, k) for k in keys}
+        keys = ("name", "family", "layer", "heads", "kv_heads", "head_dim", "masked", "causal", "window")
+        out = {k: getattr(self, k) for k in (*keys, "replaced")}
         out["reason"] = self.reason or None
+        out["notes"] = list(self.notes)
         return out
 
 

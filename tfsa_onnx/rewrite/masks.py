@@ -1,20 +1,23 @@
 """Attention masks: find the causal part of a mask and replace it by is_causal.
 
-A mask term is causal when it does not depend on any input's values (only on shapes and
-constants) and, evaluated at several sequence lengths, it is exactly the lower triangle
-`key j <= query i`. Such a term is dropped from the mask and the op gets is_causal=1; what
-is left (a padding mask, usually [B,1,1,S]) is passed as the op's mask.
+A mask term that does not depend on any input's values (only on shapes and constants) is
+dropped when `mask_proof` proves it all-true, or the lower triangle `key j <= query i` (the op
+then gets is_causal=1), at every length; an evaluation at a few lengths must agree, but never
+decides alone (a 512-key sliding window looks causal at 33 tokens). What is left (a padding
+mask, usually [B,1,1,S], and any window or unproven term) is passed as the op's mask.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from tfsa_onnx.rewrite.common import NEG_LIMIT, Builder, const_array, const_scalar, producer
+from tfsa_onnx.rewrite.common import NEG_LIMIT, Builder, const_scalar, producer
+from tfsa_onnx.rewrite.mask_proof import MaskAlgebra, Term, classify
 
 PROBE_LENGTHS = (1, 2, 5, 16, 33)
 _SHAPE_OF = {"Shape", "Size"}
@@ -196,59 +199,78 @@ def _all_true(results: list[np.ndarray]) -> bool:
     return all(bool(np.all(r.astype(bool))) for r in results)
 
 
+@dataclass
+class MaskSplit:
+    """A mask without its proven causal and all-true terms."""
+
+    mask: ir.Value | None  # what is left for the op's mask input; None = nothing
+    causal: bool = False
+    window: int | None = None  # a proven sliding window (keys i - window < j <= i), kept in the mask
+    notes: list[str] = field(default_factory=list)
+    square: bool = False  # the attention's query and key lengths are provably equal
+
+
 class MaskAnalyzer:
-    """Splits masks into (remaining mask, is_causal), building new mask nodes once per model."""
+    """Splits masks into (remaining mask, is_causal), building new mask nodes once per model.
+
+    A term is dropped only when `mask_proof` proves it causal or all-true at every length
+    and an evaluation at the probe lengths agrees; every other term stays in the mask."""
 
     def __init__(self, model: ir.Model) -> None:
         self.prober = MaskProber(model)
-        self.done: dict[tuple[int, bool], tuple[ir.Value | None, bool]] = {}
+        self.algebra = MaskAlgebra()
+        self.done: dict[tuple[int, bool, bool], MaskSplit] = {}
 
-    def split(self, mask: ir.Value, builder: Builder, additive: bool) -> tuple[ir.Value | None, bool]:
-        key = (id(mask), additive)
+    def split(self, mask: ir.Value, builder: Builder, additive: bool, square: bool) -> MaskSplit:
+        """`square`: the attention's query and key lengths are provably equal."""
+        key = (id(mask), additive, square)
         if key not in self.done:
-            self.done[key] = self._split(mask, builder, additive)
+            result = MaskSplit(None, square=square)
+            result.mask, result.causal = self._split(mask, builder, additive, result)
+            self.done[key] = result
         return self.done[key]
 
-    def _split(self, mask: ir.Value, builder: Builder, additive: bool) -> tuple[ir.Value | None, bool]:
-        if additive:
-            probe = self.prober.evaluate(mask)
-            if probe is not None and _is_lower_triangle(probe, additive=True):
-                return None, True
-            if probe is not None and all(np.all(p == 0) for p in probe):
-                return None, False
-            where = producer(mask, "Where")
-            if where is None:
-                return mask, False
-            cond, zero, neg = where.inputs
-            if const_scalar(zero) != 0.0 or (const_scalar(neg) or 0.0) > NEG_LIMIT:
-                return mask, False
-            cond = _strip_expand(cond)
-            new_cond, causal = self._split_bool(cond, builder)
-            if new_cond is None:
-                return None, causal
-            if new_cond is cond and not causal:
-                return mask, False
-            return builder.op("Where", [new_cond, zero, neg]), causal
-        return self._split_bool(_strip_expand(mask), builder)
+    def _split(
+        self, mask: ir.Value, builder: Builder, additive: bool, out: MaskSplit
+    ) -> tuple[ir.Value | None, bool]:
+        if not additive:
+            return self._split_bool(_strip_expand(mask), builder, out)
+        if _value_independent(mask) is not None:
+            term = self._term(mask, True, out)
+            if term is not None:
+                return self._apply(term, mask, out)
+        where = producer(mask, "Where")
+        if where is None:
+            return mask, False
+        cond, zero, neg = where.inputs
+        if const_scalar(zero) != 0.0 or (const_scalar(neg) or 0.0) > NEG_LIMIT:
+            return mask, False
+        cond = _strip_expand(cond)
+        new_cond, causal = self._split_bool(cond, builder, out)
+        if new_cond is None:
+            return None, causal
+        if new_cond is cond:
+            return mask, causal
+        return builder.op("Where", [new_cond, zero, neg]), causal
 
-    def _split_bool(self, cond: ir.Value, builder: Builder) -> tuple[ir.Value | None, bool]:
+    def _split_bool(self, cond: ir.Value, builder: Builder, out: MaskSplit) -> tuple[ir.Value | None, bool]:
         """(cond without its causal or all-true terms, causal found); None = all true."""
-        probe = self.prober.evaluate(cond)
-        if probe is not None:
-            if _is_lower_triangle(probe, additive=False):
-                return None, True
-            if _all_true(probe):
-                return None, False
-            return cond, False
+        independent = _value_independent(cond) is not None
+        if independent:
+            term = self._term(cond, False, out)
+            if term is not None:
+                return self._apply(term, cond, out)
         node = producer(cond, "And", "Cast", "Expand")
-        if node is None:
+        if node is None or (node.op_type == "Cast" and node.inputs[0].dtype != ir.DataType.BOOL):
+            if independent:
+                out.notes.append(
+                    f"kept mask term {cond.name}: not provably causal or all-true at every length"
+                )
             return cond, False
         if node.op_type in ("Cast", "Expand"):
-            if node.op_type == "Cast" and node.inputs[0].dtype != ir.DataType.BOOL:
-                return cond, False
-            inner, causal = self._split_bool(node.inputs[0], builder)
+            inner, causal = self._split_bool(node.inputs[0], builder, out)
             return (cond if inner is node.inputs[0] else inner), causal
-        parts = [self._split_bool(i, builder) for i in node.inputs]
+        parts = [self._split_bool(i, builder, out) for i in node.inputs]
         causal = any(found for _, found in parts)
         if all(v is i for (v, _), i in zip(parts, node.inputs, strict=False)):
             return cond, causal
@@ -258,6 +280,38 @@ class MaskAnalyzer:
         if len(kept) == 1:
             return kept[0], causal
         return builder.op("And", kept), causal
+
+    def _term(self, value: ir.Value, additive: bool, out: MaskSplit) -> Term | None:
+        """The proven term; a proof that the probe lengths contradict counts as no proof."""
+        term = classify(self.algebra, value, additive, out.square)
+        if term is None or term.kind not in ("all", "causal"):
+            return term
+        probe = self.prober.evaluate(value)
+        if probe is None or _probe_agrees(probe, term, additive):
+            return term
+        out.notes.append(f"kept mask term {value.name}: its evaluation contradicts its proof")
+        return Term("other")
+
+    @staticmethod
+    def _apply(term: Term, value: ir.Value, out: MaskSplit) -> tuple[ir.Value | None, bool]:
+        if term.kind == "all":
+            return None, False
+        if term.kind == "causal":
+            return None, True
+        if term.kind == "band":  # a band lies inside the causal triangle: is_causal stays exact
+            out.window = term.window if out.window is None else min(out.window, term.window)
+            out.notes.append(f"sliding window of {term.window} keys kept in the mask")
+            return value, True
+        out.notes.append(f"kept mask term {value.name}: not provably causal or all-true at every length")
+        return value, False
+
+
+def _probe_agrees(results: list[np.ndarray], term: Term, additive: bool) -> bool:
+    if term.kind == "causal":
+        return _is_lower_triangle(results, additive)
+    if additive:
+        return all(np.all(r == 0) for r in results)
+    return _all_true(results)
 
 
 def _strip_expand(value: ir.Value) -> ir.Value:
@@ -274,10 +328,6 @@ def mask_dtype_fix(builder: Builder, mask: ir.Value, query_dtype: Any) -> ir.Val
     if mask.dtype in (None, ir.DataType.BOOL, query_dtype):
         return mask
     return builder.op("Cast", [mask], to=query_dtype)
-
-
-def is_constant(value: ir.Value) -> bool:
-    return const_array(value) is not None
 
 
 def _has_subgraph(node: ir.Node) -> bool:

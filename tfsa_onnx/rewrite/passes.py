@@ -22,6 +22,7 @@ from tfsa_onnx.rewrite.common import (
     NotAttention,
     Site,
     dims,
+    same_dim,
     sparse_attention_node,
     static_int,
 )
@@ -62,31 +63,31 @@ class Report:
 
     def table(self) -> str:
         """The report as a text table (the same facts as the JSON)."""
-        head = ("layer", "name", "family", "heads", "kv", "dim", "masked", "causal", "replaced", "reason")
-        rows = [head]
-        for s in self.sites:
-            d = s.as_dict()
-            rows.append(
-                tuple(
-                    _cell(d[k])
-                    for k in (
-                        "layer",
-                        "name",
-                        "family",
-                        "heads",
-                        "kv_heads",
-                        "head_dim",
-                        "masked",
-                        "causal",
-                        "replaced",
-                        "reason",
-                    )
-                )
-            )
+        head = (
+            "layer",
+            "name",
+            "family",
+            "heads",
+            "kv",
+            "dim",
+            "masked",
+            "causal",
+            "window",
+            "replaced",
+            "reason",
+        )
+        keys = ("layer", "name", "family", "heads", "kv_heads", "head_dim", "masked", "causal", "window")
+        rows = [head] + [
+            tuple(_cell(s.as_dict()[k]) for k in (*keys, "replaced", "reason")) for s in self.sites
+        ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
+
+    def notes(self) -> list[str]:
+        """What the mask analysis kept and why, one line per site and note."""
+        return [f"layer {s.layer} ({s.name}): {note}" for s in self.sites for note in s.notes]
 
 
 def _cell(v: Any) -> str:
@@ -356,9 +357,13 @@ def _resolve_mask(graph: ir.Graph, site: Site, analyzer: MaskAnalyzer) -> None:
     match = site.match
     if match.mask is not None:
         builder = Builder(graph, match.output.producer(), site.name)
-        mask, causal = analyzer.split(match.mask, builder, match.mask_additive)
-        match.is_causal = match.is_causal or causal
-        match.mask = None if mask is None else mask_dtype_fix(builder, mask, match.element_type())
+        q, k = dims(match.query), dims(match.key)
+        square = q is not None and k is not None and len(q) == len(k) == 4 and same_dim(q[2], k[2])
+        split = analyzer.split(match.mask, builder, match.mask_additive, square)
+        match.is_causal = match.is_causal or split.causal
+        match.mask = None if split.mask is None else mask_dtype_fix(builder, split.mask, match.element_type())
+        site.window = split.window
+        site.notes = list(split.notes)
     site.causal = match.is_causal
     site.masked = match.mask is not None
 

@@ -1,0 +1,851 @@
+"""What a mask term computes at every sequence length, proven from its graph.
+
+A mask term that depends on the inputs only through their shapes (a causal triangle, a
+sliding window, an all-true filler) is evaluated symbolically instead of at a few lengths:
+- a size is affine in the graph's symbolic dims (`Dim`, e.g. seq - 1),
+- an index tensor (Range, and whatever broadcasts, shifts or scales it) holds at each
+  element an affine function of that element's indices (`Grid`),
+- a comparison of index tensors is a linear condition on the indices (`Cond`).
+On the mask's last two axes (query i, key j), a condition that depends on t = j - i alone
+is a union of intervals of t, so it is decided exactly for every length: all true, causal
+(t <= 0), a band of W keys (-W < t <= 0), or something else. Anything outside this algebra
+is unknown; the caller keeps what is unknown, since a kept term costs speed while a dropped
+one changes the model. Indices are exact up to 2**24 positions (Range cast to float32).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from tfsa_onnx.rewrite.common import NEG_LIMIT, attr, const_array
+
+Scalar = int | float
+_MAX_CONST_ELEMENTS = 4096  # larger constants are not mask index arithmetic
+_INT_TYPES = {ir.DataType.INT64, ir.DataType.INT32, ir.DataType.INT16, ir.DataType.INT8, ir.DataType.UINT8}
+
+
+class Unknown(Exception):
+    """The term leaves the algebra this module can prove things in."""
+
+
+# ---------------------------------------------------------------- sizes and offsets
+
+
+@dataclass(frozen=True)
+class Dim:
+    """const + sum(coef * symbol): a size or an offset, affine in the graph's symbolic dims."""
+
+    const: Scalar = 0
+    terms: tuple[tuple[str, int], ...] = ()
+
+    @staticmethod
+    def of(x: Any) -> Dim:
+        if isinstance(x, Dim):
+            return x
+        if isinstance(x, (bool, np.bool_)):
+            raise Unknown("a boolean used as a number")
+        if isinstance(x, (int, np.integer)):
+            return Dim(int(x))
+        if isinstance(x, (float, np.floating)):
+            return Dim(int(x) if float(x).is_integer() and abs(x) < 2**53 else float(x))
+        raise Unknown(f"unexpected constant {x!r}")
+
+    @staticmethod
+    def symbol(name: str) -> Dim:
+        return Dim(0, ((name, 1),))
+
+    @property
+    def is_const(self) -> bool:
+        return not self.terms
+
+    def __add__(self, other: Any) -> Dim:
+        other = Dim.of(other)
+        merged = dict(self.terms)
+        for name, c in other.terms:
+            merged[name] = merged.get(name, 0) + c
+        return Dim(self.const + other.const, tuple(sorted((n, c) for n, c in merged.items() if c)))
+
+    __radd__ = __add__
+
+    def __neg__(self) -> Dim:
+        return self.scaled(-1)
+
+    def __sub__(self, other: Any) -> Dim:
+        return self + (-Dim.of(other))
+
+    def __rsub__(self, other: Any) -> Dim:
+        return Dim.of(other) - self
+
+    def scaled(self, k: Scalar) -> Dim:
+        if self.terms and not float(k).is_integer():
+            raise Unknown("a symbolic size times a fraction")
+        return Dim(self.const * k, tuple((n, int(c * k)) for n, c in self.terms if c * k))
+
+    def __mul__(self, other: Any) -> Dim:
+        other = Dim.of(other)
+        if other.is_const:
+            return self.scaled(other.const)
+        if self.is_const:
+            return other.scaled(self.const)
+        raise Unknown("a product of two symbolic sizes")
+
+    __rmul__ = __mul__
+
+
+ONE = Dim(1)
+
+
+# ---------------------------------------------------------------- abstract tensors
+
+
+@dataclass
+class Arr:
+    """A tensor of known shape and elements: constants and shape vectors (Dim or bool)."""
+
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.values, np.ndarray):  # numpy gives scalars for 0-d results
+            self.values = np.array(self.values, dtype=bool if isinstance(self.values, np.bool_) else object)
+
+    @property
+    def shape(self) -> tuple[Dim, ...]:
+        return tuple(Dim(d) for d in self.values.shape)
+
+
+@dataclass
+class Grid:
+    """Element at index x: offset + sum(coefs[a] * x[a]); sizes may be symbolic."""
+
+    shape: tuple[Dim, ...]
+    offset: Dim
+    coefs: tuple[Scalar, ...]
+
+    def __post_init__(self) -> None:
+        # An axis of size 1 has index 0: its coefficient never matters (and must not once it broadcasts).
+        self.coefs = tuple(0 if d == ONE else c for d, c in zip(self.shape, self.coefs, strict=True))
+
+
+# A formula over linear conditions: ("atom", coefs, offset, rel) means offset + coefs . x  rel  0,
+# rel in {"ge", "gt", "eq"}; ("and" | "or", f, g); ("not", f); ("const", bool).
+Formula = tuple
+
+
+@dataclass
+class Cond:
+    """A boolean tensor: element at index x is formula(x)."""
+
+    shape: tuple[Dim, ...]
+    formula: Formula
+
+
+@dataclass
+class Select:
+    """Where(cond, on_true, on_false) with scalar branches: an additive mask."""
+
+    cond: Cond
+    on_true: float
+    on_false: float
+
+    @property
+    def shape(self) -> tuple[Dim, ...]:
+        return self.cond.shape
+
+
+Abstract = Arr | Grid | Cond | Select
+
+
+def _map_atoms(f: Formula, fn) -> Formula:
+    if f[0] == "atom":
+        return fn(f)
+    if f[0] == "const":
+        return f
+    return (f[0], *(_map_atoms(g, fn) for g in f[1:]))
+
+
+def _atoms(f: Formula):
+    if f[0] == "atom":
+        yield f
+    elif f[0] != "const":
+        for g in f[1:]:
+            yield from _atoms(g)
+
+
+def _remap(x: Grid | Cond, shape: tuple[Dim, ...], source: list[int | None]) -> Grid | Cond:
+    """The same elements on new axes: new axis a reads old axis source[a] (None: a new axis)."""
+
+    def coefs(old: tuple[Scalar, ...]) -> tuple[Scalar, ...]:
+        out = tuple(0 if s is None else old[s] for s in source)
+        return tuple(0 if d == ONE else c for d, c in zip(shape, out, strict=True))
+
+    if isinstance(x, Grid):
+        return Grid(shape, x.offset, coefs(x.coefs))
+    return Cond(shape, _map_atoms(x.formula, lambda a: ("atom", coefs(a[1]), a[2], a[3])))
+
+
+def _broadcast_shape(*shapes: tuple[Dim, ...]) -> tuple[Dim, ...]:
+    rank = max(len(s) for s in shapes)
+    out = []
+    for axis in range(rank):
+        dims = {s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0} - {ONE}
+        if len(dims) > 1:
+            raise Unknown("sizes that broadcast only if two symbolic sizes are equal")
+        out.append(dims.pop() if dims else ONE)
+    return tuple(out)
+
+
+def _broadcast_to(x: Grid | Cond, shape: tuple[Dim, ...]) -> Grid | Cond:
+    lead = len(shape) - len(x.shape)
+    for axis, d in enumerate(x.shape):
+        if d != ONE and d != shape[axis + lead]:
+            raise Unknown("a size that does not broadcast")
+    return _remap(x, shape, [None if a < lead else a - lead for a in range(len(shape))])
+
+
+def _as_grid(x: Abstract) -> Grid:
+    if isinstance(x, Grid):
+        return x
+    if isinstance(x, Arr) and x.values.size == 1 and x.values.dtype != bool:
+        return Grid(x.shape, Dim.of(x.values.reshape(-1)[0]), (0,) * x.values.ndim)
+    raise Unknown("not an index tensor")
+
+
+def _as_cond(x: Abstract) -> Cond:
+    if isinstance(x, Cond):
+        return x
+    if (
+        isinstance(x, Arr)
+        and x.values.dtype == bool
+        and x.values.size
+        and np.all(x.values == x.values.flat[0])
+    ):
+        return Cond(x.shape, ("const", bool(x.values.flat[0])))
+    raise Unknown("not a condition")
+
+
+def _scalar(x: Abstract) -> float:
+    """A tensor with one value everywhere, as a float (additive-mask branches)."""
+    if isinstance(x, Arr) and x.values.size == 1:
+        v = x.values.reshape(-1)[0]
+        if isinstance(v, Dim) and v.is_const:
+            return float(v.const)
+        if isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_)):
+            return float(v)
+    if isinstance(x, Grid) and not any(x.coefs) and x.offset.is_const:
+        return float(x.offset.const)
+    raise Unknown("not a scalar")
+
+
+# ---------------------------------------------------------------- the evaluator
+
+
+_COMPARE = {"Less": ("gt", True), "LessOrEqual": ("ge", True), "Greater": ("gt", False)}
+_COMPARE |= {"GreaterOrEqual": ("ge", False), "Equal": ("eq", False)}
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "And", "Or", "Xor", "Where", "Max", "Min", "Equal", "Less"}
+_ELEMENTWISE |= {"LessOrEqual", "Greater", "GreaterOrEqual", "Not", "Neg", "Cast", "Abs", "Identity"}
+
+
+class MaskAlgebra:
+    """Evaluates values of one model symbolically; results are cached per value."""
+
+    def __init__(self) -> None:
+        self.cache: dict[int, Abstract | Unknown] = {}
+
+    def eval(self, value: ir.Value) -> Abstract:
+        key = id(value)
+        if key not in self.cache:
+            try:
+                self.cache[key] = self._eval(value)
+            except Unknown as e:
+                self.cache[key] = e
+            except (
+                ValueError,
+                IndexError,
+                KeyError,
+                TypeError,
+                AttributeError,
+                ZeroDivisionError,
+                OverflowError,
+            ) as e:
+                self.cache[key] = Unknown(f"{type(e).__name__}: {e}")
+        result = self.cache[key]
+        if isinstance(result, Unknown):
+            raise result
+        return result
+
+    def shape_of(self, value: ir.Value) -> tuple[Dim, ...]:
+        node = value.producer()
+        if node is not None or value.const_value is not None:
+            try:
+                return self.eval(value).shape
+            except Unknown:
+                pass
+        if node is not None and node.domain in ("", "ai.onnx"):
+            try:
+                return self._shape_rule(node)
+            except Unknown:
+                pass
+        if value.shape is None:
+            raise Unknown(f"the shape of {value.name} is unknown")
+        out = []
+        for axis, d in enumerate(value.shape):
+            if isinstance(d, int):
+                out.append(Dim(d))
+            elif d.value:
+                out.append(Dim.symbol(d.value))
+            else:  # an unnamed dim equals nothing else
+                out.append(Dim.symbol(f"{value.name}[{axis}]"))
+        return tuple(out)
+
+    def _shape_rule(self, node: ir.Node) -> tuple[Dim, ...]:
+        """The output shape of a node whose values are not index arithmetic (an embedding's
+        Gather, a Reshape of an input), from its inputs' shapes."""
+        inputs = [i for i in node.inputs if i is not None]
+        if node.op_type in ("Cast", "Identity", "Not", "Neg", "Abs"):
+            return self.shape_of(inputs[0])
+        if node.op_type in _ELEMENTWISE:
+            return _broadcast_shape(*(self.shape_of(i) for i in inputs))
+        if node.op_type == "Gather":
+            data, idx = self.shape_of(inputs[0]), self.shape_of(inputs[1])
+            axis = attr(node, "axis", 0) % len(data)
+            return data[:axis] + idx + data[axis + 1 :]
+        if node.op_type == "Reshape":
+            source = self.shape_of(inputs[0])
+            target = [Dim.of(d) for d in self._in(node, 1).values.reshape(-1)]
+            if not attr(node, "allowzero", 0):
+                target = [source[a] if d == Dim(0) else d for a, d in enumerate(target)]
+            if target.count(Dim(-1)) == 1:  # -1 is what the known dims leave of the source
+                rest = [d for d in source if d != ONE]
+                for d in target:
+                    if d in (ONE, Dim(-1)):
+                        continue
+                    if d not in rest:
+                        raise Unknown("a Reshape that merges axes")
+                    rest.remove(d)
+                if len(rest) > 1:
+                    raise Unknown("a Reshape that merges axes")
+                target[target.index(Dim(-1))] = rest[0] if rest else ONE
+            return tuple(target)
+        raise Unknown(f"no shape rule for {node.op_type}")
+
+    def _eval(self, value: ir.Value) -> Abstract:
+        node = value.producer()
+        if node is None or node.op_type == "Constant":
+            arr = const_array(value)
+            if arr is None:
+                raise Unknown(f"{value.name} depends on an input's values")
+            return _constant(arr)
+        if node.domain not in ("", "ai.onnx"):
+            raise Unknown(f"{node.op_type} of domain {node.domain}")
+        if len(node.outputs) != 1 and node.op_type != "Split":
+            raise Unknown(f"{node.op_type} with several outputs")
+        method = getattr(self, f"_op_{node.op_type}", None)
+        if method is None:
+            raise Unknown(f"{node.op_type} is not index arithmetic")
+        return method(node, [None if i is None else i for i in node.inputs])
+
+    def _in(self, node: ir.Node, i: int) -> Abstract:
+        return self.eval(node.inputs[i])
+
+    def _ints(self, node: ir.Node, i: int) -> list[int]:
+        """A constant integer vector input (axes, perms, starts...)."""
+        if len(node.inputs) <= i or node.inputs[i] is None:
+            raise Unknown("a missing input")
+        x = self._in(node, i)
+        if not isinstance(x, Arr):
+            raise Unknown("a vector that is not constant")
+        out = []
+        for v in x.values.reshape(-1):
+            d = Dim.of(v)
+            if not d.is_const or not float(d.const).is_integer():
+                raise Unknown("a symbolic axis or index")
+            out.append(int(d.const))
+        return out
+
+    # shapes
+
+    def _op_Shape(self, node, inputs):
+        dims = self.shape_of(inputs[0])
+        start, end = attr(node, "start", 0), attr(node, "end", None)
+        return Arr(np.array(list(dims[start:end]), dtype=object).reshape(-1))
+
+    def _op_Size(self, node, inputs):
+        total = Dim(1)
+        for d in self.shape_of(inputs[0]):
+            total = total * d
+        return Arr(np.array(total, dtype=object))
+
+    def _op_Identity(self, node, inputs):
+        return self._in(node, 0)
+
+    def _op_Cast(self, node, inputs):
+        x = self._in(node, 0)
+        to = ir.DataType(attr(node, "to"))
+        if isinstance(x, Arr):
+            return _cast_arr(x, to)
+        if to == ir.DataType.BOOL:
+            if isinstance(x, Cond):
+                return x
+            g = _as_grid(x)
+            return Cond(g.shape, ("not", ("atom", g.coefs, g.offset, "eq")))
+        if isinstance(x, Grid) and (to in _INT_TYPES or to.is_floating_point()):
+            if to in _INT_TYPES and not _integral(x):
+                raise Unknown("a fractional index cast to an integer")
+            return x
+        raise Unknown("a condition cast to a number")
+
+    # index tensors
+
+    def _op_Range(self, node, inputs):
+        start, limit, delta = (_as_grid(self._in(node, i)) for i in range(3))
+        if any(any(g.coefs) for g in (start, limit, delta)) or delta.offset not in (Dim(1), Dim(-1)):
+            raise Unknown("a Range with a step other than 1 or -1")
+        step = int(delta.offset.const)
+        length = (limit.offset - start.offset).scaled(step)
+        return Grid((length,), start.offset, (step,))
+
+    def _op_ConstantOfShape(self, node, inputs):
+        shape = tuple(Dim.of(d) for d in self._in(node, 0).values.reshape(-1))
+        a = node.attributes.get("value")
+        fill = a.value.numpy().reshape(-1)[0] if a is not None else 0.0
+        if isinstance(fill, np.bool_):
+            return Cond(shape, ("const", bool(fill)))
+        return Grid(shape, Dim.of(fill), (0,) * len(shape))
+
+    # layout
+
+    def _op_Unsqueeze(self, node, inputs):
+        x = self._in(node, 0)
+        axes = self._ints(node, 1) if len(inputs) > 1 else list(attr(node, "axes"))
+        rank = len(x.shape) + len(axes)
+        axes = sorted(a % rank for a in axes)
+        if isinstance(x, Arr):
+            return Arr(np.expand_dims(x.values, tuple(axes)))
+        x = _layout(x)
+        old = iter(range(len(x.shape)))
+        source = [None if a in axes else next(old) for a in range(rank)]
+        shape = tuple(ONE if s is None else x.shape[s] for s in source)
+        return _remap(x, shape, source)
+
+    def _op_Squeeze(self, node, inputs):
+        x = self._in(node, 0)
+        if len(inputs) > 1 and inputs[1] is not None:
+            axes = self._ints(node, 1)
+        else:
+            axes = attr(node, "axes", None)
+            if axes is None:
+                if any(not d.is_const for d in x.shape):
+                    raise Unknown("Squeeze of symbolic sizes without axes")
+                axes = [a for a, d in enumerate(x.shape) if d == ONE]
+        axes = {a % len(x.shape) for a in axes}
+        if isinstance(x, Arr):
+            return Arr(np.squeeze(x.values, tuple(axes)) if axes else x.values)
+        x = _layout(x)
+        if any(x.shape[a] != ONE for a in axes):
+            raise Unknown("Squeeze of an axis that may not be 1")
+        source = [a for a in range(len(x.shape)) if a not in axes]
+        return _remap(x, tuple(x.shape[a] for a in source), source)
+
+    def _op_Transpose(self, node, inputs):
+        x = self._in(node, 0)
+        perm = attr(node, "perm", None) or list(reversed(range(len(x.shape))))
+        if isinstance(x, Arr):
+            return Arr(np.transpose(x.values, perm))
+        x = _layout(x)
+        return _remap(x, tuple(x.shape[p] for p in perm), list(perm))
+
+    def _op_Expand(self, node, inputs):
+        x = self._in(node, 0)
+        target = tuple(Dim.of(d) for d in self._in(node, 1).values.reshape(-1))
+        if isinstance(x, Arr):
+            if any(not d.is_const for d in target):
+                x = _as_grid(x) if x.values.dtype != bool else _as_cond(x)
+            else:
+                shape = [int(d.const) for d in target]
+                return Arr(np.broadcast_to(x.values, np.broadcast_shapes(x.values.shape, shape)).copy())
+        x = _layout(x)
+        return _broadcast_to(x, _broadcast_shape(x.shape, target))
+
+    def _op_Reshape(self, node, inputs):
+        x = self._in(node, 0)
+        target = [Dim.of(d) for d in self._in(node, 1).values.reshape(-1)]
+        if not attr(node, "allowzero", 0):
+            target = [x.shape[a] if d == Dim(0) else d for a, d in enumerate(target)]
+        if isinstance(x, Arr) and all(d.is_const for d in target):
+            return Arr(x.values.reshape([int(d.const) for d in target]))
+        x = _layout(x)
+        # Only reshapes that add or remove axes of size 1 keep the elements' indices.
+        kept = [a for a, d in enumerate(x.shape) if d != ONE]
+        slots = [a for a, d in enumerate(target) if d != ONE]
+        if len(kept) != len(slots) or Dim(-1) in target:
+            raise Unknown("a Reshape that merges or splits axes")
+        source: list[int | None] = [None] * len(target)
+        for old, new in zip(kept, slots, strict=True):
+            if x.shape[old] != target[new]:
+                raise Unknown("a Reshape that moves elements")
+            source[new] = old
+        return _remap(x, tuple(target), source)
+
+    def _op_Concat(self, node, inputs):
+        parts = [self.eval(i) for i in inputs]
+        if not all(isinstance(p, Arr) for p in parts):
+            raise Unknown("Concat of index tensors")
+        return Arr(np.concatenate([p.values.astype(object) for p in parts], axis=attr(node, "axis")))
+
+    def _op_Gather(self, node, inputs):
+        data, idx = self._in(node, 0), self._ints_arr(node, 1)
+        if not isinstance(data, Arr):
+            raise Unknown("Gather from an index tensor")
+        return Arr(np.take(data.values, idx, axis=attr(node, "axis", 0)))
+
+    def _ints_arr(self, node: ir.Node, i: int) -> np.ndarray:
+        x = self._in(node, i)
+        if not isinstance(x, Arr):
+            raise Unknown("indices that are not constant")
+        return np.array(self._ints(node, i), dtype=np.int64).reshape(x.values.shape)
+
+    def _op_Slice(self, node, inputs):
+        data = self._in(node, 0)
+        if not isinstance(data, Arr):
+            raise Unknown("Slice of an index tensor")
+        starts, ends = self._ints(node, 1), self._ints(node, 2)
+        axes = self._ints(node, 3) if len(inputs) > 3 and inputs[3] is not None else list(range(len(starts)))
+        steps = self._ints(node, 4) if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
+        index = [slice(None)] * data.values.ndim
+        for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+            index[a] = slice(s, e, st)
+        return Arr(data.values[tuple(index)])
+
+    # arithmetic
+
+    def _arith(self, node: ir.Node) -> Abstract:
+        op = node.op_type
+        a, b = self._in(node, 0), self._in(node, 1)
+        if _is_numbers(a) and _is_numbers(b):  # sizes: exact where affine, else a new symbol
+            x, y = np.broadcast_arrays(a.values, b.values)
+            name = node.outputs[0].name
+            out = [
+                _size_op(op, p, q, f"{name}[{k}]")
+                for k, (p, q) in enumerate(zip(x.flat, y.flat, strict=True))
+            ]
+            return Arr(np.array(out, dtype=object).reshape(x.shape))
+        a, b = _as_grid(a), _as_grid(b)
+        shape = _broadcast_shape(a.shape, b.shape)
+        a, b = _broadcast_to(a, shape), _broadcast_to(b, shape)
+        if op == "Add":
+            return Grid(
+                shape, a.offset + b.offset, tuple(p + q for p, q in zip(a.coefs, b.coefs, strict=True))
+            )
+        if op == "Sub":
+            return Grid(
+                shape, a.offset - b.offset, tuple(p - q for p, q in zip(a.coefs, b.coefs, strict=True))
+            )
+        if op == "Mul":
+            if any(a.coefs) or not a.offset.is_const:
+                a, b = b, a
+            if any(a.coefs) or not a.offset.is_const:
+                raise Unknown("a product of two index tensors")
+            k = a.offset.const
+            return Grid(shape, b.offset.scaled(k), tuple(c * k for c in b.coefs))
+        raise Unknown(f"{op} of an index tensor")
+
+    def _op_Add(self, node, inputs):
+        return self._arith(node)
+
+    _op_Sub = _op_Mul = _op_Div = _op_Add
+
+    def _op_Neg(self, node, inputs):
+        x = self._in(node, 0)
+        if isinstance(x, Arr):
+            return Arr(np.vectorize(lambda p: -Dim.of(p), otypes=[object])(x.values))
+        g = _as_grid(x)
+        return Grid(g.shape, -g.offset, tuple(-c for c in g.coefs))
+
+    # conditions
+
+    def _compare(self, node, inputs):
+        rel, swap = _COMPARE[node.op_type]
+        a, b = self._in(node, 0), self._in(node, 1)
+        if isinstance(a, Arr) and isinstance(b, Arr):
+            concrete = _concrete_compare(node.op_type, a, b)
+            if concrete is not None:
+                return concrete
+        a, b = _as_grid(a), _as_grid(b)
+        if swap:
+            a, b = b, a
+        shape = _broadcast_shape(a.shape, b.shape)
+        a, b = _broadcast_to(a, shape), _broadcast_to(b, shape)
+        coefs = tuple(p - q for p, q in zip(a.coefs, b.coefs, strict=True))
+        return Cond(shape, ("atom", coefs, a.offset - b.offset, rel))
+
+    _op_Less = _op_LessOrEqual = _op_Greater = _op_GreaterOrEqual = _op_Equal = _compare
+
+    def _logic(self, node, inputs):
+        parts = [self.eval(i) for i in node.inputs]
+        if all(isinstance(p, Arr) and p.values.dtype == bool for p in parts):
+            fn = {"And": np.logical_and, "Or": np.logical_or, "Xor": np.logical_xor}[node.op_type]
+            return Arr(fn(parts[0].values, parts[1].values))
+        a, b = (_as_cond(p) for p in parts)
+        shape = _broadcast_shape(a.shape, b.shape)
+        a, b = _broadcast_to(a, shape), _broadcast_to(b, shape)
+        if node.op_type == "Xor":
+            return Cond(
+                shape, ("or", ("and", a.formula, ("not", b.formula)), ("and", ("not", a.formula), b.formula))
+            )
+        return Cond(shape, (node.op_type.lower(), a.formula, b.formula))
+
+    _op_And = _op_Or = _op_Xor = _logic
+
+    def _op_Not(self, node, inputs):
+        x = self._in(node, 0)
+        if isinstance(x, Arr) and x.values.dtype == bool:
+            return Arr(np.logical_not(x.values))
+        c = _as_cond(x)
+        return Cond(c.shape, ("not", c.formula))
+
+    def _op_Where(self, node, inputs):
+        c, a, b = (self._in(node, i) for i in range(3))
+        if isinstance(c, Arr) and isinstance(a, Arr) and isinstance(b, Arr) and c.values.dtype == bool:
+            return Arr(np.where(c.values, a.values, b.values))
+        c = _as_cond(c)
+        if _is_bool(a) and _is_bool(b):
+            a, b = _as_cond(a), _as_cond(b)
+            shape = _broadcast_shape(c.shape, a.shape, b.shape)
+            c, a, b = (_broadcast_to(x, shape) for x in (c, a, b))
+            return Cond(shape, ("or", ("and", c.formula, a.formula), ("and", ("not", c.formula), b.formula)))
+        shape = _broadcast_shape(c.shape, a.shape, b.shape)
+        return Select(_broadcast_to(c, shape), _scalar(a), _scalar(b))
+
+
+def _is_numbers(x: Abstract) -> bool:
+    return isinstance(x, Arr) and x.values.dtype != bool
+
+
+def _size_op(op: str, p: Any, q: Any, name: str) -> Dim:
+    """p op q on sizes; a result outside the affine algebra becomes a symbol of its own."""
+    p, q = Dim.of(p), Dim.of(q)
+    try:
+        if op == "Add":
+            return p + q
+        if op == "Sub":
+            return p - q
+        if op == "Mul":
+            return p * q
+        if p.is_const and q.is_const and q.const != 0:
+            integers = isinstance(p.const, int) and isinstance(q.const, int)
+            return Dim.of(int(p.const / q.const) if integers else p.const / q.const)
+    except Unknown:
+        pass
+    return Dim.symbol(name)
+
+
+def _is_bool(x: Abstract) -> bool:
+    return isinstance(x, Cond) or (isinstance(x, Arr) and x.values.dtype == bool)
+
+
+def _layout(x: Abstract) -> Grid | Cond:
+    if isinstance(x, (Grid, Cond)):
+        return x
+    if isinstance(x, Arr):
+        return _as_cond(x) if x.values.dtype == bool else _as_grid(x)
+    raise Unknown("a layout change of an additive mask")
+
+
+def _integral(g: Grid) -> bool:
+    return float(g.offset.const).is_integer() and all(float(c).is_integer() for c in g.coefs)
+
+
+def _constant(arr: np.ndarray) -> Arr:
+    if arr.size > _MAX_CONST_ELEMENTS:
+        raise Unknown("a large constant tensor")
+    if arr.dtype == bool:
+        return Arr(arr.copy())
+    if not np.issubdtype(arr.dtype, np.number):
+        raise Unknown(f"a constant of type {arr.dtype}")
+    return Arr(np.vectorize(Dim.of, otypes=[object])(arr) if arr.size else arr.astype(object))
+
+
+def _cast_arr(x: Arr, to: ir.DataType) -> Arr:
+    if to == ir.DataType.BOOL:
+        if x.values.dtype == bool:
+            return x
+        return Arr(np.vectorize(lambda d: _const_of(d) != 0, otypes=[bool])(x.values).astype(bool))
+    if x.values.dtype == bool:
+        return Arr(np.vectorize(lambda b: Dim(int(b)), otypes=[object])(x.values))
+    if to in _INT_TYPES:
+        return Arr(np.vectorize(_truncate, otypes=[object])(x.values))
+    return x
+
+
+def _const_of(d: Any) -> Scalar:
+    d = Dim.of(d)
+    if not d.is_const:
+        raise Unknown("a symbolic size used as a boolean")
+    return d.const
+
+
+def _truncate(d: Any) -> Dim:
+    d = Dim.of(d)
+    if d.is_const:
+        return Dim(math.trunc(d.const)) if math.isfinite(d.const) else d
+    return d
+
+
+def _concrete_compare(op: str, a: Arr, b: Arr) -> Arr | None:
+    try:
+        x = np.vectorize(_const_of, otypes=[float])(a.values) if a.values.dtype != bool else a.values
+        y = np.vectorize(_const_of, otypes=[float])(b.values) if b.values.dtype != bool else b.values
+    except Unknown:
+        return None
+    fn = {"Less": np.less, "LessOrEqual": np.less_equal, "Greater": np.greater}
+    fn |= {"GreaterOrEqual": np.greater_equal, "Equal": np.equal}
+    return Arr(fn[op](x, y))
+
+
+# ---------------------------------------------------------------- deciding a term
+
+
+@dataclass(frozen=True)
+class Term:
+    """What a mask term is for every length: 'all' (attends everywhere), 'causal' (key j <= query
+    i), 'band' (i - window < j <= i), or 'other'."""
+
+    kind: str
+    window: int | None = None
+
+
+def classify(algebra: MaskAlgebra, value: ir.Value, additive: bool, square: bool = False) -> Term | None:
+    """The term `value` computes at every length; None when it cannot be proven.
+
+    `square`: the attention's query and key lengths are provably equal. The mask's own query
+    and key axes must then not be of size 1; they are taken to have the scores' sizes (an
+    axis of size 1 at run time against longer scores is an input no exporter's mask expects).
+    Without it, causal and band need the mask's two axes to be provably of equal size."""
+    try:
+        x = algebra.eval(value)
+        if additive:
+            x = _additive_to_cond(x)
+        elif not isinstance(x, Cond) and not (isinstance(x, Arr) and x.values.dtype == bool):
+            raise Unknown("a boolean mask that is not a condition")
+        return _decide(x, square)
+    except Unknown:
+        return None
+
+
+def _additive_to_cond(x: Abstract) -> Arr | Cond:
+    """An additive mask as 'may attend': 0 where attended, <= NEG_LIMIT where not."""
+    if isinstance(x, Select):
+        if x.on_true == 0 and x.on_false <= NEG_LIMIT:
+            return x.cond
+        if x.on_true == 0 and x.on_false == 0:
+            return Cond(x.shape, ("const", True))
+        raise Unknown("an additive mask with other values")
+    if isinstance(x, Grid) and not any(x.coefs) and x.offset == Dim(0):
+        return Cond(x.shape, ("const", True))
+    if isinstance(x, Arr) and x.values.dtype != bool:
+        values = np.vectorize(_const_of, otypes=[float])(x.values)
+        if not np.all((values == 0) | (values <= NEG_LIMIT)):
+            raise Unknown("an additive mask with other values")
+        return Arr(values == 0)
+    raise Unknown("not an additive mask")
+
+
+def _decide(x: Arr | Cond, square: bool) -> Term:
+    if isinstance(x, Arr):
+        return _decide_concrete(x.values)
+    atoms = list(_atoms(x.formula))
+    rank = len(x.shape)
+    diagonal = []
+    for _, coefs, offset, _rel in atoms:
+        if any(coefs[:-2]) or not offset.is_const:
+            return Term("other")
+        cq, ck = (0, 0, *coefs)[-2:]
+        if cq != -ck:
+            return Term("other")
+        diagonal.append((ck, offset.const))
+    points = _candidates(diagonal)
+    truth = {t: _holds(x.formula, t) for t in points}
+    if all(truth.values()):
+        return Term("all")
+    if rank < 2 or ONE in x.shape[-2:] or (x.shape[-1] != x.shape[-2] and not square):
+        return Term("other")
+    if all(truth[t] == (t <= 0) for t in points):
+        return Term("causal")
+    low = min((t for t in points if truth[t]), default=None)
+    if low is None or low > 0 or truth[points[0]]:  # a band needs a finite lower edge
+        return Term("other")
+    checks = sorted(set(points) | {low - 1, low, low + 1})
+    if all(_holds(x.formula, t) == (low <= t <= 0) for t in checks):
+        return Term("band", window=1 - low)
+    return Term("other")
+
+
+def _candidates(diagonal: list[tuple[Scalar, Scalar]]) -> list[int]:
+    """Integers t at which every condition is decided: both sides of every threshold, the
+    targets' thresholds (0, 1), one point inside each gap and one beyond each end."""
+    points = {-1, 0, 1, 2}
+    for ck, d in diagonal:
+        if ck:
+            theta = -d / ck
+            base = math.floor(theta)
+            points |= {base - 1, base, base + 1, base + 2}
+    ordered = sorted(points)
+    inner = {p + 1 for p, q in zip(ordered, ordered[1:], strict=False) if q - p > 1}
+    return sorted(points | inner | {ordered[0] - 1, ordered[-1] + 1})
+
+
+def _holds(f: Formula, t: int) -> bool:
+    kind = f[0]
+    if kind == "const":
+        return f[1]
+    if kind == "not":
+        return not _holds(f[1], t)
+    if kind == "and":
+        return _holds(f[1], t) and _holds(f[2], t)
+    if kind == "or":
+        return _holds(f[1], t) or _holds(f[2], t)
+    _, coefs, offset, rel = f
+    ck = coefs[-1] if coefs else 0
+    v = ck * t + offset.const
+    return v >= 0 if rel == "ge" else v > 0 if rel == "gt" else v == 0
+
+
+def _decide_concrete(values: np.ndarray) -> Term:
+    """A constant mask: the model accepts only its own size, so checking every element proves it."""
+    allowed = values.astype(bool)
+    if np.all(allowed):
+        return Term("all")
+    if values.ndim >= 2 and values.shape[-1] == values.shape[-2]:
+        tri = np.tril(np.ones(values.shape[-2:], dtype=bool))
+        if np.all(allowed == tri):
+            return Term("causal")
+    return Term("other")
+
+
+def mask_constants(algebra: MaskAlgebra, value: ir.Value) -> list[int]:
+    """Integer constants a mask term computes with (window sizes and the like): a length past
+    all of them shows the term at work. Sentinels (|v| >= 2**31) are left out."""
+    out: set[int] = set()
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        arr = const_array(v)
+        if arr is not None:
+            if arr.size <= _MAX_CONST_ELEMENTS and np.issubdtype(arr.dtype, np.number):
+                finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+                out |= {int(a) for a in finite.reshape(-1) if float(a).is_integer() and 1 < abs(a) < 2**31}
+            continue
+        node = v.producer()
+        # Through Shape only sizes flow, never the constants behind its input.
+        if node is not None and node.domain in ("", "ai.onnx") and node.op_type not in ("Shape", "Size"):
+            stack.extend(node.inputs)
+    return sorted(out)
