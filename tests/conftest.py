@@ -75,7 +75,43 @@ _llama = _decoder("LlamaConfig", "LlamaModel", kv_heads=2)
 _qwen2 = _decoder("Qwen2Config", "Qwen2Model", kv_heads=1)
 
 
-BUILDERS = {"bert": _bert, "vit": _vit, "gpt2": _gpt2, "llama": _llama, "qwen2": _qwen2}
+def _sliding(config_class: str, model_class: str, layers: int, window: int, **extra):
+    """A tiny decoder whose layers attend through a sliding window longer than short test inputs."""
+
+    def build(attn: str):
+        import transformers as T
+
+        config = getattr(T, config_class)(
+            hidden_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=64,
+            vocab_size=VOCAB,
+            max_position_embeddings=2048,
+            sliding_window=window,
+            attn_implementation=attn,
+            **extra,
+        )
+        return getattr(T, model_class)(config)
+
+    return build
+
+
+BUILDERS = {
+    "bert": _bert,
+    "vit": _vit,
+    "gpt2": _gpt2,
+    "llama": _llama,
+    "qwen2": _qwen2,
+    "mistral-window": _sliding("MistralConfig", "MistralModel", 2, 300),
+    "qwen2-window": _sliding(
+        "Qwen2Config", "Qwen2Model", 2, 300, use_sliding_window=True, max_window_layers=0
+    ),
+    # Gemma 3's pattern: five sliding-window layers, then one global layer.
+    "gemma3": _sliding("Gemma3TextConfig", "Gemma3TextModel", 6, 512),
+}
 
 
 def example_inputs(family: str) -> dict:

@@ -758,8 +758,10 @@ def _additive_to_cond(x: Abstract) -> Arr | Cond:
 def _decide(x: Arr | Cond, square: bool) -> Term:
     if isinstance(x, Arr):
         return _decide_concrete(x.values)
-    atoms = list(_atoms(x.formula))
     rank = len(x.shape)
+    formula = _map_atoms(x.formula, _settle_one_index)
+    x = Cond(x.shape, formula)
+    atoms = list(_atoms(formula))
     diagonal = []
     for _, coefs, offset, _rel in atoms:
         if any(coefs[:-2]) or not offset.is_const:
@@ -783,6 +785,20 @@ def _decide(x: Arr | Cond, square: bool) -> Term:
     if all(_holds(x.formula, t) == (low <= t <= 0) for t in checks):
         return Term("band", window=1 - low)
     return Term("other")
+
+
+def _settle_one_index(atom: Formula) -> Formula:
+    """An atom on the query or the key index alone, constant over all indices >= 0 (key >= 0,
+    say), is that constant."""
+    _, coefs, offset, rel = atom
+    nonzero = [c for c in coefs if c]
+    if len(nonzero) != 1 or not offset.is_const:
+        return atom
+    c = nonzero[0]
+    probe = ("atom", (c,), offset, rel)
+    points = [x for x in _candidates([(c, offset.const)]) if x >= 0] + [0]
+    values = {_holds(probe, x) for x in points}
+    return ("const", values.pop()) if len(values) == 1 else atom
 
 
 def _candidates(diagonal: list[tuple[Scalar, Scalar]]) -> list[int]:

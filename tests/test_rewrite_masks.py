@@ -1,0 +1,237 @@
+"""Mask terms are dropped only when proven for every length (tfsa_onnx/rewrite/mask_proof.py).
+
+A sliding window longer than a short input looks causal there: these tests run real exports at
+lengths beyond every window, and check that evaluation at a few lengths never decides alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import feeds, sessions
+from onnx import TensorProto, helper
+
+from tfsa_onnx.rewrite import masks, optimize
+from tfsa_onnx.rewrite.common import Builder
+from tfsa_onnx.rewrite.mask_proof import Dim, MaskAlgebra, Term, classify, mask_constants
+from tfsa_onnx.rewrite.passes import _infer_shapes
+
+DENSE = {
+    "defaults": {
+        "threshold": 1.0,
+        "max_density": 1.0,
+        "min_seq_len": 0,
+        "block_size": 64,
+        "global_tokens": 0,
+        "local_window": 0,
+    }
+}
+
+# (family, dynamo, window per layer: None = causal without a window)
+WINDOWED = [
+    ("mistral-window", True, [300, 300]),
+    ("mistral-window", False, [300, 300]),
+    ("qwen2-window", True, [300, 300]),
+    ("qwen2-window", False, [300, 300]),
+    ("gemma3", True, [512] * 5 + [None]),
+    ("gemma3", False, None),  # TorchScript slices the whole mask: kept as it is, window unseen
+]
+
+
+@pytest.mark.parametrize("family,dynamo,windows", WINDOWED, ids=lambda c: str(c))
+def test_sliding_windows_stay_exact_beyond_the_window(exports, family, dynamo, windows) -> None:
+    path = exports.get(family, "sdpa", dynamo)
+    original = onnx.load(str(path))
+    optimized, report = optimize(path, DENSE)
+    assert all(s.replaced for s in report.sites)
+    if windows is not None:
+        assert [s.window for s in report.sites] == windows
+        assert all(s.causal for s in report.sites)
+        assert all(s.masked for s in report.sites if s.window)  # the band stays in the mask
+    a, b = sessions(original, optimized)
+    for seq in (64, 600, 1100):
+        x = feeds(a, seq)
+        # Padded queries past the window may attend to no key: the op gives them zeros where
+        # the export's finite -3.4e38 mask averages every value. Real tokens must be equal.
+        real = x["attention_mask"].astype(bool)
+        np.testing.assert_allclose(b.run(None, x)[0][real], a.run(None, x)[0][real], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- synthetic mask graphs
+
+
+def _mask_model(build) -> tuple[ir.Model, ir.Value]:
+    """A graph whose output 'mask' is built from i (query index) and j (key index) of a
+    length-`seq` input: build(nodes) appends nodes and returns the name of the mask."""
+    nodes = [
+        helper.make_node("Shape", ["ids"], ["len1"], start=1, end=2),
+        helper.make_node("Squeeze", ["len1"], ["n"]),
+        helper.make_node("Range", ["zero", "n", "one"], ["r"]),
+        helper.make_node("Unsqueeze", ["r", "ax1"], ["i"]),  # [n, 1]
+        helper.make_node("Unsqueeze", ["r", "ax0"], ["j"]),  # [1, n]
+    ]
+    out = build(nodes)
+    nodes.append(helper.make_node("Identity", [out], ["mask"]))
+    inits = [
+        helper.make_tensor("zero", TensorProto.INT64, [], [0]),
+        helper.make_tensor("one", TensorProto.INT64, [], [1]),
+        helper.make_tensor("ax0", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("ax1", TensorProto.INT64, [1], [1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "masks",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("mask", TensorProto.BOOL, None)],
+        initializer=inits,
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    _infer_shapes(model)
+    return model, model.graph.outputs[0].producer().inputs[0]
+
+
+def _const(nodes, name, value):
+    nodes.append(helper.make_node("Constant", [], [name], value=helper.make_tensor(name, 7, [], [value])))
+    return name
+
+
+def causal(nodes):
+    nodes.append(helper.make_node("LessOrEqual", ["j", "i"], ["m"]))
+    return "m"
+
+
+def window(size):
+    def build(nodes):
+        _const(nodes, "w", size)
+        nodes.append(helper.make_node("Sub", ["i", "w"], ["lo"]))
+        nodes.append(helper.make_node("Greater", ["j", "lo"], ["in_window"]))
+        nodes.append(helper.make_node("LessOrEqual", ["j", "i"], ["tri"]))
+        nodes.append(helper.make_node("And", ["in_window", "tri"], ["m"]))
+        return "m"
+
+    return build
+
+
+def causal_until(length):
+    """Causal for inputs shorter than `length`, all true from then on."""
+
+    def build(nodes):
+        _const(nodes, "limit", length)
+        nodes.append(helper.make_node("LessOrEqual", ["j", "i"], ["tri"]))
+        nodes.append(helper.make_node("Greater", ["n", "limit"], ["long"]))
+        nodes.append(helper.make_node("Or", ["tri", "long"], ["m"]))
+        return "m"
+
+    return build
+
+
+def not_strictly_above(nodes):
+    """Not(j > i): causal written another way."""
+    nodes.append(helper.make_node("Greater", ["j", "i"], ["above"]))
+    nodes.append(helper.make_node("Not", ["above"], ["m"]))
+    return "m"
+
+
+def shifted(nodes):
+    """j <= i + 1: one key past the diagonal."""
+    _const(nodes, "k1", 1)
+    nodes.append(helper.make_node("Add", ["i", "k1"], ["i1"]))
+    nodes.append(helper.make_node("LessOrEqual", ["j", "i1"], ["m"]))
+    return "m"
+
+
+def all_true(nodes):
+    nodes.append(helper.make_node("GreaterOrEqual", ["j", "zero"], ["m"]))
+    return "m"
+
+
+@pytest.mark.parametrize(
+    "build,expected",
+    [
+        (causal, Term("causal")),
+        (not_strictly_above, Term("causal")),
+        (all_true, Term("all")),
+        (window(40), Term("band", 40)),
+        (window(512), Term("band", 512)),
+        (window(1), Term("band", 1)),
+        (shifted, Term("other")),
+        (causal_until(100), Term("other")),  # depends on the length itself
+    ],
+    ids=[
+        "causal",
+        "not-above",
+        "all-true",
+        "window40",
+        "window512",
+        "window1",
+        "shifted",
+        "causal-until-100",
+    ],
+)
+def test_classify_synthetic_masks(build, expected) -> None:
+    model, mask = _mask_model(build)
+    assert classify(MaskAlgebra(), mask, additive=False) == expected
+
+
+@pytest.mark.parametrize("build", [window(40), causal_until(100), shifted])
+def test_terms_that_look_causal_at_the_probe_lengths_are_kept(build) -> None:
+    """Each of these is the lower triangle at lengths 1..33 (or differs only past them):
+    the analysis keeps it in the mask and does not claim causality."""
+    model, mask = _mask_model(build)
+    result = masks.MaskAnalyzer(model).split(mask, _builder(model), additive=False, square=True)
+    if build is shifted:
+        assert result.mask is mask and not result.causal
+        return
+    probe = masks.MaskProber(model).evaluate(mask)
+    assert probe is not None and masks._is_lower_triangle(probe, additive=False)
+    assert result.mask is mask
+    assert result.causal == (result.window is not None)
+
+
+def test_no_term_is_dropped_on_probe_evidence_alone(monkeypatch) -> None:
+    """With the proof unavailable, a mask that every probe length shows as causal is kept."""
+    model, mask = _mask_model(causal)
+    monkeypatch.setattr(masks, "classify", lambda *args: None)
+    result = masks.MaskAnalyzer(model).split(mask, _builder(model), additive=False, square=True)
+    assert result.mask is mask and not result.causal
+    assert result.notes  # and the report says so
+
+
+def test_a_proof_the_probe_contradicts_is_not_used(monkeypatch) -> None:
+    model, mask = _mask_model(window(3))  # not causal at 5, 16, 33 tokens
+    monkeypatch.setattr(masks, "classify", lambda *args: Term("causal"))
+    result = masks.MaskAnalyzer(model).split(mask, _builder(model), additive=False, square=True)
+    assert result.mask is mask and not result.causal
+    assert any("contradicts" in n for n in result.notes)
+
+
+def test_causal_needs_equal_query_and_key_lengths() -> None:
+    """j <= i on a [Sq, Sk] mask whose lengths differ is not the op's is_causal (j <= i + Sk - Sq)."""
+
+    def build(nodes):
+        nodes.append(helper.make_node("Shape", ["ids"], ["len0"], start=0, end=1))
+        nodes.append(helper.make_node("Squeeze", ["len0"], ["b"]))
+        nodes.append(helper.make_node("Range", ["zero", "b", "one"], ["rb"]))
+        nodes.append(helper.make_node("Unsqueeze", ["rb", "ax1"], ["ib"]))
+        nodes.append(helper.make_node("LessOrEqual", ["j", "ib"], ["m"]))
+        return "m"
+
+    model, mask = _mask_model(build)
+    assert classify(MaskAlgebra(), mask, additive=False) == Term("other")
+
+
+def test_mask_constants_find_the_window() -> None:
+    model, mask = _mask_model(window(300))
+    assert max(mask_constants(MaskAlgebra(), mask)) == 300
+
+
+def test_dim_algebra() -> None:
+    s = Dim.symbol("s")
+    assert (s + 3) - s == Dim(3)
+    assert (s - 1).scaled(2) == Dim(-2, (("s", 2),))
+    assert s + 0 == s and (s - s).is_const
+
+
+def _builder(model: ir.Model) -> Builder:
+    return Builder(model.graph, model.graph.outputs[0].producer(), "test")
