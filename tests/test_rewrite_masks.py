@@ -235,3 +235,25 @@ def test_dim_algebra() -> None:
 
 def _builder(model: ir.Model) -> Builder:
     return Builder(model.graph, model.graph.outputs[0].producer(), "test")
+
+
+def test_validate_checks_a_length_past_the_window(exports, tmp_path, monkeypatch) -> None:
+    """validate's generated inputs include a length past the 300-token window: a model that lost
+    its window (as a probe-only analysis would drop it) fails there, the exact one passes."""
+    from click.testing import CliRunner
+
+    from tfsa_onnx.cli import main
+
+    path = exports.get("mistral-window", "sdpa", True)
+    good, bad = tmp_path / "good.onnx", tmp_path / "bad.onnx"
+    onnx.save(optimize(path, DENSE)[0], str(good))
+    with monkeypatch.context() as m:
+        m.setattr(masks, "classify", lambda *args: Term("causal"))  # the window looks causal at 33
+        onnx.save(optimize(path, DENSE)[0], str(bad))
+    args = ["validate", str(path), "--seq-len", "256", "--samples", "1", "--atol", "1e-3"]
+    passed = CliRunner().invoke(main, [*args[:2], str(good), *args[2:]])
+    assert passed.exit_code == 0, passed.output
+    assert "320 tokens (past the masks' largest constant, 300)" in passed.output
+    failed = CliRunner().invoke(main, [*args[:2], str(bad), *args[2:]])
+    assert failed.exit_code == 1
+    assert "FAIL at 320 tokens" in failed.output and "FAIL at 64 tokens" not in failed.output

@@ -358,9 +358,16 @@ def _percent(_ctx, _param, value):
 @click.option(
     "--max-ppl-increase", callback=_percent, default="2%", show_default=True, help="e.g. 2% or 0.02."
 )
+@click.option(
+    "--extra-lengths",
+    default="auto",
+    show_default=True,
+    help="Also check these lengths (e.g. 64,1100), 'none', or 'auto': with generated inputs, a short "
+    "length and one past every window or constant in the original's masks.",
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
 def validate_cmd(
-    original, optimized, warmup, atol, cos_min, max_ppl_increase, json_path, threads, **src
+    original, optimized, warmup, atol, cos_min, max_ppl_increase, extra_lengths, json_path, threads, **src
 ) -> None:
     """Compare OPTIMIZED with ORIGINAL on the same inputs; exit 1 when a threshold fails."""
     import json
@@ -376,22 +383,70 @@ def validate_cmd(
             graph_inputs(original_proto), graph_inputs(onnx.load(optimized, load_external_data=False))
         )
         feeds = load_feeds(original_proto, **src)
+        extra, automatic = _extra_lengths(extra_lengths, original, src)
     except (InputError, OSError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"inputs: {describe(feeds)}", err=True)
-    try:
-        result = validate(original, optimized, feeds, threads=threads, warmup=warmup)
-    except Exception as e:  # noqa: BLE001 - ORT and shape errors become one sentence
-        raise click.ClickException(f"running the models failed: {str(e).strip().splitlines()[0]}") from None
+    thresholds = {"atol": atol, "cos_min": cos_min, "max_ppl_increase": max_ppl_increase}
+    result = _validate_once(validate, original, optimized, feeds, threads, warmup)
     click.echo(result.table())
-    failures = result.failures(atol=atol, cos_min=cos_min, max_ppl_increase=max_ppl_increase)
+    failures = result.failures(**thresholds)
+    data = {**result.to_dict(), "original": original, "optimized": optimized, "seq_len": src["seq_len"]}
+    data["extra_lengths"] = {}
+    for n in extra:
+        more = load_feeds(original_proto, **{**src, "seq_len": n, "samples": min(2, src["samples"])})
+        try:
+            checked = _validate_once(validate, original, optimized, more, threads, warmup=0)
+        except click.ClickException as e:
+            if not automatic:
+                raise
+            click.echo(f"skipped {n} tokens: {e.message}", err=True)
+            continue
+        click.echo(f"\nat {n} tokens ({describe(more)}):")
+        click.echo(checked.table())
+        found = checked.failures(**thresholds)
+        failures += [f"at {n} tokens: {line}" for line in found]
+        data["extra_lengths"][str(n)] = {**checked.to_dict(), "failures": found}
     if json_path:
-        data = {**result.to_dict(), "original": original, "optimized": optimized, "failures": failures}
+        data["failures"] = failures
         _write_text_atomically(json_path, json.dumps(data, indent=2) + "\n")
     for line in failures:
         click.echo(f"FAIL {line}")
     click.echo("FAIL" if failures else "PASS")
     raise SystemExit(1 if failures else 0)
+
+
+def _extra_lengths(option: str, original: str, src: dict) -> tuple[list[int], bool]:
+    """The lengths --extra-lengths asks for, and whether they were chosen automatically."""
+    from tfsa_onnx.inputs import InputError
+    from tfsa_onnx.validation import check_lengths
+
+    text = option.strip().lower()
+    if text == "none":
+        return [], False
+    if text == "auto":
+        if src.get("inputs") or src.get("text"):
+            return [], True
+        lengths, why = check_lengths(original, src["seq_len"])
+        if lengths:
+            click.echo(f"lengths: {src['seq_len']} tokens, and {why}", err=True)
+        return lengths, True
+    if src.get("inputs"):
+        raise InputError("--extra-lengths needs generated inputs or --text, not --inputs")
+    try:
+        lengths = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise InputError(f"--extra-lengths: {option!r} is not 'auto', 'none' or a length list") from None
+    if any(n < 1 for n in lengths):
+        raise InputError("--extra-lengths: every length must be >= 1")
+    return [n for n in lengths if n != src["seq_len"]], False
+
+
+def _validate_once(validate, original, optimized, feeds, threads, warmup):
+    try:
+        return validate(original, optimized, feeds, threads=threads, warmup=warmup)
+    except Exception as e:  # noqa: BLE001 - ORT and shape errors become one sentence
+        raise click.ClickException(f"running the models failed: {str(e).strip().splitlines()[0]}") from None
 
 
 @main.command("calibrate")

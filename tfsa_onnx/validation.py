@@ -32,6 +32,32 @@ _CLASS_NAMES = re.compile(r"logit|class|prob|score", re.IGNORECASE)
 _ROWS = 512  # rows per chunk for the heavy per-vector metrics
 
 
+# ---------------------------------------------------------------- which lengths to check
+
+SHORT_CHECK = 64  # below every block and window: the dense, exact path
+LONGEST_CHECK = 8192  # a longer window than this needs an explicit --extra-lengths
+
+
+def check_lengths(original: str | Path | onnx.ModelProto, seq_len: int) -> tuple[list[int], str]:
+    """Lengths to test besides seq_len with generated inputs, and why: a short one, and one past
+    every integer the original's masks compute with (a 512-token window looks causal at 33)."""
+    from tfsa_onnx.rewrite import find_sites
+
+    try:
+        sites = find_sites(original).sites
+    except Exception:  # noqa: BLE001 - a model the rewriter cannot read still validates at seq_len
+        sites = []
+    longest = max((c for s in sites for c in s.mask_constants), default=0)
+    lengths = {SHORT_CHECK} if seq_len > SHORT_CHECK else set()
+    why = f"{SHORT_CHECK} tokens (short)" if lengths else ""
+    if longest >= seq_len:
+        past = min(-(-(longest + 1) // 64) * 64, LONGEST_CHECK)
+        lengths.add(past)
+        capped = "" if past > longest else f", capped at {LONGEST_CHECK}"
+        why += f"{', ' if why else ''}{past} tokens (past the masks' largest constant, {longest}{capped})"
+    return sorted(lengths - {seq_len}), why
+
+
 # ---------------------------------------------------------------- models and sessions
 
 

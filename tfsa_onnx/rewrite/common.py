@@ -64,6 +64,7 @@ class Site:
     reason: str = ""
     window: int | None = None  # a proven sliding window, kept in the mask
     notes: list[str] = field(default_factory=list)  # what the mask analysis kept, and why
+    mask_constants: list[int] = field(default_factory=list, repr=False)  # windows and the like
     node: ir.Node | None = field(default=None, repr=False)
     match: Match | None = field(default=None, repr=False)
 

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from tfsa_onnx.rewrite.common import NEG_LIMIT, Builder, const_scalar, producer
-from tfsa_onnx.rewrite.mask_proof import MaskAlgebra, Term, classify
+from tfsa_onnx.rewrite.mask_proof import MaskAlgebra, Term, classify, mask_constants
 
 PROBE_LENGTHS = (1, 2, 5, 16, 33)
 _SHAPE_OF = {"Shape", "Size"}
@@ -208,6 +208,7 @@ class MaskSplit:
     window: int | None = None  # a proven sliding window (keys i - window < j <= i), kept in the mask
     notes: list[str] = field(default_factory=list)
     square: bool = False  # the attention's query and key lengths are provably equal
+    constants: list[int] = field(default_factory=list)  # integers the mask computes with (windows...)
 
 
 class MaskAnalyzer:
@@ -225,7 +226,7 @@ class MaskAnalyzer:
         """`square`: the attention's query and key lengths are provably equal."""
         key = (id(mask), additive, square)
         if key not in self.done:
-            result = MaskSplit(None, square=square)
+            result = MaskSplit(None, square=square, constants=mask_constants(self.algebra, mask))
             result.mask, result.causal = self._split(mask, builder, additive, result)
             self.done[key] = result
         return self.done[key]

@@ -364,6 +364,7 @@ def _resolve_mask(graph: ir.Graph, site: Site, analyzer: MaskAnalyzer) -> None:
         match.mask = None if split.mask is None else mask_dtype_fix(builder, split.mask, match.element_type())
         site.window = split.window
         site.notes = list(split.notes)
+        site.mask_constants = list(split.constants)
     site.causal = match.is_causal
     site.masked = match.mask is not None
 
