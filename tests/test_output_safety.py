@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -299,3 +300,22 @@ def test_settings_on_an_optimized_model_apply_with_reapply_only_and_the_output_s
     applied = cli("optimize", first, "-o", tmp_path / "applied.onnx", "--threshold", "0.5", "--reapply")
     assert applied.exit_code == 0 and "also set on the 1 existing" in applied.output
     assert thresholds(tmp_path / "applied.onnx") == pytest.approx([0.5])
+
+
+def test_export_moves_graph_and_data_into_place_as_one_unit(tmp_path):
+    from tfsa_onnx.export import _move_into_place
+
+    out = tmp_path / "model.onnx"
+    for seed in (1, 2, 3):
+        staging = tmp_path / f".model.onnx.{os.getpid()}.s{seed}.tmp"
+        staging.mkdir()
+        staged = save_model(staging / "model.onnx", "weights.bin", seed=seed)
+        expected = run(staged)
+        _move_into_place(staged, out)
+        np.testing.assert_allclose(run(out), expected, atol=1e-6)
+        assert not (staging / "weights.bin").exists()  # the weights were moved, not copied
+        shutil.rmtree(staging)  # as export() does
+        assert sorted(p.name for p in tmp_path.iterdir()) in (
+            ["model.onnx", "model.onnx.data"],
+            ["model.onnx", "model.onnx.1.data"],
+        )
