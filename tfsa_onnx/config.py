@@ -10,7 +10,9 @@ File format (JSON or YAML):
       "3": {threshold: 0.95}
       "*layers.1[0-9]*": {max_density: 0.5}
 
-Later keys win over earlier ones when several match.
+Later keys win over earlier ones when several match. Values are checked strictly against the
+operator's bounds (BOUNDS; skip is a bool); a negative index is refused, and keys that select no
+site are reported (unmatched()).
 """
 
 from __future__ import annotations
