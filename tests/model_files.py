@@ -12,8 +12,10 @@ from onnx import TensorProto, helper, numpy_helper
 SEQ = 12
 
 
-def attention_model(seed: int = 0, width: int = 16) -> onnx.ModelProto:
-    """softmax(q k^T * scale) v, then a [8, width] weight: one attention site, one big initializer."""
+def attention_model(seed: int = 0, width: int = 16, table_rows: int = 0) -> onnx.ModelProto:
+    """softmax(q k^T * scale) v, then a [8, width] weight: one attention site, one big initializer.
+
+    table_rows > 0 adds row 0 of a [table_rows, width] table (bulk for the external data file)."""
     nodes = [
         helper.make_node("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
         helper.make_node("MatMul", ["q", "k_t"], ["scores"]),
@@ -26,13 +28,22 @@ def attention_model(seed: int = 0, width: int = 16) -> onnx.ModelProto:
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, "S", width])
     scale = numpy_helper.from_array(np.array(0.35, np.float32), "scale")
     w = np.random.default_rng(seed).standard_normal((8, width)).astype(np.float32)
-    graph = helper.make_graph(nodes, "g", io, [out], initializer=[scale, numpy_helper.from_array(w, "w")])
+    inits = [scale, numpy_helper.from_array(w, "w")]
+    if table_rows:
+        nodes[-1] = helper.make_node("MatMul", ["att", "w"], ["y0"])
+        nodes.append(helper.make_node("Gather", ["table", "row"], ["bias"]))
+        nodes.append(helper.make_node("Add", ["y0", "bias"], ["y"]))
+        table = np.full((table_rows, width), 0.25 * seed, np.float32)
+        inits += [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array(0), "row")]
+    graph = helper.make_graph(nodes, "g", io, [out], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def save_model(path: Path, data: str | None = None, seed: int = 0, width: int = 16) -> Path:
+def save_model(
+    path: Path, data: str | None = None, seed: int = 0, width: int = 16, table_rows: int = 0
+) -> Path:
     """Save attention_model() at path; data: the external data file name (None: one file)."""
-    model = attention_model(seed, width)
+    model = attention_model(seed, width, table_rows)
     if data is None:
         onnx.save(model, str(path))
     else:
