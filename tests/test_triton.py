@@ -313,9 +313,9 @@ def test_a_failed_write_leaves_the_old_repository_as_it_was(tmp_path, monkeypatc
         raise OSError("No space left on device")
 
     monkeypatch.setattr(triton.shutil, "copy", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(TritonRepoError, match="No space left"):
         write_triton_repository(source, repo, "sa", instance_count=2, force=True)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(TritonRepoError, match="No space left"):
         write_triton_repository(source, repo, "other")
     assert snapshot(tmp_path) == before  # no half-written model, no temporary folder
 

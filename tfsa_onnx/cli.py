@@ -11,6 +11,17 @@ from tfsa_onnx import __version__
 @click.version_option(__version__, prog_name="tfsa-onnx")
 def main() -> None:
     """Training-free sparse attention for ONNX models."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C: a write in progress removes its temporaries.
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+
+
+def _terminate(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 @main.command("library-path")
@@ -33,13 +44,28 @@ def _int_list(_ctx, _param, value: str) -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _setting(ctx, param, value):
+    """A sparsity attribute option, checked like a config value (same bounds, same message)."""
+    from tfsa_onnx.config import ConfigError, check_setting, parse_setting
+
+    if value is None:
+        return None
+    name = param.name
+    try:
+        if isinstance(value, str):
+            return parse_setting(name, value, param.opts[0])
+        return check_setting(name, value, param.opts[0])
+    except ConfigError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[1]) from None
+
+
 @bench.command("kernel")
 @click.option("--seq-len", default="8192", callback=_int_list, help="Sequence length(s), comma-separated.")
 @click.option("--heads", default=12, show_default=True)
 @click.option("--head-dim", default=64, show_default=True)
 @click.option("--batch", default=1, show_default=True)
-@click.option("--max-density", default=0.125, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--block-size", default=64, show_default=True)
+@click.option("--max-density", default="0.125", show_default=True, callback=_setting)
+@click.option("--block-size", default="64", show_default=True, callback=_setting)
 @click.option("--causal", is_flag=True, help="Causal attention in all three.")
 @click.option("--threads", default=2, show_default=True, help="intra_op_num_threads of every session.")
 @click.option("--repeat", default=5, show_default=True, help="Timed rounds (median reported).")
@@ -85,6 +111,8 @@ def bench_kernel_cmd(
         return _bench_kernel_cuda(seq_len, json_path, plot_path, **shape, **run)
 
     from tfsa_onnx.bench import bench_kernel, plot_kernel_results
+
+    _check_writable(json_path, plot_path)
 
     table = _Table(
         "seq_len heads head_dim threads density sparse_ms selection_share ort_mha_ms unfused_ms "
@@ -191,9 +219,24 @@ def _fmt(value) -> str:
 
 
 def _write_text_atomically(path: str, text: str) -> None:
-    from tfsa_onnx.files import atomic_write_text
+    from tfsa_onnx.files import OutputError, atomic_write_text
 
-    atomic_write_text(path, text)
+    try:
+        atomic_write_text(path, text)
+    except OutputError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _check_writable(*paths: str | None) -> None:
+    """Before the work: every output of the command can be written (one sentence if not)."""
+    from tfsa_onnx.files import OutputError, check_writable
+
+    try:
+        for path in paths:
+            if path:
+                check_writable(path)
+    except OutputError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _sparsity_config(config_path, overrides: dict):
@@ -215,12 +258,12 @@ def _sparsity_config(config_path, overrides: dict):
     "-o", "--output", type=click.Path(dir_okay=False), help="Output model (default MODEL.tfsa.onnx)."
 )
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Sparsity config (JSON/YAML).")
-@click.option("--block-size", type=click.IntRange(1), help="Query/key block edge.")
-@click.option("--global-tokens", type=click.IntRange(0), help="Leading tokens every query sees.")
-@click.option("--local-window", type=click.IntRange(0), help="Keys always computed near each query.")
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), help="Estimated mass to keep.")
-@click.option("--max-density", type=click.FloatRange(0, 1, min_open=True), help="Cap on key blocks computed.")
-@click.option("--min-seq-len", type=click.IntRange(0), help="Dense attention below this many keys.")
+@click.option("--block-size", callback=_setting, help="Query/key block edge [1, 1048576].")
+@click.option("--global-tokens", callback=_setting, help="Leading tokens every query sees.")
+@click.option("--local-window", callback=_setting, help="Keys always computed near each query.")
+@click.option("--threshold", callback=_setting, help="Estimated mass to keep [0, 1].")
+@click.option("--max-density", callback=_setting, help="Cap on key blocks computed (0, 1].")
+@click.option("--min-seq-len", callback=_setting, help="Dense attention below this many keys.")
 @click.option("--reapply", is_flag=True, help="On an optimized model, set these attributes on its nodes.")
 @click.option(
     "--report", "report_path", type=click.Path(dir_okay=False), help="Write the site report (JSON)."
@@ -229,37 +272,61 @@ def optimize_cmd(model, output, config_path, report_path, reapply, **attributes)
     """Replace every attention block of MODEL with ai.tfsa::SparseAttention."""
     from pathlib import Path
 
+    from tfsa_onnx.files import OutputError, same_file
     from tfsa_onnx.rewrite import OptimizeError, load_ir, optimize_ir, save_ir
+    from tfsa_onnx.rewrite.passes import check_outputs
 
     source = Path(model)
     out = Path(output) if output else source.with_name(source.name.removesuffix(".onnx") + ".tfsa.onnx")
-    if out.resolve() == source.resolve():
+    if same_file(out, source):
         raise click.ClickException("the output path is the input path; choose another file with -o.")
     config = _sparsity_config(config_path, attributes)
     try:
         ir_model = load_ir(source)
+        # Every output is checked before anything is written: nothing is left half done.
+        check_outputs(ir_model, source, [out, *([report_path] if report_path else [])])
         report = optimize_ir(ir_model, config, reapply=reapply)
     except OptimizeError as e:
         raise click.ClickException(str(e)) from None
     click.echo(report.table())
     for note in report.notes():
         click.echo(f"note: {note}", err=True)
+    for line in report.warnings:
+        click.echo(f"Warning: {line}", err=True)
     try:
         save_ir(ir_model, out, source)
-    except OptimizeError as e:
+        if report_path:
+            report.save(report_path)
+    except (OptimizeError, OutputError) as e:
         raise click.ClickException(str(e)) from None
-    if report_path:
-        report.save(report_path)
     already = sum(s.family == "tfsa" for s in report.sites)
     click.echo(
         f"{len(report.sites)} attention sites, {report.replaced - already} replaced"
         + (f", {already} already SparseAttention" if already else "")
         + f"; wrote {out}"
     )
-    settings = config.for_site(-1, "") or {}
-    overrides = f"; {len(config.layers)} per-layer override(s)" if config.layers else ""
-    click.echo("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()) + overrides)
+    click.echo(_settings_line(config, report.replaced - already, already, reapply))
     click.echo(f"check it: tfsa-onnx validate {source} {out}")
+
+
+def _settings_line(config, replaced: int, already: int, reapply: bool) -> str:
+    """What the run set: the new nodes' settings; existing nodes change only with --reapply."""
+    settings = config.for_site(-1, "") or {}
+    text = " ".join(f"{k}={v}" for k, v in settings.items())
+    text += f"; {len(config.layers)} per-layer override(s)" if config.layers else ""
+    if not already:
+        return f"settings: {text}"
+    if reapply:
+        return f"settings (also set on the {already} existing SparseAttention nodes): {text}"
+    if replaced:
+        return (
+            f"settings of the {replaced} new nodes: {text} (the {already} existing SparseAttention "
+            "nodes kept theirs; --reapply sets these on them too)"
+        )
+    return (
+        f"settings: unchanged: the {already} nodes were already SparseAttention and kept theirs; "
+        f"--reapply sets {text} on them"
+    )
 
 
 @main.command("inspect")
@@ -377,6 +444,7 @@ def validate_cmd(
     from tfsa_onnx.inputs import InputError, check_same_inputs, describe, graph_inputs, load_feeds
     from tfsa_onnx.validation import validate
 
+    _check_writable(json_path)
     try:
         original_proto = onnx.load(original, load_external_data=False)
         check_same_inputs(
@@ -394,7 +462,10 @@ def validate_cmd(
     data = {**result.to_dict(), "original": original, "optimized": optimized, "seq_len": src["seq_len"]}
     data["extra_lengths"] = {}
     for n in extra:
-        more = load_feeds(original_proto, **{**src, "seq_len": n, "samples": min(2, src["samples"])})
+        try:
+            more = load_feeds(original_proto, **{**src, "seq_len": n, "samples": min(2, src["samples"])})
+        except (InputError, OSError) as e:
+            raise click.ClickException(f"at {n} tokens: {e}") from None
         try:
             checked = _validate_once(validate, original, optimized, more, threads, warmup=0)
         except click.ClickException as e:
@@ -455,12 +526,12 @@ def _validate_once(validate, original, optimized, feeds, threads, warmup):
 @click.option("--target", required=True, help="'cos>=0.995' (output vs dense) or 'ppl<=+1%' (perplexity).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Config JSON to write.")
 @click.option("--output-name", help="Model output the target is measured on (default: the first).")
-@click.option("--block-size", type=click.IntRange(1), help="Query/key block edge.")
-@click.option("--global-tokens", type=click.IntRange(0), help="Leading tokens every query sees.")
-@click.option("--local-window", type=click.IntRange(0), help="Keys always computed near each query.")
+@click.option("--block-size", callback=_setting, help="Query/key block edge [1, 1048576].")
+@click.option("--global-tokens", callback=_setting, help="Leading tokens every query sees.")
+@click.option("--local-window", callback=_setting, help="Keys always computed near each query.")
 @click.option(
     "--min-seq-len",
-    type=click.IntRange(0),
+    callback=_setting,
     help="Dense below this many keys (default: min(1024, --seq-len)).",
 )
 @click.option(
@@ -481,6 +552,7 @@ def calibrate_cmd(model, target, output, output_name, curve_samples, json_path, 
     src = {k: options.pop(k) for k in ("inputs", "text", "tokenizer", "seq_len", "batch", "samples")}
     base = {k: v for k, v in options.items() if v is not None}
     base.setdefault("min_seq_len", min(1024, src["seq_len"]))
+    _check_writable(output, json_path)
     try:
         goal = Target.parse(target)
         proto = onnx.load(model)
@@ -491,7 +563,7 @@ def calibrate_cmd(model, target, output, output_name, curve_samples, json_path, 
         )
     except (CalibrationError, InputError, OSError) as e:
         raise click.ClickException(str(e)) from None
-    result.config.save(output)
+    _write_text_atomically(output, json.dumps(result.config.to_dict(), indent=2) + "\n")
     if json_path:
         _write_text_atomically(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
     click.echo(result.table())

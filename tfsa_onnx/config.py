@@ -10,13 +10,17 @@ File format (JSON or YAML):
       "3": {threshold: 0.95}
       "*layers.1[0-9]*": {max_density: 0.5}
 
-Later keys win over earlier ones when several match.
+Later keys win over earlier ones when several match. Values are checked strictly against the
+operator's bounds (BOUNDS; skip is a bool); a negative index is refused, and keys that select no
+site are reported (unmatched()).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,34 +29,81 @@ from tfsa_onnx.reference import SparseAttentionAttributes
 
 # Attributes a user may set; scale and is_causal come from the model itself.
 TUNABLE = ("block_size", "global_tokens", "local_window", "threshold", "max_density", "min_seq_len")
+_INT32_MAX = 2_147_483_647
+# The bounds the operator enforces on its attributes (custom_ops), checked here first:
+# name -> (low, high, low excluded).
+BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "block_size": (1, 1_048_576, False),
+    "global_tokens": (0, _INT32_MAX, False),
+    "local_window": (0, _INT32_MAX, False),
+    "min_seq_len": (0, _INT32_MAX, False),
+    "threshold": (0.0, 1.0, False),
+    "max_density": (0.0, 1.0, True),
+}
 _INTS = {"block_size", "global_tokens", "local_window", "min_seq_len"}
+_INDEX = re.compile(r"-?[0-9]+")
 
 
 class ConfigError(ValueError):
     """A sparsity config that cannot be used; the message says what to fix."""
 
 
-def _check_values(values: dict[str, Any], where: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in values.items():
-        if name == "skip":
-            out[name] = bool(value)
-            continue
-        if name not in TUNABLE:
-            expected = ", ".join((*TUNABLE, "skip"))
-            raise ConfigError(f"{where}: unknown setting {name!r}; expected one of {expected}")
-        try:
-            value = int(value) if name in _INTS else float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: {name} must be a number, got {value!r}") from None
-        if name == "block_size" and value <= 0:
-            raise ConfigError(f"{where}: block_size must be > 0, got {value}")
-        if name in ("threshold", "max_density") and not 0.0 < value <= 1.0:
-            raise ConfigError(f"{where}: {name} must be in (0, 1], got {value}")
-        if name in ("global_tokens", "local_window", "min_seq_len") and value < 0:
-            raise ConfigError(f"{where}: {name} must be >= 0, got {value}")
-        out[name] = value
-    return out
+def check_setting(name: str, value: Any, where: str) -> Any:
+    """The value of one setting, checked strictly: skip is a bool; integer settings are integers
+    (an integral float such as 32.0 is taken as 32; bools and 32.7 are refused); float settings
+    are finite numbers; every value within the operator's bounds (BOUNDS)."""
+    if name == "skip":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: skip must be true or false, got {value!r}")
+        return value
+    if name not in TUNABLE:
+        expected = ", ".join((*TUNABLE, "skip"))
+        raise ConfigError(f"{where}: unknown setting {name!r}; expected one of {expected}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "an integer" if name in _INTS else "a number"
+        raise ConfigError(f"{where}: {name} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: {name} must be a finite number, got {value!r}")
+    given = value
+    if name in _INTS:
+        if value != int(value):
+            raise ConfigError(f"{where}: {name} must be an integer, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+    low, high, low_open = BOUNDS[name]
+    if value < low or value > high or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ConfigError(f"{where}: {name} must be in {interval}, got {given!r}")
+    return value
+
+
+def parse_setting(name: str, text: str, where: str) -> Any:
+    """A setting given as text (a command-line option): parsed as a number, then check_setting."""
+    try:
+        value: Any = int(text) if _INDEX.fullmatch(text.strip()) else float(text)
+    except ValueError:
+        kind = "an integer" if name in _INTS else "a number"
+        raise ConfigError(f"{where}: {name} must be {kind}, got {text!r}") from None
+    return check_setting(name, value, where)
+
+
+def _check_values(values: Any, where: str) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of settings, got {values!r}")
+    return {str(name): check_setting(str(name), value, where) for name, value in values.items()}
+
+
+def _check_key(key: Any) -> str:
+    """A layers key: a layer index (0, 1, ...) or a glob on node names."""
+    key = str(key)
+    if _INDEX.fullmatch(key):
+        if int(key) < 0:
+            raise ConfigError(f"layers[{key!r}]: a layer index is 0 or more (graph order), got {key}")
+        return str(int(key))
+    if not key:
+        raise ConfigError("layers: an empty key selects no layer; use an index or a glob on node names")
+    return key
 
 
 @dataclass
@@ -63,8 +114,10 @@ class SparsityConfig:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.defaults = _check_values(dict(self.defaults), "defaults")
-        self.layers = {str(k): _check_values(dict(v), f"layers[{k!r}]") for k, v in self.layers.items()}
+        self.defaults = _check_values(self.defaults, "defaults")
+        if not isinstance(self.layers, dict):
+            raise ConfigError(f"layers must be a mapping of index or glob to settings, got {self.layers!r}")
+        self.layers = {_check_key(k): _check_values(v, f"layers[{str(k)!r}]") for k, v in self.layers.items()}
 
     def for_site(self, index: int, name: str) -> dict[str, Any] | None:
         """Tunable attributes for the attention site `index` (graph order) named `name`; None = skip."""
@@ -78,6 +131,21 @@ class SparsityConfig:
                 skip = override.pop("skip", skip)
                 values.update(override)
         return None if skip else values
+
+    def unmatched(self, sites: list[tuple[int, str]]) -> list[str]:
+        """One sentence per layers key that selects none of the (index, name) sites."""
+        out = []
+        for key in self.layers:
+            if key.isdigit():
+                if not any(int(key) == index for index, _ in sites):
+                    known = f"0 to {len(sites) - 1}" if sites else "none"
+                    out.append(
+                        f"layers[{key!r}] matches no attention site (the model's layers are {known}); "
+                        "it was ignored"
+                    )
+            elif not any(fnmatch.fnmatchcase(name, key) for _, name in sites):
+                out.append(f"layers[{key!r}] matches no attention site's node name; it was ignored")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"defaults": dict(self.defaults), "layers": {k: dict(v) for k, v in self.layers.items()}}

@@ -127,7 +127,10 @@ def _export_checked(
     check = _model_inputs(model, CHECK_BATCH, seq_len // 2 + 1, seed=1)
     want = _torch_output(model, check, output)  # before exporting: a missing output fails fast
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    from tfsa_onnx.files import remove_stale_temporaries
+
+    remove_stale_temporaries(out)  # staging folders of exports that were killed
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     try:
         staged = staging / out.name
         exporter = "dynamo" if dynamo else "TorchScript"
@@ -388,18 +391,41 @@ def _check_output(out: Path, inputs: list[Path]) -> None:
 
 
 def _move_into_place(staged: Path, out: Path) -> None:
-    """Move a model (and its one external-data file, named OUT.data) from staging to OUT.
+    """Move a model (and its external data, as one file) from staging to OUT.
 
-    The data file moves first, under its final name; the model file then replaces OUT in one
-    rename, so a reader never sees a model without its weights.
+    files.write_model() does the switch: the weights get a name the current OUT does not use
+    (OUT.data or OUT.1.data), the graph naming them replaces OUT in one rename, the old weights
+    go after; a reader never sees a graph without its weights.
     """
-    data_name = out.name + ".data"
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    from tfsa_onnx.files import OutputError, write_model
+
     locations = _external_locations(staged)
-    if locations and locations != {data_name}:
-        staged = _consolidate_external_data(staged, data_name)
-    if locations:
-        os.replace(staged.with_name(data_name), out.with_name(data_name))
-    os.replace(staged, out)
+    if len(locations) > 1:
+        staged = _consolidate_external_data(staged, out.name + ".data")
+
+    def save(graph: str, data_name: str | None) -> None:
+        if data_name is None:
+            os.replace(staged, graph)
+            return
+        model = onnx.load(str(staged), load_external_data=False)
+        (location,) = {
+            e.value for t in _get_all_tensors(model) for e in t.external_data if e.key == "location"
+        }
+        for tensor in _get_all_tensors(model):
+            if uses_external_data(tensor):
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = data_name
+        Path(graph).write_bytes(model.SerializeToString())
+        os.replace(staged.parent / location, Path(graph).with_name(data_name))
+
+    try:
+        write_model(out, save, external=bool(locations))
+    except OutputError as e:
+        raise ExportError(str(e)) from None
 
 
 def _external_locations(path: Path) -> set[str]:

@@ -33,6 +33,7 @@ from onnx import TensorProto
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from tfsa_onnx import DOMAIN, OP_TYPE, __version__, get_library_path
+from tfsa_onnx.files import OutputError, check_writable, remove_stale_temporaries
 
 MOUNT = "/models"  # where the docs' `docker run -v REPO:/models` puts the repository
 CUDA_LIBRARY = "libtfsa_ops_cuda.so"  # the CUDA build (CMake target tfsa_ops_cuda), when installed
@@ -88,7 +89,7 @@ def write_triton_repository(
 
     library_dir is the absolute folder the library has inside the serving container (default
     /models/NAME). Everything is checked before anything is written; the folder is built as
-    REPO_DIR/.NAME.tmp-* and renamed into place. force replaces a non-empty REPO_DIR/NAME.
+    REPO_DIR/.NAME.PID.*.tmp and renamed into place. force replaces a non-empty REPO_DIR/NAME.
     """
     _check_settings(name, max_batch, instance_count)
     library_dir = _library_dir(library_dir, name)
@@ -99,6 +100,10 @@ def write_triton_repository(
     library = _library(gpu)
     target = Path(repo_dir) / name
     _check_target(target, source, force)
+    try:
+        check_writable(target, folder=True)
+    except OutputError as e:
+        raise TritonRepoError(str(e)) from None
     if count_sparse_attention(model) == 0:
         _warn(
             f"{source} has no {DOMAIN}::{OP_TYPE} node (was it optimized with 'tfsa-onnx optimize'?); "
@@ -118,7 +123,12 @@ def write_triton_repository(
         gpu=gpu,
         library_path=str(PurePosixPath(library_dir) / library.name),
     )
-    _write_folder_atomically(target, lambda tmp: _fill(tmp, source, data_files, library, config))
+    try:
+        _write_folder_atomically(target, lambda tmp: _fill(tmp, source, data_files, library, config))
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        reason = e.strerror or str(e) or type(e).__name__
+        raise TritonRepoError(f"writing {target} failed: {reason}{where}; nothing was changed.") from None
     return target
 
 
@@ -370,7 +380,8 @@ def _folder_mode() -> int:
 def _write_folder_atomically(target: Path, fill: Callable[[Path], None]) -> None:
     """fill(tmp) for a temporary folder beside target, then rename it to target."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temporaries(target)  # left by writers that were killed
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
     try:
         fill(tmp)
         os.chmod(tmp, _folder_mode())  # mkdtemp's folder is owner-only; Triton may run as another user
@@ -385,7 +396,7 @@ def _rename_into_place(tmp: Path, target: Path) -> None:
     if not target.exists() or not any(target.iterdir()):
         os.replace(tmp, target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
     os.replace(target, old)
     try:
         os.replace(tmp, target)

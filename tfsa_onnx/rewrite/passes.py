@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,15 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from tfsa_onnx import DOMAIN, OP_TYPE, OP_VERSION
 from tfsa_onnx.config import TUNABLE, SparsityConfig
-from tfsa_onnx.files import atomic_write, atomic_write_text
+from tfsa_onnx.files import (
+    OutputError,
+    atomic_write_text,
+    check_not_input,
+    check_writable,
+    data_names,
+    same_file,
+    write_model,
+)
 from tfsa_onnx.rewrite.common import (
     Builder,
     GiveUp,
@@ -50,6 +59,7 @@ class Report:
 
     sites: list[Site] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (node, why it is not attention)
+    warnings: list[str] = field(default_factory=list)  # config keys that selected nothing, ...
 
     @property
     def replaced(self) -> int:
@@ -117,23 +127,97 @@ def load_ir(model_or_path: onnx.ModelProto | ir.Model | str | os.PathLike) -> ir
             raise OptimizeError(f"{path} is not a readable ONNX model ({type(e).__name__}).") from None
         if len(model.graph) == 0:
             raise OptimizeError(f"{path} is not a readable ONNX model (it has no graph nodes).")
+        _check_external_data(model, path)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if opset is None or opset < MIN_OPSET:
         raise OptimizeError(f"the model uses opset {opset}; tfsa-onnx needs opset {MIN_OPSET} or newer.")
     return model
 
 
+def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    """Every tensor of the model kept in external data: initializers and attributes, subgraphs included."""
+    tensors: list[Any] = [v.const_value for g in model.graphs() for v in g.initializers.values()]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for a in node.attributes.values():
+            if a.type == ir.AttributeType.TENSOR:
+                tensors.append(a.value)
+            elif a.type == ir.AttributeType.TENSORS:
+                tensors.extend(a.value)
+    return [t for t in tensors if isinstance(t, ir.ExternalTensor)]
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    """Every external data file the model names: inside its folder, present, long enough."""
+    sizes: dict[str, int] = {}
+    for tensor in _external_tensors(model):
+        location = str(tensor.location)
+        parts = Path(location).parts
+        if Path(location).is_absolute() or ".." in parts or not parts:
+            raise OptimizeError(
+                f"{path} names external data {location!r}, outside its folder; put the data file "
+                "beside the model and name it relative to it."
+            )
+        data = path.parent / location
+        if location not in sizes:
+            if not data.is_file():
+                raise OptimizeError(
+                    f"{data}, external data of {path.name}, is missing; put it beside the model."
+                )
+            sizes[location] = data.stat().st_size
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if end > sizes[location]:
+            raise OptimizeError(
+                f"{data} has {sizes[location]} bytes but {path.name} reads up to byte {end} of it; "
+                "it is truncated or belongs to another model."
+            )
+
+
+def input_files(model: ir.Model, source: str | os.PathLike | None) -> list[Path]:
+    """The files the model reads: its own file and its external data files."""
+    if source is None:  # an in-memory model: its tensors know their folder (or are not on disk)
+        return sorted({Path(t.path) for t in _external_tensors(model) if t.base_dir})
+    folder = Path(source).parent
+    return [Path(source), *sorted({folder / str(t.location) for t in _external_tensors(model)})]
+
+
+def check_outputs(
+    model: ir.Model, source: str | os.PathLike | None, outputs: list[str | os.PathLike]
+) -> None:
+    """Before any work: refuse outputs that are files the input reads, or that cannot be written.
+
+    outputs[0] is the model; its possible data files are checked with it.
+    """
+    out = Path(outputs[0])
+    paths = [out, *(out.with_name(n) for n in data_names(out)), *map(Path, outputs[1:])]
+    try:
+        check_not_input(paths, input_files(model, source))
+        for path in (out, *map(Path, outputs[1:])):
+            check_writable(path)
+    except OutputError as e:
+        raise OptimizeError(str(e)) from None
+
+
 def save_ir(model: ir.Model, out: str | os.PathLike, source: str | os.PathLike | None = None) -> None:
-    """Write atomically; large weights go to external data beside OUT."""
+    """Write graph and external data as one unit (files.write_model); large weights go to external
+    data beside OUT (OUT.data or OUT.1.data). Refuses an OUT that is one of the input's files."""
     out = Path(out)
-    if source is not None and out.resolve() == Path(source).resolve():
+    if source is not None and same_file(out, source):
         raise OptimizeError("the output path is the input path; choose another file with -o.")
+    check_outputs(model, source, [out])
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     external = total > 1_800_000_000 or _has_external(model)
-    data_name = f"{out.name}.data" if external else None
-    # The data file is written under its final name (only the new model refers to it),
-    # then the model file appears at once.
-    atomic_write(out, lambda tmp: ir.save(model, tmp, external_data=data_name))
+
+    def save(graph: str, data_name: str | None) -> None:
+        try:
+            ir.save(model, graph, external_data=data_name)
+        except (ValueError, OSError) as e:  # reading the input's external data failed
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OptimizeError(f"cannot write {out}: {first}") from None
+
+    try:
+        write_model(out, save, external=external, keep=input_files(model, source))
+    except OutputError as e:
+        raise OptimizeError(str(e)) from None
 
 
 def _has_external(model: ir.Model) -> bool:
@@ -160,6 +244,8 @@ def optimize(
     """Replace every attention block with ai.tfsa::SparseAttention; returns (model, report)."""
     model = load_ir(model_or_path)
     report = optimize_ir(model, config, reapply=reapply)
+    for line in report.warnings:
+        warnings.warn(line, UserWarning, stacklevel=2)
     return ir.serde.serialize_model(model), report
 
 
@@ -174,6 +260,7 @@ def optimize_ir(
     report = _run(model, config, apply=True, reapply=reapply)
     if not report.sites:
         raise OptimizeError("no attention block was found in the model.")
+    report.warnings += config.unmatched([(s.layer, s.name) for s in report.sites])
     return report
 
 
