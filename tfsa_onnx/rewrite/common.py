@@ -95,10 +95,24 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The constant behind `value` (initializer or Constant node), else None."""
     if value is None:
         return None
-    tensor = ir.convenience.get_const_tensor(value)
-    if tensor is None:
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    # A Constant node, read without onnx_ir's get_const_tensor: it renames the node's tensor.
+    node = value.producer()
+    if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
         return None
-    return tensor.numpy()
+    if len(node.attributes) != 1:
+        return None
+    name, a = next(iter(node.attributes.items()))
+    if a.is_ref():
+        return None
+    if name == "value":
+        return a.value.numpy()
+    if name in ("value_float", "value_floats"):
+        return np.array(a.value, dtype=np.float32)
+    if name in ("value_int", "value_ints"):
+        return np.array(a.value, dtype=np.int64)
+    return None
 
 
 def const_scalar(value: ir.Value | None) -> float | None:

@@ -310,6 +310,10 @@ class MaskAlgebra:
             return self.shape_of(inputs[0])
         if node.op_type in _ELEMENTWISE:
             return _broadcast_shape(*(self.shape_of(i) for i in inputs))
+        if node.op_type == "Transpose":
+            shape = self.shape_of(inputs[0])
+            perm = attr(node, "perm", None) or list(reversed(range(len(shape))))
+            return tuple(shape[p] for p in perm)
         if node.op_type == "Gather":
             data, idx = self.shape_of(inputs[0]), self.shape_of(inputs[1])
             axis = attr(node, "axis", 0) % len(data)

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from tfsa_onnx.rewrite.common import NEG_LIMIT, Builder, const_scalar, producer
-from tfsa_onnx.rewrite.mask_proof import MaskAlgebra, Term, classify, mask_constants
+from tfsa_onnx.rewrite.mask_proof import MaskAlgebra, Term, Unknown, classify, mask_constants
 
 PROBE_LENGTHS = (1, 2, 5, 16, 33)
 _SHAPE_OF = {"Shape", "Size"}
@@ -221,6 +221,14 @@ class MaskAnalyzer:
         self.prober = MaskProber(model)
         self.algebra = MaskAlgebra()
         self.done: dict[tuple[int, bool, bool], MaskSplit] = {}
+
+    def same_length(self, query: ir.Value, key: ir.Value) -> bool:
+        """The attention's query and key lengths are provably equal (axis 2 of [B, H, S, D])."""
+        try:
+            q, k = self.algebra.shape_of(query), self.algebra.shape_of(key)
+        except Unknown:
+            return False
+        return len(q) == len(k) == 4 and q[2] == k[2]
 
     def split(self, mask: ir.Value, builder: Builder, additive: bool, square: bool) -> MaskSplit:
         """`square`: the attention's query and key lengths are provably equal."""

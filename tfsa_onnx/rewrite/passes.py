@@ -31,7 +31,6 @@ from tfsa_onnx.rewrite.common import (
     NotAttention,
     Site,
     dims,
-    same_dim,
     sparse_attention_node,
     static_int,
 )
@@ -444,8 +443,7 @@ def _resolve_mask(graph: ir.Graph, site: Site, analyzer: MaskAnalyzer) -> None:
     match = site.match
     if match.mask is not None:
         builder = Builder(graph, match.output.producer(), site.name)
-        q, k = dims(match.query), dims(match.key)
-        square = q is not None and k is not None and len(q) == len(k) == 4 and same_dim(q[2], k[2])
+        square = analyzer.same_length(match.query, match.key)
         split = analyzer.split(match.mask, builder, match.mask_additive, square)
         match.is_causal = match.is_causal or split.causal
         match.mask = None if split.mask is None else mask_dtype_fix(builder, split.mask, match.element_type())
