@@ -145,10 +145,10 @@ void SparseAttentionKernel::RunCpu(Ort::KernelContext& context, const Call& call
   else if (call.mask_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) problem.mask.kind = Kind::kHalf;
   else if (call.mask_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) problem.mask.kind = Kind::kBFloat16;
   for (int i = 0; i < 4; ++i) problem.mask.stride[i] = call.dims.mask_stride[i];
-  problem.attrs = attributes;
+  problem.attrs = Effective(attributes, call.dims.q_len, call.dims.kv_len);  // cut to the sequences
   problem.selection_only = selection_only;
   problem.scale = call.scale;
-  problem.grid = cpu::BlockGrid(attributes.block_size, call.dims.q_len, call.dims.kv_len, attributes.is_causal != 0);
+  problem.grid = cpu::BlockGrid(problem.attrs.block_size, call.dims.q_len, call.dims.kv_len, problem.attrs.is_causal != 0);
 
   cpu::Tensors tensors;
   tensors.query = call.query;
