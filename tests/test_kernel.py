@@ -581,3 +581,82 @@ def test_cuda_library_loads_everywhere_and_runs_the_cpu_kernels():
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+# --- queries that fit in one block, with a mask that differs per row ----------------------
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 1, 16, 16), (16, 16), (1, 2, 16, 16)])
+@pytest.mark.parametrize("dtype", [np.float32, np.bool_])
+def test_per_row_mask_rows_are_read_when_queries_fit_in_one_block(mask_shape, dtype):
+    # S = 16 under the default block of 64: one query block. Row 5 may attend to nothing and
+    # must give zeros; row 9 sees only keys 0..3.
+    rng = np.random.default_rng(15)
+    q, k, v = random_qkv(rng, 1, 2, 2, 16, 16, 8, 8)
+    allowed = np.ones(mask_shape, bool)
+    allowed[..., 5, :] = False
+    allowed[..., 9, 4:] = False
+    mask = allowed if dtype == np.bool_ else np.where(allowed, 0.0, -np.inf).astype(np.float32)
+    for attrs in (dict(SPARSE_OFF), dict(min_seq_len=0, threshold=0.5, global_tokens=0, local_window=0)):
+        y, density = run_op(q, k, v, mask, **attrs)
+        y_ref, density_ref = sparse_attention(q, k, v, mask, **attrs)
+        np.testing.assert_array_equal(y[..., 5, :], 0.0)
+        np.testing.assert_allclose(y, y_ref, atol=1e-5)
+        np.testing.assert_allclose(density, density_ref)
+    rows = np.r_[0:5, 6:16]  # plain dense attention gives NaN for the empty row 5
+    y_dense = run_op(q, k, v, mask, **SPARSE_OFF)[0]
+    np.testing.assert_allclose(y_dense[..., rows, :], dense_attention(q, k, v, mask)[..., rows, :], atol=1e-5)
+
+
+# --- NaN and infinity (the rule is in reference.py's docstring) ----------------------------
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("block_size", [64, 4])
+def test_nan_or_inf_in_a_mask_makes_that_row_nan_and_no_other(value, block_size):
+    rng = np.random.default_rng(16)
+    q, k, v = random_qkv(rng, 1, 1, 1, 16, 16, 8, 8)
+    mask = np.zeros((1, 1, 16, 16), np.float32)
+    mask[0, 0, 5, 3] = value
+    y, _ = run_op(q, k, v, mask, block_size=block_size, **SPARSE_OFF)
+    assert np.isnan(y[0, 0, 5]).all()
+    assert np.isfinite(np.delete(y[0, 0], 5, axis=0)).all()
+    np.testing.assert_allclose(
+        y, sparse_attention(q, k, v, mask, block_size=block_size, **SPARSE_OFF)[0], atol=1e-5
+    )
+
+
+def test_nan_in_keys_and_values_a_row_does_not_attend_stays_out_of_it():
+    # Key 20 and value 21 are NaN; rows before them (causal) and rows whose mask hides them
+    # must stay finite, rows that attend them become NaN.
+    rng = np.random.default_rng(17)
+    q, k, v = random_qkv(rng, 1, 1, 1, 32, 32, 8, 8)
+    k[0, 0, 20, 1] = np.nan
+    v[0, 0, 21, 2] = np.nan
+    mask = np.ones((32, 32), bool)
+    mask[28:, 20:22] = False  # rows 28.. do not see keys 20 and 21
+    attrs = dict(block_size=16, is_causal=1, **SPARSE_OFF)
+    y, _ = run_op(q, k, v, mask, **attrs)
+    y_ref, _ = sparse_attention(q, k, v, mask, **attrs)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)  # NaN exactly where the reference has it
+    rows_nan = np.isnan(y[0, 0]).any(axis=-1)
+    np.testing.assert_array_equal(np.flatnonzero(rows_nan), np.arange(20, 28))
+
+
+def test_nan_in_a_key_does_not_change_the_block_selection():
+    rng = np.random.default_rng(18)
+    q, k, v = random_qkv(rng, 1, 2, 1, 256, 256, 16, 16)
+    attrs = dict(block_size=32, threshold=0.6, max_density=0.5, **SPARSE_OFF)
+    _, density_clean = run_op(q, k, v, **attrs)
+    k_nan = k.copy()
+    k_nan[0, 0, 40, 3] = np.nan  # block 1
+    zeroed = k.copy()
+    zeroed[0, 0, 40, 3] = 0.0  # the rule: a non-finite element counts as 0 in the block means
+    y, density = run_op(q, k_nan, v, **attrs)
+    np.testing.assert_array_equal(density, run_op(q, zeroed, v, **attrs)[1])
+    y_ref, density_ref = sparse_attention(q, k_nan, v, **attrs)
+    np.testing.assert_allclose(density, density_ref)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    assert np.abs(density - density_clean).max() < 0.1
+    # rows whose chosen blocks miss block 1 stay finite
+    assert 0 < np.isnan(y).any(axis=-1).sum() < y.shape[1] * y.shape[2]
