@@ -660,3 +660,18 @@ def test_nan_in_a_key_does_not_change_the_block_selection():
     assert np.abs(density - density_clean).max() < 0.1
     # rows whose chosen blocks miss block 1 stay finite
     assert 0 < np.isnan(y).any(axis=-1).sum() < y.shape[1] * y.shape[2]
+
+
+@pytest.mark.parametrize(
+    "attrs,words",
+    [
+        (dict(block_size=8.0), "block_size must be an integer attribute"),
+        (dict(is_causal="yes"), "is_causal must be an integer attribute"),
+        (dict(threshold=1), "threshold must be a float attribute"),
+        (dict(scale="0.5"), "scale must be a float attribute"),
+    ],
+)
+def test_attribute_of_the_wrong_type_is_an_error_not_the_default(attrs, words):
+    q = np.zeros((1, 1, 4, 4), np.float32)
+    with pytest.raises(Exception, match=words):
+        run_op(q, q, q, **attrs)
