@@ -26,13 +26,13 @@ result: the kernels never size memory or index blocks by the raw values.
 
 NaN and infinity. A pair (i, j) counts for row i when its block is selected and causality and
 the mask let i see j (a NaN or +inf mask value lets it: only -inf / false hide a pair). Its
-score is scale * q_i . k_j + mask_ij; every other pair has score -inf, carries no weight and
-is never read: neither its key nor its value nor its mask value can reach row i. So NaN in
-q_i, or in the key, value or mask value of a pair that counts (and +inf scores, through
-inf - inf), makes row i NaN, as dense attention would; nothing else does. The schedule is
-not steered by them: non-finite query and key elements count as 0 in the block means, a NaN
-estimate ranks below every other candidate with zero mass, and when no estimate is finite the
-candidates weigh the same (taken in block order).
+score is scale * q_i . k_j + mask_ij; every other pair has score -inf. A pair whose score is
+-inf carries no weight and is never read: neither its key nor its value nor its mask value can
+reach row i. So NaN in q_i, or in the key, value or mask value of a pair that counts (and +inf
+scores, through inf - inf), makes row i NaN, as dense attention would; nothing else does. The
+schedule is not steered by them: non-finite query and key elements count as 0 in the block
+means, a NaN estimate ranks below every other candidate with zero mass, and when the largest
+estimate is not finite the candidates weigh the same (taken in block order).
 """
 
 from __future__ import annotations
