@@ -311,7 +311,7 @@ def test_bad_calls_are_errors_that_say_what_is_wrong(emulated_library):
     shapes = ((1, 4, 8, 16), (1, 3, 8, 16), (1, 3, 8, 16))
     with pytest.raises(RuntimeError, match="multiple of key/value heads"):
         cuda.run(cuda.make_call(shapes), 0, lib)
-    with pytest.raises(RuntimeError, match="threshold must be in"):
+    with pytest.raises(RuntimeError, match=r"threshold must be a float in \[0, 1\], got 2"):
         cuda.run(cuda.make_call(((1, 1, 8, 16),) * 3, threshold=2.0), 0, lib)
     with pytest.raises(RuntimeError, match="value head dims up to 256"):
         cuda.run(cuda.make_call(((1, 1, 8, 16), (1, 1, 8, 16), (1, 1, 8, 300))), 0, lib)
@@ -403,3 +403,23 @@ def test_random_configurations_match_the_reference(backend, seed, monkeypatch):
     monkeypatch.setenv("TFSA_EMULATION_COPIES", "early" if seed % 2 else "late")
     q, k, v, mask, dtype, attrs = _random_case(seed)
     _check(backend, q, k, v, mask, dtype, **attrs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])  # plain tiles; tensor-core tiles (d 64)
+def test_nan_reaches_only_the_rows_that_attend_it(backend, dtype):
+    # NaN in a key, a value and a mask value, inf in another value: each reaches exactly the
+    # rows the reference's rule names (no 0 * NaN from a hidden key in a computed tile).
+    rng = np.random.default_rng(9)
+    q, k, v = _inputs(rng, 1, 2, 1, 70, 70, 64, 64, dtype)
+    k[0, 0, 20, 1] = np.nan
+    v[0, 0, 21, 2] = np.nan
+    v[0, 0, 50, 0] = np.inf
+    mask = np.zeros((1, 1, 70, 70), np.float32)
+    mask[0, 0, 28:40, 20:22] = -np.inf  # rows 28..39 do not see keys 20, 21
+    mask[0, 0, 60, 5] = np.nan
+    attrs = dict(block_size=32, is_causal=1, threshold=0.9, min_seq_len=0, global_tokens=0, local_window=0)
+    y, _, selected = backend.run(q, k, v, mask, dtype, **attrs)
+    y_ref, _ = sparse_attention(q, k, v, mask, selected=selected, **attrs)
+    np.testing.assert_allclose(y, y_ref, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    assert np.isfinite(y[0, :, :20]).all() and np.isfinite(y[0, :, 28:40]).all()
+    assert np.isnan(y[0, 0, 60]).all()

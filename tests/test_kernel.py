@@ -13,7 +13,13 @@ from onnx import TensorProto
 
 import tfsa_onnx
 from tfsa_onnx.opmodel import sparse_attention_model
-from tfsa_onnx.reference import SparseAttentionAttributes, sparse_attention
+from tfsa_onnx.reference import (
+    BLOCK_SIZE_MAX,
+    TOKENS_MAX,
+    SparseAttentionAttributes,
+    select_blocks,
+    sparse_attention,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPARSE_OFF = dict(global_tokens=0, local_window=0, min_seq_len=0)
@@ -323,20 +329,131 @@ def test_unsupported_dtype_is_an_error():
         session.run(None, {"query": q, "key": q, "value": q, "attn_mask": np.zeros((1, 1, 4, 4), np.int32)})
 
 
-@pytest.mark.parametrize(
-    "attrs,words",
-    [
-        (dict(block_size=0), "block_size must be > 0"),
-        (dict(block_size=-4), "block_size must be > 0"),
-        (dict(threshold=0.0), "threshold must be in"),
-        (dict(threshold=1.5), "threshold must be in"),
-        (dict(max_density=0.0), "max_density must be in"),
-    ],
-)
-def test_bad_attributes_are_errors(attrs, words):
+# Each attribute just outside its bounds (reference.py BLOCK_SIZE_MAX / TOKENS_MAX, the same
+# as contract.h) and the range the message must name.
+OUT_OF_RANGE = [
+    ("block_size", 0, f"[1, {BLOCK_SIZE_MAX}]"),
+    ("block_size", -4, f"[1, {BLOCK_SIZE_MAX}]"),
+    ("block_size", BLOCK_SIZE_MAX + 1, f"[1, {BLOCK_SIZE_MAX}]"),
+    ("block_size", 2**63 - 1, f"[1, {BLOCK_SIZE_MAX}]"),
+    ("global_tokens", -1, f"[0, {TOKENS_MAX}]"),
+    ("global_tokens", TOKENS_MAX + 1, f"[0, {TOKENS_MAX}]"),
+    ("local_window", 2**63 - 2, f"[0, {TOKENS_MAX}]"),
+    ("local_window", -1, f"[0, {TOKENS_MAX}]"),
+    ("min_seq_len", TOKENS_MAX + 1, f"[0, {TOKENS_MAX}]"),
+    ("min_seq_len", -(2**63), f"[0, {TOKENS_MAX}]"),
+    ("is_causal", 2, "[0, 1]"),
+    ("is_causal", -1, "[0, 1]"),
+    ("threshold", -0.01, "[0, 1]"),
+    ("threshold", 1.5, "[0, 1]"),
+    ("threshold", float("nan"), "[0, 1]"),
+    ("max_density", 0.0, "(0, 1]"),
+    ("max_density", 1.01, "(0, 1]"),
+    ("max_density", float("nan"), "(0, 1]"),
+    ("scale", -1.0, "[0, inf)"),
+    ("scale", float("inf"), "[0, inf)"),
+    ("scale", float("nan"), "[0, inf)"),
+]
+
+
+@pytest.mark.parametrize("name,value,bounds", OUT_OF_RANGE)
+def test_attributes_out_of_range_are_errors_naming_value_and_range(name, value, bounds):
     q = np.zeros((1, 1, 4, 4), np.float32)
-    with pytest.raises(Exception, match=words):
-        run_op(q, q, q, **attrs)
+    with pytest.raises(Exception) as info:
+        run_op(q, q, q, **{name: value})
+    message = str(info.value)
+    assert f"{name} must be" in message and bounds in message, message
+    shown = (
+        "nan"
+        if value != value
+        else "inf"
+        if value == float("inf")
+        else f"{value:g}"
+        if isinstance(value, float)
+        else str(value)
+    )
+    assert f"got {shown}" in message, message
+
+
+# Each bound itself is accepted, and gives the reference's result.
+AT_THE_BOUNDS = [
+    dict(block_size=1),
+    dict(block_size=BLOCK_SIZE_MAX),
+    dict(global_tokens=TOKENS_MAX),
+    dict(local_window=TOKENS_MAX),
+    dict(min_seq_len=TOKENS_MAX),
+    dict(threshold=0.0, min_seq_len=0),
+    dict(threshold=1.0, max_density=float(np.float32(1e-30)), min_seq_len=0),
+    dict(scale=float(np.finfo(np.float32).tiny)),
+]
+
+
+@pytest.mark.parametrize("attrs", AT_THE_BOUNDS, ids=str)
+def test_attributes_at_their_bounds_match_reference(attrs):
+    rng = np.random.default_rng(11)
+    q, k, v = random_qkv(rng, 1, 2, 1, 37, 45, 8, 8)
+    attrs = dict(dict(block_size=8, global_tokens=0, local_window=0), **attrs)
+    y, density = run_op(q, k, v, **attrs)
+    y_ref, density_ref = sparse_attention(q, k, v, **attrs)
+    np.testing.assert_allclose(density, density_ref, atol=1e-6)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+
+
+def test_bounds_agree_with_the_cpp_contract():
+    header = (ROOT / "custom_ops/include/tfsa/contract.h").read_text()
+    constants = dict(re.findall(r"constexpr int64_t (k\w+Max) = (\d+);", header))
+    assert int(constants["kBlockSizeMax"]) == BLOCK_SIZE_MAX
+    assert int(constants["kTokensMax"]) == TOKENS_MAX
+
+
+@pytest.mark.parametrize("block_size", [45, 46, 1000, 2**20])
+def test_block_size_past_the_sequence_is_one_block(block_size):
+    # Larger than both lengths: one query block and one key block, however large (the kernel
+    # cuts it to the sequence, so memory does not grow with it).
+    rng = np.random.default_rng(12)
+    q, k, v = random_qkv(rng, 1, 2, 1, 32, 45, 8, 8)
+    attrs = dict(global_tokens=0, local_window=0, min_seq_len=0, threshold=0.5)
+    y, density = run_op(q, k, v, block_size=block_size, **attrs)
+    y_ref, density_ref = sparse_attention(q, k, v, block_size=45, **attrs)
+    np.testing.assert_array_equal(density, density_ref)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    np.testing.assert_allclose(y, dense_attention(q, k, v), atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [44, 45, 1000, TOKENS_MAX])
+def test_local_window_past_the_sequence_reaches_every_key(window):
+    rng = np.random.default_rng(13)
+    q, k, v = random_qkv(rng, 1, 1, 1, 16, 45, 8, 8)
+    attrs = dict(block_size=4, global_tokens=0, min_seq_len=0, threshold=0.0, max_density=0.01)
+    y, density = run_op(q, k, v, local_window=window, **attrs)
+    np.testing.assert_array_equal(density, 1.0)  # every block is in the window
+    np.testing.assert_allclose(y, dense_attention(q, k, v), atol=1e-5)
+
+
+def test_reference_cut_to_the_sequence_changes_no_selection():
+    # The reference's own clamp (effective) against its uncut rule, at sizes where the uncut
+    # rule is cheap.
+    from tfsa_onnx.reference import _block_any, _forced_blocks, effective
+
+    rng = np.random.default_rng(14)
+    q, k, _ = random_qkv(rng, 1, 2, 1, 20, 30, 8, 8)
+    may_attend = rng.random((1, 2, 20, 30)) < 0.7
+    for raw in (
+        SparseAttentionAttributes(block_size=97, threshold=0.5, min_seq_len=0),
+        SparseAttentionAttributes(block_size=4, global_tokens=500, local_window=0, min_seq_len=0),
+        SparseAttentionAttributes(block_size=4, global_tokens=0, local_window=400, min_seq_len=0),
+    ):
+        cut = effective(raw, 20, 30)
+        assert cut != raw
+        np.testing.assert_array_equal(_forced_blocks(20, 30, raw), _forced_blocks(20, 30, cut))
+        allowed_raw, allowed_cut = (
+            _block_any(may_attend, raw.block_size),
+            _block_any(may_attend, cut.block_size),
+        )
+        np.testing.assert_array_equal(allowed_raw, allowed_cut)
+        np.testing.assert_array_equal(
+            select_blocks(q, k, allowed_raw, raw), select_blocks(q, k, allowed_cut, cut)
+        )
 
 
 def test_library_registers_with_the_installed_onnxruntime():
@@ -464,3 +581,97 @@ def test_cuda_library_loads_everywhere_and_runs_the_cpu_kernels():
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+# --- queries that fit in one block, with a mask that differs per row ----------------------
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 1, 16, 16), (16, 16), (1, 2, 16, 16)])
+@pytest.mark.parametrize("dtype", [np.float32, np.bool_])
+def test_per_row_mask_rows_are_read_when_queries_fit_in_one_block(mask_shape, dtype):
+    # S = 16 under the default block of 64: one query block. Row 5 may attend to nothing and
+    # must give zeros; row 9 sees only keys 0..3.
+    rng = np.random.default_rng(15)
+    q, k, v = random_qkv(rng, 1, 2, 2, 16, 16, 8, 8)
+    allowed = np.ones(mask_shape, bool)
+    allowed[..., 5, :] = False
+    allowed[..., 9, 4:] = False
+    mask = allowed if dtype == np.bool_ else np.where(allowed, 0.0, -np.inf).astype(np.float32)
+    for attrs in (dict(SPARSE_OFF), dict(min_seq_len=0, threshold=0.5, global_tokens=0, local_window=0)):
+        y, density = run_op(q, k, v, mask, **attrs)
+        y_ref, density_ref = sparse_attention(q, k, v, mask, **attrs)
+        np.testing.assert_array_equal(y[..., 5, :], 0.0)
+        np.testing.assert_allclose(y, y_ref, atol=1e-5)
+        np.testing.assert_allclose(density, density_ref)
+    rows = np.r_[0:5, 6:16]  # plain dense attention gives NaN for the empty row 5
+    y_dense = run_op(q, k, v, mask, **SPARSE_OFF)[0]
+    np.testing.assert_allclose(y_dense[..., rows, :], dense_attention(q, k, v, mask)[..., rows, :], atol=1e-5)
+
+
+# --- NaN and infinity (the rule is in reference.py's docstring) ----------------------------
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("block_size", [64, 4])
+def test_nan_or_inf_in_a_mask_makes_that_row_nan_and_no_other(value, block_size):
+    rng = np.random.default_rng(16)
+    q, k, v = random_qkv(rng, 1, 1, 1, 16, 16, 8, 8)
+    mask = np.zeros((1, 1, 16, 16), np.float32)
+    mask[0, 0, 5, 3] = value
+    y, _ = run_op(q, k, v, mask, block_size=block_size, **SPARSE_OFF)
+    assert np.isnan(y[0, 0, 5]).all()
+    assert np.isfinite(np.delete(y[0, 0], 5, axis=0)).all()
+    np.testing.assert_allclose(
+        y, sparse_attention(q, k, v, mask, block_size=block_size, **SPARSE_OFF)[0], atol=1e-5
+    )
+
+
+def test_nan_in_keys_and_values_a_row_does_not_attend_stays_out_of_it():
+    # Key 20 and value 21 are NaN; rows before them (causal) and rows whose mask hides them
+    # must stay finite, rows that attend them become NaN.
+    rng = np.random.default_rng(17)
+    q, k, v = random_qkv(rng, 1, 1, 1, 32, 32, 8, 8)
+    k[0, 0, 20, 1] = np.nan
+    v[0, 0, 21, 2] = np.nan
+    mask = np.ones((32, 32), bool)
+    mask[28:, 20:22] = False  # rows 28.. do not see keys 20 and 21
+    attrs = dict(block_size=16, is_causal=1, **SPARSE_OFF)
+    y, _ = run_op(q, k, v, mask, **attrs)
+    y_ref, _ = sparse_attention(q, k, v, mask, **attrs)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)  # NaN exactly where the reference has it
+    rows_nan = np.isnan(y[0, 0]).any(axis=-1)
+    np.testing.assert_array_equal(np.flatnonzero(rows_nan), np.arange(20, 28))
+
+
+def test_nan_in_a_key_does_not_change_the_block_selection():
+    rng = np.random.default_rng(18)
+    q, k, v = random_qkv(rng, 1, 2, 1, 256, 256, 16, 16)
+    attrs = dict(block_size=32, threshold=0.6, max_density=0.5, **SPARSE_OFF)
+    _, density_clean = run_op(q, k, v, **attrs)
+    k_nan = k.copy()
+    k_nan[0, 0, 40, 3] = np.nan  # block 1
+    zeroed = k.copy()
+    zeroed[0, 0, 40, 3] = 0.0  # the rule: a non-finite element counts as 0 in the block means
+    y, density = run_op(q, k_nan, v, **attrs)
+    np.testing.assert_array_equal(density, run_op(q, zeroed, v, **attrs)[1])
+    y_ref, density_ref = sparse_attention(q, k_nan, v, **attrs)
+    np.testing.assert_allclose(density, density_ref)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    assert np.abs(density - density_clean).max() < 0.1
+    # rows whose chosen blocks miss block 1 stay finite
+    assert 0 < np.isnan(y).any(axis=-1).sum() < y.shape[1] * y.shape[2]
+
+
+@pytest.mark.parametrize(
+    "attrs,words",
+    [
+        (dict(block_size=8.0), "block_size must be an integer attribute"),
+        (dict(is_causal="yes"), "is_causal must be an integer attribute"),
+        (dict(threshold=1), "threshold must be a float attribute"),
+        (dict(scale="0.5"), "scale must be a float attribute"),
+    ],
+)
+def test_attribute_of_the_wrong_type_is_an_error_not_the_default(attrs, words):
+    q = np.zeros((1, 1, 4, 4), np.float32)
+    with pytest.raises(Exception, match=words):
+        run_op(q, q, q, **attrs)

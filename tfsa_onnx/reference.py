@@ -17,14 +17,33 @@ Schedule (which key blocks a query block computes), per (batch, head, query bloc
   Below min_seq_len keys, every allowed block is computed.
 Math: exactly softmax(scale * Q K^T + mask) V over the selected blocks, the rest -inf;
 rows with nothing to attend give zeros.
+
+Attribute bounds (contract.h enforces the same; out of range is an error): block_size in
+[1, BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len in [0, TOKENS_MAX]; threshold in
+[0, 1]; max_density in (0, 1]; scale finite and >= 0; is_causal 0 or 1. block_size,
+global_tokens and local_window are cut to the longer sequence (`effective`), which changes no
+result: the kernels never size memory or index blocks by the raw values.
+
+NaN and infinity. A pair (i, j) counts for row i when its block is selected and causality and
+the mask let i see j (a NaN or +inf mask value lets it: only -inf / false hide a pair). Its
+score is scale * q_i . k_j + mask_ij; every other pair has score -inf. A pair whose score is
+-inf carries no weight and is never read: neither its key nor its value nor its mask value can
+reach row i. So NaN in q_i, or in the key, value or mask value of a pair that counts (and +inf
+scores, through inf - inf), makes row i NaN, as dense attention would; nothing else does. The
+schedule is not steered by them: non-finite query and key elements count as 0 in the block
+means, a NaN estimate ranks below every other candidate with zero mass, and when the largest
+estimate is not finite the candidates weigh the same (taken in block order).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
+
+BLOCK_SIZE_MAX = 1_048_576  # contract.h kBlockSizeMax
+TOKENS_MAX = 2_147_483_647  # contract.h kTokensMax: global_tokens, local_window, min_seq_len
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,21 @@ class SparseAttentionAttributes:
         )
 
 
+def effective(a: SparseAttentionAttributes, sq: int, sk: int) -> SparseAttentionAttributes:
+    """block_size, global_tokens, local_window cut to the longer sequence: the same result.
+
+    A block of at least both lengths is one query and one key block; global tokens past both
+    lengths cover everything anyway; query positions lie in [sk - sq, sk - 1], so a window of
+    the longer length already reaches every key."""
+    longest = max(1, sq, sk)
+    return replace(
+        a,
+        block_size=min(a.block_size, longest),
+        global_tokens=min(a.global_tokens, longest),
+        local_window=min(a.local_window, longest),
+    )
+
+
 def _attendable(mask, shape, is_causal: bool) -> tuple[np.ndarray, np.ndarray]:
     """Additive bias [B,H,Sq,Sk] (float64) and the boolean 'may attend' of each pair."""
     b, h, sq, sk = shape
@@ -90,7 +124,8 @@ def _block_any(pairs: np.ndarray, bs: int) -> np.ndarray:
 
 
 def _block_means(x: np.ndarray, bs: int) -> np.ndarray:
-    """[.., S, D] -> [.., nBlocks, D], mean over the rows each block holds."""
+    """[.., S, D] -> [.., nBlocks, D], mean over the rows each block holds (non-finite as 0)."""
+    x = np.where(np.isfinite(x), x, 0.0)
     s = x.shape[-2]
     return np.stack([x[..., i : i + bs, :].mean(axis=-2) for i in range(0, s, bs)], axis=-2)
 
@@ -134,8 +169,8 @@ def select_blocks(
         candidates = np.flatnonzero(allowed[idx] & ~forced[idx])
         if candidates.size == 0:
             continue
-        score = estimate[idx][candidates]
-        mass = np.exp(score - score.max())
+        score = np.where(np.isnan(estimate[idx][candidates]), -np.inf, estimate[idx][candidates])
+        mass = np.exp(score - score.max()) if np.isfinite(score.max()) else np.ones(score.size)
         mass /= mass.sum()
         # the tolerance keeps float32 attribute rounding from adding a block (0.1 * 30)
         cap = max(1, math.ceil(a.max_density * allowed[idx].sum() - 1e-4))
@@ -147,6 +182,17 @@ def select_blocks(
             selected[idx][candidates[i]] = True
             cumulative += mass[i]
     return selected
+
+
+def _weighted_values(weights: np.ndarray, weighs: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """sum over j of weights[.., i, j] * v[.., j, :], over the pairs with a score (`weighs`)
+    only: a value row that a row does not attend is not read (0 * NaN would be NaN)."""
+    if np.isfinite(v).all():
+        return weights @ v  # the other pairs weigh 0: the same sums
+    out = np.empty(weights.shape[:-1] + v.shape[-1:])
+    for idx in np.ndindex(*weights.shape[:-1]):
+        out[idx] = weights[idx][weighs[idx]] @ v[idx[:-1]][weighs[idx]]
+    return out
 
 
 def sparse_attention(
@@ -162,9 +208,9 @@ def sparse_attention(
     `selected` ([B, Hq, nQ, nK] bool) replaces the schedule: a kernel's own block choice, to
     check its math apart from its selection.
     """
-    a = SparseAttentionAttributes(**attributes)
     b, hq, sq, d = query.shape
     hkv, sk = key.shape[1], key.shape[2]
+    a = effective(SparseAttentionAttributes(**attributes), sq, sk)
     bias, may_attend = _attendable(attn_mask, (b, hq, sq, sk), bool(a.is_causal))
     allowed = _block_any(may_attend, a.block_size)
     if selected is None:
@@ -175,14 +221,16 @@ def sparse_attention(
     scale = a.scale or 1.0 / math.sqrt(d)
     k = np.repeat(key.astype(np.float64), hq // hkv, axis=1)
     v = np.repeat(value.astype(np.float64), hq // hkv, axis=1)
-    scores = scale * query.astype(np.float64) @ np.swapaxes(k, -1, -2) + bias
-    scores = np.where(in_selected, scores, -np.inf)
-    row_max = scores.max(axis=-1, keepdims=True)
-    row_max = np.where(np.isneginf(row_max), 0.0, row_max)
-    weights = np.exp(scores - row_max)
-    total = weights.sum(axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        y = np.where(total > 0, (weights @ v) / np.where(total > 0, total, 1.0), 0.0)
+    counts = in_selected & may_attend  # the pairs that count; the others are never read
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        scores = np.where(counts, scale * query.astype(np.float64) @ np.swapaxes(k, -1, -2) + bias, -np.inf)
+        row_max = scores.max(axis=-1, keepdims=True)
+        row_max = np.where(np.isneginf(row_max), 0.0, row_max)
+        weights = np.exp(scores - row_max)
+        total = weights.sum(axis=-1, keepdims=True)
+        y = np.where(
+            total > 0, _weighted_values(weights, scores != -np.inf, v) / np.where(total > 0, total, 1.0), 0.0
+        )
     y = np.where(np.isnan(total), np.nan, y)
 
     allowed_pairs = allowed.sum(axis=(2, 3))

@@ -12,17 +12,32 @@
 namespace tfsa {
 namespace {
 
+// Whether the attribute can be read as float / int64 / string (releases any error status).
+bool Readable(const OrtApi& api, OrtStatus* status) {
+  if (status == nullptr) return true;
+  api.ReleaseStatus(status);
+  return false;
+}
+
+// The attribute's value, the contract's default when absent; an attribute of another type
+// (block_size=64.0, threshold=1) is an error in `error`, not silently the default.
 template <class V>
-V ReadAttribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, V fallback) {
+V ReadAttribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, V fallback, std::string& error) {
   V value = fallback;
-  OrtStatus* status = nullptr;
-  if constexpr (std::is_same_v<V, float>) status = api.KernelInfoGetAttribute_float(info, name, &value);
-  else status = api.KernelInfoGetAttribute_int64(info, name, &value);
-  if (status != nullptr) {  // absent: the contract's default
-    api.ReleaseStatus(status);
-    return fallback;
+  float as_float = 0.0f;
+  int64_t as_int = 0;
+  size_t string_size = 0;
+  if constexpr (std::is_same_v<V, float>) {
+    if (Readable(api, api.KernelInfoGetAttribute_float(info, name, &value))) return value;
+  } else {
+    if (Readable(api, api.KernelInfoGetAttribute_int64(info, name, &value))) return value;
   }
-  return value;
+  const bool other_type = (!std::is_same_v<V, float> && Readable(api, api.KernelInfoGetAttribute_float(info, name, &as_float))) ||
+                          (std::is_same_v<V, float> && Readable(api, api.KernelInfoGetAttribute_int64(info, name, &as_int))) ||
+                          Readable(api, api.KernelInfoGetAttribute_string(info, name, nullptr, &string_size));
+  if (other_type && error.empty())
+    error = std::string(name) + " must be a" + (std::is_same_v<V, float> ? " float" : "n integer") + " attribute";
+  return fallback;
 }
 
 // Input data through GetTensorMutableData (API 1): the headers' GetTensorRawData() calls
@@ -55,15 +70,16 @@ const char* TypeName(ONNXTensorElementDataType type) {
 SparseAttentionKernel::SparseAttentionKernel(const OrtApi& api, const OrtKernelInfo* info, Provider where)
     : provider(where) {
   const Attributes d;
-  attributes.scale = ReadAttribute(api, info, "scale", d.scale);
-  attributes.is_causal = ReadAttribute(api, info, "is_causal", d.is_causal);
-  attributes.block_size = ReadAttribute(api, info, "block_size", d.block_size);
-  attributes.global_tokens = ReadAttribute(api, info, "global_tokens", d.global_tokens);
-  attributes.local_window = ReadAttribute(api, info, "local_window", d.local_window);
-  attributes.threshold = ReadAttribute(api, info, "threshold", d.threshold);
-  attributes.max_density = ReadAttribute(api, info, "max_density", d.max_density);
-  attributes.min_seq_len = ReadAttribute(api, info, "min_seq_len", d.min_seq_len);
-  attribute_error = CheckAttributes(attributes);
+  std::string type_error;
+  attributes.scale = ReadAttribute(api, info, "scale", d.scale, type_error);
+  attributes.is_causal = ReadAttribute(api, info, "is_causal", d.is_causal, type_error);
+  attributes.block_size = ReadAttribute(api, info, "block_size", d.block_size, type_error);
+  attributes.global_tokens = ReadAttribute(api, info, "global_tokens", d.global_tokens, type_error);
+  attributes.local_window = ReadAttribute(api, info, "local_window", d.local_window, type_error);
+  attributes.threshold = ReadAttribute(api, info, "threshold", d.threshold, type_error);
+  attributes.max_density = ReadAttribute(api, info, "max_density", d.max_density, type_error);
+  attributes.min_seq_len = ReadAttribute(api, info, "min_seq_len", d.min_seq_len, type_error);
+  attribute_error = type_error.empty() ? CheckAttributes(attributes) : type_error;
   const char* selection_only_env = std::getenv("TFSA_SELECTION_ONLY");
   selection_only = selection_only_env != nullptr && std::string(selection_only_env) == "1";
 }
@@ -145,10 +161,10 @@ void SparseAttentionKernel::RunCpu(Ort::KernelContext& context, const Call& call
   else if (call.mask_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) problem.mask.kind = Kind::kHalf;
   else if (call.mask_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) problem.mask.kind = Kind::kBFloat16;
   for (int i = 0; i < 4; ++i) problem.mask.stride[i] = call.dims.mask_stride[i];
-  problem.attrs = attributes;
+  problem.attrs = Effective(attributes, call.dims.q_len, call.dims.kv_len);  // cut to the sequences
   problem.selection_only = selection_only;
   problem.scale = call.scale;
-  problem.grid = cpu::BlockGrid(attributes.block_size, call.dims.q_len, call.dims.kv_len, attributes.is_causal != 0);
+  problem.grid = cpu::BlockGrid(problem.attrs.block_size, call.dims.q_len, call.dims.kv_len, problem.attrs.is_causal != 0);
 
   cpu::Tensors tensors;
   tensors.query = call.query;

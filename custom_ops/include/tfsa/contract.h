@@ -3,6 +3,8 @@
 // message. tfsa_onnx/reference.py (SparseAttentionAttributes) holds the same defaults.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <string>
@@ -24,24 +26,52 @@ struct Attributes {
   int64_t min_seq_len = 1024;
 };
 
+// The attributes' bounds (tfsa_onnx/reference.py mirrors them as BLOCK_SIZE_MAX, TOKENS_MAX).
+// Inside them no index arithmetic of a call overflows int64.
+inline constexpr int64_t kBlockSizeMax = 1048576;  // block_size in [1, kBlockSizeMax]
+inline constexpr int64_t kTokensMax = 2147483647;  // global_tokens, local_window, min_seq_len in [0, kTokensMax]
+
 // Whether a call ranks blocks by the estimate; else every allowed block is computed (short
 // inputs, or threshold and max_density both 1: dense attention through the same code).
 inline bool UsesEstimate(const Attributes& a, int64_t kv_len) {
   return !(kv_len < a.min_seq_len || (a.threshold >= 1.0f && a.max_density >= 1.0f));
 }
 
-// Empty string when the attributes are usable, else what is wrong with them.
+// Empty string when the attributes are within their bounds, else the first one that is not:
+// its name, its value and the allowed range.
 inline std::string CheckAttributes(const Attributes& a) {
   std::ostringstream err;
-  if (a.block_size <= 0) err << "block_size must be > 0, got " << a.block_size;
-  else if (!(a.threshold > 0.0f && a.threshold <= 1.0f)) err << "threshold must be in (0, 1], got " << a.threshold;
+  const auto integer = [&](const char* name, int64_t value, int64_t low, int64_t high) {
+    if (err.tellp() == 0 && (value < low || value > high))
+      err << name << " must be an integer in [" << low << ", " << high << "], got " << value;
+  };
+  integer("block_size", a.block_size, 1, kBlockSizeMax);
+  integer("global_tokens", a.global_tokens, 0, kTokensMax);
+  integer("local_window", a.local_window, 0, kTokensMax);
+  integer("min_seq_len", a.min_seq_len, 0, kTokensMax);
+  integer("is_causal", a.is_causal, 0, 1);
+  if (err.tellp() != 0) return err.str();
+  if (!(a.threshold >= 0.0f && a.threshold <= 1.0f)) err << "threshold must be a float in [0, 1], got " << a.threshold;
   else if (!(a.max_density > 0.0f && a.max_density <= 1.0f))
-    err << "max_density must be in (0, 1], got " << a.max_density;
-  else if (a.is_causal != 0 && a.is_causal != 1) err << "is_causal must be 0 or 1, got " << a.is_causal;
-  else if (a.global_tokens < 0 || a.local_window < 0 || a.min_seq_len < 0)
-    err << "global_tokens, local_window and min_seq_len must be >= 0";
-  else if (!(a.scale >= 0.0f)) err << "scale must be >= 0 (0 means 1/sqrt(head_dim)), got " << a.scale;
+    err << "max_density must be a float in (0, 1], got " << a.max_density;
+  else if (!(std::isfinite(a.scale) && a.scale >= 0.0f))
+    err << "scale must be a finite float in [0, inf) (0 means 1/sqrt(head_dim)), got " << a.scale;
   return err.str();
+}
+
+// The attributes a call with these lengths computes with: block_size, global_tokens and
+// local_window cut to what the sequences can use, which changes no result. A block_size of at
+// least both lengths is one query block and one key block however large it is; global tokens
+// beyond both lengths cover every query and key either way; a window of the longer length
+// already reaches every key from every query position (positions lie in [kv - q, kv - 1]).
+// Everything that sizes memory or indexes blocks uses these, never the raw attributes.
+inline Attributes Effective(const Attributes& a, int64_t q_len, int64_t kv_len) {
+  Attributes e = a;
+  const int64_t longest = std::max<int64_t>({1, q_len, kv_len});
+  e.block_size = std::min(a.block_size, longest);
+  e.global_tokens = std::min(a.global_tokens, longest);
+  e.local_window = std::min(a.local_window, longest);
+  return e;
 }
 
 using Shape = std::vector<int64_t>;

@@ -1,6 +1,7 @@
 #include "attention_cpu.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -25,14 +26,17 @@ struct PackedKeysValues {
   std::vector<float>& kt;
   std::vector<float>& v;
   std::vector<float>& k_means;
+  std::vector<uint8_t>& v_nonfinite;
 
   const float* Kt(int64_t bk, int64_t kb) const { return kt.data() + (bk * k_blocks + kb) * kt_block; }
   const float* V(int64_t bk, int64_t kb) const { return v.data() + (bk * k_blocks + kb) * v_block; }
   // Key block means transposed, [head_dim, means_pad], so the estimate is one Scores call.
   const float* KMeansT(int64_t bk) const { return k_means.data() + bk * head_dim * means_pad; }
+  bool ValueNonFinite(int64_t bk, int64_t kb) const { return v_nonfinite[bk * k_blocks + kb] != 0; }
 };
 
-// Key block means (for the estimate), transposed: means_t[x, kb].
+// Key block means (for the estimate), transposed: means_t[x, kb]. Non-finite elements count
+// as 0, so that a NaN key does not steer the schedule (reference.py).
 template <class T>
 void KeyBlockMeans(const Problem& p, const T* k_head, float* means_t, int64_t means_pad) {
   const Dims& d = p.dims;
@@ -41,7 +45,10 @@ void KeyBlockMeans(const Problem& p, const T* k_head, float* means_t, int64_t me
     const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
     std::fill(sum.begin(), sum.end(), 0.0f);
     for (int64_t j = 0; j < keys; ++j)
-      for (int64_t x = 0; x < d.head_dim; ++x) sum[x] += ToFloat(k_head[(k_begin + j) * d.head_dim + x]);
+      for (int64_t x = 0; x < d.head_dim; ++x) {
+        const float value = ToFloat(k_head[(k_begin + j) * d.head_dim + x]);
+        sum[x] += std::isfinite(value) ? value : 0.0f;
+      }
     for (int64_t x = 0; x < d.head_dim; ++x) means_t[x * means_pad + kb] = sum[x] / static_cast<float>(keys);
   }
   for (int64_t x = 0; x < d.head_dim; ++x)
@@ -60,13 +67,18 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t bk, Packed
     const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
     float* kt = out.kt.data() + (bk * out.k_blocks + kb) * out.kt_block;
     float* v = out.v.data() + (bk * out.k_blocks + kb) * out.v_block;
+    bool nonfinite = false;
     for (int64_t j = 0; j < keys; ++j) {
       const T* k_row = k_head + (k_begin + j) * d.head_dim;
       for (int64_t x = 0; x < d.head_dim; ++x) kt[x * out.key_pad + j] = ToFloat(k_row[x]);
       const T* v_row = v_head + (k_begin + j) * d.v_head_dim;
-      for (int64_t x = 0; x < d.v_head_dim; ++x) v[j * out.v_pad + x] = ToFloat(v_row[x]);
+      for (int64_t x = 0; x < d.v_head_dim; ++x) {
+        v[j * out.v_pad + x] = ToFloat(v_row[x]);
+        nonfinite = nonfinite || !std::isfinite(v[j * out.v_pad + x]);
+      }
       std::fill(v + j * out.v_pad + d.v_head_dim, v + (j + 1) * out.v_pad, 0.0f);
     }
+    out.v_nonfinite[bk * out.k_blocks + kb] = nonfinite;
     // Padding keys of a ragged last block: zero scores (masked later), zero values.
     for (int64_t x = 0; x < d.head_dim; ++x) std::fill(kt + x * out.key_pad + keys, kt + (x + 1) * out.key_pad, 0.0f);
     std::fill(v + keys * out.v_pad, v + out.key_pad * out.v_pad, 0.0f);
@@ -77,11 +89,13 @@ constexpr size_t kTileBlocks = 4;  // key blocks one softmax step covers at most
 
 struct Scratch {
   std::vector<float> q, q_mean, pooled_scores, s, o, m, l;
+  std::vector<uint8_t> hidden;  // [rows, tile width]: score -inf before the softmax
   std::vector<int32_t> chosen;
   SelectionScratch selection;
 };
 
-// Adds the mask and removes future keys inside one (query block, key block) score tile.
+// Adds the mask and removes future keys inside one (query block, key block) score tile. A
+// hidden pair becomes -inf whatever its score was (a NaN key it does not see stays out).
 void ApplyMaskAndCausality(const Problem& p, int64_t b, int64_t h, int64_t qb, int64_t kb, int rows, int keys,
                            int s_stride, float* s) {
   const int64_t q_begin = p.grid.QueryBegin(qb), k_begin = p.grid.KeyBegin(kb);
@@ -94,12 +108,29 @@ void ApplyMaskAndCausality(const Problem& p, int64_t b, int64_t h, int64_t qb, i
     const int64_t i = q_begin + r;
     if (add_mask) {
       const int64_t base = p.mask.Offset(b, h, i, k_begin), step = p.mask.stride[3];
-      for (int j = 0; j < keys; ++j) row[j] += p.mask.Bias(base + j * step);
+      for (int j = 0; j < keys; ++j) {
+        const float bias = p.mask.Bias(base + j * step);
+        row[j] = bias == kNegInf ? kNegInf : row[j] + bias;
+      }
     }
     if (causal_cut)
       for (int64_t j = std::max<int64_t>(0, p.grid.LastVisibleKey(i) + 1 - k_begin); j < keys; ++j)
         row[j] = kNegInf;
   }
+}
+
+// o += p . v over the pairs that carry weight (not `hidden`): for value blocks holding NaN or
+// inf, where the block product would let 0 * NaN reach rows that do not attend that key.
+void AccumulateAttended(const float* s, const uint8_t* hidden, int rows, int keys, int stride, const float* v,
+                        int v_pad, float* o) {
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < keys; ++j) {
+      const size_t at = static_cast<size_t>(r) * stride + j;
+      if (hidden[at]) continue;
+      float* o_row = o + static_cast<size_t>(r) * v_pad;
+      const float* v_row = v + static_cast<size_t>(j) * v_pad;
+      for (int x = 0; x < v_pad; ++x) o_row[x] += s[at] * v_row[x];
+    }
 }
 
 template <class T>
@@ -119,11 +150,11 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   const T* q_rows = static_cast<const T*>(t.query) + (bh * d.q_len + q_begin) * d.head_dim;
   sc.q.resize(static_cast<size_t>(rows) * head_dim);
   sc.q_mean.assign(head_dim, 0.0f);
-  for (int r = 0; r < rows; ++r)
+  for (size_t r = 0; r < static_cast<size_t>(rows); ++r)
     for (int x = 0; x < head_dim; ++x) {
       const float value = p.scale * ToFloat(q_rows[r * head_dim + x]);
       sc.q[r * head_dim + x] = value;
-      sc.q_mean[x] += value / static_cast<float>(rows);
+      if (std::isfinite(value)) sc.q_mean[x] += value / static_cast<float>(rows);  // non-finite: 0
     }
 
   counts[2 * task + 1] = AllowedKeyBlocks(p, b, h, qb, sc.selection.allowed);
@@ -153,15 +184,27 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
       ApplyMaskAndCausality(p, b, h, qb, sc.chosen[i], rows, keys_of(sc.chosen[i]), width, s);
     }
     const int valid = width - key_pad + keys_of(sc.chosen[end - 1]);
+    bool exact = false;  // a value block with NaN or inf: remember which pairs are hidden
+    for (size_t i = first; i < end; ++i) exact = exact || kv.ValueNonFinite(bk, sc.chosen[i]);
+    if (exact) {
+      sc.hidden.resize(static_cast<size_t>(rows) * width);
+      for (size_t e = 0; e < sc.hidden.size(); ++e) sc.hidden[e] = sc.s[e] == kNegInf;
+    }
     math.softmax_step(sc.s.data(), rows, valid, width, sc.m.data(), sc.l.data(), sc.o.data(), v_pad);
-    for (size_t i = first; i < end; ++i)
-      math.accumulate(sc.s.data() + (i - first) * key_pad, rows, keys_of(sc.chosen[i]), width,
-                      kv.V(bk, sc.chosen[i]), v_pad, sc.o.data());
+    for (size_t i = first; i < end; ++i) {
+      const size_t column = (i - first) * key_pad;
+      if (kv.ValueNonFinite(bk, sc.chosen[i]))
+        AccumulateAttended(sc.s.data() + column, sc.hidden.data() + column, rows, keys_of(sc.chosen[i]), width,
+                           kv.V(bk, sc.chosen[i]), v_pad, sc.o.data());
+      else
+        math.accumulate(sc.s.data() + column, rows, keys_of(sc.chosen[i]), width, kv.V(bk, sc.chosen[i]), v_pad,
+                        sc.o.data());
+    }
     first = end;
   }
 
   T* out = static_cast<T*>(t.output) + (bh * d.q_len + q_begin) * d.v_head_dim;
-  for (int r = 0; r < rows; ++r) {
+  for (size_t r = 0; r < static_cast<size_t>(rows); ++r) {
     const bool empty = sc.m[r] == kNegInf;  // no key to attend: zeros, not NaN
     const float inv = empty ? 0.0f : 1.0f / sc.l[r];
     for (int64_t x = 0; x < d.v_head_dim; ++x)
@@ -173,7 +216,7 @@ template <class T>
 void Run(const Problem& p, const Tensors& t, Workspace& workspace, const ParallelFor& parallel_for) {
   const Dims& d = p.dims;
   const BlockMath& math = SelectBlockMath();
-  PackedKeysValues kv{0, 0, 0, 0, 0, 0, 0, workspace.kt, workspace.v, workspace.k_means};
+  PackedKeysValues kv{0, 0, 0, 0, 0, 0, 0, workspace.kt, workspace.v, workspace.k_means, workspace.v_nonfinite};
   kv.k_blocks = p.grid.k_blocks;
   kv.head_dim = d.head_dim;
   kv.key_pad = RoundUp(p.grid.block, math.pad);
@@ -185,6 +228,7 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
   kv.kt.resize(heads * kv.k_blocks * kv.kt_block);
   kv.v.resize(heads * kv.k_blocks * kv.v_block);
   kv.k_means.resize(heads * d.head_dim * kv.means_pad);
+  kv.v_nonfinite.assign(heads * kv.k_blocks, 0);
   const T* key = static_cast<const T*>(t.key);
   const T* value = static_cast<const T*>(t.value);
   parallel_for(heads, [&](size_t bk) { PackHead<T>(p, key, value, static_cast<int64_t>(bk), kv); });

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <vector>
 
@@ -26,6 +27,7 @@ using ParallelFor = std::function<void(size_t n, const std::function<void(size_t
 // fresh, page-faulting allocations every run; every byte read is written by the call.
 struct Workspace {
   std::vector<float> kt, v, k_means;
+  std::vector<uint8_t> v_nonfinite;  // per (batch, kv head, key block): a value is NaN or inf
 };
 
 void RunSparseAttention(const Problem& problem, const Tensors& tensors, Workspace& workspace,

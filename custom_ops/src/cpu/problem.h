@@ -50,9 +50,10 @@ struct MaskBlocks {
   std::vector<uint8_t> state;
   // heads / q_blocks: 1 when the mask is shared by all heads / all query rows
   int64_t heads = 1, q_blocks = 0, k_blocks = 0;
+  bool rows_broadcast = false;  // the mask's query-row stride is 0: one state for all rows
 
   uint8_t At(int64_t b, int64_t h, int64_t qb, int64_t kb) const {
-    const int64_t mask_h = heads == 1 ? 0 : h, mask_qb = q_blocks == 1 ? 0 : qb;
+    const int64_t mask_h = heads == 1 ? 0 : h, mask_qb = rows_broadcast ? 0 : qb;
     return state[((b * heads + mask_h) * q_blocks + mask_qb) * k_blocks + kb];
   }
 };

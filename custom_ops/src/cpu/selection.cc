@@ -11,13 +11,16 @@ void ClassifyMaskBlocks(const Problem& p, MaskBlocks& out, const std::function<v
   const BlockGrid& g = p.grid;
   const MaskView& mask = p.mask;
   out.heads = mask.stride[1] == 0 ? 1 : p.dims.q_heads;
-  out.q_blocks = mask.stride[2] == 0 ? 1 : g.q_blocks;  // rows broadcast: one row stands for all
+  // Rows broadcast (query-row stride 0): row 0 stands for all. Not the same as one query
+  // block: a per-row mask is read row by row however few blocks there are.
+  out.rows_broadcast = mask.stride[2] == 0;
+  out.q_blocks = out.rows_broadcast ? 1 : g.q_blocks;
   out.k_blocks = g.k_blocks;
   out.state.assign(p.dims.batch * out.heads * out.q_blocks * out.k_blocks, MaskBlocks::kClosed);
   parallel_for(p.dims.batch * out.heads * out.q_blocks, [&](size_t task) {
     const int64_t qb = task % out.q_blocks, bh = task / out.q_blocks;
     const int64_t b = bh / out.heads, h = bh % out.heads;
-    const int64_t q_begin = g.QueryBegin(qb), q_end = out.q_blocks == 1 ? q_begin + 1 : g.QueryEnd(qb);
+    const int64_t q_begin = g.QueryBegin(qb), q_end = out.rows_broadcast ? q_begin + 1 : g.QueryEnd(qb);
     for (int64_t kb = 0; kb < g.k_blocks; ++kb) {
       bool any = false, all_zero = true;
       for (int64_t i = q_begin; i < q_end; ++i)

@@ -1,6 +1,8 @@
 #include <cuda_pipeline.h>
 #include <mma.h>
 
+#include <type_traits>
+
 #include "attention.cuh"
 
 namespace tfsa::cuda {
@@ -8,12 +10,12 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
-// The scaled score of (query i, key j) with causality and the mask applied. A NaN dot
-// stays NaN even where the pair is hidden, as in the reference.
+// The scaled score of (query i, key j) with causality and the mask applied. A hidden pair
+// is -inf whatever its dot, so a NaN key it does not see stays out, as in the reference.
 __device__ __forceinline__ float Score(const Geometry& g, int64_t b, int64_t h, int64_t i, int64_t j, float dot) {
   float bias = j <= g.grid.LastVisibleKey(i) ? 0.0f : kNegInf;
   if (g.mask.kind != TFSA_MASK_NONE && bias == 0.0f) bias = g.mask.Bias(g.mask.Offset(b, h, i, j));
-  return dot * g.scale + bias;
+  return bias == kNegInf ? kNegInf : dot * g.scale + bias;
 }
 
 // Online softmax, per row. Reductions over the `width` consecutive lanes holding a row:
@@ -314,6 +316,7 @@ struct SimtMath {
       for (int t = 0; t < kMaxDv / 32; ++t) o[t] *= factor;
       for (int k = 0; k < kKeys; ++k) {
         const float p = __shfl_sync(0xffffffffu, weight, k);
+        if (__shfl_sync(0xffffffffu, score, k) == kNegInf) continue;  // not attended: its value is not read
 #pragma unroll
         for (int t = 0; t < kMaxDv / 32; ++t)
           if (lane + 32 * t < dv) o[t] += p * values[k * dv + lane + 32 * t];
@@ -332,6 +335,65 @@ struct SimtMath {
   }
 };
 
+// One warp per row, one key per lane, straight from global memory: what the tensor-core tiles
+// hand over to when a chosen value block holds NaN or inf, where their block product would let
+// 0 * NaN reach rows that do not attend that key. Rare, so simple.
+template <class T>
+__device__ void ExactRows(const AttentionArgs& a, const Place& at, const int32_t* blocks, int n_blocks) {
+  constexpr int kMaxDv = 256;
+  const Geometry& g = a.g;
+  const T *query = static_cast<const T*>(a.query), *key = static_cast<const T*>(a.key);
+  const T* value = static_cast<const T*>(a.value);
+  const int64_t d = g.head_dim, dv = g.v_head_dim, kv_base = at.KeyBase(g);
+  const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  for (int64_t i = at.q_begin + threadIdx.x / 32; i < at.q_end; i += warps) {
+    float m = kNegInf, l = 0.0f, o[kMaxDv / 32];
+    for (float& x : o) x = 0.0f;
+    const T* q_row = query + (at.QueryBase(g) + i) * d;
+    for (int64_t pos = 0; pos < int64_t{n_blocks} * g.grid.block; pos += 32) {
+      const int64_t j = KeyAt(g, blocks, n_blocks, pos + lane);
+      float score = kNegInf;
+      if (j >= 0) {
+        float dot = 0.0f;
+        for (int64_t x = 0; x < d; ++x) dot += ToFloat(q_row[x]) * ToFloat(key[(kv_base + j) * d + x]);
+        score = Score(g, at.b, at.h, i, j, dot);
+      }
+      const float m_new = fmaxf(m, GroupMax<32>(score));
+      const float weight = Weight(score, m_new), factor = Rescale(m, m_new);
+      l = l * factor + GroupSum<32>(weight);
+      m = m_new;
+      for (int t = 0; t < kMaxDv / 32; ++t) o[t] *= factor;
+      for (int k = 0; k < 32; ++k) {
+        const float p = __shfl_sync(0xffffffffu, weight, k);
+        const int64_t jk = __shfl_sync(0xffffffffu, j, k);
+        if (__shfl_sync(0xffffffffu, score, k) == kNegInf) continue;  // not attended: its value is not read
+        for (int t = 0; t < kMaxDv / 32; ++t)
+          if (lane + 32 * t < dv) o[t] += p * ToFloat(value[(kv_base + jk) * dv + lane + 32 * t]);
+      }
+    }
+    for (int t = 0; t < kMaxDv / 32; ++t)
+      if (lane + 32 * t < dv)
+        static_cast<T*>(a.output)[(at.QueryBase(g) + i) * dv + lane + 32 * t] = FromFloat<T>(l == 0.0f ? 0.0f : o[t] / l);
+  }
+}
+
+// Whether any of the chosen key blocks holds a NaN or inf value (the same answer for all threads).
+__device__ bool ReadsNonFiniteValues(const AttentionArgs& a, const Place& at, const int32_t* blocks, int n_blocks) {
+  __shared__ int found;
+  if (threadIdx.x == 0) found = 0;
+  __syncthreads();
+  const uint8_t* flags = a.value_flags + (at.b * a.g.kv_heads + a.g.KvHead(at.h)) * a.g.grid.k_blocks;
+  for (int c = threadIdx.x; c < n_blocks; c += blockDim.x)
+    if (flags[blocks[c]]) found = 1;
+  __syncthreads();
+  return found != 0;
+}
+
+template <class Math>
+struct IsWmma : std::false_type {};
+template <class T, int HD>
+struct IsWmma<WmmaMath<T, HD>> : std::true_type {};
+
 // The schedule: which rows this thread block owns and which keys it visits, tile by tile,
 // the next tile's loads issued before the current one is computed.
 template <class T, class Math>
@@ -344,11 +406,15 @@ __global__ void __launch_bounds__(Math::kThreads) SparseAttentionKernel(Attentio
   const int64_t q_begin = g.grid.QueryBegin(qb) + chunk * Math::kRows;
   const int64_t q_end = min(q_begin + Math::kRows, g.grid.QueryEnd(qb));
   if (q_begin >= q_end) return;
-  Math math(shared, g, Place{bh / g.q_heads, bh % g.q_heads, q_begin, q_end});
-  math.LoadQueries(static_cast<const T*>(a.query));
+  const Place place{bh / g.q_heads, bh % g.q_heads, q_begin, q_end};
   const int64_t row = bh * g.grid.q_blocks + qb;
   const int n_blocks = a.counts[row];
   const int32_t* blocks = a.chosen + row * g.grid.k_blocks;
+  if constexpr (IsWmma<Math>::value) {
+    if (ReadsNonFiniteValues(a, place, blocks, n_blocks)) return ExactRows<T>(a, place, blocks, n_blocks);
+  }
+  Math math(shared, g, place);
+  math.LoadQueries(static_cast<const T*>(a.query));
   // Tiles up to the first one that starts past the last row's causal horizon (keys ascend).
   const int64_t last_key = g.grid.LastVisibleKey(q_end - 1), stream_end = int64_t{n_blocks} * g.grid.block;
   int64_t tiles = 0;

@@ -16,6 +16,7 @@ struct AttentionArgs {
   void* output;
   const int32_t* chosen;  // [rows, nK], per Schedule
   const int32_t* counts;  // [rows]
+  const uint8_t* value_flags;  // [B * Hkv, nK], per Schedule: a value of the block is NaN or inf
 };
 
 // Enqueues the attention kernel for the call's dtype and head dims.

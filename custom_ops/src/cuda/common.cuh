@@ -64,12 +64,15 @@ struct Geometry {
   bool uses_estimate = false;  // false: every allowed block is computed
   Mask mask;
   // Mask block states are stored per (b, mask head, mask query block, key block); the
-  // mask head/query block is 0 when the mask broadcasts over heads/rows.
+  // mask head/query block is 0 when the mask broadcasts over heads/rows. Rows broadcast when
+  // the mask's query-row stride is 0, not when there is one query block: a per-row mask is
+  // read row by row however few blocks there are.
   int64_t mask_heads = 1, mask_q_blocks = 1;
+  bool mask_rows_broadcast = true;
 
   __device__ int64_t KvHead(int64_t h) const { return h / (q_heads / kv_heads); }
   __device__ int64_t MaskBlockIndex(int64_t b, int64_t h, int64_t qb, int64_t kb) const {
-    const int64_t mh = mask_heads == 1 ? 0 : h, mqb = mask_q_blocks == 1 ? 0 : qb;
+    const int64_t mh = mask_heads == 1 ? 0 : h, mqb = mask_rows_broadcast ? 0 : qb;
     return ((b * mask_heads + mh) * mask_q_blocks + mqb) * grid.k_blocks + kb;
   }
 };

@@ -14,7 +14,8 @@ constexpr size_t Align(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 // Byte offsets of the schedule's arrays in the workspace.
 struct Layout {
-  size_t q_means = 0, k_means = 0, mask_states = 0, allowed = 0, chosen = 0, counts = 0, pairs = 0, total = 0;
+  size_t q_means = 0, k_means = 0, mask_states = 0, allowed = 0, chosen = 0, counts = 0, pairs = 0, value_flags = 0,
+         total = 0;
 };
 
 Attributes AttributesOf(const TfsaCudaCall& c) {
@@ -25,20 +26,25 @@ Attributes AttributesOf(const TfsaCudaCall& c) {
   return a;
 }
 
+// The attributes cut to the sequences (contract.h Effective): what sizes and indexes use.
+Attributes EffectiveOf(const TfsaCudaCall& c) { return Effective(AttributesOf(c), c.q_len, c.kv_len); }
+
 Geometry MakeGeometry(const TfsaCudaCall& c) {
+  const Attributes a = EffectiveOf(c);
   Geometry g;
-  g.grid = BlockGrid(c.block_size, c.q_len, c.kv_len, c.is_causal != 0);
+  g.grid = BlockGrid(a.block_size, c.q_len, c.kv_len, a.is_causal != 0);
   g.batch = c.batch, g.q_heads = c.q_heads, g.kv_heads = c.kv_heads;
   g.head_dim = c.head_dim, g.v_head_dim = c.v_head_dim;
   g.scale = c.scale > 0.0f ? c.scale : (c.head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(c.head_dim)) : 1.0f);
-  g.global_tokens = c.global_tokens, g.local_window = c.local_window;
+  g.global_tokens = a.global_tokens, g.local_window = a.local_window;
   g.threshold = c.threshold, g.max_density = c.max_density;
   g.uses_estimate = UsesEstimate(AttributesOf(c), c.kv_len);
   g.mask.kind = c.mask_kind, g.mask.dtype = c.dtype, g.mask.data = c.mask;
   for (int i = 0; i < 4; ++i) g.mask.stride[i] = c.mask_stride[i];
   if (c.mask_kind != TFSA_MASK_NONE) {
     g.mask_heads = c.mask_stride[1] == 0 ? 1 : c.q_heads;
-    g.mask_q_blocks = c.mask_stride[2] == 0 ? 1 : g.grid.q_blocks;
+    g.mask_rows_broadcast = c.mask_stride[2] == 0;
+    g.mask_q_blocks = g.mask_rows_broadcast ? 1 : g.grid.q_blocks;
   }
   return g;
 }
@@ -55,6 +61,7 @@ Layout Plan(const Geometry& g, bool has_mask) {
   l.chosen = take(sizeof(int32_t) * rows * nk);
   l.counts = take(sizeof(int32_t) * rows);
   l.pairs = take(sizeof(unsigned long long) * 2 * g.batch * g.q_heads);
+  l.value_flags = take(g.batch * g.kv_heads * nk);
   l.total = at;
   return l;
 }
@@ -70,9 +77,10 @@ std::string CheckCall(const TfsaCudaCall& c) {
     return "sizes must be >= 0 with query heads a multiple of key/value heads (> 0)";
   if (c.v_head_dim > 256) return "the CUDA kernel supports value head dims up to 256, got " + std::to_string(c.v_head_dim);
   if (c.head_dim > 1024) return "the CUDA kernel supports head dims up to 1024, got " + std::to_string(c.head_dim);
-  if (ChooseSharedBytes((c.kv_len + c.block_size - 1) / c.block_size) > kMaxChooseShared)
-    return "too many key blocks for the CUDA schedule (kv_len / block_size = " +
-           std::to_string((c.kv_len + c.block_size - 1) / c.block_size) + "); use a larger block_size";
+  const int64_t block = EffectiveOf(c).block_size, k_blocks = (c.kv_len + block - 1) / block;
+  if (ChooseSharedBytes(k_blocks) > kMaxChooseShared)
+    return "too many key blocks for the CUDA schedule (kv_len / block_size = " + std::to_string(k_blocks) +
+           "); use a larger block_size";
   return "";
 }
 
@@ -123,12 +131,13 @@ extern "C" __attribute__((visibility("default"))) int tfsa_cuda_sparse_attention
   s.chosen = At<int32_t>(c.workspace, l.chosen);
   s.counts = At<int32_t>(c.workspace, l.counts);
   s.pairs = At<unsigned long long>(c.workspace, l.pairs);
-  cudaError_t status = BuildSchedule(g, c.dtype, c.query, c.key, s, c.selected, c.density, stream);
+  s.value_flags = At<uint8_t>(c.workspace, l.value_flags);
+  cudaError_t status = BuildSchedule(g, c.dtype, c.query, c.key, c.value, s, c.selected, c.density, stream);
   if (status == cudaSuccess && out_bytes > 0) {
     if (c.selection_only || c.kv_len == 0) {
       status = cudaMemsetAsync(c.output, 0, out_bytes, stream);  // nothing to attend: zeros
     } else {
-      const AttentionArgs args{g, c.query, c.key, c.value, c.output, s.chosen, s.counts};
+      const AttentionArgs args{g, c.query, c.key, c.value, c.output, s.chosen, s.counts, s.value_flags};
       const bool aligned = Aligned16(c.query) && Aligned16(c.key) && Aligned16(c.value) && Aligned16(c.output);
       status = LaunchAttention(args, c.dtype, aligned, stream);
     }

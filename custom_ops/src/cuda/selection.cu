@@ -7,6 +7,7 @@ constexpr int kChooseThreads = 256;
 enum BlockFlag : uint8_t { kAllowed = 1, kForced = 2, kCandidate = 4, kTake = 8 };
 
 // Mean over each block's rows of x [heads, seq, dim], times `scale`: out [heads, n_blocks, dim].
+// Non-finite elements count as 0, so that NaN does not steer the schedule (reference.py).
 template <class T>
 __global__ void BlockMeansKernel(const T* x, int64_t seq, int64_t dim, int64_t block, int64_t n_blocks,
                                  float scale, float* out) {
@@ -14,7 +15,10 @@ __global__ void BlockMeansKernel(const T* x, int64_t seq, int64_t dim, int64_t b
   const int64_t end = begin + block < seq ? begin + block : seq;
   for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
     float sum = 0.0f;
-    for (int64_t r = begin; r < end; ++r) sum += ToFloat(x[(head * seq + r) * dim + d]) * scale;
+    for (int64_t r = begin; r < end; ++r) {
+      const float value = ToFloat(x[(head * seq + r) * dim + d]) * scale;
+      sum += isfinite(value) ? value : 0.0f;
+    }
     out[item * dim + d] = sum / static_cast<float>(end - begin);
   }
 }
@@ -29,7 +33,7 @@ __global__ void ClassifyMaskKernel(Geometry g, uint8_t* states) {
   const int64_t mqb = rest % g.mask_q_blocks, bh = rest / g.mask_q_blocks;
   const int64_t b = bh / g.mask_heads, mh = bh % g.mask_heads;
   const int64_t q_begin = g.grid.QueryBegin(mqb);
-  const int64_t q_end = g.mask_q_blocks == 1 ? q_begin + 1 : g.grid.QueryEnd(mqb);  // rows broadcast: one row
+  const int64_t q_end = g.mask_rows_broadcast ? q_begin + 1 : g.grid.QueryEnd(mqb);  // rows broadcast: one row
   const int64_t k_begin = g.grid.KeyBegin(kb), keys = g.grid.KeyEnd(kb) - k_begin;
   bool any = false, all_zero = true;
   for (int64_t e = lane; e < (q_end - q_begin) * keys; e += 32) {
@@ -40,6 +44,23 @@ __global__ void ClassifyMaskKernel(Geometry g, uint8_t* states) {
   any = __any_sync(0xffffffffu, any);
   all_zero = __all_sync(0xffffffffu, all_zero);
   if (lane == 0) states[item] = all_zero ? kOpen : any ? kPartial : kClosed;
+}
+
+// One warp per (batch, kv head, key block): whether a value of the block is NaN or inf (the
+// attention then keeps such values away from rows that do not attend them).
+template <class T>
+__global__ void ValueFlagsKernel(const T* value, int64_t kv_len, int64_t v_head_dim, BlockGrid grid, int64_t n_items,
+                                 uint8_t* flags) {
+  const int64_t warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / 32;
+  if (item >= n_items) return;
+  const int64_t kb = item % grid.k_blocks, head = item / grid.k_blocks;
+  const int64_t begin = (head * kv_len + grid.KeyBegin(kb)) * v_head_dim;
+  const int64_t n = (grid.KeyEnd(kb) - grid.KeyBegin(kb)) * v_head_dim;
+  bool bad = false;
+  for (int64_t e = lane; e < n; e += 32) bad = bad || !isfinite(ToFloat(value[begin + e]));
+  bad = __any_sync(0xffffffffu, bad);
+  if (lane == 0) flags[item] = bad;
 }
 
 // Key blocks holding a key that causality and the mask let some query of the block see.
@@ -209,6 +230,14 @@ __global__ void DensityKernel(const unsigned long long* pairs, int64_t n, float*
 }
 
 template <class T>
+void LaunchValueFlags(const Geometry& g, const void* value, uint8_t* flags, cudaStream_t stream) {
+  const int64_t items = g.batch * g.kv_heads * g.grid.k_blocks;
+  if (items > 0)
+    TFSA_LAUNCH(ValueFlagsKernel<T>, (items + 7) / 8, 256, 0, stream)(static_cast<const T*>(value), g.grid.kv_len,
+                                                                     g.v_head_dim, g.grid, items, flags);
+}
+
+template <class T>
 void LaunchMeans(const Geometry& g, const void* query, const void* key, const Schedule& s, cudaStream_t stream) {
   const int threads = g.head_dim < 128 ? 64 : 128;
   const BlockGrid& grid = g.grid;
@@ -227,10 +256,13 @@ size_t ChooseSharedBytes(int64_t k_blocks) {
   return static_cast<size_t>(k_blocks) * (2 * sizeof(double) + sizeof(int32_t) + sizeof(uint8_t));
 }
 
-cudaError_t BuildSchedule(const Geometry& g, int32_t dtype, const void* query, const void* key,
+cudaError_t BuildSchedule(const Geometry& g, int32_t dtype, const void* query, const void* key, const void* value,
                           const Schedule& s, uint8_t* selected, float* density, cudaStream_t stream) {
   const BlockGrid& grid = g.grid;
   const int64_t rows = g.batch * g.q_heads * grid.q_blocks;
+  if (dtype == TFSA_FLOAT16) LaunchValueFlags<__half>(g, value, s.value_flags, stream);
+  else if (dtype == TFSA_BFLOAT16) LaunchValueFlags<__nv_bfloat16>(g, value, s.value_flags, stream);
+  else LaunchValueFlags<float>(g, value, s.value_flags, stream);
   if (g.uses_estimate) {
     if (dtype == TFSA_FLOAT16) LaunchMeans<__half>(g, query, key, s, stream);
     else if (dtype == TFSA_BFLOAT16) LaunchMeans<__nv_bfloat16>(g, query, key, s, stream);

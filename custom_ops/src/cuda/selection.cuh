@@ -17,6 +17,7 @@ struct Schedule {
   int32_t* chosen = nullptr;         // [rows, nK]: the first counts[row] entries, ascending
   int32_t* counts = nullptr;         // [rows]
   unsigned long long* pairs = nullptr;  // [B * Hq, 2]: chosen and allowed block pairs
+  uint8_t* value_flags = nullptr;    // [B * Hkv, nK]: 1 where a value of the key block is NaN or inf
 };
 
 // Bytes of dynamic shared memory the block choice needs per row; at most kMaxChooseShared.
@@ -24,7 +25,7 @@ size_t ChooseSharedBytes(int64_t k_blocks);
 constexpr size_t kMaxChooseShared = 160 * 1024;
 
 // Enqueues the schedule's kernels; `selected` ([rows, nK] 0/1) and `density` are optional.
-cudaError_t BuildSchedule(const Geometry& g, int32_t dtype, const void* query, const void* key,
+cudaError_t BuildSchedule(const Geometry& g, int32_t dtype, const void* query, const void* key, const void* value,
                           const Schedule& s, uint8_t* selected, float* density, cudaStream_t stream);
 
 }  // namespace tfsa::cuda
