@@ -25,18 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tfsa_onnx.reference import SparseAttentionAttributes
+from tfsa_onnx.reference import BLOCK_SIZE_MAX, TOKENS_MAX, SparseAttentionAttributes
 
 # Attributes a user may set; scale and is_causal come from the model itself.
 TUNABLE = ("block_size", "global_tokens", "local_window", "threshold", "max_density", "min_seq_len")
-_INT32_MAX = 2_147_483_647
-# The bounds the operator enforces on its attributes (custom_ops), checked here first:
-# name -> (low, high, low excluded).
+# The bounds the operator enforces on its attributes (contract.h, mirrored in reference.py),
+# checked here first: name -> (low, high, low excluded).
 BOUNDS: dict[str, tuple[float, float, bool]] = {
-    "block_size": (1, 1_048_576, False),
-    "global_tokens": (0, _INT32_MAX, False),
-    "local_window": (0, _INT32_MAX, False),
-    "min_seq_len": (0, _INT32_MAX, False),
+    "block_size": (1, BLOCK_SIZE_MAX, False),
+    "global_tokens": (0, TOKENS_MAX, False),
+    "local_window": (0, TOKENS_MAX, False),
+    "min_seq_len": (0, TOKENS_MAX, False),
     "threshold": (0.0, 1.0, False),
     "max_density": (0.0, 1.0, True),
 }
