@@ -12,18 +12,22 @@ from onnx import TensorProto, helper, numpy_helper
 SEQ = 12
 
 
-def attention_model(seed: int = 0, width: int = 16, table_rows: int = 0) -> onnx.ModelProto:
-    """softmax(q k^T * scale) v, then a [8, width] weight: one attention site, one big initializer.
-
-    table_rows > 0 adds row 0 of a [table_rows, width] table (bulk for the external data file)."""
-    nodes = [
+def attention_nodes() -> list[onnx.NodeProto]:
+    """att = softmax(q k^T * scale) v, from inputs q, k, v and an initializer 'scale'."""
+    return [
         helper.make_node("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
         helper.make_node("MatMul", ["q", "k_t"], ["scores"]),
         helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
         helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1),
         helper.make_node("MatMul", ["probs", "v"], ["att"]),
-        helper.make_node("MatMul", ["att", "w"], ["y"]),
     ]
+
+
+def attention_model(seed: int = 0, width: int = 16, table_rows: int = 0) -> onnx.ModelProto:
+    """softmax(q k^T * scale) v, then a [8, width] weight: one attention site, one big initializer.
+
+    table_rows > 0 adds row 0 of a [table_rows, width] table (bulk for the external data file)."""
+    nodes = [*attention_nodes(), helper.make_node("MatMul", ["att", "w"], ["y"])]
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, "S", 8]) for n in "qkv"]
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, "S", width])
     scale = numpy_helper.from_array(np.array(0.35, np.float32), "scale")

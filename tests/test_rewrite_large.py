@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from model_files import attention_nodes
 from onnx import TensorProto, helper, numpy_helper
 
 import tfsa_onnx
@@ -31,11 +32,7 @@ def _big_model(path) -> None:
     for key, value in (("location", data.name), ("offset", "0"), ("length", str(ROWS * 32))):
         table.external_data.add(key=key, value=value)
     nodes = [
-        helper.make_node("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
-        helper.make_node("MatMul", ["q", "k_t"], ["scores"]),
-        helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
-        helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1),
-        helper.make_node("MatMul", ["probs", "v"], ["att"]),
+        *attention_nodes(),
         helper.make_node("Gather", ["table", "idx"], ["rows"]),
         helper.make_node("Add", ["att", "rows"], ["y"]),
     ]
