@@ -1,7 +1,6 @@
 #include "sparse_attention_op.h"
 
 #include <atomic>
-#include <cmath>
 #include <cstdlib>
 #include <new>
 #include <stdexcept>
@@ -159,7 +158,7 @@ void SparseAttentionKernel::RunCpu(Ort::KernelContext& context, const OpTensors&
   for (int i = 0; i < 4; ++i) problem.mask.stride[i] = call.dims.mask_stride[i];
   problem.attrs = Effective(attributes, call.dims);
   problem.selection_only = selection_only;
-  problem.grid = cpu::BlockGrid(problem.attrs.block_size, call.dims.q_len, call.dims.kv_len, problem.attrs.is_causal != 0);
+  problem.grid = GridOf(problem.attrs, call.dims);
 
   cpu::Tensors tensors;
   tensors.query = call.query;

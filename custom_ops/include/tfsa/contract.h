@@ -72,6 +72,8 @@ int32_t tfsa_attribute_info(int32_t index, TfsaAttributeInfo* info);
 #include <string>
 #include <vector>
 
+#include "tfsa/block_grid.h"
+
 namespace tfsa {
 
 inline constexpr const char* kDomain = "ai.tfsa";
@@ -171,6 +173,11 @@ inline Attributes Effective(const Attributes& a, const Dims& d) {
   e.global_tokens = std::min(a.global_tokens, longest);
   e.local_window = std::min(a.local_window, longest);
   return e;
+}
+
+// The block grid of a call, from its effective attributes.
+inline BlockGrid GridOf(const Attributes& effective, const Dims& d) {
+  return BlockGrid(effective.block_size, d.q_len, d.kv_len, effective.is_causal != 0);
 }
 
 using Shape = std::vector<int64_t>;

@@ -22,7 +22,7 @@ Geometry MakeGeometry(const TfsaCudaArgs& c) {
   Geometry g;
   g.dims = c.dims;
   g.attrs = Effective(c.attributes, c.dims);
-  g.grid = BlockGrid(g.attrs.block_size, c.dims.q_len, c.dims.kv_len, g.attrs.is_causal != 0);
+  g.grid = GridOf(g.attrs, c.dims);
   g.uses_estimate = UsesEstimate(g.attrs, c.dims.kv_len);
   g.mask.kind = c.mask_kind, g.mask.dtype = c.dtype, g.mask.data = c.mask;
   for (int i = 0; i < 4; ++i) g.mask.stride[i] = c.dims.mask_stride[i];
