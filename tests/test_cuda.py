@@ -3,7 +3,7 @@
 Two backends run the same checks:
   emulated  the CUDA sources built for the CPU emulation (custom_ops/emulation): every
             CUDA thread a fiber with real barriers. Runs everywhere, in CI; it checks the
-            kernels' logic (schedule, tiles, online softmax, masks, barriers), not the GPU.
+            kernels' logic (selection, tiles, online softmax, masks, barriers), not the GPU.
   gpu       the CUDA library on an NVIDIA GPU with torch CUDA tensors; skipped, saying why,
             where there is no GPU.
 """
@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import bfloat16
 import numpy as np
 import pytest
 
@@ -30,13 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": cuda.FLOAT32, "float16": cuda.FLOAT16, "bfloat16": cuda.BFLOAT16}
 
 
-def _bfloat16_round(x: np.ndarray) -> np.ndarray:
-    """float32 values rounded to bfloat16 (nearest even), still as float32."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-    return bits.astype(np.uint32).view(np.float32)
-
-
 class Emulated:
     """The emulated kernels on host (numpy) memory."""
 
@@ -48,13 +42,13 @@ class Emulated:
     @staticmethod
     def _host(x: np.ndarray, dtype: str) -> np.ndarray:
         if dtype == "bfloat16":
-            return np.ascontiguousarray((_bfloat16_round(x).view(np.uint32) >> 16).astype(np.uint16))
+            return bfloat16.to_bits(x)
         return np.ascontiguousarray(x.astype(np.float16 if dtype == "float16" else np.float32))
 
     @staticmethod
     def _float(x: np.ndarray, dtype: str) -> np.ndarray:
         if dtype == "bfloat16":
-            return (x.astype(np.uint32) << 16).view(np.float32)
+            return bfloat16.from_bits(x)
         return x.astype(np.float32)
 
     def run(self, q, k, v, mask=None, dtype="float32", selection_only=False, **attrs):
@@ -67,12 +61,12 @@ class Emulated:
             mask_h = mask if mask.dtype == np.bool_ else self._host(mask, dtype)
             full = np.broadcast_to(mask_h.reshape((1,) * (4 - mask.ndim) + mask.shape), (b, hq, sq, sk))
             strides = tuple(s // mask_h.itemsize for s in full.strides)
-        call = cuda.make_call((q.shape, k.shape, v.shape), DTYPES[dtype], kind, strides, **attrs)
+        call = cuda.make_args((q.shape, k.shape, v.shape), DTYPES[dtype], kind, strides, **attrs)
         call.selection_only = int(selection_only)
         workspace = np.zeros(max(1, cuda.workspace_bytes(call, self.lib)), np.uint8)
         out = np.zeros((b, hq, sq, dv), q_h.dtype)
         density = np.full((b, hq), -1.0, np.float32)
-        selected = np.zeros((b, hq, *cuda.block_counts(sq, sk, call.block_size)), np.uint8)
+        selected = np.zeros((b, hq, *cuda.block_counts(sq, sk, call.attributes.block_size)), np.uint8)
         call.query, call.key, call.value = q_h.ctypes.data, k_h.ctypes.data, v_h.ctypes.data
         call.mask = mask_h.ctypes.data if mask_h is not None else None
         call.output, call.density = out.ctypes.data, density.ctypes.data
@@ -152,7 +146,7 @@ def _inputs(rng, b, hq, hkv, sq, sk, d, dv, dtype):
     if dtype == "float16":
         q, k, v = (t.astype(np.float16).astype(np.float32) for t in (q, k, v))
     if dtype == "bfloat16":
-        q, k, v = (_bfloat16_round(t) for t in (q, k, v))
+        q, k, v = (bfloat16.rounded(t) for t in (q, k, v))
     return q, k, v
 
 
@@ -310,18 +304,18 @@ def test_bad_calls_are_errors_that_say_what_is_wrong(emulated_library):
     lib = cuda.load(str(emulated_library))
     shapes = ((1, 4, 8, 16), (1, 3, 8, 16), (1, 3, 8, 16))
     with pytest.raises(RuntimeError, match="multiple of key/value heads"):
-        cuda.run(cuda.make_call(shapes), 0, lib)
+        cuda.run(cuda.make_args(shapes), 0, lib)
     with pytest.raises(RuntimeError, match=r"threshold must be a float in \[0, 1\], got 2"):
-        cuda.run(cuda.make_call(((1, 1, 8, 16),) * 3, threshold=2.0), 0, lib)
+        cuda.run(cuda.make_args(((1, 1, 8, 16),) * 3, threshold=2.0), 0, lib)
     with pytest.raises(RuntimeError, match="value head dims up to 256"):
-        cuda.run(cuda.make_call(((1, 1, 8, 16), (1, 1, 8, 16), (1, 1, 8, 300))), 0, lib)
+        cuda.run(cuda.make_args(((1, 1, 8, 16), (1, 1, 8, 16), (1, 1, 8, 300))), 0, lib)
     with pytest.raises(RuntimeError, match="mask pointer and mask kind disagree"):
-        cuda.run(cuda.make_call(((1, 1, 8, 16),) * 3, mask_kind=cuda.MASK_BOOL), 0, lib)
+        cuda.run(cuda.make_args(((1, 1, 8, 16),) * 3, mask_kind=cuda.MASK_BOOL), 0, lib)
     with pytest.raises(RuntimeError, match="the workspace has 0 bytes, the call needs"):
-        cuda.run(cuda.make_call(((1, 1, 8, 16),) * 3), 0, lib)
+        cuda.run(cuda.make_args(((1, 1, 8, 16),) * 3), 0, lib)
     with pytest.raises(RuntimeError, match="too many key blocks"):
-        cuda.run(cuda.make_call(((1, 1, 8, 16), (1, 1, 10**6, 16), (1, 1, 10**6, 16)), block_size=16), 0, lib)
-    assert cuda.workspace_bytes(cuda.make_call(shapes), lib) == 0
+        cuda.run(cuda.make_args(((1, 1, 8, 16), (1, 1, 10**6, 16), (1, 1, 10**6, 16)), block_size=16), 0, lib)
+    assert cuda.workspace_bytes(cuda.make_args(shapes), lib) == 0
 
 
 def test_block_choice_matches_the_reference_exactly_on_clear_cases(backend):
@@ -394,7 +388,7 @@ def _random_case(seed: int):
             rng.random((b, hq, sq, sk)) < 0.1, -np.inf, rng.standard_normal((b, hq, sq, sk)) * 0.5
         )
         mask = mask.astype(np.float32)
-        mask = _bfloat16_round(mask) if dtype == "bfloat16" else mask.astype(np.float16).astype(np.float32)
+        mask = bfloat16.rounded(mask) if dtype == "bfloat16" else mask.astype(np.float16).astype(np.float32)
     return q, k, v, mask, dtype, attrs
 
 

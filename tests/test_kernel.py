@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
-import re
 from pathlib import Path
 
+import bfloat16
 import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
 import tfsa_onnx
+from tfsa_onnx import cuda
+from tfsa_onnx.config import BOUNDS
 from tfsa_onnx.opmodel import sparse_attention_model
 from tfsa_onnx.reference import (
+    ATTRIBUTE_BOUNDS,
     BLOCK_SIZE_MAX,
     TOKENS_MAX,
     SparseAttentionAttributes,
@@ -21,7 +25,6 @@ from tfsa_onnx.reference import (
     sparse_attention,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 SPARSE_OFF = dict(global_tokens=0, local_window=0, min_seq_len=0)
 
 
@@ -194,23 +197,15 @@ def test_float16():
     np.testing.assert_allclose(y.astype(np.float32), dense_attention(q, k, v, mask, causal=True), atol=3e-3)
 
 
-def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)  # truncation
-
-
-def _from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 def test_bfloat16():
     # numpy has no bfloat16: feed and read the raw 16-bit patterns through OrtValues.
     rng = np.random.default_rng(41)
-    q, k, v = (_from_bfloat16_bits(_bfloat16_bits(x)) for x in random_qkv(rng, 1, 2, 1, 70, 70, 16, 16))
+    q, k, v = (bfloat16.rounded(x) for x in random_qkv(rng, 1, 2, 1, 70, 70, 16, 16))
     attrs = dict(block_size=16, is_causal=1, threshold=1.0, max_density=1.0, **SPARSE_OFF)
     session = _session(tuple(sorted(attrs.items())), TensorProto.BFLOAT16, None, 4, 2, True)
     binding = session.io_binding()
     for name, x in (("query", q), ("key", k), ("value", v)):
-        value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(_bfloat16_bits(x), TensorProto.BFLOAT16)
+        value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bfloat16.to_bits(x), TensorProto.BFLOAT16)
         binding.bind_ortvalue_input(name, value)
     y_bits = np.zeros((1, 2, 70, 16), np.uint16)
     binding.bind_ortvalue_output(
@@ -219,7 +214,7 @@ def test_bfloat16():
     binding.bind_output("density")
     session.run_with_iobinding(binding)
     expected = dense_attention(q, k, v, causal=True)
-    np.testing.assert_allclose(_from_bfloat16_bits(y_bits), expected, atol=1e-2)
+    np.testing.assert_allclose(bfloat16.from_bits(y_bits), expected, atol=1e-2)
 
 
 def test_nan_propagates_without_crashing():
@@ -272,13 +267,47 @@ def test_default_attributes_are_the_references():
     np.testing.assert_allclose(y, y_ref, atol=2e-5)
 
 
-def test_defaults_agree_with_the_cpp_contract():
-    header = (ROOT / "custom_ops/include/tfsa/contract.h").read_text()
-    start = header.index("struct Attributes {")
-    struct = header[start : header.index("};", start)]
-    cpp = {name: float(value) for name, value in re.findall(r"(\w+) = ([-\d.]+)f?;", struct)}
-    python = {name: float(value) for name, value in SparseAttentionAttributes().as_dict().items()}
-    assert cpp == python
+def test_attributes_agree_with_the_cpp_contract():
+    # The library reports contract.h's attribute table (tfsa_attribute_info): the Python mirror
+    # must have the same names in the struct's order, the same defaults and the same bounds,
+    # and the ctypes struct the same field offsets.
+    lib = ctypes.CDLL(tfsa_onnx.get_library_path())
+    lib.tfsa_attribute_info.argtypes = [ctypes.c_int32, ctypes.POINTER(AttributeInfo)]
+    lib.tfsa_attribute_info.restype = ctypes.c_int32
+    rows = []
+    for index in range(lib.tfsa_attribute_info(0, None)):
+        info = AttributeInfo()
+        lib.tfsa_attribute_info(index, ctypes.byref(info))
+        rows.append(info)
+    by_offset = sorted(rows, key=lambda info: info.offset)
+    assert [info.name.decode() for info in by_offset] == SparseAttentionAttributes.names()
+    defaults = SparseAttentionAttributes()
+    for info in rows:
+        name = info.name.decode()
+        assert info.offset == getattr(cuda.Attributes, name).offset, name
+        assert bool(info.is_float) == isinstance(getattr(defaults, name), float), name
+        assert info.default_value == np.float32(getattr(defaults, name)), name
+        assert (info.low, info.high, bool(info.low_open)) == ATTRIBUTE_BOUNDS[name], name
+    assert ctypes.sizeof(cuda.Attributes) == max(info.offset for info in rows) + 8
+    assert set(ATTRIBUTE_BOUNDS) == set(SparseAttentionAttributes.names())
+    assert ATTRIBUTE_BOUNDS["block_size"][1] == BLOCK_SIZE_MAX
+    assert ATTRIBUTE_BOUNDS["global_tokens"][1] == TOKENS_MAX
+    for name, bounds in BOUNDS.items():  # the config's checks agree too
+        assert bounds == ATTRIBUTE_BOUNDS[name], name
+
+
+class AttributeInfo(ctypes.Structure):
+    """TfsaAttributeInfo of contract.h."""
+
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("is_float", ctypes.c_int32),
+        ("low_open", ctypes.c_int32),
+        ("offset", ctypes.c_size_t),
+        ("default_value", ctypes.c_double),
+        ("low", ctypes.c_double),
+        ("high", ctypes.c_double),
+    ]
 
 
 # --- bad input: an ONNX Runtime error naming what is wrong, never a crash ---------------
@@ -397,13 +426,6 @@ def test_attributes_at_their_bounds_match_reference(attrs):
     y_ref, density_ref = sparse_attention(q, k, v, **attrs)
     np.testing.assert_allclose(density, density_ref, atol=1e-6)
     np.testing.assert_allclose(y, y_ref, atol=1e-5)
-
-
-def test_bounds_agree_with_the_cpp_contract():
-    header = (ROOT / "custom_ops/include/tfsa/contract.h").read_text()
-    constants = dict(re.findall(r"constexpr int64_t (k\w+Max) = (\d+);", header))
-    assert int(constants["kBlockSizeMax"]) == BLOCK_SIZE_MAX
-    assert int(constants["kTokensMax"]) == TOKENS_MAX
 
 
 @pytest.mark.parametrize("block_size", [45, 46, 1000, 2**20])

@@ -11,29 +11,41 @@ from __future__ import annotations
 
 import ctypes
 import math
+from dataclasses import fields
 from typing import Any
 
 from tfsa_onnx.reference import SparseAttentionAttributes
 
 FLOAT32, FLOAT16, BFLOAT16 = 0, 1, 2
 MASK_NONE, MASK_BOOL, MASK_T = 0, 1, 2
+_C_TYPES = {"float": ctypes.c_float, "int": ctypes.c_int64, float: ctypes.c_float, int: ctypes.c_int64}
 
 
-class Call(ctypes.Structure):
-    """TfsaCudaCall of entry.h, field by field."""
+class Attributes(ctypes.Structure):
+    """TfsaAttributes of contract.h: the fields of SparseAttentionAttributes, in their order."""
+
+    _fields_ = [(f.name, _C_TYPES[f.type]) for f in fields(SparseAttentionAttributes)]
+
+
+class Dims(ctypes.Structure):
+    """TfsaDims of contract.h: query [B, Hq, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv]."""
 
     _fields_ = [
-        ("dtype", ctypes.c_int32),
-        ("mask_kind", ctypes.c_int32),
         *[(name, ctypes.c_int64) for name in ("batch", "q_heads", "kv_heads", "q_len", "kv_len")],
         ("head_dim", ctypes.c_int64),
         ("v_head_dim", ctypes.c_int64),
         ("mask_stride", ctypes.c_int64 * 4),
-        ("scale", ctypes.c_float),
-        *[(name, ctypes.c_int64) for name in ("is_causal", "block_size", "global_tokens", "local_window")],
-        ("threshold", ctypes.c_float),
-        ("max_density", ctypes.c_float),
-        ("min_seq_len", ctypes.c_int64),
+    ]
+
+
+class CudaArgs(ctypes.Structure):
+    """TfsaCudaArgs of entry.h: the arguments of one tfsa_cuda_sparse_attention."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int32),
+        ("mask_kind", ctypes.c_int32),
+        ("dims", Dims),
+        ("attributes", Attributes),
         ("selection_only", ctypes.c_int32),
         *[(name, ctypes.c_void_p) for name in ("query", "key", "value", "mask", "output")],
         ("density", ctypes.c_void_p),
@@ -49,10 +61,10 @@ _library: ctypes.CDLL | None = None
 def load(path: str) -> ctypes.CDLL:
     """A library with the entry point: the CUDA library, or the tests' CPU emulation of it."""
     lib = ctypes.CDLL(path)
-    lib.tfsa_cuda_workspace_bytes.argtypes = [ctypes.POINTER(Call)]
+    lib.tfsa_cuda_workspace_bytes.argtypes = [ctypes.POINTER(CudaArgs)]
     lib.tfsa_cuda_workspace_bytes.restype = ctypes.c_size_t
     lib.tfsa_cuda_sparse_attention.argtypes = [
-        ctypes.POINTER(Call),
+        ctypes.POINTER(CudaArgs),
         ctypes.c_void_p,
         ctypes.c_char_p,
         ctypes.c_size_t,
@@ -71,30 +83,27 @@ def library() -> ctypes.CDLL:
     return _library
 
 
-def make_call(
+def make_args(
     shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
     dtype: int = FLOAT32,
     mask_kind: int = MASK_NONE,
     mask_strides: tuple[int, int, int, int] = (0, 0, 0, 0),
     **attributes: Any,
-) -> Call:
-    """A call for query/key/value shapes and attributes (pointers left unset)."""
-    a = SparseAttentionAttributes(**attributes)
+) -> CudaArgs:
+    """The arguments for query/key/value shapes and attributes (pointers left unset)."""
     (b, hq, sq, d), (_, hkv, sk, _), (_, _, _, dv) = shapes
-    call = Call(dtype=dtype, mask_kind=mask_kind, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq, kv_len=sk)
-    call.head_dim, call.v_head_dim = d, dv
-    call.mask_stride[:] = list(mask_strides)
-    for name in SparseAttentionAttributes.names():
-        setattr(call, name, getattr(a, name))
-    return call
+    dims = Dims(batch=b, q_heads=hq, kv_heads=hkv, q_len=sq, kv_len=sk, head_dim=d, v_head_dim=dv)
+    dims.mask_stride[:] = list(mask_strides)
+    attrs = Attributes(**SparseAttentionAttributes(**attributes).as_dict())
+    return CudaArgs(dtype=dtype, mask_kind=mask_kind, dims=dims, attributes=attrs)
 
 
-def workspace_bytes(call: Call, lib: ctypes.CDLL | None = None) -> int:
+def workspace_bytes(call: CudaArgs, lib: ctypes.CDLL | None = None) -> int:
     """Device workspace the call needs; 0 when its sizes or attributes are invalid."""
     return (lib or library()).tfsa_cuda_workspace_bytes(ctypes.byref(call))
 
 
-def run(call: Call, stream: int = 0, lib: ctypes.CDLL | None = None) -> None:
+def run(call: CudaArgs, stream: int = 0, lib: ctypes.CDLL | None = None) -> None:
     """Enqueue a call whose pointers are set; raises RuntimeError with the kernel's message."""
     error = ctypes.create_string_buffer(512)
     if (lib or library()).tfsa_cuda_sparse_attention(ctypes.byref(call), ctypes.c_void_p(stream), error, 512):
@@ -102,7 +111,7 @@ def run(call: Call, stream: int = 0, lib: ctypes.CDLL | None = None) -> None:
 
 
 def block_counts(q_len: int, kv_len: int, block_size: int) -> tuple[int, int]:
-    """(query blocks, key blocks) of the schedule."""
+    """(query blocks, key blocks) of the selection."""
     return math.ceil(q_len / block_size), math.ceil(kv_len / block_size)
 
 
@@ -127,7 +136,7 @@ class Prepared:
             strides = tuple(mask.stride())
             self.inputs.append(mask)
         shapes = (tuple(query.shape), tuple(key.shape), tuple(value.shape))
-        self.call = make_call(shapes, dtypes[query.dtype], mask_kind, strides, **attributes)
+        self.call = make_args(shapes, dtypes[query.dtype], mask_kind, strides, **attributes)
         self.call.selection_only = int(selection_only)
         size = workspace_bytes(self.call)
         if size == 0:
@@ -138,7 +147,7 @@ class Prepared:
         self.density = torch.empty((b, hq), dtype=torch.float32, device=device)
         self.selected = None
         if return_selected:
-            blocks = block_counts(sq, sk, self.call.block_size)
+            blocks = block_counts(sq, sk, self.call.attributes.block_size)
             self.selected = torch.zeros((b, hq, *blocks), dtype=torch.uint8, device=device)
         c = self.call
         c.query, c.key, c.value = query.data_ptr(), key.data_ptr(), value.data_ptr()

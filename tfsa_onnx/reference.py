@@ -3,7 +3,7 @@
 The C++ and CUDA kernels must agree with this file. It favours clarity over speed:
 everything is materialised at [B, H, Sq, Sk].
 
-Schedule (which key blocks a query block computes), per (batch, head, query block):
+Selection (which key blocks a query block computes), per (batch, head, query block):
   1. allowed: key blocks holding at least one key that causality and the mask let
      some query of the block see.
   2. forced: allowed blocks holding a global token (key index < global_tokens) or
@@ -30,7 +30,7 @@ score is scale * q_i . k_j + mask_ij; every other pair has score -inf. A pair wh
 -inf carries no weight and is never read: neither its key nor its value nor its mask value can
 reach row i. So NaN in q_i, or in the key, value or mask value of a pair that counts (and +inf
 scores, through inf - inf), makes row i NaN, as dense attention would; nothing else does. The
-schedule is not steered by them: non-finite query and key elements count as 0 in the block
+selection is not steered by them: non-finite query and key elements count as 0 in the block
 means, a NaN estimate ranks below every other candidate with zero mass, and when the largest
 estimate is not finite the candidates weigh the same (taken in block order).
 """
@@ -48,7 +48,9 @@ TOKENS_MAX = 2_147_483_647  # contract.h kTokensMax: global_tokens, local_window
 
 @dataclass(frozen=True)
 class SparseAttentionAttributes:
-    """The operator's attributes and their defaults (custom_ops/include/tfsa/contract.h agrees)."""
+    """The operator's attributes and their defaults, in the order of contract.h TfsaAttributes
+    (tfsa_onnx/cuda.py builds its ctypes mirror from these fields; tests/test_kernel.py checks
+    names, order, defaults and bounds against the library's tfsa_attribute_info)."""
 
     scale: float = 0.0
     is_causal: int = 0
@@ -81,6 +83,20 @@ class SparseAttentionAttributes:
             max_density=max_density,
             min_seq_len=0,
         )
+
+
+# Each attribute's bounds as contract.h checks them: name -> (low, high, low excluded); floats
+# must also be finite.
+ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "scale": (0.0, math.inf, False),
+    "is_causal": (0, 1, False),
+    "block_size": (1, BLOCK_SIZE_MAX, False),
+    "global_tokens": (0, TOKENS_MAX, False),
+    "local_window": (0, TOKENS_MAX, False),
+    "threshold": (0.0, 1.0, False),
+    "max_density": (0.0, 1.0, True),
+    "min_seq_len": (0, TOKENS_MAX, False),
+}
 
 
 def effective(a: SparseAttentionAttributes, sq: int, sk: int) -> SparseAttentionAttributes:
@@ -205,7 +221,7 @@ def sparse_attention(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference ai.tfsa::SparseAttention: returns (Y [B,Hq,Sq,Dv], density [B,Hq] float32).
 
-    `selected` ([B, Hq, nQ, nK] bool) replaces the schedule: a kernel's own block choice, to
+    `selected` ([B, Hq, nQ, nK] bool) replaces the selection: a kernel's own block choice, to
     check its math apart from its selection.
     """
     b, hq, sq, d = query.shape

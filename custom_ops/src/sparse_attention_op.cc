@@ -1,7 +1,6 @@
 #include "sparse_attention_op.h"
 
 #include <atomic>
-#include <cmath>
 #include <cstdlib>
 #include <new>
 #include <stdexcept>
@@ -69,16 +68,14 @@ const char* TypeName(ONNXTensorElementDataType type) {
 
 SparseAttentionKernel::SparseAttentionKernel(const OrtApi& api, const OrtKernelInfo* info, Provider where)
     : provider(where) {
-  const Attributes d;
   std::string type_error;
-  attributes.scale = ReadAttribute(api, info, "scale", d.scale, type_error);
-  attributes.is_causal = ReadAttribute(api, info, "is_causal", d.is_causal, type_error);
-  attributes.block_size = ReadAttribute(api, info, "block_size", d.block_size, type_error);
-  attributes.global_tokens = ReadAttribute(api, info, "global_tokens", d.global_tokens, type_error);
-  attributes.local_window = ReadAttribute(api, info, "local_window", d.local_window, type_error);
-  attributes.threshold = ReadAttribute(api, info, "threshold", d.threshold, type_error);
-  attributes.max_density = ReadAttribute(api, info, "max_density", d.max_density, type_error);
-  attributes.min_seq_len = ReadAttribute(api, info, "min_seq_len", d.min_seq_len, type_error);
+  const Attributes defaults;
+  for (const AttributeRule& rule : kAttributeRules) {  // in the order the checks report errors
+    if (rule.is_float)
+      rule.Set(attributes, ReadAttribute(api, info, rule.name, rule.Get<float>(defaults), type_error));
+    else
+      rule.Set(attributes, ReadAttribute(api, info, rule.name, rule.Get<int64_t>(defaults), type_error));
+  }
   attribute_error = type_error.empty() ? CheckAttributes(attributes) : type_error;
   const char* selection_only_env = std::getenv("TFSA_SELECTION_ONLY");
   selection_only = selection_only_env != nullptr && std::string(selection_only_env) == "1";
@@ -87,7 +84,7 @@ SparseAttentionKernel::SparseAttentionKernel(const OrtApi& api, const OrtKernelI
 namespace {
 
 // Reads and checks the inputs of one call; returns the problem with them, "" when usable.
-std::string ReadInputs(Ort::KernelContext& context, Call& call) {
+std::string ReadInputs(Ort::KernelContext& context, OpTensors& call) {
   const size_t n_inputs = context.GetInputCount();
   auto query = context.GetInput(0), key = context.GetInput(1), value = context.GetInput(2);
   Ort::ConstValue mask{nullptr};
@@ -128,12 +125,10 @@ OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
   try {
     Ort::KernelContext context(raw_context);
     if (!attribute_error.empty()) return Error(attribute_error);
-    Call call;
+    OpTensors call;
     const std::string input_error = ReadInputs(context, call);
     if (!input_error.empty()) return Error(input_error);
     const Dims& d = call.dims;
-    call.scale = attributes.scale > 0.0f ? attributes.scale
-                                         : (d.head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(d.head_dim)) : 1.0f);
     call.output = context.GetOutput(0, {d.batch, d.q_heads, d.q_len, d.v_head_dim}).GetTensorMutableRawData();
     if (context.GetOutputCount() > 1) {
       auto density = context.GetOutput(1, {d.batch, d.q_heads});
@@ -151,7 +146,7 @@ OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
   }
 }
 
-void SparseAttentionKernel::RunCpu(Ort::KernelContext& context, const Call& call) {
+void SparseAttentionKernel::RunCpu(Ort::KernelContext& context, const OpTensors& call) {
   using Kind = cpu::MaskView::Kind;
   cpu::Problem problem;
   problem.dims = call.dims;
@@ -161,10 +156,9 @@ void SparseAttentionKernel::RunCpu(Ort::KernelContext& context, const Call& call
   else if (call.mask_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) problem.mask.kind = Kind::kHalf;
   else if (call.mask_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) problem.mask.kind = Kind::kBFloat16;
   for (int i = 0; i < 4; ++i) problem.mask.stride[i] = call.dims.mask_stride[i];
-  problem.attrs = Effective(attributes, call.dims.q_len, call.dims.kv_len);  // cut to the sequences
+  problem.attrs = Effective(attributes, call.dims);
   problem.selection_only = selection_only;
-  problem.scale = call.scale;
-  problem.grid = cpu::BlockGrid(problem.attrs.block_size, call.dims.q_len, call.dims.kv_len, problem.attrs.is_causal != 0);
+  problem.grid = GridOf(problem.attrs, call.dims);
 
   cpu::Tensors tensors;
   tensors.query = call.query;
@@ -176,12 +170,10 @@ void SparseAttentionKernel::RunCpu(Ort::KernelContext& context, const Call& call
   tensors.output = call.output;
   tensors.density = call.density;
 
-  std::unique_ptr<cpu::Workspace> workspace = TakeWorkspace();
-  cpu::RunSparseAttention(problem, tensors, *workspace, [&](size_t n, const std::function<void(size_t)>& fn) {
+  cpu::RunSparseAttention(problem, tensors, workspaces_, [&](size_t n, const std::function<void(size_t)>& fn) {
     context.ParallelFor([](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); },
                         n, 0, const_cast<std::function<void(size_t)>*>(&fn));
   });
-  ReturnWorkspace(std::move(workspace));
 }
 
 namespace {
@@ -237,23 +229,10 @@ OrtStatusPtr InferOutputs(const OrtCustomOp*, OrtShapeInferContext* ctx) {
 
 #ifndef TFSA_WITH_CUDA
 // The CPU library registers no CUDA kernels, so this is never reached there.
-void SparseAttentionKernel::RunCuda(Ort::KernelContext&, const Call&) {
+void SparseAttentionKernel::RunCuda(Ort::KernelContext&, const OpTensors&) {
   throw std::runtime_error("this build of the library has no CUDA kernel");
 }
 #endif
-
-std::unique_ptr<cpu::Workspace> SparseAttentionKernel::TakeWorkspace() {
-  std::lock_guard<std::mutex> lock(pool_mutex_);
-  if (pool_.empty()) return std::make_unique<cpu::Workspace>();
-  std::unique_ptr<cpu::Workspace> workspace = std::move(pool_.back());
-  pool_.pop_back();
-  return workspace;
-}
-
-void SparseAttentionKernel::ReturnWorkspace(std::unique_ptr<cpu::Workspace> workspace) {
-  std::lock_guard<std::mutex> lock(pool_mutex_);
-  pool_.push_back(std::move(workspace));
-}
 
 SparseAttentionOp::SparseAttentionOp(ONNXTensorElementDataType type, Provider provider)
     : type_(type), provider_(provider) {

@@ -1,10 +1,10 @@
-// ai.tfsa::SparseAttention as an ONNX Runtime custom op: reads attributes, checks inputs
-// against the contract, allocates outputs and hands the work to the CPU kernel.
+// ai.tfsa::SparseAttention as an ONNX Runtime custom op: reads the attributes, checks the
+// inputs against the contract (tfsa/contract.h), allocates the outputs and hands the work to
+// the CPU kernel (cpu/attention_cpu.h) or, for CUDAExecutionProvider, to the CUDA entry point
+// (cuda/cuda_op.cc).
 #pragma once
 
-#include <memory>
-#include <mutex>
-#include <vector>
+#include <string>
 
 #include "cpu/attention_cpu.h"
 #include "tfsa/contract.h"
@@ -15,9 +15,9 @@ namespace tfsa {
 // Where a registration's kernels run: ONNX Runtime's CPU or CUDA execution provider.
 enum class Provider { kCpu, kCuda };
 
-// One call as Compute read it from the context: checked sizes, types and data pointers
-// (host memory for the CPU provider, device memory for CUDA).
-struct Call {
+// The tensors of one Compute as read from the context: checked sizes, types and data
+// pointers (host memory for the CPU provider, device memory for CUDA).
+struct OpTensors {
   Dims dims;
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   ONNXTensorElementDataType mask_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // none, bool or `type`
@@ -25,9 +25,9 @@ struct Call {
   const OrtMemoryInfo* memory = nullptr;  // where query lives
   void* output = nullptr;
   float* density = nullptr;
-  float scale = 1.0f;
 };
 
+// The kernel ONNX Runtime creates per node: its attributes, read and checked once, and Compute.
 struct SparseAttentionKernel {
   SparseAttentionKernel(const OrtApi& api, const OrtKernelInfo* info, Provider provider);
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
@@ -35,17 +35,13 @@ struct SparseAttentionKernel {
   Provider provider;
   Attributes attributes;
   std::string attribute_error;  // non-empty: the node's attributes break the contract
-  bool selection_only = false;  // TFSA_SELECTION_ONLY=1 at session creation: time the schedule alone
+  bool selection_only = false;  // TFSA_SELECTION_ONLY=1 at session creation: time the selection alone
 
  private:
-  void RunCpu(Ort::KernelContext& context, const Call& call);
+  void RunCpu(Ort::KernelContext& context, const OpTensors& tensors);
   // Defined in cuda/cuda_op.cc; only the CUDA library registers kernels that call it.
-  void RunCuda(Ort::KernelContext& context, const Call& call);
-  // Workspaces of finished runs, reused; concurrent Run() calls each take their own.
-  std::unique_ptr<cpu::Workspace> TakeWorkspace();
-  void ReturnWorkspace(std::unique_ptr<cpu::Workspace> workspace);
-  std::mutex pool_mutex_;
-  std::vector<std::unique_ptr<cpu::Workspace>> pool_;
+  void RunCuda(Ort::KernelContext& context, const OpTensors& tensors);
+  cpu::WorkspacePool workspaces_;
 };
 
 // One registration per element type T of query/key/value/Y (float32, float16, bfloat16),

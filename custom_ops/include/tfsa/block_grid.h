@@ -28,6 +28,14 @@ struct BlockGrid {
   TFSA_HOST_DEVICE int64_t KeyEnd(int64_t kb) const { return Min(kv_len, kb * block + block); }
   // Last key query row i may see (causal), or the last key.
   TFSA_HOST_DEVICE int64_t LastVisibleKey(int64_t i) const { return causal ? Min(kv_len - 1, i + offset) : kv_len - 1; }
+  // Whether key block kb lies wholly past the horizon of query block qb's last row: no row
+  // of the block may see any of its keys.
+  TFSA_HOST_DEVICE bool InFuture(int64_t qb, int64_t kb) const { return KeyBegin(kb) > LastVisibleKey(QueryEnd(qb) - 1); }
+  // Whether key block kb reaches past the horizon of query block qb's first row: the block
+  // sits on the causal edge, and its rows see different keys (never without causality).
+  TFSA_HOST_DEVICE bool CrossesCausalEdge(int64_t qb, int64_t kb) const {
+    return KeyEnd(kb) - 1 > LastVisibleKey(QueryBegin(qb));
+  }
   // Whether key block kb touches the global tokens or query block qb's local window.
   TFSA_HOST_DEVICE bool Forced(int64_t qb, int64_t kb, int64_t global_tokens, int64_t local_window) const {
     if (QueryBegin(qb) < global_tokens || KeyBegin(kb) < global_tokens) return true;

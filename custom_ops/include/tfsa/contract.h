@@ -1,35 +1,155 @@
 // The contract of ai.tfsa::SparseAttention version 1, shared by the CPU and CUDA kernels:
 // attribute names and defaults, and the shape checks that turn bad input into one clear
 // message. tfsa_onnx/reference.py (SparseAttentionAttributes) holds the same defaults.
+// The contract of ai.tfsa::SparseAttention version 1, shared by the ONNX Runtime glue, the CPU
+// kernel, the CUDA entry point and its ctypes mirror (tfsa_onnx/cuda.py): the attributes (one
+// struct, one table of names and bounds, one function for what a call derives from them), the
+// sizes of a call, and the shape checks that turn bad input into one clear message.
+// tfsa_onnx/reference.py (SparseAttentionAttributes, ATTRIBUTE_BOUNDS) mirrors the attributes;
+// tests/test_contract.py checks the two agree through tfsa_attribute_info.
+//
+// Adding an attribute: a field of TfsaAttributes, a row of kAttributeRules, the same field in
+// SparseAttentionAttributes (and ATTRIBUTE_BOUNDS), and the kernels that use it.
 #pragma once
 
+#include <stddef.h>
+#include <stdint.h>
+
+/* The plain C part: what crosses the C entry points (the CUDA library's, tfsa_attribute_info). */
+#ifdef __cplusplus
+#define TFSA_DEFAULT(...) = __VA_ARGS__
+extern "C" {
+#else
+#define TFSA_DEFAULT(...)
+#endif
+
+/* The operator's attributes with their defaults (C++ only; C sees the bare fields). The order
+ * is the order of tfsa_onnx/reference.py SparseAttentionAttributes' fields. */
+typedef struct TfsaAttributes {
+  float scale TFSA_DEFAULT(0.0f); /* 0: 1/sqrt(head_dim) */
+  int64_t is_causal TFSA_DEFAULT(0);
+  int64_t block_size TFSA_DEFAULT(64);
+  int64_t global_tokens TFSA_DEFAULT(64);
+  int64_t local_window TFSA_DEFAULT(128);
+  float threshold TFSA_DEFAULT(0.95f);
+  float max_density TFSA_DEFAULT(1.0f);
+  int64_t min_seq_len TFSA_DEFAULT(1024);
+} TfsaAttributes;
+
+/* The sizes of one call: query [B, Hq, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv]. */
+typedef struct TfsaDims {
+  int64_t batch TFSA_DEFAULT(0), q_heads TFSA_DEFAULT(0), kv_heads TFSA_DEFAULT(0), q_len TFSA_DEFAULT(0),
+      kv_len TFSA_DEFAULT(0), head_dim TFSA_DEFAULT(0), v_head_dim TFSA_DEFAULT(0);
+  /* element strides of the mask over [B, Hq, Sq, Sk]; 0 where it broadcasts */
+  int64_t mask_stride[4] TFSA_DEFAULT({0, 0, 0, 0});
+} TfsaDims;
+
+/* One attribute as the library checks it: a value v is allowed when low <= v <= high (low < v
+ * when low_open) and, for floats, finite. */
+typedef struct TfsaAttributeInfo {
+  const char* name;
+  int32_t is_float; /* float, else int64 */
+  int32_t low_open;
+  size_t offset; /* of the field in TfsaAttributes */
+  double default_value, low, high;
+} TfsaAttributeInfo;
+
+/* Fills `info` with attribute `index` (in the order the checks run) when `info` is not NULL;
+ * returns how many attributes there are. Exported by every library of this project. */
+int32_t tfsa_attribute_info(int32_t index, TfsaAttributeInfo* info);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif
+#undef TFSA_DEFAULT
+
+#ifdef __cplusplus
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include "tfsa/block_grid.h"
 
 namespace tfsa {
 
 inline constexpr const char* kDomain = "ai.tfsa";
 inline constexpr const char* kOpName = "SparseAttention";
 
-struct Attributes {
-  float scale = 0.0f;  // 0: 1/sqrt(head_dim)
-  int64_t is_causal = 0;
-  int64_t block_size = 64;
-  int64_t global_tokens = 64;
-  int64_t local_window = 128;
-  float threshold = 0.95f;
-  float max_density = 1.0f;
-  int64_t min_seq_len = 1024;
-};
+using Attributes = TfsaAttributes;
+using Dims = TfsaDims;
 
-// The attributes' bounds (tfsa_onnx/reference.py mirrors them as BLOCK_SIZE_MAX, TOKENS_MAX).
-// Inside them no index arithmetic of a call overflows int64.
+// The attributes' bounds. Inside them no index arithmetic of a call overflows int64.
 inline constexpr int64_t kBlockSizeMax = 1048576;  // block_size in [1, kBlockSizeMax]
 inline constexpr int64_t kTokensMax = 2147483647;  // global_tokens, local_window, min_seq_len in [0, kTokensMax]
+
+// One attribute: its name, where it lives in Attributes, its bounds, and what its error adds.
+struct AttributeRule {
+  const char* name;
+  bool is_float;
+  size_t offset;
+  double low, high;
+  bool low_open;     // (low, high] rather than [low, high]
+  const char* note;  // appended to the range in the error message
+
+  template <class V>  // float for float attributes, int64_t for integers
+  V Get(const Attributes& a) const {
+    V value;
+    std::memcpy(&value, reinterpret_cast<const unsigned char*>(&a) + offset, sizeof value);
+    return value;
+  }
+  double GetAsDouble(const Attributes& a) const {
+    return is_float ? Get<float>(a) : static_cast<double>(Get<int64_t>(a));
+  }
+  template <class V>
+  void Set(Attributes& a, V value) const {
+    unsigned char* field = reinterpret_cast<unsigned char*>(&a) + offset;
+    if (is_float) {
+      const float as_float = static_cast<float>(value);
+      std::memcpy(field, &as_float, sizeof as_float);
+    } else {
+      const int64_t as_int = static_cast<int64_t>(value);
+      std::memcpy(field, &as_int, sizeof as_int);
+    }
+  }
+};
+
+// Every attribute, integers first: the order CheckAttributes reports the first bad one in.
+inline constexpr double kUnbounded = std::numeric_limits<double>::infinity();
+inline constexpr AttributeRule kAttributeRules[] = {
+    {"block_size", false, offsetof(Attributes, block_size), 1, kBlockSizeMax, false, ""},
+    {"global_tokens", false, offsetof(Attributes, global_tokens), 0, kTokensMax, false, ""},
+    {"local_window", false, offsetof(Attributes, local_window), 0, kTokensMax, false, ""},
+    {"min_seq_len", false, offsetof(Attributes, min_seq_len), 0, kTokensMax, false, ""},
+    {"is_causal", false, offsetof(Attributes, is_causal), 0, 1, false, ""},
+    {"threshold", true, offsetof(Attributes, threshold), 0, 1, false, ""},
+    {"max_density", true, offsetof(Attributes, max_density), 0, 1, true, ""},
+    {"scale", true, offsetof(Attributes, scale), 0, kUnbounded, false, " (0 means 1/sqrt(head_dim))"},
+};
+
+// Empty string when the attributes are within their bounds, else the first one that is not:
+// its name, its value and the allowed range.
+inline std::string CheckAttributes(const Attributes& a) {
+  std::ostringstream err;
+  for (const AttributeRule& r : kAttributeRules) {
+    if (!r.is_float) {
+      const int64_t value = r.Get<int64_t>(a), low = static_cast<int64_t>(r.low), high = static_cast<int64_t>(r.high);
+      if (value >= low && value <= high) continue;
+      err << r.name << " must be an integer in [" << low << ", " << high << "], got " << value;
+    } else {
+      const float value = r.Get<float>(a);
+      if ((r.low_open ? value > r.low : value >= r.low) && value <= r.high && std::isfinite(value)) continue;
+      const bool unbounded = std::isinf(r.high);
+      err << r.name << " must be a " << (unbounded ? "finite " : "") << "float in " << (r.low_open ? "(" : "[")
+          << r.low << ", " << r.high << (unbounded ? ")" : "]") << r.note << ", got " << value;
+    }
+    return err.str();
+  }
+  return "";
+}
 
 // Whether a call ranks blocks by the estimate; else every allowed block is computed (short
 // inputs, or threshold and max_density both 1: dense attention through the same code).
@@ -37,41 +157,27 @@ inline bool UsesEstimate(const Attributes& a, int64_t kv_len) {
   return !(kv_len < a.min_seq_len || (a.threshold >= 1.0f && a.max_density >= 1.0f));
 }
 
-// Empty string when the attributes are within their bounds, else the first one that is not:
-// its name, its value and the allowed range.
-inline std::string CheckAttributes(const Attributes& a) {
-  std::ostringstream err;
-  const auto integer = [&](const char* name, int64_t value, int64_t low, int64_t high) {
-    if (err.tellp() == 0 && (value < low || value > high))
-      err << name << " must be an integer in [" << low << ", " << high << "], got " << value;
-  };
-  integer("block_size", a.block_size, 1, kBlockSizeMax);
-  integer("global_tokens", a.global_tokens, 0, kTokensMax);
-  integer("local_window", a.local_window, 0, kTokensMax);
-  integer("min_seq_len", a.min_seq_len, 0, kTokensMax);
-  integer("is_causal", a.is_causal, 0, 1);
-  if (err.tellp() != 0) return err.str();
-  if (!(a.threshold >= 0.0f && a.threshold <= 1.0f)) err << "threshold must be a float in [0, 1], got " << a.threshold;
-  else if (!(a.max_density > 0.0f && a.max_density <= 1.0f))
-    err << "max_density must be a float in (0, 1], got " << a.max_density;
-  else if (!(std::isfinite(a.scale) && a.scale >= 0.0f))
-    err << "scale must be a finite float in [0, inf) (0 means 1/sqrt(head_dim)), got " << a.scale;
-  return err.str();
-}
-
-// The attributes a call with these lengths computes with: block_size, global_tokens and
-// local_window cut to what the sequences can use, which changes no result. A block_size of at
-// least both lengths is one query block and one key block however large it is; global tokens
-// beyond both lengths cover every query and key either way; a window of the longer length
-// already reaches every key from every query position (positions lie in [kv - q, kv - 1]).
-// Everything that sizes memory or indexes blocks uses these, never the raw attributes.
-inline Attributes Effective(const Attributes& a, int64_t q_len, int64_t kv_len) {
+// The attributes a call with these sizes computes with; everything that sizes memory, indexes
+// blocks or scales scores uses these, never the raw attributes:
+//  - scale: 0 becomes 1/sqrt(head_dim) (1 without a head dim);
+//  - block_size, global_tokens and local_window cut to what the sequences can use, which
+//    changes no result. A block_size of at least both lengths is one query block and one key
+//    block however large it is; global tokens beyond both lengths cover every query and key
+//    either way; a window of the longer length already reaches every key from every query
+//    position (positions lie in [kv - q, kv - 1]).
+inline Attributes Effective(const Attributes& a, const Dims& d) {
   Attributes e = a;
-  const int64_t longest = std::max<int64_t>({1, q_len, kv_len});
+  if (!(e.scale > 0.0f)) e.scale = d.head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(d.head_dim)) : 1.0f;
+  const int64_t longest = std::max<int64_t>({1, d.q_len, d.kv_len});
   e.block_size = std::min(a.block_size, longest);
   e.global_tokens = std::min(a.global_tokens, longest);
   e.local_window = std::min(a.local_window, longest);
   return e;
+}
+
+// The block grid of a call, from its effective attributes.
+inline BlockGrid GridOf(const Attributes& effective, const Dims& d) {
+  return BlockGrid(effective.block_size, d.q_len, d.kv_len, effective.is_causal != 0);
 }
 
 using Shape = std::vector<int64_t>;
@@ -83,13 +189,6 @@ inline std::string ToString(const Shape& s) {
   out << "]";
   return out.str();
 }
-
-// The sizes of one call, after the inputs were checked.
-struct Dims {
-  int64_t batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, kv_len = 0, head_dim = 0, v_head_dim = 0;
-  // Element strides of the mask over [B, Hq, Sq, Sk]; 0 where it broadcasts.
-  int64_t mask_stride[4] = {0, 0, 0, 0};
-};
 
 // Checks query/key/value/mask shapes; fills `dims` and returns "" when they fit together.
 inline std::string CheckShapes(const Shape& q, const Shape& k, const Shape& v, const Shape* mask, Dims& dims) {
@@ -128,3 +227,4 @@ inline std::string CheckShapes(const Shape& q, const Shape& k, const Shape& v, c
 }
 
 }  // namespace tfsa
+#endif  // __cplusplus

@@ -7,6 +7,7 @@
 
 #include "block_math.h"
 #include "selection.h"
+#include "tile_walk.h"
 #include "tfsa/ort_api.h"
 
 namespace tfsa::cpu {
@@ -20,23 +21,8 @@ inline T FromFloat(float x) {
   return T(x);  // Float16_t / BFloat16_t have explicit float constructors
 }
 
-// Keys transposed and values padded, block by block, for every (batch, kv head).
-struct PackedKeysValues {
-  int64_t key_pad = 0, v_pad = 0, kt_block = 0, v_block = 0, k_blocks = 0, head_dim = 0, means_pad = 0;
-  std::vector<float>& kt;
-  std::vector<float>& v;
-  std::vector<float>& k_means;
-  std::vector<uint8_t>& v_nonfinite;
-
-  const float* Kt(int64_t bk, int64_t kb) const { return kt.data() + (bk * k_blocks + kb) * kt_block; }
-  const float* V(int64_t bk, int64_t kb) const { return v.data() + (bk * k_blocks + kb) * v_block; }
-  // Key block means transposed, [head_dim, means_pad], so the estimate is one Scores call.
-  const float* KMeansT(int64_t bk) const { return k_means.data() + bk * head_dim * means_pad; }
-  bool ValueNonFinite(int64_t bk, int64_t kb) const { return v_nonfinite[bk * k_blocks + kb] != 0; }
-};
-
 // Key block means (for the estimate), transposed: means_t[x, kb]. Non-finite elements count
-// as 0, so that a NaN key does not steer the schedule (reference.py).
+// as 0, so that a NaN key does not steer the selection (reference.py).
 template <class T>
 void KeyBlockMeans(const Problem& p, const T* k_head, float* means_t, int64_t means_pad) {
   const Dims& d = p.dims;
@@ -85,54 +71,17 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t bk, Packed
   }
 }
 
-constexpr size_t kTileBlocks = 4;  // key blocks one softmax step covers at most
-
+// Per-thread buffers of a task, reused between query blocks.
 struct Scratch {
-  std::vector<float> q, q_mean, pooled_scores, s, o, m, l;
-  std::vector<uint8_t> hidden;  // [rows, tile width]: score -inf before the softmax
+  std::vector<float> q, q_mean, pooled_scores;
   std::vector<int32_t> chosen;
   SelectionScratch selection;
+  TileScratch tiles;
+  RowsState rows;
 };
 
-// Adds the mask and removes future keys inside one (query block, key block) score tile. A
-// hidden pair becomes -inf whatever its score was (a NaN key it does not see stays out).
-void ApplyMaskAndCausality(const Problem& p, int64_t b, int64_t h, int64_t qb, int64_t kb, int rows, int keys,
-                           int s_stride, float* s) {
-  const int64_t q_begin = p.grid.QueryBegin(qb), k_begin = p.grid.KeyBegin(kb);
-  const bool causal_cut = p.grid.causal && k_begin + keys - 1 > p.grid.LastVisibleKey(q_begin);
-  const MaskBlocks* mb = p.mask_blocks;
-  const bool add_mask = mb && mb->At(b, h, qb, kb) != MaskBlocks::kOpen;
-  if (!add_mask && !causal_cut) return;
-  for (int r = 0; r < rows; ++r) {
-    float* row = s + static_cast<size_t>(r) * s_stride;
-    const int64_t i = q_begin + r;
-    if (add_mask) {
-      const int64_t base = p.mask.Offset(b, h, i, k_begin), step = p.mask.stride[3];
-      for (int j = 0; j < keys; ++j) {
-        const float bias = p.mask.Bias(base + j * step);
-        row[j] = bias == kNegInf ? kNegInf : row[j] + bias;
-      }
-    }
-    if (causal_cut)
-      for (int64_t j = std::max<int64_t>(0, p.grid.LastVisibleKey(i) + 1 - k_begin); j < keys; ++j)
-        row[j] = kNegInf;
-  }
-}
-
-// o += p . v over the pairs that carry weight (not `hidden`): for value blocks holding NaN or
-// inf, where the block product would let 0 * NaN reach rows that do not attend that key.
-void AccumulateAttended(const float* s, const uint8_t* hidden, int rows, int keys, int stride, const float* v,
-                        int v_pad, float* o) {
-  for (int r = 0; r < rows; ++r)
-    for (int j = 0; j < keys; ++j) {
-      const size_t at = static_cast<size_t>(r) * stride + j;
-      if (hidden[at]) continue;
-      float* o_row = o + static_cast<size_t>(r) * v_pad;
-      const float* v_row = v + static_cast<size_t>(j) * v_pad;
-      for (int x = 0; x < v_pad; ++x) o_row[x] += s[at] * v_row[x];
-    }
-}
-
+// One task: query block qb of one (batch, head). Scales the queries, selects the key blocks,
+// walks them (tile_walk.h) and writes the normalised rows.
 template <class T>
 void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, const Tensors& t,
                 size_t task, int64_t* counts) {
@@ -142,7 +91,7 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   const int64_t bk = b * d.kv_heads + h / (d.q_heads / d.kv_heads);
   const int64_t q_begin = p.grid.QueryBegin(qb);
   const int rows = static_cast<int>(p.grid.QueryEnd(qb) - q_begin);
-  const int head_dim = static_cast<int>(d.head_dim), key_pad = static_cast<int>(kv.key_pad);
+  const int head_dim = static_cast<int>(d.head_dim);
   const int v_pad = static_cast<int>(kv.v_pad);
   thread_local Scratch sc;
 
@@ -152,7 +101,7 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   sc.q_mean.assign(head_dim, 0.0f);
   for (size_t r = 0; r < static_cast<size_t>(rows); ++r)
     for (int x = 0; x < head_dim; ++x) {
-      const float value = p.scale * ToFloat(q_rows[r * head_dim + x]);
+      const float value = p.attrs.scale * ToFloat(q_rows[r * head_dim + x]);
       sc.q[r * head_dim + x] = value;
       if (std::isfinite(value)) sc.q_mean[x] += value / static_cast<float>(rows);  // non-finite: 0
     }
@@ -167,48 +116,14 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   counts[2 * task] = static_cast<int64_t>(sc.chosen.size());
   if (p.selection_only) sc.chosen.clear();
 
-  sc.m.assign(rows, kNegInf);
-  sc.l.assign(rows, 0.0f);
-  sc.o.assign(static_cast<size_t>(rows) * v_pad, 0.0f);
-  sc.s.resize(static_cast<size_t>(rows) * key_pad * kTileBlocks);
-  const auto keys_of = [&](int32_t kb) { return static_cast<int>(p.grid.KeyEnd(kb) - p.grid.KeyBegin(kb)); };
-  for (size_t first = 0; first < sc.chosen.size();) {
-    // A tile: up to kTileBlocks chosen key blocks side by side (full blocks but the last, so
-    // that no padding sits between them): the softmax's per-row work is paid once per tile.
-    size_t end = first + 1;
-    while (end < sc.chosen.size() && end - first < kTileBlocks && keys_of(sc.chosen[end - 1]) == key_pad) ++end;
-    const int width = static_cast<int>(end - first) * key_pad;
-    for (size_t i = first; i < end; ++i) {
-      float* s = sc.s.data() + (i - first) * key_pad;
-      math.scores(sc.q.data(), rows, head_dim, kv.Kt(bk, sc.chosen[i]), key_pad, s, width);
-      ApplyMaskAndCausality(p, b, h, qb, sc.chosen[i], rows, keys_of(sc.chosen[i]), width, s);
-    }
-    const int valid = width - key_pad + keys_of(sc.chosen[end - 1]);
-    bool exact = false;  // a value block with NaN or inf: remember which pairs are hidden
-    for (size_t i = first; i < end; ++i) exact = exact || kv.ValueNonFinite(bk, sc.chosen[i]);
-    if (exact) {
-      sc.hidden.resize(static_cast<size_t>(rows) * width);
-      for (size_t e = 0; e < sc.hidden.size(); ++e) sc.hidden[e] = sc.s[e] == kNegInf;
-    }
-    math.softmax_step(sc.s.data(), rows, valid, width, sc.m.data(), sc.l.data(), sc.o.data(), v_pad);
-    for (size_t i = first; i < end; ++i) {
-      const size_t column = (i - first) * key_pad;
-      if (kv.ValueNonFinite(bk, sc.chosen[i]))
-        AccumulateAttended(sc.s.data() + column, sc.hidden.data() + column, rows, keys_of(sc.chosen[i]), width,
-                           kv.V(bk, sc.chosen[i]), v_pad, sc.o.data());
-      else
-        math.accumulate(sc.s.data() + column, rows, keys_of(sc.chosen[i]), width, kv.V(bk, sc.chosen[i]), v_pad,
-                        sc.o.data());
-    }
-    first = end;
-  }
+  WalkTiles(p, math, kv, b, h, qb, sc.q.data(), rows, sc.chosen, sc.tiles, sc.rows);
 
   T* out = static_cast<T*>(t.output) + (bh * d.q_len + q_begin) * d.v_head_dim;
   for (size_t r = 0; r < static_cast<size_t>(rows); ++r) {
-    const bool empty = sc.m[r] == kNegInf;  // no key to attend: zeros, not NaN
-    const float inv = empty ? 0.0f : 1.0f / sc.l[r];
+    const bool empty = sc.rows.m[r] == kNegInf;  // no key to attend: zeros, not NaN
+    const float inv = empty ? 0.0f : 1.0f / sc.rows.l[r];
     for (int64_t x = 0; x < d.v_head_dim; ++x)
-      out[r * d.v_head_dim + x] = FromFloat<T>(empty ? 0.0f : sc.o[r * v_pad + x] * inv);
+      out[r * d.v_head_dim + x] = FromFloat<T>(empty ? 0.0f : sc.rows.o[r * v_pad + x] * inv);
   }
 }
 
@@ -256,7 +171,20 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
 
 }  // namespace
 
-void RunSparseAttention(const Problem& problem, const Tensors& tensors, Workspace& workspace,
+std::unique_ptr<Workspace> WorkspacePool::Take() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (pool_.empty()) return std::make_unique<Workspace>();
+  std::unique_ptr<Workspace> workspace = std::move(pool_.back());
+  pool_.pop_back();
+  return workspace;
+}
+
+void WorkspacePool::Return(std::unique_ptr<Workspace> workspace) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  pool_.push_back(std::move(workspace));
+}
+
+void RunSparseAttention(const Problem& problem, const Tensors& tensors, WorkspacePool& workspaces,
                         const ParallelFor& parallel_for) {
   const Dims& d = problem.dims;
   if (d.batch * d.q_heads * d.q_len == 0 || d.kv_len == 0) {  // no query, or no key to attend
@@ -265,11 +193,13 @@ void RunSparseAttention(const Problem& problem, const Tensors& tensors, Workspac
     if (tensors.density) std::fill(tensors.density, tensors.density + d.batch * d.q_heads, 1.0f);
     return;
   }
+  std::unique_ptr<Workspace> workspace = workspaces.Take();
   switch (tensors.type) {
-    case Tensors::Type::kFloat: return Run<float>(problem, tensors, workspace, parallel_for);
-    case Tensors::Type::kHalf: return Run<Ort::Float16_t>(problem, tensors, workspace, parallel_for);
-    case Tensors::Type::kBFloat16: return Run<Ort::BFloat16_t>(problem, tensors, workspace, parallel_for);
+    case Tensors::Type::kFloat: Run<float>(problem, tensors, *workspace, parallel_for); break;
+    case Tensors::Type::kHalf: Run<Ort::Float16_t>(problem, tensors, *workspace, parallel_for); break;
+    case Tensors::Type::kBFloat16: Run<Ort::BFloat16_t>(problem, tensors, *workspace, parallel_for); break;
   }
+  workspaces.Return(std::move(workspace));
 }
 
 }  // namespace tfsa::cpu

@@ -1,10 +1,12 @@
-// CPU SparseAttention: packs keys/values once, then per (batch, head, query block) picks the
-// key blocks (selection.h) and computes them (block_math.h), in parallel.
+// CPU SparseAttention: packs keys/values once, then per (batch, head, query block) selects the
+// key blocks (selection.h) and walks them in tiles (tile_walk.h), in parallel.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "problem.h"
@@ -30,7 +32,19 @@ struct Workspace {
   std::vector<uint8_t> v_nonfinite;  // per (batch, kv head, key block): a value is NaN or inf
 };
 
-void RunSparseAttention(const Problem& problem, const Tensors& tensors, Workspace& workspace,
+// Workspaces of finished runs, reused; concurrent runs each take their own.
+class WorkspacePool {
+ public:
+  std::unique_ptr<Workspace> Take();
+  void Return(std::unique_ptr<Workspace> workspace);
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<Workspace>> pool_;
+};
+
+// Runs one call with a workspace from `workspaces`.
+void RunSparseAttention(const Problem& problem, const Tensors& tensors, WorkspacePool& workspaces,
                         const ParallelFor& parallel_for);
 
 }  // namespace tfsa::cpu

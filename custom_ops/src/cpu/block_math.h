@@ -1,13 +1,16 @@
-// How one (query block, key block) pair is computed: the math, apart from the schedule.
+// How one tile of key blocks is computed: the math, apart from the selection (which blocks)
+// and the tile walk (tile_walk.h, which blocks form a tile).
 //
-// Three register-blocked kernels written once with GCC vector extensions and compiled per
-// instruction set (block_math_avx2.cc, block_math_avx512.cc, block_math_generic.cc); the
-// library picks the widest the CPU runs (SelectBlockMath).
+// Three register-blocked kernels written once with GCC vector extensions (block_math_impl.inc)
+// and compiled per instruction set: block_math_avx512.cc, block_math_avx2.cc (x86 only),
+// block_math_generic.cc, and block_math_wide.cc (the AVX-512 layout for any CPU, for tests);
+// block_math_stubs.cc stands in for the x86 ones elsewhere. SelectBlockMath picks the widest
+// the CPU runs.
 //
 // Layouts (all float32, row-major):
 //   q    [rows, head_dim]          the query block, already multiplied by scale
-//   kt   [head_dim, key_pad]       a key block transposed; key_pad = keys rounded up to KeyPad()
-//   v    [key_pad, v_pad]          a value block; v_pad = v_head_dim rounded up to KeyPad()
+//   kt   [head_dim, key_pad]       a key block transposed; key_pad = block_size rounded up to `pad`
+//   v    [key_pad, v_pad]          a value block; v_pad = v_head_dim rounded up to `pad`
 //   s    [rows, s_stride]          scores, then probabilities (several key blocks side by side)
 //   o    [rows, v_pad]             running (unnormalised) output
 #pragma once
@@ -17,7 +20,7 @@
 namespace tfsa::cpu {
 
 struct BlockMath {
-  const char* isa;  // "avx512", "avx2" or "generic"
+  const char* isa;  // "avx512", "avx2", "generic" or "wide"
   int pad;          // key_pad and v_pad are multiples of this
 
   // s[:, :key_pad] = q . kt for `rows` query rows and key_pad keys.

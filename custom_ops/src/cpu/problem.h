@@ -5,10 +5,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-
 #include <vector>
 
 #include "tfsa/block_grid.h"
+#include "tfsa/block_rules.h"
 #include "tfsa/contract.h"
 #include "tfsa/ort_api.h"
 
@@ -43,25 +43,18 @@ struct MaskView {
   bool Allows(int64_t offset) const { return Bias(offset) != kNegInf; }
 };
 
-// What the mask leaves of each (batch, mask head, query block, key block), found once per
-// call so that tasks neither rescan the mask per head nor add an all-zero bias.
+// What the mask leaves of each (batch, mask head, query block, key block) (a MaskState),
+// found once per call so that tasks neither rescan the mask per head nor add an all-zero bias.
 struct MaskBlocks {
-  enum State : uint8_t { kClosed = 0, kPartial = 1, kOpen = 2 };  // kOpen: all attendable, bias 0
   std::vector<uint8_t> state;
-  // heads / q_blocks: 1 when the mask is shared by all heads / all query rows
-  int64_t heads = 1, q_blocks = 0, k_blocks = 0;
-  bool rows_broadcast = false;  // the mask's query-row stride is 0: one state for all rows
+  MaskBlockLayout layout;
 
-  uint8_t At(int64_t b, int64_t h, int64_t qb, int64_t kb) const {
-    const int64_t mask_h = heads == 1 ? 0 : h, mask_qb = rows_broadcast ? 0 : qb;
-    return state[((b * heads + mask_h) * q_blocks + mask_qb) * k_blocks + kb];
-  }
+  uint8_t At(int64_t b, int64_t h, int64_t qb, int64_t kb) const { return state[layout.Index(b, h, qb, kb)]; }
 };
 
 struct Problem {
   Dims dims;
-  Attributes attrs;
-  float scale = 1.0f;
+  Attributes attrs;  // effective (contract.h): scale resolved, sizes cut to the sequences
   BlockGrid grid;
   MaskView mask;
   const MaskBlocks* mask_blocks = nullptr;  // set when a mask is present

@@ -1,5 +1,6 @@
-// The schedule: which key blocks each query block computes. See tfsa_onnx/reference.py
-// (select_blocks) for the specification this follows.
+// The selection: which key blocks each query block computes. See tfsa_onnx/reference.py
+// (select_blocks) for the specification this follows; the rules it shares with the CUDA
+// selection are in tfsa/block_rules.h.
 #pragma once
 
 #include <cstdint>

@@ -10,6 +10,8 @@
 
 #include "entry.h"
 #include "tfsa/block_grid.h"
+#include "tfsa/block_rules.h"
+#include "tfsa/contract.h"
 
 // Kernel launches and dynamic shared memory go through these two macros so that the same
 // sources also build for the CPU emulation the tests use (custom_ops/emulation/).
@@ -51,30 +53,19 @@ struct Mask {
   }
 };
 
-// Per-block mask states, as on the CPU: closed (nothing attendable), partial, open (bias 0).
-enum MaskState : uint8_t { kClosed = 0, kPartial = 1, kOpen = 2 };
-
 // Everything the kernels need to know about one call.
 struct Geometry {
+  Dims dims;
+  Attributes attrs;  // effective (contract.h): scale resolved, sizes cut to the sequences
   BlockGrid grid;
-  int64_t batch = 0, q_heads = 0, kv_heads = 0, head_dim = 0, v_head_dim = 0;
-  float scale = 1.0f;
-  int64_t global_tokens = 0, local_window = 0;
-  float threshold = 1.0f, max_density = 1.0f;
   bool uses_estimate = false;  // false: every allowed block is computed
   Mask mask;
-  // Mask block states are stored per (b, mask head, mask query block, key block); the
-  // mask head/query block is 0 when the mask broadcasts over heads/rows. Rows broadcast when
-  // the mask's query-row stride is 0, not when there is one query block: a per-row mask is
-  // read row by row however few blocks there are.
-  int64_t mask_heads = 1, mask_q_blocks = 1;
-  bool mask_rows_broadcast = true;
+  MaskBlockLayout mask_blocks;  // where the mask block states live (block_rules.h)
 
-  __device__ int64_t KvHead(int64_t h) const { return h / (q_heads / kv_heads); }
-  __device__ int64_t MaskBlockIndex(int64_t b, int64_t h, int64_t qb, int64_t kb) const {
-    const int64_t mh = mask_heads == 1 ? 0 : h, mqb = mask_rows_broadcast ? 0 : qb;
-    return ((b * mask_heads + mh) * mask_q_blocks + mqb) * grid.k_blocks + kb;
-  }
+  __device__ int64_t KvHead(int64_t h) const { return h / (dims.q_heads / dims.kv_heads); }
 };
+
+// Shared memory carve-outs start on 128-byte boundaries.
+__host__ __device__ constexpr size_t AlignUp(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
 }  // namespace tfsa::cuda

@@ -1,5 +1,5 @@
 // tfsa_cuda_sparse_attention: checks the call, lays out the workspace, and enqueues the
-// schedule (selection.cu) and then the attention (attention.cu) on the caller's stream.
+// selection (selection.cu) and then the attention (attention.cu) on the caller's stream.
 #include <cstdio>
 #include <string>
 
@@ -12,74 +12,57 @@ namespace {
 
 constexpr size_t Align(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Byte offsets of the schedule's arrays in the workspace.
+// Byte offsets of the selection's arrays in the workspace.
 struct Layout {
   size_t q_means = 0, k_means = 0, mask_states = 0, allowed = 0, chosen = 0, counts = 0, pairs = 0, value_flags = 0,
          total = 0;
 };
 
-Attributes AttributesOf(const TfsaCudaCall& c) {
-  Attributes a;
-  a.scale = c.scale, a.is_causal = c.is_causal, a.block_size = c.block_size, a.global_tokens = c.global_tokens;
-  a.local_window = c.local_window, a.threshold = c.threshold, a.max_density = c.max_density;
-  a.min_seq_len = c.min_seq_len;
-  return a;
-}
-
-// The attributes cut to the sequences (contract.h Effective): what sizes and indexes use.
-Attributes EffectiveOf(const TfsaCudaCall& c) { return Effective(AttributesOf(c), c.q_len, c.kv_len); }
-
-Geometry MakeGeometry(const TfsaCudaCall& c) {
-  const Attributes a = EffectiveOf(c);
+Geometry MakeGeometry(const TfsaCudaArgs& c) {
   Geometry g;
-  g.grid = BlockGrid(a.block_size, c.q_len, c.kv_len, a.is_causal != 0);
-  g.batch = c.batch, g.q_heads = c.q_heads, g.kv_heads = c.kv_heads;
-  g.head_dim = c.head_dim, g.v_head_dim = c.v_head_dim;
-  g.scale = c.scale > 0.0f ? c.scale : (c.head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(c.head_dim)) : 1.0f);
-  g.global_tokens = a.global_tokens, g.local_window = a.local_window;
-  g.threshold = c.threshold, g.max_density = c.max_density;
-  g.uses_estimate = UsesEstimate(AttributesOf(c), c.kv_len);
+  g.dims = c.dims;
+  g.attrs = Effective(c.attributes, c.dims);
+  g.grid = GridOf(g.attrs, c.dims);
+  g.uses_estimate = UsesEstimate(g.attrs, c.dims.kv_len);
   g.mask.kind = c.mask_kind, g.mask.dtype = c.dtype, g.mask.data = c.mask;
-  for (int i = 0; i < 4; ++i) g.mask.stride[i] = c.mask_stride[i];
-  if (c.mask_kind != TFSA_MASK_NONE) {
-    g.mask_heads = c.mask_stride[1] == 0 ? 1 : c.q_heads;
-    g.mask_rows_broadcast = c.mask_stride[2] == 0;
-    g.mask_q_blocks = g.mask_rows_broadcast ? 1 : g.grid.q_blocks;
-  }
+  for (int i = 0; i < 4; ++i) g.mask.stride[i] = c.dims.mask_stride[i];
+  if (c.mask_kind != TFSA_MASK_NONE) g.mask_blocks = MaskBlockLayoutOf(g.grid, c.dims.mask_stride, c.dims.q_heads);
   return g;
 }
 
 Layout Plan(const Geometry& g, bool has_mask) {
-  const size_t rows = g.batch * g.q_heads * g.grid.q_blocks, nk = g.grid.k_blocks;
+  const Dims& d = g.dims;
+  const size_t rows = d.batch * d.q_heads * g.grid.q_blocks, nk = g.grid.k_blocks;
   Layout l;
   size_t at = 0;
   const auto take = [&](size_t bytes) { const size_t start = at; at += Align(bytes); return start; };
-  l.q_means = take(g.uses_estimate ? sizeof(float) * rows * g.head_dim : 0);
-  l.k_means = take(g.uses_estimate ? sizeof(float) * g.batch * g.kv_heads * nk * g.head_dim : 0);
-  l.mask_states = take(has_mask ? g.batch * g.mask_heads * g.mask_q_blocks * nk : 0);
+  l.q_means = take(g.uses_estimate ? sizeof(float) * rows * d.head_dim : 0);
+  l.k_means = take(g.uses_estimate ? sizeof(float) * d.batch * d.kv_heads * nk * d.head_dim : 0);
+  l.mask_states = take(has_mask ? g.mask_blocks.Size(d.batch) : 0);
   l.allowed = take(rows * nk);
   l.chosen = take(sizeof(int32_t) * rows * nk);
   l.counts = take(sizeof(int32_t) * rows);
-  l.pairs = take(sizeof(unsigned long long) * 2 * g.batch * g.q_heads);
-  l.value_flags = take(g.batch * g.kv_heads * nk);
+  l.pairs = take(sizeof(unsigned long long) * 2 * d.batch * d.q_heads);
+  l.value_flags = take(d.batch * d.kv_heads * nk);
   l.total = at;
   return l;
 }
 
 // Empty when the call is usable, else what is wrong with it.
-std::string CheckCall(const TfsaCudaCall& c) {
-  std::string error = CheckAttributes(AttributesOf(c));
+std::string CheckCall(const TfsaCudaArgs& c) {
+  std::string error = CheckAttributes(c.attributes);
   if (!error.empty()) return error;
+  const Dims& d = c.dims;
   if (c.dtype < TFSA_FLOAT32 || c.dtype > TFSA_BFLOAT16) return "dtype must be float32, float16 or bfloat16";
   if (c.mask_kind < TFSA_MASK_NONE || c.mask_kind > TFSA_MASK_T) return "unknown mask kind";
-  if (c.batch < 0 || c.q_heads < 0 || c.kv_heads <= 0 || c.q_len < 0 || c.kv_len < 0 || c.head_dim < 0 ||
-      c.v_head_dim < 0 || c.q_heads % c.kv_heads != 0)
+  if (d.batch < 0 || d.q_heads < 0 || d.kv_heads <= 0 || d.q_len < 0 || d.kv_len < 0 || d.head_dim < 0 ||
+      d.v_head_dim < 0 || d.q_heads % d.kv_heads != 0)
     return "sizes must be >= 0 with query heads a multiple of key/value heads (> 0)";
-  if (c.v_head_dim > 256) return "the CUDA kernel supports value head dims up to 256, got " + std::to_string(c.v_head_dim);
-  if (c.head_dim > 1024) return "the CUDA kernel supports head dims up to 1024, got " + std::to_string(c.head_dim);
-  const int64_t block = EffectiveOf(c).block_size, k_blocks = (c.kv_len + block - 1) / block;
+  if (d.v_head_dim > 256) return "the CUDA kernel supports value head dims up to 256, got " + std::to_string(d.v_head_dim);
+  if (d.head_dim > 1024) return "the CUDA kernel supports head dims up to 1024, got " + std::to_string(d.head_dim);
+  const int64_t k_blocks = MakeGeometry(c).grid.k_blocks;
   if (ChooseSharedBytes(k_blocks) > kMaxChooseShared)
-    return "too many key blocks for the CUDA schedule (kv_len / block_size = " + std::to_string(k_blocks) +
+    return "too many key blocks for the CUDA selection (kv_len / block_size = " + std::to_string(k_blocks) +
            "); use a larger block_size";
   return "";
 }
@@ -101,29 +84,30 @@ int Fail(char* error, size_t size, const std::string& message) {
 
 using namespace tfsa::cuda;
 
-extern "C" __attribute__((visibility("default"))) size_t tfsa_cuda_workspace_bytes(const TfsaCudaCall* call) {
-  if (!call || !CheckCall(*call).empty()) return 0;
-  return Plan(MakeGeometry(*call), call->mask_kind != TFSA_MASK_NONE).total;
+extern "C" __attribute__((visibility("default"))) size_t tfsa_cuda_workspace_bytes(const TfsaCudaArgs* args) {
+  if (!args || !CheckCall(*args).empty()) return 0;
+  return Plan(MakeGeometry(*args), args->mask_kind != TFSA_MASK_NONE).total;
 }
 
-extern "C" __attribute__((visibility("default"))) int tfsa_cuda_sparse_attention(const TfsaCudaCall* call, void* stream_ptr,
+extern "C" __attribute__((visibility("default"))) int tfsa_cuda_sparse_attention(const TfsaCudaArgs* args, void* stream_ptr,
                                                                                 char* error, size_t error_size) {
-  if (!call) return Fail(error, error_size, "no call");
-  const TfsaCudaCall& c = *call;
+  if (!args) return Fail(error, error_size, "no call");
+  const TfsaCudaArgs& c = *args;
   const std::string problem = CheckCall(c);
   if (!problem.empty()) return Fail(error, error_size, problem);
   if ((c.mask_kind != TFSA_MASK_NONE) != (c.mask != nullptr))
     return Fail(error, error_size, "mask pointer and mask kind disagree");
-  if (c.batch * c.q_heads == 0) return 0;  // empty output and density
+  const TfsaDims& d = c.dims;
+  if (d.batch * d.q_heads == 0) return 0;  // empty output and density
   const auto stream = static_cast<cudaStream_t>(stream_ptr);
   const Geometry g = MakeGeometry(c);
   const Layout l = Plan(g, c.mask_kind != TFSA_MASK_NONE);
   if (c.workspace_size < l.total || (l.total > 0 && c.workspace == nullptr))
     return Fail(error, error_size, "the workspace has " + std::to_string(c.workspace_size) + " bytes, the call needs " +
                                        std::to_string(l.total));
-  const size_t out_bytes = (c.dtype == TFSA_FLOAT32 ? 4 : 2) * size_t(c.batch * c.q_heads * c.q_len * c.v_head_dim);
+  const size_t out_bytes = (c.dtype == TFSA_FLOAT32 ? 4 : 2) * size_t(d.batch * d.q_heads * d.q_len * d.v_head_dim);
 
-  Schedule s;
+  Selection s;
   s.q_means = At<float>(c.workspace, l.q_means);
   s.k_means = At<float>(c.workspace, l.k_means);
   s.mask_states = c.mask_kind != TFSA_MASK_NONE ? At<uint8_t>(c.workspace, l.mask_states) : nullptr;
@@ -132,9 +116,9 @@ extern "C" __attribute__((visibility("default"))) int tfsa_cuda_sparse_attention
   s.counts = At<int32_t>(c.workspace, l.counts);
   s.pairs = At<unsigned long long>(c.workspace, l.pairs);
   s.value_flags = At<uint8_t>(c.workspace, l.value_flags);
-  cudaError_t status = BuildSchedule(g, c.dtype, c.query, c.key, c.value, s, c.selected, c.density, stream);
+  cudaError_t status = SelectBlocks(g, c.dtype, c.query, c.key, c.value, s, c.selected, c.density, stream);
   if (status == cudaSuccess && out_bytes > 0) {
-    if (c.selection_only || c.kv_len == 0) {
+    if (c.selection_only || d.kv_len == 0) {
       status = cudaMemsetAsync(c.output, 0, out_bytes, stream);  // nothing to attend: zeros
     } else {
       const AttentionArgs args{g, c.query, c.key, c.value, c.output, s.chosen, s.counts, s.value_flags};

@@ -1,11 +1,14 @@
 /* The CUDA kernels' C entry point. The ONNX Runtime op (cuda_op.cc) calls it with ORT's
  * tensors and stream; tests and benchmarks call it through ctypes with torch or CuPy
  * buffers, so the kernels can be checked on a GPU machine without onnxruntime-gpu.
- * Plain C: tfsa_onnx/cuda.py mirrors TfsaCudaCall field by field. */
+ * Plain C: tfsa_onnx/cuda.py mirrors TfsaCudaArgs (CudaArgs, with TfsaDims and
+ * TfsaAttributes of tfsa/contract.h as Dims and the fields of SparseAttentionAttributes). */
 #pragma once
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "tfsa/contract.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -15,18 +18,13 @@ enum TfsaDType { TFSA_FLOAT32 = 0, TFSA_FLOAT16 = 1, TFSA_BFLOAT16 = 2 };
 /* TFSA_MASK_T: the mask has the element type of query (additive). */
 enum TfsaMaskKind { TFSA_MASK_NONE = 0, TFSA_MASK_BOOL = 1, TFSA_MASK_T = 2 };
 
-typedef struct TfsaCudaCall {
-  int32_t dtype;     /* TfsaDType of query, key, value and output */
-  int32_t mask_kind; /* TfsaMaskKind */
-  /* query [B, Hq, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv], contiguous */
-  int64_t batch, q_heads, kv_heads, q_len, kv_len, head_dim, v_head_dim;
-  int64_t mask_stride[4]; /* element strides of the mask over [B, Hq, Sq, Sk]; 0 broadcasts */
-  /* the operator's attributes; scale 0 means 1/sqrt(D) */
-  float scale;
-  int64_t is_causal, block_size, global_tokens, local_window;
-  float threshold, max_density;
-  int64_t min_seq_len;
-  int32_t selection_only; /* profiling: choose blocks, write zeros */
+/* The arguments of one tfsa_cuda_sparse_attention. */
+typedef struct TfsaCudaArgs {
+  int32_t dtype;             /* TfsaDType of query, key, value and output */
+  int32_t mask_kind;         /* TfsaMaskKind */
+  TfsaDims dims;             /* of query, key and value (contiguous) and the mask's strides */
+  TfsaAttributes attributes; /* the node's, as given (scale 0 means 1/sqrt(D)) */
+  int32_t selection_only;    /* profiling: choose blocks, write zeros */
   const void* query;
   const void* key;
   const void* value;
@@ -34,18 +32,18 @@ typedef struct TfsaCudaCall {
   void* output;          /* [B, Hq, Sq, Dv] */
   float* density;        /* [B, Hq] or NULL */
   uint8_t* selected;     /* [B, Hq, nQ, nK] chosen blocks (1/0) or NULL: for tests */
-  void* workspace;       /* device memory of at least tfsa_cuda_workspace_bytes(call) bytes */
+  void* workspace;       /* device memory of at least tfsa_cuda_workspace_bytes(args) bytes */
   size_t workspace_size; /* its size in bytes */
-} TfsaCudaCall;
+} TfsaCudaArgs;
 
 /* Device workspace a call needs, in bytes (0 when its sizes or attributes are invalid);
  * it depends on neither pointers nor workspace_size. */
-size_t tfsa_cuda_workspace_bytes(const TfsaCudaCall* call);
+size_t tfsa_cuda_workspace_bytes(const TfsaCudaArgs* args);
 
 /* Enqueues the call on `stream` (a cudaStream_t; NULL: the default stream) without
  * synchronising. Returns 0, or non-zero with a message in `error` (bad sizes or
  * attributes, a launch failure). */
-int tfsa_cuda_sparse_attention(const TfsaCudaCall* call, void* stream, char* error, size_t error_size);
+int tfsa_cuda_sparse_attention(const TfsaCudaArgs* args, void* stream, char* error, size_t error_size);
 
 #ifdef __cplusplus
 }

@@ -7,7 +7,7 @@ constexpr int kChooseThreads = 256;
 enum BlockFlag : uint8_t { kAllowed = 1, kForced = 2, kCandidate = 4, kTake = 8 };
 
 // Mean over each block's rows of x [heads, seq, dim], times `scale`: out [heads, n_blocks, dim].
-// Non-finite elements count as 0, so that NaN does not steer the schedule (reference.py).
+// Non-finite elements count as 0, so that NaN does not steer the selection (reference.py).
 template <class T>
 __global__ void BlockMeansKernel(const T* x, int64_t seq, int64_t dim, int64_t block, int64_t n_blocks,
                                  float scale, float* out) {
@@ -27,13 +27,13 @@ __global__ void BlockMeansKernel(const T* x, int64_t seq, int64_t dim, int64_t b
 __global__ void ClassifyMaskKernel(Geometry g, uint8_t* states) {
   const int64_t warps = blockDim.x / 32, lane = threadIdx.x % 32;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / 32;
-  const int64_t n_items = g.batch * g.mask_heads * g.mask_q_blocks * g.grid.k_blocks;
+  const int64_t n_items = g.mask_blocks.Size(g.dims.batch);
   if (item >= n_items) return;
   const int64_t kb = item % g.grid.k_blocks, rest = item / g.grid.k_blocks;
-  const int64_t mqb = rest % g.mask_q_blocks, bh = rest / g.mask_q_blocks;
-  const int64_t b = bh / g.mask_heads, mh = bh % g.mask_heads;
+  const int64_t mqb = rest % g.mask_blocks.q_blocks, bh = rest / g.mask_blocks.q_blocks;
+  const int64_t b = bh / g.mask_blocks.heads, mh = bh % g.mask_blocks.heads;
   const int64_t q_begin = g.grid.QueryBegin(mqb);
-  const int64_t q_end = g.mask_rows_broadcast ? q_begin + 1 : g.grid.QueryEnd(mqb);  // rows broadcast: one row
+  const int64_t q_end = g.mask_blocks.rows_broadcast ? q_begin + 1 : g.grid.QueryEnd(mqb);  // rows broadcast: one row
   const int64_t k_begin = g.grid.KeyBegin(kb), keys = g.grid.KeyEnd(kb) - k_begin;
   bool any = false, all_zero = true;
   for (int64_t e = lane; e < (q_end - q_begin) * keys; e += 32) {
@@ -43,7 +43,7 @@ __global__ void ClassifyMaskKernel(Geometry g, uint8_t* states) {
   }
   any = __any_sync(0xffffffffu, any);
   all_zero = __all_sync(0xffffffffu, all_zero);
-  if (lane == 0) states[item] = all_zero ? kOpen : any ? kPartial : kClosed;
+  if (lane == 0) states[item] = MaskStateOf(any, all_zero);
 }
 
 // One warp per (batch, kv head, key block): whether a value of the block is NaN or inf (the
@@ -67,21 +67,11 @@ __global__ void ValueFlagsKernel(const T* value, int64_t kv_len, int64_t v_head_
 __global__ void AllowedBlocksKernel(Geometry g, const uint8_t* states, uint8_t* allowed) {
   const BlockGrid& grid = g.grid;
   const int64_t row = blockIdx.x, qb = row % grid.q_blocks, bh = row / grid.q_blocks;
-  const int64_t b = bh / g.q_heads, h = bh % g.q_heads;
-  const int64_t q_begin = grid.QueryBegin(qb), q_end = grid.QueryEnd(qb);
+  const int64_t b = bh / g.dims.q_heads, h = bh % g.dims.q_heads;
+  const auto allows = [&](int64_t i, int64_t j) { return g.mask.Bias(g.mask.Offset(b, h, i, j)) != kNegInf; };
   for (int64_t kb = threadIdx.x; kb < grid.k_blocks; kb += blockDim.x) {
-    const int64_t k_begin = grid.KeyBegin(kb), k_end = grid.KeyEnd(kb);
-    bool any = false;
-    if (k_begin <= grid.LastVisibleKey(q_end - 1)) {  // else the future, for every row
-      const uint8_t state = states ? states[g.MaskBlockIndex(b, h, qb, kb)] : uint8_t{kOpen};
-      any = state == kOpen || (state == kPartial && k_end - 1 <= grid.LastVisibleKey(q_begin));
-      if (state == kPartial && !any)  // on the causal edge: look at the visible pairs
-        for (int64_t i = q_begin; i < q_end && !any; ++i) {
-          const int64_t last = k_end - 1 < grid.LastVisibleKey(i) ? k_end - 1 : grid.LastVisibleKey(i);
-          for (int64_t j = k_begin; j <= last && !any; ++j) any = g.mask.Bias(g.mask.Offset(b, h, i, j)) != kNegInf;
-        }
-    }
-    allowed[row * grid.k_blocks + kb] = any;
+    const uint8_t state = states ? states[g.mask_blocks.Index(b, h, qb, kb)] : uint8_t{kMaskOpen};
+    allowed[row * grid.k_blocks + kb] = BlockAllowed(grid, qb, kb, state, allows);
   }
 }
 
@@ -122,14 +112,11 @@ __device__ double Max(double a, double b) { return a > b ? a : b; }
 __device__ double Sum(double a, double b) { return a + b; }
 __device__ int SumInt(int a, int b) { return a + b; }
 
-// The estimate of candidate kb: pooled score + log(keys in kb), shifted by log(block).
-__device__ double Estimate(const Geometry& g, const float* q_mean, const float* k_mean, int64_t kb) {
+// The estimate of candidate kb (block_rules.h) from the block means.
+__device__ double EstimateOf(const Geometry& g, const float* q_mean, const float* k_mean, int64_t kb) {
   float dot = 0.0f;
-  for (int64_t x = 0; x < g.head_dim; ++x) dot += q_mean[x] * k_mean[kb * g.head_dim + x];
-  double score = dot;
-  const int64_t keys = g.grid.KeyEnd(kb) - g.grid.KeyBegin(kb);
-  if (keys != g.grid.block) score += log(static_cast<double>(keys) / static_cast<double>(g.grid.block));
-  return isnan(score) ? -INFINITY : score;
+  for (int64_t x = 0; x < g.dims.head_dim; ++x) dot += q_mean[x] * k_mean[kb * g.dims.head_dim + x];
+  return Estimate(g.grid, kb, dot);
 }
 
 // Marks the candidates the estimate takes: the `budget` heaviest (ties by block index),
@@ -137,7 +124,7 @@ __device__ double Estimate(const Geometry& g, const float* q_mean, const float* 
 __device__ void TakeByEstimate(const Geometry& g, int n_allowed, int n_forced, int n_candidates, double* mass,
                                double* ranked, int32_t* rank, uint8_t* flags, double* scratch) {
   const int64_t nk = g.grid.k_blocks;
-  const bool use_threshold = g.threshold < 1.0f;
+  const bool use_threshold = g.attrs.threshold < 1.0f;
   double best = -INFINITY;
   for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
     if (flags[kb] & kCandidate) best = Max(best, mass[kb]);
@@ -145,20 +132,18 @@ __device__ void TakeByEstimate(const Geometry& g, int n_allowed, int n_forced, i
   if (use_threshold) {  // softmax over the candidates
     double total = 0.0;
     for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
-      if (flags[kb] & kCandidate) total += (mass[kb] = isfinite(best) ? exp(mass[kb] - best) : 1.0);
+      if (flags[kb] & kCandidate) total += (mass[kb] = CandidateWeight(mass[kb], best));
     total = BlockReduce(total, Sum, scratch);
     for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
       if (flags[kb] & kCandidate) mass[kb] /= total;
   }
   __syncthreads();
-  // The small tolerance keeps float attribute rounding from adding a block (0.1f * 30).
-  const int64_t cap = max(1LL, static_cast<long long>(ceil(double(g.max_density) * n_allowed - 1e-4)));
-  const int64_t budget = max(0LL, min(static_cast<long long>(cap - n_forced), static_cast<long long>(n_candidates)));
+  const int64_t budget = EstimateBudget(g.attrs.max_density, n_allowed, n_forced, n_candidates);
   for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x) {
     if (!(flags[kb] & kCandidate)) continue;
     int32_t r = 0;
     for (int64_t other = 0; other < nk; ++other)
-      r += (flags[other] & kCandidate) && (mass[other] > mass[kb] || (mass[other] == mass[kb] && other < kb));
+      r += (flags[other] & kCandidate) && Heavier(mass[other], other, mass[kb], kb);
     rank[kb] = r;
     if (r < budget) ranked[r] = mass[kb];
   }
@@ -173,35 +158,35 @@ __device__ void TakeByEstimate(const Geometry& g, int n_allowed, int n_forced, i
   }
   __syncthreads();
   for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
-    if ((flags[kb] & kCandidate) && rank[kb] < budget && (!use_threshold || ranked[rank[kb]] < g.threshold))
+    if ((flags[kb] & kCandidate) && rank[kb] < budget && (!use_threshold || ranked[rank[kb]] < g.attrs.threshold))
       flags[kb] |= kTake;
   __syncthreads();
 }
 
 // One thread block per row: global and local blocks, then the estimate's picks.
 __global__ void __launch_bounds__(kChooseThreads)
-    ChooseBlocksKernel(Geometry g, Schedule s, uint8_t* selected) {
+    ChooseBlocksKernel(Geometry g, Selection s, uint8_t* selected) {
   TFSA_DYNAMIC_SHARED(shared);
   __shared__ double scratch[32];
   __shared__ int int_scratch[32];
   const BlockGrid& grid = g.grid;
   const int64_t nk = grid.k_blocks, row = blockIdx.x, qb = row % grid.q_blocks, bh = row / grid.q_blocks;
-  const int64_t b = bh / g.q_heads, h = bh % g.q_heads;
+  const int64_t b = bh / g.dims.q_heads, h = bh % g.dims.q_heads;
   double* mass = reinterpret_cast<double*>(shared);
   double* ranked = mass + nk;
   int32_t* rank = reinterpret_cast<int32_t*>(ranked + nk);
   uint8_t* flags = reinterpret_cast<uint8_t*>(rank + nk);
-  const float* q_mean = g.uses_estimate ? s.q_means + row * g.head_dim : nullptr;
-  const float* k_means = g.uses_estimate ? s.k_means + (b * g.kv_heads + g.KvHead(h)) * nk * g.head_dim : nullptr;
+  const float* q_mean = g.uses_estimate ? s.q_means + row * g.dims.head_dim : nullptr;
+  const float* k_means = g.uses_estimate ? s.k_means + (b * g.dims.kv_heads + g.KvHead(h)) * nk * g.dims.head_dim : nullptr;
 
   int n_allowed = 0, n_forced = 0, n_candidates = 0;
   for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x) {
     uint8_t f = s.allowed[row * nk + kb] ? kAllowed : 0;
     if (f && !g.uses_estimate) f |= kTake;
-    else if (f && grid.Forced(qb, kb, g.global_tokens, g.local_window)) f |= kForced | kTake;
+    else if (f && grid.Forced(qb, kb, g.attrs.global_tokens, g.attrs.local_window)) f |= kForced | kTake;
     else if (f) {
       f |= kCandidate;
-      mass[kb] = Estimate(g, q_mean, k_means, kb);
+      mass[kb] = EstimateOf(g, q_mean, k_means, kb);
     }
     flags[kb] = f;
     n_allowed += (f & kAllowed) != 0;
@@ -231,22 +216,22 @@ __global__ void DensityKernel(const unsigned long long* pairs, int64_t n, float*
 
 template <class T>
 void LaunchValueFlags(const Geometry& g, const void* value, uint8_t* flags, cudaStream_t stream) {
-  const int64_t items = g.batch * g.kv_heads * g.grid.k_blocks;
+  const int64_t items = g.dims.batch * g.dims.kv_heads * g.grid.k_blocks;
   if (items > 0)
     TFSA_LAUNCH(ValueFlagsKernel<T>, (items + 7) / 8, 256, 0, stream)(static_cast<const T*>(value), g.grid.kv_len,
-                                                                     g.v_head_dim, g.grid, items, flags);
+                                                                     g.dims.v_head_dim, g.grid, items, flags);
 }
 
 template <class T>
-void LaunchMeans(const Geometry& g, const void* query, const void* key, const Schedule& s, cudaStream_t stream) {
-  const int threads = g.head_dim < 128 ? 64 : 128;
+void LaunchMeans(const Geometry& g, const void* query, const void* key, const Selection& s, cudaStream_t stream) {
+  const int threads = g.dims.head_dim < 128 ? 64 : 128;
   const BlockGrid& grid = g.grid;
-  const int64_t q_items = g.batch * g.q_heads * grid.q_blocks, k_items = g.batch * g.kv_heads * grid.k_blocks;
+  const int64_t q_items = g.dims.batch * g.dims.q_heads * grid.q_blocks, k_items = g.dims.batch * g.dims.kv_heads * grid.k_blocks;
   if (q_items > 0)
-    TFSA_LAUNCH(BlockMeansKernel<T>, q_items, threads, 0, stream)(static_cast<const T*>(query), grid.q_len, g.head_dim,
-                                                         grid.block, grid.q_blocks, g.scale, s.q_means);
+    TFSA_LAUNCH(BlockMeansKernel<T>, q_items, threads, 0, stream)(static_cast<const T*>(query), grid.q_len, g.dims.head_dim,
+                                                         grid.block, grid.q_blocks, g.attrs.scale, s.q_means);
   if (k_items > 0)
-    TFSA_LAUNCH(BlockMeansKernel<T>, k_items, threads, 0, stream)(static_cast<const T*>(key), grid.kv_len, g.head_dim,
+    TFSA_LAUNCH(BlockMeansKernel<T>, k_items, threads, 0, stream)(static_cast<const T*>(key), grid.kv_len, g.dims.head_dim,
                                                          grid.block, grid.k_blocks, 1.0f, s.k_means);
 }
 
@@ -256,10 +241,10 @@ size_t ChooseSharedBytes(int64_t k_blocks) {
   return static_cast<size_t>(k_blocks) * (2 * sizeof(double) + sizeof(int32_t) + sizeof(uint8_t));
 }
 
-cudaError_t BuildSchedule(const Geometry& g, int32_t dtype, const void* query, const void* key, const void* value,
-                          const Schedule& s, uint8_t* selected, float* density, cudaStream_t stream) {
+cudaError_t SelectBlocks(const Geometry& g, int32_t dtype, const void* query, const void* key, const void* value,
+                         const Selection& s, uint8_t* selected, float* density, cudaStream_t stream) {
   const BlockGrid& grid = g.grid;
-  const int64_t rows = g.batch * g.q_heads * grid.q_blocks;
+  const int64_t rows = g.dims.batch * g.dims.q_heads * grid.q_blocks;
   if (dtype == TFSA_FLOAT16) LaunchValueFlags<__half>(g, value, s.value_flags, stream);
   else if (dtype == TFSA_BFLOAT16) LaunchValueFlags<__nv_bfloat16>(g, value, s.value_flags, stream);
   else LaunchValueFlags<float>(g, value, s.value_flags, stream);
@@ -269,7 +254,7 @@ cudaError_t BuildSchedule(const Geometry& g, int32_t dtype, const void* query, c
     else LaunchMeans<float>(g, query, key, s, stream);
   }
   if (s.mask_states) {
-    const int64_t items = g.batch * g.mask_heads * g.mask_q_blocks * grid.k_blocks;
+    const int64_t items = g.mask_blocks.Size(g.dims.batch);
     if (items > 0) TFSA_LAUNCH(ClassifyMaskKernel, (items + 7) / 8, 256, 0, stream)(g, s.mask_states);
   }
   if (rows > 0) {
@@ -278,10 +263,10 @@ cudaError_t BuildSchedule(const Geometry& g, int32_t dtype, const void* query, c
     cudaError_t status = cudaFuncSetAttribute(ChooseBlocksKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(shared));
     if (status != cudaSuccess) return status;
-    cudaMemsetAsync(s.pairs, 0, sizeof(unsigned long long) * 2 * g.batch * g.q_heads, stream);
+    cudaMemsetAsync(s.pairs, 0, sizeof(unsigned long long) * 2 * g.dims.batch * g.dims.q_heads, stream);
     TFSA_LAUNCH(ChooseBlocksKernel, rows, kChooseThreads, shared, stream)(g, s, selected);
   }
-  const int64_t heads = g.batch * g.q_heads;
+  const int64_t heads = g.dims.batch * g.dims.q_heads;
   if (density && heads > 0) {
     if (rows == 0) cudaMemsetAsync(s.pairs, 0, sizeof(unsigned long long) * 2 * heads, stream);
     TFSA_LAUNCH(DensityKernel, (heads + 255) / 256, 256, 0, stream)(s.pairs, heads, density);

@@ -1,5 +1,6 @@
-// The schedule on the GPU: which key blocks each query block computes. It follows
-// tfsa_onnx/reference.py (select_blocks) and the CPU's selection.cc rule for rule.
+// The selection on the GPU: which key blocks each query block computes. It follows
+// tfsa_onnx/reference.py (select_blocks) and the CPU's selection.cc rule for rule; the rules
+// both share are in tfsa/block_rules.h.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,11 +9,11 @@
 
 namespace tfsa::cuda {
 
-// Device arrays the schedule fills; rows are (batch, q head, query block).
-struct Schedule {
+// Device arrays the selection fills; rows are (batch, q head, query block).
+struct Selection {
   float* q_means = nullptr;          // [B * Hq * nQ, D], scaled
   float* k_means = nullptr;          // [B * Hkv * nK, D]
-  uint8_t* mask_states = nullptr;    // per Geometry::MaskBlockIndex; null without a mask
+  uint8_t* mask_states = nullptr;    // per Geometry::mask_blocks; null without a mask
   uint8_t* allowed = nullptr;        // [rows, nK]
   int32_t* chosen = nullptr;         // [rows, nK]: the first counts[row] entries, ascending
   int32_t* counts = nullptr;         // [rows]
@@ -24,8 +25,8 @@ struct Schedule {
 size_t ChooseSharedBytes(int64_t k_blocks);
 constexpr size_t kMaxChooseShared = 160 * 1024;
 
-// Enqueues the schedule's kernels; `selected` ([rows, nK] 0/1) and `density` are optional.
-cudaError_t BuildSchedule(const Geometry& g, int32_t dtype, const void* query, const void* key, const void* value,
-                          const Schedule& s, uint8_t* selected, float* density, cudaStream_t stream);
+// Enqueues the selection's kernels; `selected` ([rows, nK] 0/1) and `density` are optional.
+cudaError_t SelectBlocks(const Geometry& g, int32_t dtype, const void* query, const void* key, const void* value,
+                         const Selection& s, uint8_t* selected, float* density, cudaStream_t stream);
 
 }  // namespace tfsa::cuda

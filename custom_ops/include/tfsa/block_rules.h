@@ -1,0 +1,95 @@
+// The rules of the selection that the CPU (cpu/selection.cc) and CUDA (cuda/selection.cu)
+// kernels share, compiled for host and device: mask block states and where they are stored,
+// which key blocks a query block may attend, and how many the estimate may add.
+// tfsa_onnx/reference.py (select_blocks) is their specification.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "tfsa/block_grid.h"
+
+namespace tfsa {
+
+// What the mask leaves of a (query block, key block): nothing attendable, some pairs, or all
+// pairs with bias exactly 0 (the mask add can be skipped).
+enum MaskState : uint8_t { kMaskClosed = 0, kMaskPartial = 1, kMaskOpen = 2 };
+
+// The state of a block from its pairs: `any` attendable, `all_zero` biases.
+TFSA_HOST_DEVICE inline uint8_t MaskStateOf(bool any, bool all_zero) {
+  return all_zero ? kMaskOpen : any ? kMaskPartial : kMaskClosed;
+}
+
+// Where mask block states live: per (batch, mask head, mask query block, key block). A mask
+// shared by all heads has one mask head; one whose query-row stride is 0 (rows broadcast) has
+// one mask query block, standing for all rows. Not the same as one query block: a per-row
+// mask is read row by row however few blocks there are.
+struct MaskBlockLayout {
+  int64_t heads = 1, q_blocks = 1, k_blocks = 0;
+  bool rows_broadcast = true;
+
+  TFSA_HOST_DEVICE int64_t Index(int64_t b, int64_t h, int64_t qb, int64_t kb) const {
+    const int64_t mask_h = heads == 1 ? 0 : h, mask_qb = rows_broadcast ? 0 : qb;
+    return ((b * heads + mask_h) * q_blocks + mask_qb) * k_blocks + kb;
+  }
+  TFSA_HOST_DEVICE int64_t Size(int64_t batch) const { return batch * heads * q_blocks * k_blocks; }
+};
+
+// The layout of a mask with strides `stride` over [B, Hq, Sq, Sk].
+TFSA_HOST_DEVICE inline MaskBlockLayout MaskBlockLayoutOf(const BlockGrid& g, const int64_t stride[4], int64_t q_heads) {
+  MaskBlockLayout l;
+  l.heads = stride[1] == 0 ? 1 : q_heads;
+  l.rows_broadcast = stride[2] == 0;
+  l.q_blocks = l.rows_broadcast ? 1 : g.q_blocks;
+  l.k_blocks = g.k_blocks;
+  return l;
+}
+
+// Whether query block qb may attend key block kb, given its mask state (kMaskOpen without a
+// mask): not wholly in the future, and not closed by the mask. A partial block on the causal
+// edge is allowed only when a pair it lets some row see is attendable: allows(i, j) reads the
+// mask.
+template <class Allows>
+TFSA_HOST_DEVICE bool BlockAllowed(const BlockGrid& g, int64_t qb, int64_t kb, uint8_t state, Allows allows) {
+  if (g.InFuture(qb, kb) || state == kMaskClosed) return false;
+  if (state == kMaskOpen || !g.CrossesCausalEdge(qb, kb)) return true;
+  const int64_t k_begin = g.KeyBegin(kb), k_end = g.KeyEnd(kb);
+  for (int64_t i = g.QueryBegin(qb); i < g.QueryEnd(qb); ++i) {
+    const int64_t last = g.LastVisibleKey(i) < k_end - 1 ? g.LastVisibleKey(i) : k_end - 1;
+    for (int64_t j = k_begin; j <= last; ++j)
+      if (allows(i, j)) return true;
+  }
+  return false;
+}
+
+// How many candidates the estimate may add: ceil(max_density * allowed) blocks in all (at
+// least 1), less the forced ones, at most the candidates. The small tolerance keeps float
+// attribute rounding from adding a block (0.1f * 30).
+TFSA_HOST_DEVICE inline int64_t EstimateBudget(float max_density, int64_t n_allowed, int64_t n_forced,
+                                               int64_t n_candidates) {
+  int64_t cap = static_cast<int64_t>(ceil(static_cast<double>(max_density) * n_allowed - 1e-4));
+  cap = cap > 1 ? cap : 1;
+  const int64_t budget = cap - n_forced < n_candidates ? cap - n_forced : n_candidates;
+  return budget > 0 ? budget : 0;
+}
+
+// The estimate of candidate kb from its pooled score mean(Q block) . mean(K block): plus
+// log(keys in kb), shifted by log(block_size) so full blocks add nothing. NaN ranks last.
+TFSA_HOST_DEVICE inline double Estimate(const BlockGrid& g, int64_t kb, double pooled_score) {
+  const int64_t keys = g.KeyEnd(kb) - g.KeyBegin(kb);
+  if (keys != g.block) pooled_score += log(static_cast<double>(keys) / static_cast<double>(g.block));
+  return isnan(pooled_score) ? -INFINITY : pooled_score;
+}
+
+// A candidate's unnormalised softmax weight against the best estimate; all weigh the same
+// when the best is not finite.
+TFSA_HOST_DEVICE inline double CandidateWeight(double estimate, double best) {
+  return isfinite(best) ? exp(estimate - best) : 1.0;
+}
+
+// The ranking: heavier first, ties by the lower block index (the reference's stable argsort).
+TFSA_HOST_DEVICE inline bool Heavier(double mass_x, int64_t x, double mass_y, int64_t y) {
+  return mass_x > mass_y || (mass_x == mass_y && x < y);
+}
+
+}  // namespace tfsa

@@ -1,0 +1,25 @@
+// Keys and values of one call as the tile walk reads them: packed once per call and kv head
+// (attention_cpu.cc), in float32 whatever the input type.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace tfsa::cpu {
+
+// Keys transposed and values padded, block by block, for every (batch, kv head).
+struct PackedKeysValues {
+  int64_t key_pad = 0, v_pad = 0, kt_block = 0, v_block = 0, k_blocks = 0, head_dim = 0, means_pad = 0;
+  std::vector<float>& kt;
+  std::vector<float>& v;
+  std::vector<float>& k_means;
+  std::vector<uint8_t>& v_nonfinite;
+
+  const float* Kt(int64_t bk, int64_t kb) const { return kt.data() + (bk * k_blocks + kb) * kt_block; }
+  const float* V(int64_t bk, int64_t kb) const { return v.data() + (bk * k_blocks + kb) * v_block; }
+  // Key block means transposed, [head_dim, means_pad], so the estimate is one Scores call.
+  const float* KMeansT(int64_t bk) const { return k_means.data() + bk * head_dim * means_pad; }
+  bool ValueNonFinite(int64_t bk, int64_t kb) const { return v_nonfinite[bk * k_blocks + kb] != 0; }
+};
+
+}  // namespace tfsa::cpu
