@@ -21,25 +21,18 @@ import fnmatch
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tfsa_onnx.reference import BLOCK_SIZE_MAX, TOKENS_MAX, SparseAttentionAttributes
+from tfsa_onnx.reference import ATTRIBUTE_BOUNDS, SparseAttentionAttributes
 
 # Attributes a user may set; scale and is_causal come from the model itself.
 TUNABLE = ("block_size", "global_tokens", "local_window", "threshold", "max_density", "min_seq_len")
-# The bounds the operator enforces on its attributes (contract.h, mirrored in reference.py),
-# checked here first: name -> (low, high, low excluded).
-BOUNDS: dict[str, tuple[float, float, bool]] = {
-    "block_size": (1, BLOCK_SIZE_MAX, False),
-    "global_tokens": (0, TOKENS_MAX, False),
-    "local_window": (0, TOKENS_MAX, False),
-    "min_seq_len": (0, TOKENS_MAX, False),
-    "threshold": (0.0, 1.0, False),
-    "max_density": (0.0, 1.0, True),
-}
-_INTS = {"block_size", "global_tokens", "local_window", "min_seq_len"}
+# The bounds the operator enforces on them (contract.h, mirrored in reference.py), checked here
+# first: name -> (low, high, low excluded).
+BOUNDS: dict[str, tuple[float, float, bool]] = {name: ATTRIBUTE_BOUNDS[name] for name in TUNABLE}
+_INTS = {f.name for f in fields(SparseAttentionAttributes) if f.type in (int, "int")} & set(TUNABLE)
 _INDEX = re.compile(r"-?[0-9]+")
 
 
