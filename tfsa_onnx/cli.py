@@ -514,6 +514,11 @@ def _extra_lengths(option: str, original: str, src: dict) -> tuple[list[int], bo
 
 
 def _validate_once(validate, original, optimized, feeds, threads, warmup):
+    from tfsa_onnx.validation import memory_warning
+
+    note = memory_warning([original, optimized], feeds)
+    if note:
+        click.echo(note, err=True)
     try:
         return validate(original, optimized, feeds, threads=threads, warmup=warmup)
     except Exception as e:  # noqa: BLE001 - ORT and shape errors become one sentence
@@ -548,6 +553,7 @@ def calibrate_cmd(model, target, output, output_name, curve_samples, json_path, 
 
     from tfsa_onnx.calibrate import CalibrationError, Target, calibrate
     from tfsa_onnx.inputs import InputError, describe, load_feeds
+    from tfsa_onnx.validation import memory_warning
 
     src = {k: options.pop(k) for k in ("inputs", "text", "tokenizer", "seq_len", "batch", "samples")}
     base = {k: v for k, v in options.items() if v is not None}
@@ -555,11 +561,13 @@ def calibrate_cmd(model, target, output, output_name, curve_samples, json_path, 
     _check_writable(output, json_path)
     try:
         goal = Target.parse(target)
-        proto = onnx.load(model)
-        feeds = load_feeds(proto, **src)
+        feeds = load_feeds(onnx.load(model, load_external_data=False), **src)
         click.echo(f"calibration inputs: {describe(feeds)}", err=True)
-        result = calibrate(
-            proto, feeds, goal, base=base, output=output_name, curve_samples=curve_samples, threads=threads
+        note = memory_warning([model], feeds, rewritten=True)
+        if note:
+            click.echo(note, err=True)
+        result = calibrate(  # the path: no copy of the weights is kept here while calibrate runs
+            model, feeds, goal, base=base, output=output_name, curve_samples=curve_samples, threads=threads
         )
     except (CalibrationError, InputError, OSError) as e:
         raise click.ClickException(str(e)) from None
