@@ -247,3 +247,11 @@ def test_spool_reads_row_ranges_back():
         assert np.array_equal(spool.rows("a", 3, 8), arrays["a"].reshape(10, 7)[3:8])
         assert np.array_equal(spool.get("b"), arrays["b"]) and spool.get("c").shape == ()
         assert np.array_equal(spool.get("a"), arrays["a"])
+
+
+def test_sessions_run_without_a_memory_pattern():
+    """A memory pattern would allocate a second planned block from the second run on."""
+    from tfsa_onnx.validation import make_session
+
+    session = make_session(tiny_model())
+    assert session.get_session_options().enable_mem_pattern is False
