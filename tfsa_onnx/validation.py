@@ -163,7 +163,9 @@ def _unfused_heads(model: str | Path | onnx.ModelProto) -> int:
         return _HEADS[key]
     try:
         sites = [
-            s for s in find_sites(model).sites if s.family != OP_TYPE and "SparseAttention" not in s.reason
+            s
+            for s in find_sites(graph_only(model)).sites
+            if s.family != OP_TYPE and "SparseAttention" not in s.reason
         ]
         heads = max((s.heads or 1 for s in sites), default=0)
     except Exception:  # noqa: BLE001 - a model the rewriter cannot read: no score term
@@ -515,10 +517,15 @@ def validate(
 
 
 def graph_only(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
-    """The model's graph without its external weights (a proto passed in is used as it is)."""
+    """The model's graph without its large weights (a proto passed in is used as it is): every
+    initializer over 1 MB keeps its name, type and dims and loses its data."""
     if isinstance(model, onnx.ModelProto):
         return model
-    return onnx.load(str(model), load_external_data=False)
+    proto = onnx.load(str(model), load_external_data=False)
+    for t in proto.graph.initializer:
+        if len(t.raw_data) > 1 << 20:
+            t.ClearField("raw_data")
+    return proto
 
 
 def _optimized_session(optimized, threads):
@@ -552,7 +559,7 @@ def _compare(original, optimized, names, feeds, threads, warmup, progress, causa
             ids, mask = _ids_and_mask(feed) if causal else (None, None)
             for name, a in zip(out_names, ref_out, strict=True):
                 stats[name].reference(i, a, ids, mask)
-            del ref_out
+            del ref_out, a  # the loop variable too: no output outlives its sample
         del session  # its arena goes with it, before the optimized model allocates its own
         gc.collect()
         session = _optimized_session(optimized, threads)
@@ -567,7 +574,7 @@ def _compare(original, optimized, names, feeds, threads, warmup, progress, causa
                 stats[name].compare(i, b, ids, mask)
             for name, d in zip(density_names, opt_out[len(out_names) :], strict=True):
                 densities[name].append(float(np.mean(d)))
-            del opt_out
+            del opt_out, b  # the loop variable too: no output outlives its sample
         del session
         gc.collect()
     per_layer = {n.removesuffix(DENSITY_SUFFIX): float(np.mean(v)) for n, v in densities.items() if v}
