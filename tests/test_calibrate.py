@@ -127,3 +127,54 @@ def test_smollm2_2048_calibrated_keeps_perplexity():
     rows = _run_real(_real_case("SmolLM2-135M", 2048))
     assert rows[-1]["perplexity_increase"] <= 0.02
     assert rows[-1]["density"] < 0.8
+
+
+@pytest.mark.parametrize(("target", "output"), [("cos>=0.99", "hidden"), ("ppl<=+1%", "logits")])
+def test_calibrate_holds_one_session_at_a_time(monkeypatch, target, output):
+    """Dense run, layer curves and every end-to-end trial: no session is made while another lives;
+    the captured tensors and dense outputs come back from disk as they were."""
+    import weakref
+
+    import numpy as np
+
+    from tfsa_onnx import calibrate as cal
+
+    live: list[weakref.ref] = []
+    overlaps = []
+    real = cal.make_session
+
+    def counting(model, threads=None):
+        overlaps.append(sum(r() is not None for r in live))
+        session = real(model, threads)
+        live.append(weakref.ref(session))
+        return session
+
+    captured = []
+    real_curve = cal._curve
+
+    def keep(index, node, samples, thresholds, threads):
+        captured.append(samples)
+        return real_curve(index, node, samples, thresholds, threads)
+
+    monkeypatch.setattr(cal, "make_session", counting)
+    monkeypatch.setattr(cal, "_curve", keep)
+    monkeypatch.setattr(cal, "CAPTURE_BYTES", 1)
+    feeds = tiny_feeds(3, 256)
+    result = calibrate(tiny_model(), feeds, target, base=BASE, output=output, progress=False)
+    assert len(overlaps) > 10 and overlaps == [0] * len(overlaps)
+    assert all(r() is None for r in live)
+    assert target != "cos>=0.99" or result.score >= 0.99
+    assert target != "ppl<=+1%" or result.score <= 0.01
+    # the first captured sample equals the dense model's q, k, v and attention output
+    from tfsa_onnx import optimize
+
+    dense, _ = optimize(tiny_model(), SparsityConfig(defaults={**BASE, "threshold": 1.0, "max_density": 1.0}))
+    node = next(n for n in dense.graph.node if n.op_type == "SparseAttention")
+    names = [x for x in list(node.input)[:3]] + [node.output[0]]
+    dense.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    want = real(dense).run(names, feeds[0])
+    (samples,) = captured
+    assert len(samples) == 2
+    got = [samples[0][0], samples[0][1], samples[0][2], samples[0][4]]
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(a, b)

@@ -149,3 +149,109 @@ def test_perplexity_for_causal_models():
     assert abs(logits["perplexity_increase"]) < 1e-5
     assert "perplexity_original" not in result.outputs["hidden"]
     assert result.failures(max_ppl_increase=0.01) == []
+
+
+def _old_figures(ref_outputs, opt_outputs, names, feeds) -> dict[str, dict]:
+    """The comparison as validate computed it with both full outputs in memory, written out."""
+    figures = {}
+    for j, name in enumerate(names):
+        refs = [r[j].astype(np.float64) for r in ref_outputs]
+        opts = [o[j].astype(np.float64) for o in opt_outputs]
+        diffs = [np.abs(a - b) for a, b in zip(refs, opts, strict=True)]
+        cosines = []
+        for a, b in zip(refs, opts, strict=True):
+            x, y = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+            cos = (x * y).sum(axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+            cosines.append(float(cos.mean()))
+        out = {
+            "max_abs_error": max(float(d.max()) for d in diffs),
+            "mean_abs_error": sum(float(d.sum()) for d in diffs) / sum(d.size for d in diffs),
+            "relative_l2_error": float(
+                np.sqrt(sum(float((d**2).sum()) for d in diffs) / sum(float((a**2).sum()) for a in refs))
+            ),
+            "cosine_min": min(cosines),
+            "cosine_mean": float(np.mean(cosines)),
+        }
+        if name == "logits":
+            agree = [(a.argmax(-1) == b.argmax(-1)) for a, b in zip(refs, opts, strict=True)]
+            out["argmax_agreement"] = sum(int(g.sum()) for g in agree) / sum(g.size for g in agree)
+            nll = [
+                [token_nll(x[j], f["input_ids"], f["attention_mask"]) for x, f in zip(o, feeds, strict=True)]
+                for o in (ref_outputs, opt_outputs)
+            ]
+            tokens = sum(n for _, n in nll[0])
+            ppl = [float(np.exp(sum(t for t, _ in side) / tokens)) for side in nll]
+            out |= {
+                "perplexity_original": ppl[0],
+                "perplexity_optimized": ppl[1],
+                "perplexity_tokens": tokens,
+            }
+            out["perplexity_increase"] = ppl[1] / ppl[0] - 1.0
+        figures[name] = out
+    return figures
+
+
+def test_metrics_equal_the_in_memory_computation_with_one_session_at_a_time(monkeypatch):
+    """Chunked, spooled figures equal the direct ones; no session is created while another lives."""
+    import weakref
+
+    from tfsa_onnx import validation
+
+    original = sparse_twin(is_causal=1, **DENSE)
+    optimized = sparse_twin(is_causal=1, block_size=16, **BAD)
+    feeds = tiny_feeds(3, 200, batch=2)
+    feeds[1]["attention_mask"][1, 150:] = 0
+    sessions = [validation.make_session(m) for m in (original, optimized)]
+    names = [o.name for o in sessions[0].get_outputs()]
+    ref_outputs = [sessions[0].run(names, f) for f in feeds]
+    opt_outputs = [sessions[1].run(names, f) for f in feeds]
+    del sessions
+    expected = _old_figures(ref_outputs, opt_outputs, names, feeds)
+
+    live: list[weakref.ref] = []
+    overlaps = []
+    real = validation.make_session
+
+    def counting(model, threads=None):
+        overlaps.append(sum(r() is not None for r in live))
+        session = real(model, threads)
+        live.append(weakref.ref(session))
+        return session
+
+    monkeypatch.setattr(validation, "make_session", counting)
+    monkeypatch.setattr(validation, "_ROWS", 7)  # many uneven chunks, [rows, width] split inside
+    result = validate(original, optimized, feeds, warmup=1, progress=False)
+    assert overlaps == [0, 0]  # two sessions, each created with no other alive
+    assert all(r() is None for r in live)  # and both released at the end
+    assert result.samples == 3 and result.latency_original_s > 0 and result.latency_optimized_s > 0
+    for name in names:
+        got, want = result.outputs[name], expected[name]
+        assert set(got) == set(want)
+        assert got["max_abs_error"] == want["max_abs_error"] > 0.01
+        for key in ("cosine_min", "cosine_mean", "argmax_agreement", "perplexity_tokens"):
+            if key in want:
+                assert got[key] == want[key], key
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+    assert expected["logits"]["perplexity_increase"] > 0.01  # the bad config is really compared
+
+
+def test_spool_reads_row_ranges_back():
+    from tfsa_onnx.validation import Spool
+
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal((2, 5, 7)).astype(np.float32), "b": np.arange(9), "c": np.float64(3)}
+    with Spool() as spool:
+        for key, value in arrays.items():
+            spool.put(key, np.asarray(value))
+        assert np.array_equal(spool.rows("a", 3, 8), arrays["a"].reshape(10, 7)[3:8])
+        assert np.array_equal(spool.get("b"), arrays["b"]) and spool.get("c").shape == ()
+        assert np.array_equal(spool.get("a"), arrays["a"])
+
+
+def test_sessions_run_without_a_memory_pattern():
+    """A memory pattern would allocate a second planned block from the second run on."""
+    from tfsa_onnx.validation import make_session
+
+    session = make_session(tiny_model())
+    assert session.get_session_options().enable_mem_pattern is False

@@ -16,6 +16,7 @@ layer the cumulative threshold already gives each head the number of blocks it n
 
 from __future__ import annotations
 
+import gc
 import math
 import re
 from dataclasses import dataclass, field
@@ -29,11 +30,12 @@ from onnx import helper
 from tfsa_onnx.config import TUNABLE, SparsityConfig
 from tfsa_onnx.inputs import Feed
 from tfsa_onnx.validation import (
+    Spool,
     attention_nodes,
+    chunked_cosines,
     expose_density,
     load_model,
     make_session,
-    row_cosines,
     token_nll,
 )
 
@@ -150,18 +152,23 @@ def calibrate(
     optimized, report = optimize(load_model(model), SparsityConfig(defaults=base), reapply=True)
     layer_of = {s.name: s.layer for s in report.sites if s.replaced}
     working, density_names = expose_density(optimized)
+    del optimized  # one copy of the weights stays in memory, the working one
     nodes = [n for n in attention_nodes(working) if n.name in layer_of]
     if not nodes:
         raise CalibrationError("the model has no attention block the rewriter could replace")
     out_name = output or working.graph.output[0].name
-    capture = _Capture(working, nodes, out_name, target, threads)
-    reference = capture.run(feeds, curve_samples, progress)
-    curves = [
-        _curve(layer_of[n.name], n, capture.tensors[n.name], thresholds, threads)
-        for n in _bar(nodes, progress)
-    ]
-    search = _Search(working, nodes, density_names, out_name, target, reference, feeds, threads)
-    best = search.run(curves, progress)
+    # One session at a time, and every large array on disk until it is needed: the captured
+    # attention inputs/outputs and (for a cosine target) the dense outputs wait in a Spool.
+    with Spool() as spool:
+        capture = _Capture(working, nodes, out_name, target, threads, spool)
+        reference = capture.run(feeds, curve_samples, progress)
+        curves = [
+            _curve(layer_of[n.name], n, capture.samples(n), thresholds, threads)
+            for n in _bar(nodes, progress)
+        ]
+        search = _Search(working, nodes, density_names, out_name, target, reference, feeds, threads)
+        search.spool = spool
+        best = search.run(curves, progress)
     return _result(best, curves, nodes, target, base, search.trials)
 
 
@@ -171,10 +178,17 @@ def _bar(items, progress: bool, desc: str = "layer curves"):
     return tqdm(items, desc=desc, unit="layer", disable=not progress)
 
 
-class _Capture:
-    """The dense run: each node's inputs/output (first samples) and the target's dense reference."""
+CAPTURE_BYTES = 512 << 20  # captured tensors per dense run; more nodes at once only grows the arena
 
-    def __init__(self, model, nodes, out_name, target, threads) -> None:
+
+class _Capture:
+    """The dense run: each node's inputs/output (first samples) and the target's dense reference.
+
+    The captured tensors go to the spool. A run that returns many of them keeps them all alive in
+    its arena until it ends, so the nodes are captured in groups of about CAPTURE_BYTES per run
+    (the first run of a sample captures one node and sizes the groups)."""
+
+    def __init__(self, model, nodes, out_name, target, threads, spool) -> None:
         self.model, self.nodes, self.out_name, self.target, self.threads = (
             model,
             nodes,
@@ -182,35 +196,68 @@ class _Capture:
             target,
             threads,
         )
-        self.tensors: dict[str, list[list[np.ndarray | None]]] = {n.name: [] for n in nodes}
+        self.spool = spool
+        self.count = 0
+
+    def samples(self, node) -> list[list[np.ndarray | None]]:
+        """The node's captured (q, k, v, mask, output) of each captured sample, read back."""
+        names = [*(list(node.input) + [""] * 4)[:4], node.output[0]]
+        return [[self.spool.get((i, x)) if x else None for x in names] for i in range(self.count)]
 
     def run(self, feeds: list[Feed], curve_samples: int, progress: bool) -> list[Any]:
         from tqdm.auto import tqdm
 
         copy = onnx.ModelProto()
         copy.CopyFrom(self.model)
-        names = [self.out_name]
-        for node in self.nodes:
-            names += [x for x in list(node.input) + [node.output[0]] if x and x not in names]
+        wanted = [[x for x in list(node.input) + [node.output[0]] if x] for node in self.nodes]
         known = {o.name for o in copy.graph.output}
-        copy.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+        extra = sorted({x for names in wanted for x in names} - known - {self.out_name})
+        copy.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in extra)
         session = make_session(copy, self.threads)
         del copy
         reference = []
+        per_node = None  # bytes captured per node, from the first run
         for i, feed in enumerate(tqdm(feeds, desc="dense run", unit="sample", disable=not progress)):
-            want = names if i < curve_samples else [self.out_name]
-            values = dict(zip(want, session.run(want, feed), strict=True))
-            reference.append(_reference(values[self.out_name], feed, self.target))
-            if i < curve_samples:
-                for node in self.nodes:
-                    ins = [values[x] if x else None for x in node.input] + [None] * (4 - len(node.input))
-                    self.tensors[node.name].append([*ins[:4], values[node.output[0]]])
+            if i >= curve_samples:
+                out = session.run([self.out_name], feed)[0]
+                reference.append(_reference(out, feed, self.target, self.spool, i))
+                continue
+            done: set[str] = set()
+            start = 0
+            while start < len(self.nodes):
+                group = 1 if per_node is None else max(1, int(CAPTURE_BYTES // max(per_node, 1)))
+                names = [x for ws in wanted[start : start + group] for x in ws if x not in done]
+                names = [x for x in dict.fromkeys(names) if x != self.out_name]
+                first = start == 0
+                values = session.run([self.out_name, *names], feed) if first else []
+                if first:
+                    out = values.pop(0)
+                    if any(self.out_name in ws for ws in wanted):
+                        self.spool.put((i, self.out_name), out)
+                    reference.append(_reference(out, feed, self.target, self.spool, i))
+                    del out
+                elif names:
+                    values = session.run(names, feed)
+                size = 0
+                for name, value in zip(names, values, strict=True):
+                    self.spool.put((i, name), value)
+                    size += value.nbytes
+                del values
+                done.update(names)
+                count = min(group, len(self.nodes) - start)
+                per_node = per_node if per_node is not None else size / count
+                start += count
+            self.count = i + 1
+        del session
+        gc.collect()
         return reference
 
 
-def _reference(out: np.ndarray, feed: Feed, target: Target) -> Any:
+def _reference(out: np.ndarray, feed: Feed, target: Target, spool: Spool, i: int) -> Any:
+    """What the search compares with: the dense output (spooled, for cos) or its NLL (ppl)."""
     if target.metric == "cos":
-        return out
+        spool.put(("reference", i), out)
+        return ("reference", i)
     ids = feed.get("input_ids")
     if ids is None or out.ndim != 3:
         raise CalibrationError("a perplexity target needs a causal LM: input_ids and [B, S, vocab] logits")
@@ -244,6 +291,7 @@ def _curve(index: int, node, samples, thresholds, threads) -> LayerCurve:
             diff += float(((out.astype(np.float64) - y) ** 2).sum())
             ref += float((y.astype(np.float64) ** 2).sum())
             densities.append(float(density.mean()))
+        del session  # released before the next threshold's
         curve.points.append((float(t), float(np.mean(densities)), math.sqrt(diff / max(ref, 1e-300))))
     return curve
 
@@ -261,6 +309,7 @@ class _Search:
             threads,
         )
         self.trials: list[dict[str, Any]] = []
+        self.spool: Spool | None = None
 
     def run(self, curves: list[LayerCurve], progress: bool) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -292,8 +341,11 @@ class _Search:
         scores, densities = [], []
         for feed, ref in zip(self.feeds, self.reference, strict=True):
             out, *dens = session.run(names, feed)
-            scores.append(_score(out, ref, feed, self.target))
+            scores.append(_score(out, ref, feed, self.target, self.spool))
             densities.append([float(d.mean()) for d in dens])
+            del out
+        del session  # released before the next trial's session is made
+        gc.collect()
         score = _combine(scores, self.target)
         trial = {"eps": eps, "choice": choice, "score": score, "densities": list(np.mean(densities, axis=0))}
         self.trials.append({"eps": eps, "score": score, "density": float(np.mean(trial["densities"]))})
@@ -320,9 +372,9 @@ def _dense_score(target: Target) -> float:
     return 1.0 if target.metric == "cos" else 0.0
 
 
-def _score(out: np.ndarray, ref: Any, feed: Feed, target: Target) -> Any:
+def _score(out: np.ndarray, ref: Any, feed: Feed, target: Target, spool: Spool) -> Any:
     if target.metric == "cos":
-        return float(row_cosines(ref, out).mean())
+        return float(chunked_cosines(lambda s, e: spool.rows(ref, s, e), out).mean())
     nll, tokens = token_nll(out, feed["input_ids"], feed.get("attention_mask"))
     return (nll, ref[0], tokens)
 

@@ -439,17 +439,13 @@ def validate_cmd(
     """Compare OPTIMIZED with ORIGINAL on the same inputs; exit 1 when a threshold fails."""
     import json
 
-    import onnx
-
     from tfsa_onnx.inputs import InputError, check_same_inputs, describe, graph_inputs, load_feeds
-    from tfsa_onnx.validation import validate
+    from tfsa_onnx.validation import graph_only, validate
 
     _check_writable(json_path)
     try:
-        original_proto = onnx.load(original, load_external_data=False)
-        check_same_inputs(
-            graph_inputs(original_proto), graph_inputs(onnx.load(optimized, load_external_data=False))
-        )
+        original_proto = graph_only(original)  # no weights held here while the models run
+        check_same_inputs(graph_inputs(original_proto), graph_inputs(graph_only(optimized)))
         feeds = load_feeds(original_proto, **src)
         extra, automatic = _extra_lengths(extra_lengths, original, src)
     except (InputError, OSError) as e:
@@ -514,6 +510,11 @@ def _extra_lengths(option: str, original: str, src: dict) -> tuple[list[int], bo
 
 
 def _validate_once(validate, original, optimized, feeds, threads, warmup):
+    from tfsa_onnx.validation import memory_warning
+
+    note = memory_warning([original, optimized], feeds)
+    if note:
+        click.echo(note, err=True)
     try:
         return validate(original, optimized, feeds, threads=threads, warmup=warmup)
     except Exception as e:  # noqa: BLE001 - ORT and shape errors become one sentence
@@ -544,10 +545,9 @@ def calibrate_cmd(model, target, output, output_name, curve_samples, json_path, 
     """Choose per-layer thresholds for MODEL so TARGET holds at the lowest density; writes a config."""
     import json
 
-    import onnx
-
     from tfsa_onnx.calibrate import CalibrationError, Target, calibrate
     from tfsa_onnx.inputs import InputError, describe, load_feeds
+    from tfsa_onnx.validation import graph_only, memory_warning
 
     src = {k: options.pop(k) for k in ("inputs", "text", "tokenizer", "seq_len", "batch", "samples")}
     base = {k: v for k, v in options.items() if v is not None}
@@ -555,11 +555,13 @@ def calibrate_cmd(model, target, output, output_name, curve_samples, json_path, 
     _check_writable(output, json_path)
     try:
         goal = Target.parse(target)
-        proto = onnx.load(model)
-        feeds = load_feeds(proto, **src)
+        feeds = load_feeds(graph_only(model), **src)
         click.echo(f"calibration inputs: {describe(feeds)}", err=True)
-        result = calibrate(
-            proto, feeds, goal, base=base, output=output_name, curve_samples=curve_samples, threads=threads
+        note = memory_warning([model], feeds, rewritten=True)
+        if note:
+            click.echo(note, err=True)
+        result = calibrate(  # the path: no copy of the weights is kept here while calibrate runs
+            model, feeds, goal, base=base, output=output_name, curve_samples=curve_samples, threads=threads
         )
     except (CalibrationError, InputError, OSError) as e:
         raise click.ClickException(str(e)) from None

@@ -13,6 +13,7 @@ in-memory copy of the optimized model exposes as extra graph outputs.
 
 from __future__ import annotations
 
+import gc
 import re
 import statistics
 import time
@@ -105,6 +106,10 @@ def make_session(model: onnx.ModelProto | str | Path, threads: int | None = None
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # shape-merge warnings about custom-op outputs are noise here
+    # No memory pattern: with one, every run after the first allocates the planned block next to
+    # the arena the first run grew (SmolLM2 at 8,192 tokens: 13.4 GB for one run, 22.5 GB from the
+    # second on). Without it, runs reuse the arena's chunks; both models are timed the same way.
+    so.enable_mem_pattern = False
     if threads:
         so.intra_op_num_threads = threads
     if isinstance(model, onnx.ModelProto):
@@ -121,6 +126,85 @@ def timed_run(session, feed: Feed, names: list[str] | None = None) -> tuple[list
     start = time.perf_counter()
     out = session.run(names, feed)
     return out, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- memory
+
+
+def estimated_peak(model: str | Path | onnx.ModelProto, feeds: list[Feed], *, rewritten: bool = False) -> int:
+    """A rough peak resident size, in bytes, of one model run on feeds[0] with our comparison:
+    weights twice (the session's and a loaded copy), the outputs three times (the run's, ours, the
+    arena's rounding), and where attention is not rewritten 4 [B, heads, S, S] float score tensors
+    (fitted to SmolLM2-135M at 8,192 tokens: 15.6 GB estimated, 16.3 GB measured)."""
+    head = graph_only(model)
+    weights = sum(
+        int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        for t in head.graph.initializer
+    )
+    ids = (
+        next((v for v in feeds[0].values() if v.ndim == 2 and v.dtype.kind in "iu"), None) if feeds else None
+    )
+    batch, seq = ids.shape if ids is not None else (1, 0)
+    outputs = 0
+    for o in head.graph.output:
+        dims = o.type.tensor_type.shape.dim if o.type.tensor_type.HasField("shape") else []
+        sizes = [d.dim_value or (batch if axis == 0 else seq) for axis, d in enumerate(dims)]
+        outputs += 4 * int(np.prod(sizes, dtype=np.int64)) if dims else 0
+    heads = 0 if rewritten or not seq else _unfused_heads(model)
+    return 2 * weights + 3 * outputs + 4 * 4 * batch * heads * seq * seq
+
+
+def _unfused_heads(model: str | Path | onnx.ModelProto) -> int:
+    """The most heads of any attention block the rewriter finds (still unfused) in the model."""
+    from tfsa_onnx.rewrite import find_sites
+
+    key = str(model) if not isinstance(model, onnx.ModelProto) else None
+    if key in _HEADS:
+        return _HEADS[key]
+    try:
+        sites = [
+            s
+            for s in find_sites(graph_only(model)).sites
+            if s.family != OP_TYPE and "SparseAttention" not in s.reason
+        ]
+        heads = max((s.heads or 1 for s in sites), default=0)
+    except Exception:  # noqa: BLE001 - a model the rewriter cannot read: no score term
+        heads = 0
+    if key is not None:
+        _HEADS[key] = heads
+    return heads
+
+
+_HEADS: dict[str, int] = {}
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def memory_warning(models: list, feeds: list[Feed], *, rewritten: bool = False) -> str | None:
+    """One sentence when the larger model's estimated peak (one model runs at a time) exceeds the
+    memory available now; None when it fits or nothing can be said."""
+    available = available_memory()
+    if available is None or not feeds:
+        return None
+    peak = max(estimated_peak(m, feeds, rewritten=rewritten) for m in models)
+    if peak <= available:
+        return None
+    shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds[0].items())
+    return (
+        f"warning: the run on {shapes} may need about {peak / 2**30:.1f} GB (a rough estimate) but "
+        f"{available / 2**30:.1f} GB is available, so it may be killed for memory; use a shorter "
+        "--seq-len or --batch, or free memory first."
+    )
 
 
 # ---------------------------------------------------------------- metrics
@@ -168,9 +252,72 @@ def token_nll(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray | None) -> t
     return total, count
 
 
+def chunk_rows(width: int) -> int:
+    """Rows per chunk for the float64 work on [rows, width] slices: about 4M values (32 MB)."""
+    return max(1, min(_ROWS, (1 << 22) // max(width, 1)))
+
+
+def as_rows(x: np.ndarray) -> np.ndarray:
+    """The [rows, last axis] view every per-vector metric works on (one row for a 0-d/1-d output)."""
+    return x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
+
+
+class Spool:
+    """Arrays written to a temporary file and read back by row ranges with plain reads (no mmap),
+    so that a model's full outputs can wait for the other model's without taking memory."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self._file = tempfile.TemporaryFile(prefix="tfsa-onnx-")  # deleted on close, even on a crash
+        self._where: dict[Any, tuple[int, tuple[int, ...], np.dtype]] = {}
+
+    def put(self, key: Any, x: np.ndarray) -> None:
+        self._file.seek(0, 2)
+        self._where[key] = (self._file.tell(), x.shape, x.dtype)
+        np.ascontiguousarray(x).tofile(self._file)
+
+    def shape(self, key: Any) -> tuple[int, ...]:
+        return self._where[key][1]
+
+    def rows(self, key: Any, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the stored array's as_rows view."""
+        offset, shape, dtype = self._where[key]
+        width = shape[-1] if len(shape) > 1 else int(np.prod(shape, dtype=np.int64))
+        self._file.seek(offset + start * width * dtype.itemsize)
+        return np.fromfile(self._file, dtype=dtype, count=(stop - start) * width).reshape(-1, width)
+
+    def get(self, key: Any) -> np.ndarray:
+        shape = self.shape(key)
+        return self.rows(key, 0, as_rows(np.empty(shape, dtype=np.uint8)).shape[0]).reshape(shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+
+def chunked_cosines(ref_rows, opt: np.ndarray) -> np.ndarray:
+    """row_cosines of a spooled reference (ref_rows(start, stop) -> rows) against opt, by chunks."""
+    b = as_rows(opt)
+    step = chunk_rows(b.shape[1])
+    parts = [row_cosines(ref_rows(s, min(s + step, len(b))), b[s : s + step]) for s in range(0, len(b), step)]
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
 @dataclass
 class OutputStats:
-    """Running comparison figures of one output over all samples."""
+    """Running comparison figures of one output over all samples.
+
+    Two passes, one model at a time: reference(i, ref) takes the original's output of sample i
+    (its NLL, argmax and squared norm are reduced at once, the array itself goes to a Spool),
+    then compare(i, opt) reads it back by row chunks against the optimized model's output. The
+    figures are those of update(ref, opt), which does both at once on arrays in memory.
+    """
 
     name: str
     max_abs: float = 0.0
@@ -184,27 +331,70 @@ class OutputStats:
     nll_ref: float = 0.0
     nll_opt: float = 0.0
     nll_tokens: int = 0
+    spool: Spool | None = None
+    _pending: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def update(
         self, ref: np.ndarray, opt: np.ndarray, ids: np.ndarray | None, mask: np.ndarray | None
     ) -> None:
-        if ref.shape != opt.shape:
-            raise ValueError(f"output {self.name!r}: shapes differ, {ref.shape} vs {opt.shape}")
-        diff = np.abs(ref.astype(np.float64) - opt.astype(np.float64))
-        self.max_abs = max(self.max_abs, float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0)))
-        self.sum_abs += float(diff.sum())
-        self.count += diff.size
-        self.sum_sq_diff += float((diff**2).sum())
-        self.sum_sq_ref += float((ref.astype(np.float64) ** 2).sum())
-        del diff
-        self.cosines.append(float(row_cosines(ref, opt).mean()) if ref.size else 1.0)
+        """Both outputs of one sample at once (arrays in memory)."""
+        key = object()
+        self._pending[key] = self._reduce_reference(ref, ids, mask)
+        self._compare(key, lambda s, e: as_rows(ref)[s:e], ref.shape, opt, ids, mask)
+
+    def reference(self, i: int, ref: np.ndarray, ids: np.ndarray | None, mask: np.ndarray | None) -> None:
+        """The original's output of sample i: reduced now, spooled for compare(i, ...)."""
+        if self.spool is None:
+            self.spool = Spool()
+        self._pending[i] = self._reduce_reference(ref, ids, mask)
+        self.spool.put((self.name, i), ref)
+
+    def compare(self, i: int, opt: np.ndarray, ids: np.ndarray | None, mask: np.ndarray | None) -> None:
+        """The optimized model's output of sample i against the spooled reference."""
+        key = (self.name, i)
+        self._compare(i, lambda s, e: self.spool.rows(key, s, e), self.spool.shape(key), opt, ids, mask)
+
+    def _reduce_reference(self, ref, ids, mask) -> dict[str, Any]:
+        rows = as_rows(ref)
+        step = chunk_rows(rows.shape[1])
+        sum_sq = sum(
+            float((rows[s : s + step].astype(np.float64) ** 2).sum()) for s in range(0, len(rows), step)
+        )
+        out: dict[str, Any] = {"sum_sq": sum_sq}
         if looks_like_classes(self.name, ref.shape):
-            agree = ref.argmax(axis=-1) == opt.argmax(axis=-1)
+            out["argmax"] = ref.argmax(axis=-1)
+        if self._is_vocab(ref.shape, ids):
+            out["nll"] = token_nll(ref, ids, mask)
+        return out
+
+    def _is_vocab(self, shape: tuple[int, ...], ids: np.ndarray | None) -> bool:
+        is_vocab = ids is not None and len(shape) == 3 and shape[:2] == ids.shape
+        return is_vocab and looks_like_classes(self.name, shape) and ids.max() < shape[-1]
+
+    def _compare(self, key, ref_rows, shape, opt, ids, mask) -> None:
+        if tuple(shape) != opt.shape:
+            raise ValueError(f"output {self.name!r}: shapes differ, {tuple(shape)} vs {opt.shape}")
+        reduced = self._pending.pop(key)
+        b = as_rows(opt)
+        step = chunk_rows(b.shape[1])
+        cosines = []
+        for s in range(0, len(b), step):
+            x, y = ref_rows(s, min(s + step, len(b))), b[s : s + step]
+            diff = np.abs(x.astype(np.float64) - y.astype(np.float64))
+            self.max_abs = max(self.max_abs, float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0)))
+            self.sum_abs += float(diff.sum())
+            self.sum_sq_diff += float((diff**2).sum())
+            del diff
+            cosines.append(row_cosines(x, y))
+        self.count += opt.size
+        self.sum_sq_ref += reduced["sum_sq"]
+        self.cosines.append(float(np.concatenate(cosines).mean()) if opt.size else 1.0)
+        if "argmax" in reduced:
+            agree = reduced["argmax"] == opt.argmax(axis=-1)
             self.argmax_agree += int(agree.sum())
             self.argmax_total += agree.size
-        is_vocab = ids is not None and ref.ndim == 3 and ref.shape[:2] == ids.shape
-        if is_vocab and looks_like_classes(self.name, ref.shape) and ids.max() < ref.shape[-1]:
-            nll, n = token_nll(ref, ids, mask)
+        if "nll" in reduced:
+            nll, n = reduced["nll"]
             self.nll_ref += nll
             self.nll_opt += token_nll(opt, ids, mask)[0]
             self.nll_tokens += n
@@ -306,46 +496,87 @@ def validate(
     warmup: int = 1,
     progress: bool = True,
 ) -> ValidationResult:
-    """Run both models on the same feeds and compare every output; see the module docstring."""
-    original_proto, optimized_proto = load_model(original), load_model(optimized)
-    check_same_inputs(graph_inputs(original_proto), graph_inputs(optimized_proto))
-    exposed, density_names = expose_density(optimized_proto)
-    ref_session = make_session(
-        original if not isinstance(original, onnx.ModelProto) else original_proto, threads
-    )
-    opt_session = make_session(exposed, threads)
-    out_names = [o.name for o in ref_session.get_outputs()]
-    missing = [n for n in out_names if n not in {o.name for o in opt_session.get_outputs()}]
+    """Run both models on the same feeds and compare every output; see the module docstring.
+
+    One model at a time, so the peak is the larger model's own and not the sum of both: the
+    original runs on every feed (its outputs reduced or spooled to a temporary file), its session
+    and arena are released, then the optimized model runs and is compared as its outputs arrive.
+    """
+    original_head, optimized_head = graph_only(original), graph_only(optimized)
+    check_same_inputs(graph_inputs(original_head), graph_inputs(optimized_head))
+    out_names = [o.name for o in original_head.graph.output]
+    density_names = expose_density(optimized_head)[1]
+    known = {o.name for o in optimized_head.graph.output} | set(density_names)
+    missing = [n for n in out_names if n not in known]
     if missing:
         raise ValueError(f"the optimized model lacks output(s) {', '.join(missing)} of the original")
-    causal = is_causal_lm(optimized_proto)
-    del original_proto, optimized_proto, exposed
+    causal = is_causal_lm(optimized_head)
+    del original_head, optimized_head
     names = (out_names, density_names)
-    return _compare(ref_session, opt_session, names, feeds, threads, warmup, progress, causal)
+    return _compare(original, optimized, names, feeds, threads, warmup, progress, causal)
 
 
-def _compare(ref_session, opt_session, names, feeds, threads, warmup, progress, causal) -> ValidationResult:
+def graph_only(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+    """The model's graph without its large weights (a proto passed in is used as it is): every
+    initializer over 1 MB keeps its name, type and dims and loses its data."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    proto = onnx.load(str(model), load_external_data=False)
+    for t in proto.graph.initializer:
+        if len(t.raw_data) > 1 << 20:
+            t.ClearField("raw_data")
+    return proto
+
+
+def _optimized_session(optimized, threads):
+    """A session of the optimized model with its density outputs; no proto outlives the call."""
+    return make_session(expose_density(load_model(optimized))[0], threads)
+
+
+def _compare(original, optimized, names, feeds, threads, warmup, progress, causal) -> ValidationResult:
+    """Latency stays fair with one session at a time: each model gets a fresh session, the same
+    `warmup` untimed runs on the first feed and then one timed run per feed, the same feeds in the
+    same order, so every timed run finds its model equally warm (arena grown, weights paged in)
+    and neither model's timings include the other's allocations or page faults. The two models'
+    phases alternate: the original's, then the optimized model's."""
     from tqdm.auto import tqdm
 
     out_names, density_names = names
     opt_names = out_names + density_names
-    for _ in range(warmup if feeds else 0):
-        ref_session.run(out_names, feeds[0])
-        opt_session.run(opt_names, feeds[0])
     stats = {n: OutputStats(n) for n in out_names}
     densities: dict[str, list[float]] = {n: [] for n in density_names}
     t_ref, t_opt = [], []
-    for feed in tqdm(feeds, desc="validate", unit="sample", disable=not progress or len(feeds) < 2):
-        ref_out, dt_ref = timed_run(ref_session, feed, out_names)
-        opt_out, dt_opt = timed_run(opt_session, feed, opt_names)
-        t_ref.append(dt_ref)
-        t_opt.append(dt_opt)
-        ids, mask = _ids_and_mask(feed) if causal else (None, None)
-        for name, a, b in zip(out_names, ref_out, opt_out, strict=False):
-            stats[name].update(a, b, ids, mask)
-        for name, d in zip(density_names, opt_out[len(out_names) :], strict=True):
-            densities[name].append(float(np.mean(d)))
-        del ref_out, opt_out
+    with Spool() as spool:
+        for s in stats.values():
+            s.spool = spool
+        session = make_session(original, threads)
+        for _ in range(warmup if feeds else 0):
+            session.run(out_names, feeds[0])
+        bar = tqdm(feeds, desc="validate: original", unit="sample", disable=not progress or len(feeds) < 2)
+        for i, feed in enumerate(bar):
+            ref_out, dt = timed_run(session, feed, out_names)
+            t_ref.append(dt)
+            ids, mask = _ids_and_mask(feed) if causal else (None, None)
+            for name, a in zip(out_names, ref_out, strict=True):
+                stats[name].reference(i, a, ids, mask)
+            del ref_out, a  # the loop variable too: no output outlives its sample
+        del session  # its arena goes with it, before the optimized model allocates its own
+        gc.collect()
+        session = _optimized_session(optimized, threads)
+        for _ in range(warmup if feeds else 0):
+            session.run(opt_names, feeds[0])
+        bar = tqdm(feeds, desc="validate: optimized", unit="sample", disable=not progress or len(feeds) < 2)
+        for i, feed in enumerate(bar):
+            opt_out, dt = timed_run(session, feed, opt_names)
+            t_opt.append(dt)
+            ids, mask = _ids_and_mask(feed) if causal else (None, None)
+            for name, b in zip(out_names, opt_out, strict=False):
+                stats[name].compare(i, b, ids, mask)
+            for name, d in zip(density_names, opt_out[len(out_names) :], strict=True):
+                densities[name].append(float(np.mean(d)))
+            del opt_out, b  # the loop variable too: no output outlives its sample
+        del session
+        gc.collect()
     per_layer = {n.removesuffix(DENSITY_SUFFIX): float(np.mean(v)) for n, v in densities.items() if v}
     return ValidationResult(
         outputs={n: s.result() for n, s in stats.items()},
