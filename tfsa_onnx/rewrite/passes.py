@@ -38,6 +38,7 @@ from tfsa_onnx.rewrite.masks import MaskAnalyzer, mask_dtype_fix
 from tfsa_onnx.rewrite.matmul_softmax import MatMulSoftmaxRule
 from tfsa_onnx.rewrite.onnx_attention import OnnxAttentionRule
 from tfsa_onnx.rewrite.ort_contrib import OrtAttentionRule, OrtMultiHeadAttentionRule
+from tfsa_onnx.table import format_table
 
 MIN_OPSET = 13
 # Safe defaults: dense below 1,024 keys, a conservative threshold above.
@@ -86,25 +87,12 @@ class Report:
             "reason",
         )
         keys = ("layer", "name", "family", "heads", "kv_heads", "head_dim", "masked", "causal", "window")
-        rows = [head] + [
-            tuple(_cell(s.as_dict()[k]) for k in (*keys, "replaced", "reason")) for s in self.sites
-        ]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        rows = [[s.as_dict()[k] for k in (*keys, "replaced", "reason")] for s in self.sites]
+        return format_table(head, rows)
 
     def notes(self) -> list[str]:
         """What the mask analysis kept and why, one line per site and note."""
         return [f"layer {s.layer} ({s.name}): {note}" for s in self.sites for note in s.notes]
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return str(v)
 
 
 # ---------------------------------------------------------------- loading / saving
