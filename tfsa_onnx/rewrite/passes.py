@@ -29,6 +29,7 @@ from tfsa_onnx.rewrite.common import (
     GiveUp,
     Match,
     NotAttention,
+    Rule,
     Site,
     dims,
     sparse_attention_node,
@@ -49,7 +50,7 @@ class OptimizeError(Exception):
     """The model cannot be optimized; the message is one sentence for the user."""
 
 
-def _rules() -> list[Any]:
+def _rules() -> list[Rule]:
     return [OnnxAttentionRule(), OrtAttentionRule(), OrtMultiHeadAttentionRule(), MatMulSoftmaxRule()]
 
 
@@ -288,7 +289,7 @@ def _run(model: ir.Model, config: SparsityConfig | None, *, apply: bool, reapply
         if tunables is None:
             site.reason = "skipped by the config"
             continue
-        _replace(graph, site, tunables, analyzer)
+        _replace(graph, site, tunables)
     if apply:
         _cleanup(model)
         _restore_types(model.graph, declared)
@@ -359,7 +360,7 @@ def _infer_shapes(model: ir.Model) -> None:
         pass
 
 
-def _match(graph: ir.Graph, node: ir.Node, rule: Any, report: Report) -> Site | None:
+def _match(graph: ir.Graph, node: ir.Node, rule: Rule, report: Report) -> Site | None:
     from tfsa_onnx.rewrite.common import site_name
 
     name = site_name(node)
@@ -406,7 +407,7 @@ def _existing_site(node: ir.Node) -> Site:
     )
 
 
-def _replace(graph: ir.Graph, site: Site, tunables: dict[str, Any], analyzer: MaskAnalyzer) -> None:
+def _replace(graph: ir.Graph, site: Site, tunables: dict[str, Any]) -> None:
     match = site.match
     builder = Builder(graph, match.output.producer(), site.name)
     y = sparse_attention_node(builder, match, tunables, site.name)
