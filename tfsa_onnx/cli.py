@@ -339,7 +339,7 @@ def inspect_cmd(model) -> None:
 
 
 def _export_tasks() -> list[str]:
-    from tfsa_onnx.export import TASKS  # standard library only at import: cheap
+    from tfsa_onnx.exporter import TASKS  # standard library only at import: cheap
 
     return list(TASKS)
 
@@ -360,7 +360,7 @@ def export_cmd(model_dir, output, **options) -> None:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
-    from tfsa_onnx.export import ExportError, export
+    from tfsa_onnx.exporter import ExportError, export
 
     try:
         result = export(model_dir, output, progress=click.echo, **options)
