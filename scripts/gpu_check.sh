@@ -108,7 +108,7 @@ tests() {
 bench() { # bench NAME ARGS...: the GPU kernel benchmark (argparse entry: needs no click)
   local name=$1
   shift
-  "$PY" -m tfsa_onnx.bench_cuda --heads 32 --head-dim 128 --repeat 10 --json "$OUT/$name.json" "$@"
+  "$PY" -m tfsa_onnx.bench.cuda --heads 32 --head-dim 128 --repeat 10 --json "$OUT/$name.json" "$@"
 }
 
 export -f environment build tests bench

@@ -137,7 +137,7 @@ class ExportCache:
         if key not in self.paths:
             import torch
 
-            from tfsa_onnx.export import export_hf_model
+            from tfsa_onnx.exporter import export_hf_model
 
             torch.manual_seed(0)
             model = BUILDERS[family](attn)

@@ -1,4 +1,4 @@
-"""`tfsa-onnx bench kernel --provider cuda` and scripts/gpu_check.sh, on a machine without a GPU.
+"""`tfsa-onnx bench kernel --provider cuda` (tfsa_onnx.bench.cuda) and scripts/gpu_check.sh, without a GPU.
 
 The GPU side is exercised by scripts/gpu_check.sh on a GPU machine; here: the option and its
 errors, the timing and ratio helpers on fake timings, the row assembly on CPU stand-ins for the
@@ -18,7 +18,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tfsa_onnx import bench_cuda
+from tfsa_onnx.bench import cuda as bench_cuda
+from tfsa_onnx.bench import timing
 from tfsa_onnx.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def test_provider_cuda_without_a_gpu_is_a_one_line_error():
 @needs_no_gpu
 def test_module_entry_without_a_gpu_exits_1_with_the_same_message():
     out = subprocess.run(
-        [sys.executable, "-m", "tfsa_onnx.bench_cuda", "--seq-len", "1024"],
+        [sys.executable, "-m", "tfsa_onnx.bench.cuda", "--seq-len", "1024"],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -62,7 +63,7 @@ def test_provider_and_dtype_options_are_checked():
 def test_the_cuda_bench_imports_neither_click_nor_onnxruntime():
     # The GPU machine may lack click; onnxruntime is needed only with its CUDA provider.
     script = (
-        "import sys, tfsa_onnx.bench_cuda as b; b._parser(); "
+        "import sys, tfsa_onnx.bench.cuda as b; b._parser(); "
         "print(sorted(m for m in ('click', 'onnxruntime', 'onnx') if m in sys.modules))"
     )
     out = subprocess.run(
@@ -97,7 +98,7 @@ def test_interleaved_medians_time_every_run_once_per_round_after_warmup():
         return lambda: calls.append(name) or name
 
     timer = FakeTimer({"a": [5.0, 1.0, 3.0], "b": [10.0, 30.0, 20.0]})
-    ms = bench_cuda.interleaved_medians({"a": make("a"), "b": make("b")}, timer, warmup=2, repeat=3)
+    ms = timing.interleaved_medians({"a": make("a"), "b": make("b")}, timer, warmup=2, repeat=3)
     assert ms == {"a": 3.0, "b": 20.0}
     assert calls[:4] == ["a", "b", "a", "b"]  # warm-up, untimed
     assert timer.order == ["a", "b"] * 3
@@ -121,10 +122,10 @@ def test_ratios_without_baselines_or_dense_mode_are_none():
 
 
 def test_flops_and_path_choice():
-    assert bench_cuda.dense_flops(1, 2, 4, 8, causal=False) == 4.0 * 2 * 16 * 8
-    assert bench_cuda.dense_flops(1, 2, 4, 8, causal=True) == 2.0 * 2 * 16 * 8
-    assert bench_cuda.tflops(2e12, 1000.0) == pytest.approx(2.0)
-    assert bench_cuda.tflops(1.0, None) is None
+    assert timing.dense_flops(1, 2, 4, 8, causal=False) == 4.0 * 2 * 16 * 8
+    assert timing.dense_flops(1, 2, 4, 8, causal=True) == 2.0 * 2 * 16 * 8
+    assert timing.rate(2e12, 1000.0, 1e12) == pytest.approx(2.0)
+    assert timing.rate(1.0, None, 1e12) is None
     assert bench_cuda.choose_path("float16", ort_has_cuda=True) == bench_cuda.PATH_ORT
     assert bench_cuda.choose_path("bfloat16", ort_has_cuda=True) == bench_cuda.PATH_DIRECT
     assert bench_cuda.choose_path("float16", ort_has_cuda=False) == bench_cuda.PATH_DIRECT
@@ -155,19 +156,6 @@ def _cpu_op(q, k, v, causal: bool, density: float = 1.0) -> bench_cuda._Op:
     return bench_cuda._Op(run, lambda: out[0], torch.full(q.shape[:2], density))
 
 
-class PerfTimer:
-    def time(self, run):
-        import time
-
-        start = time.perf_counter()
-        run()
-        elapsed = (time.perf_counter() - start) * 1e3
-        return lambda: elapsed
-
-    def sync(self) -> None:
-        pass
-
-
 @pytest.fixture
 def cpu_stand_ins(monkeypatch):
     """The GPU calls of bench_cuda replaced by CPU ones, so the row assembly runs here."""
@@ -186,7 +174,7 @@ def cpu_stand_ins(monkeypatch):
     monkeypatch.setattr(bench_cuda, "_inputs", lambda b, h, s, d, dtype: [torch.randn(b, h, s, d)] * 3)
     monkeypatch.setattr(bench_cuda, "_ours_ops", ours_ops)
     monkeypatch.setattr(bench_cuda, "_sdpa_op", sdpa_op)
-    monkeypatch.setattr(bench_cuda, "EventTimer", PerfTimer)
+    monkeypatch.setattr(bench_cuda, "EventTimer", timing.WallTimer)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in")

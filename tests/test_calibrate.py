@@ -8,11 +8,11 @@ from pathlib import Path
 import onnx
 import pytest
 from click.testing import CliRunner
+from tiny_attention import tiny_feeds, tiny_model
 
 from tfsa_onnx.calibrate import CalibrationError, Target, calibrate
 from tfsa_onnx.cli import main
 from tfsa_onnx.config import SparsityConfig
-from tfsa_onnx.eval.tiny import tiny_feeds, tiny_model
 from tfsa_onnx.validation import validate
 
 BASE = {"block_size": 16, "global_tokens": 16, "local_window": 16, "min_seq_len": 0}

@@ -1,4 +1,4 @@
-"""`tfsa_onnx.export` / `tfsa-onnx export`: tiny Hugging Face models saved into a temporary directory,
+"""`tfsa_onnx.export()` / `tfsa-onnx export`: tiny Hugging Face models saved into a temporary directory,
 exported, checked against torch, optimized; and every way the export refuses."""
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from conftest import BUILDERS, VOCAB
 
 import tfsa_onnx
 from tfsa_onnx.cli import main
-from tfsa_onnx.export import TASKS, ExportCheckError, ExportError, ExportResult, infer_task
+from tfsa_onnx.exporter import TASKS, ExportCheckError, ExportError, ExportResult, infer_task
 
-# The module itself: the package attribute tfsa_onnx.export is the export() function.
-export_module = importlib.import_module("tfsa_onnx.export")
+export_module = importlib.import_module("tfsa_onnx.exporter")
 
 SEQ_LEN = 12  # example length: short keeps each export quick
 EXPECTED = {  # family -> (task, ONNX inputs, ONNX output)

@@ -303,7 +303,7 @@ def test_settings_on_an_optimized_model_apply_with_reapply_only_and_the_output_s
 
 
 def test_export_moves_graph_and_data_into_place_as_one_unit(tmp_path):
-    from tfsa_onnx.export import _move_into_place
+    from tfsa_onnx.exporter import _move_into_place
 
     out = tmp_path / "model.onnx"
     for seed in (1, 2, 3):

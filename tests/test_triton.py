@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 from google.protobuf import text_format
 from onnx import TensorProto, helper
+from tiny_attention import sparse_twin, tiny_feeds
 
 import tfsa_onnx
 from tfsa_onnx import triton
 from tfsa_onnx.cli import main
-from tfsa_onnx.eval.tiny import sparse_twin, tiny_feeds
 from tfsa_onnx.opmodel import sparse_attention_model
 from tfsa_onnx.triton import TritonRepoError, TritonRepoWarning, write_triton_repository
 

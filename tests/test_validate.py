@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from tiny_attention import VOCAB, sparse_twin, tiny_feeds, tiny_model
 
 from tfsa_onnx.cli import main
-from tfsa_onnx.eval.tiny import VOCAB, sparse_twin, tiny_feeds, tiny_model
 from tfsa_onnx.inputs import InputError, generate, graph_inputs, load_feeds, load_npz, load_text
 from tfsa_onnx.validation import token_nll, validate
 

@@ -8,11 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Bound here rather than in __getattr__: `export` is also its submodule's name, and importing
-# that submodule (tfsa_onnx.export) would otherwise leave the module where the function belongs.
-# The submodule imports only the standard library; torch and transformers load on first call.
-from tfsa_onnx.export import export as export
-
 __version__ = "0.1.0"
 DOMAIN = "ai.tfsa"
 OP_TYPE = "SparseAttention"
@@ -74,12 +69,19 @@ def session_options(so=None):
 
 
 def __getattr__(name: str):
-    # optimize/validate pull in onnx, onnxscript and more: import them on first use.
+    # The Python entry points load on first use: optimize/validate import onnx, onnx_ir and
+    # onnxruntime; export imports torch and transformers (its module, tfsa_onnx.exporter, and
+    # tfsa_onnx.validation are named apart from these functions so that importing them never
+    # replaces the function with the module).
+    if name == "export":
+        from tfsa_onnx.exporter import export
+
+        return export
     if name == "optimize":
         from tfsa_onnx.rewrite import optimize
 
         return optimize
-    if name == "validate":  # the module is tfsa_onnx.validation, so this name stays the function
+    if name == "validate":
         from tfsa_onnx.validation import validate
 
         return validate

@@ -79,7 +79,7 @@ def _setting(ctx, param, value):
     type=click.Choice(["cpu", "cuda"]),
     default="cpu",
     show_default=True,
-    help="cuda: our CUDA kernel vs torch SDPA (flash) and ORT's CUDA MHA (see tfsa_onnx/bench_cuda.py).",
+    help="cuda: our CUDA kernel vs torch SDPA (flash) and ORT's CUDA MHA (see tfsa_onnx/bench/cuda.py).",
 )
 @click.option(
     "--dtype",
@@ -114,7 +114,7 @@ def bench_kernel_cmd(
 
     _check_writable(json_path, plot_path)
 
-    table = _Table(
+    table = _table(
         "seq_len heads head_dim threads density sparse_ms selection_share ort_mha_ms unfused_ms "
         "speedup_vs_ort_mha speedup_vs_unfused sparse_gflops ort_mha_gflops unfused_gflops"
     )
@@ -144,14 +144,15 @@ def bench_kernel_cmd(
 
 
 def _bench_kernel_cuda(seq_len: list[int], json_path, plot_path, **options) -> None:
-    """--provider cuda: the GPU benchmark of tfsa_onnx.bench_cuda, with this command's table."""
-    from tfsa_onnx.bench_cuda import CudaBenchError, run_bench
+    """--provider cuda: the GPU benchmark of tfsa_onnx.bench.cuda."""
+    from tfsa_onnx.bench.cuda import CudaBenchError, run_bench
+    from tfsa_onnx.files import OutputError
 
     if plot_path:
         raise click.UsageError("--plot is for --provider cpu")
     try:
-        failures = run_bench(seq_len, click.echo, _Table, _write_json, json_path, **options)
-    except CudaBenchError as e:
+        failures = run_bench(seq_len, click.echo, json_path, **options)
+    except (CudaBenchError, OutputError) as e:
         raise click.ClickException(str(e)) from None
     if failures:
         raise click.ClickException("; ".join(failures))
@@ -172,7 +173,7 @@ def bench_model_cmd(original, optimized, seq_len, batch, threads, repeat, no_fus
     from tfsa_onnx.bench import bench_model
     from tfsa_onnx.inputs import InputError
 
-    table = _Table(
+    table = _table(
         "seq_len batch threads density original_ms ort_fused_ms optimized_ms best_dense "
         "speedup_vs_original speedup_vs_best_dense"
     )
@@ -189,33 +190,20 @@ def bench_model_cmd(original, optimized, seq_len, batch, threads, repeat, no_fus
     _write_json(json_path, [r.as_dict() for r in results])
 
 
-class _Table:
-    """Right-aligned columns printed as rows arrive (benchmarks take a while per row)."""
-
-    def __init__(self, columns: str) -> None:
-        self.columns = columns.split()
-        self.widths = [max(10, len(c)) for c in self.columns]
-        click.echo("  ".join(c.rjust(w) for c, w in zip(self.columns, self.widths, strict=True)))
-
-    def row(self, values: dict) -> None:
-        cells = (_fmt(values[c]).rjust(w) for c, w in zip(self.columns, self.widths, strict=True))
-        click.echo("  ".join(cells))
-
-
 def _write_json(path: str | None, data) -> None:
-    if path:
-        import json
+    from tfsa_onnx.bench.output import write_json
+    from tfsa_onnx.files import OutputError
 
-        _write_text_atomically(path, json.dumps(data, indent=2) + "\n")
-        click.echo(f"wrote {path}")
+    try:
+        write_json(path, data, click.echo)
+    except OutputError as e:
+        raise click.ClickException(str(e)) from None
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}" if value < 100 else f"{value:.1f}"
-    return str(value)
+def _table(columns: str):
+    from tfsa_onnx.table import StreamTable
+
+    return StreamTable(columns, click.echo)
 
 
 def _write_text_atomically(path: str, text: str) -> None:
@@ -351,7 +339,7 @@ def inspect_cmd(model) -> None:
 
 
 def _export_tasks() -> list[str]:
-    from tfsa_onnx.export import TASKS  # standard library only at import: cheap
+    from tfsa_onnx.exporter import TASKS  # standard library only at import: cheap
 
     return list(TASKS)
 
@@ -372,7 +360,7 @@ def export_cmd(model_dir, output, **options) -> None:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
-    from tfsa_onnx.export import ExportError, export
+    from tfsa_onnx.exporter import ExportError, export
 
     try:
         result = export(model_dir, output, progress=click.echo, **options)

@@ -1,6 +1,9 @@
-"""Single-node models of ai.tfsa::SparseAttention (and of dense baselines) for tests and benchmarks."""
+"""Single-node ONNX models for the tests and benchmarks: ai.tfsa::SparseAttention, and the dense
+baselines it is timed against (com.microsoft.MultiHeadAttention, the unfused MatMul-Softmax-MatMul)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx
@@ -40,5 +43,44 @@ def sparse_attention_model(
     return helper.make_model(graph, opset_imports=opsets)
 
 
-def numpy_dtype(dtype: int) -> np.dtype:
-    return np.dtype(helper.tensor_dtype_to_np_dtype(dtype))
+def mha_model(heads: int, causal: bool) -> onnx.ModelProto:
+    """com.microsoft.MultiHeadAttention on [B, S, H*D] query/key/value."""
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", "hidden"]) for n in "qkv"]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", "hidden"])
+    node = helper.make_node(
+        "MultiHeadAttention",
+        ["q", "k", "v"],
+        ["y"],
+        domain="com.microsoft",
+        num_heads=heads,
+        unidirectional=int(causal),
+    )
+    graph = helper.make_graph([node], "mha", io, [out])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def unfused_model(seq_len: int, head_dim: int, causal: bool) -> onnx.ModelProto:
+    """MatMul(Q, K^T) * scale (+ causal mask) -> Softmax -> MatMul(V) on [B, H, S, D]."""
+    dims = ["batch", "heads", "seq", "head_dim"]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("query", "key", "value")]
+    out = helper.make_tensor_value_info("Y", TensorProto.FLOAT, dims)
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [1.0 / math.sqrt(head_dim)])
+    nodes = [
+        helper.make_node("Transpose", ["key"], ["key_t"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["query", "key_t"], ["scores"]),
+        helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+    ]
+    inits = [scale]
+    logits = "scaled"
+    if causal:
+        mask = np.triu(np.full((seq_len, seq_len), -np.inf, np.float32), k=1)
+        inits.append(onnx.numpy_helper.from_array(mask, "causal_mask"))
+        nodes.append(helper.make_node("Add", ["scaled", "causal_mask"], ["masked"]))
+        logits = "masked"
+    nodes += [
+        helper.make_node("Softmax", [logits], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "value"], ["Y"]),
+    ]
+    graph = helper.make_graph(nodes, "unfused", inputs, [out], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -30,7 +30,7 @@ def capture(seq_len: int) -> dict[str, np.ndarray]:
     from tfsa_onnx.eval.models import bbc_texts, smollm2_dir, smollm2_onnx
     from tfsa_onnx.inputs import load_feeds
     from tfsa_onnx.rewrite import optimize
-    from tfsa_onnx.validation import make_session
+    from tfsa_onnx.runtime import make_session
 
     dense = SparsityConfig(defaults={"threshold": 1.0, "max_density": 1.0, "min_seq_len": 0})
     model, _ = optimize(str(smollm2_onnx()), dense)

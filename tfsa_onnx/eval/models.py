@@ -53,7 +53,7 @@ def minilm_onnx() -> Path:
     import torch
     from transformers import AutoModel
 
-    from tfsa_onnx.export import export_hf_model
+    from tfsa_onnx.exporter import export_hf_model
 
     model = AutoModel.from_pretrained(str(minilm_dir()))
     ids = torch.randint(1000, 2000, (1, 96))
@@ -102,7 +102,7 @@ def smollm2_onnx() -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tfsa_onnx.export import export_hf_model
+    from tfsa_onnx.exporter import export_hf_model
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float32)
     ids = torch.randint(100, 2000, (1, 96))

@@ -22,6 +22,7 @@ import click
 import onnx
 
 from tfsa_onnx.inputs import Feed, graph_inputs, load_text
+from tfsa_onnx.table import markdown_table
 from tfsa_onnx.validation import validate
 
 
@@ -121,21 +122,26 @@ def _row(label: str, optimized: onnx.ModelProto, model: onnx.ModelProto, evaluat
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
-    lines = [
-        "| model | tokens | config | density | cosine mean (min) | perplexity dense → optimized | speedup |",
-        "|---|---:|---|---:|---:|---:|---:|",
-    ]
-    for r in records:
-        ppl = "-"
-        if "perplexity_original" in r:
-            dense, sparse = r["perplexity_original"], r["perplexity_optimized"]
-            ppl = f"{dense:.3f} → {sparse:.3f} ({r['perplexity_increase']:+.2%})"
-        density = f"{r['density']:.3f}" if r["density"] is not None else "-"
-        lines.append(
-            f"| {r['model']} | {r['seq_len']} | {r['label']} | {density} | "
-            f"{r['cosine_mean']:.5f} ({r['cosine_min']:.5f}) | {ppl} | {r['speedup']:.2f}x |"
-        )
-    return "\n".join(lines)
+    head = (
+        "model",
+        "tokens",
+        "config",
+        "density",
+        "cosine mean (min)",
+        "perplexity dense → optimized",
+        "speedup",
+    )
+    return markdown_table(head, "lrlrrrr", [_markdown_cells(r) for r in records])
+
+
+def _markdown_cells(r: dict[str, Any]) -> list[str]:
+    ppl = "-"
+    if "perplexity_original" in r:
+        dense, sparse = r["perplexity_original"], r["perplexity_optimized"]
+        ppl = f"{dense:.3f} → {sparse:.3f} ({r['perplexity_increase']:+.2%})"
+    density = f"{r['density']:.3f}" if r["density"] is not None else "-"
+    cosine = f"{r['cosine_mean']:.5f} ({r['cosine_min']:.5f})"
+    return [r["model"], str(r["seq_len"]), r["label"], density, cosine, ppl, f"{r['speedup']:.2f}x"]
 
 
 @click.command()

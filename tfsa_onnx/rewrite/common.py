@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -46,6 +47,21 @@ class Match:
             if t is not None:
                 return t
         return None
+
+
+class Rule(Protocol):
+    """One attention family's matcher.
+
+    is_anchor(node): the node a block of this family is found from. match(anchor, builder_factory):
+    the block's Match, or GiveUp/NotAttention with the reason. A rule makes every check before
+    it calls builder_factory(node) and builds a node: a rule that gives up leaves the graph as it was.
+    """
+
+    family: str
+
+    def is_anchor(self, node: ir.Node) -> bool: ...
+
+    def match(self, anchor: ir.Node, builder_factory: Callable[[ir.Node], Builder]) -> Match: ...
 
 
 @dataclass
@@ -314,3 +330,26 @@ def outputs_unused(node: ir.Node, first: int = 1) -> bool:
 
 def optional_input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if len(node.inputs) > index else None
+
+
+def fold_repeat(value: ir.Value) -> ir.Value:
+    """Reshape(Expand(Unsqueeze(x, 2))) repeats x's heads (GQA): the op takes x itself."""
+    reshape = producer(value, "Reshape")
+    expand = producer(reshape.inputs[0], "Expand") if reshape else None
+    unsq = producer(expand.inputs[0], "Unsqueeze") if expand else None
+    if unsq is None or rank(unsq.inputs[0]) != 4 or rank(expand.outputs[0]) != 5:
+        return value
+    axes = attr(unsq, "axes")
+    if axes is None and len(unsq.inputs) > 1:
+        arr = const_array(unsq.inputs[1])
+        axes = None if arr is None else [int(a) for a in arr.reshape(-1)]
+    if axes not in ([2], [-3]):
+        return value
+    x, out = dims(unsq.inputs[0]), dims(value)
+    # Where shapes are known they must agree: [B, Hkv, S, D] -> [B, n*Hkv, S, D].
+    for i in (0, 2, 3):
+        if x[i] is not None and out[i] is not None and x[i] != out[i]:
+            return value
+    if isinstance(x[1], int) and isinstance(out[1], int) and out[1] % x[1]:
+        return value
+    return unsq.inputs[0]

@@ -138,7 +138,7 @@ class MaskProber:
         return result
 
     def _run(self, nodes: list[ir.Node], value: ir.Value) -> list[np.ndarray]:
-        import onnxruntime as ort
+        from tfsa_onnx.runtime import make_session
 
         graph = self.model.graph
         order = {id(n): i for i, n in enumerate(graph)}
@@ -158,9 +158,7 @@ class MaskProber:
         g = onnx.helper.make_graph(proto_nodes, "probe", inputs, [out], initializer=list(_dedupe(inits)))
         opsets = [onnx.helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()]
         proto = onnx.helper.make_model(g, opset_imports=opsets, ir_version=self.model.ir_version)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        session = make_session(proto)
         results = []
         for n in PROBE_LENGTHS:
             feeds = {v.name: _probe_input(v, n) for v in used_inputs}

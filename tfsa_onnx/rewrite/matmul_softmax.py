@@ -21,6 +21,7 @@ from tfsa_onnx.rewrite.common import (
     const_array,
     const_scalar,
     dims,
+    fold_repeat,
     producer,
     rank,
     same_dim,
@@ -59,7 +60,9 @@ class MatMulSoftmaxRule:
                 raise GiveUp(f"{name} is not a 4-D [batch, heads, seq, dim] tensor (rank {rank(v)})")
         q, q_scale = _strip_scalar_mul(q)
         k_t, k_scale = _strip_scalar_mul(k_t)
-        builder = builder_factory(pv)
+        if len(masks) > 1:
+            raise GiveUp(f"{len(masks)} masks applied to the scores; only one is supported")
+        builder = builder_factory(pv)  # every GiveUp is above: nodes are built only for a match
         key, value = _untranspose_key(k_t, builder), pv.inputs[1]
         folded_k, folded_v = fold_repeat(key), fold_repeat(value)
         if folded_k is not key and folded_v is not value:  # fold both or neither
@@ -254,35 +257,10 @@ def _reshape_transpose_reshape(k_t: ir.Value) -> ir.Value | None:
     return k if ok else None
 
 
-def fold_repeat(value: ir.Value) -> ir.Value:
-    """Reshape(Expand(Unsqueeze(x, 2))) repeats x's heads (GQA): the op takes x itself."""
-    reshape = producer(value, "Reshape")
-    expand = producer(reshape.inputs[0], "Expand") if reshape else None
-    unsq = producer(expand.inputs[0], "Unsqueeze") if expand else None
-    if unsq is None or rank(unsq.inputs[0]) != 4 or rank(expand.outputs[0]) != 5:
-        return value
-    axes = attr(unsq, "axes")
-    if axes is None and len(unsq.inputs) > 1:
-        arr = const_array(unsq.inputs[1])
-        axes = None if arr is None else [int(a) for a in arr.reshape(-1)]
-    if axes not in ([2], [-3]):
-        return value
-    x, out = dims(unsq.inputs[0]), dims(value)
-    # Where shapes are known they must agree: [B, Hkv, S, D] -> [B, n*Hkv, S, D].
-    for i in (0, 2, 3):
-        if x[i] is not None and out[i] is not None and x[i] != out[i]:
-            return value
-    if isinstance(x[1], int) and isinstance(out[1], int) and out[1] % x[1]:
-        return value
-    return unsq.inputs[0]
-
-
 def _combine_masks(masks: list[tuple[ir.Value, bool, float]], builder: Builder) -> tuple | None:
-    """Masks as found: [(value, additive, scale after it)]; the analyzer finishes them."""
+    """Masks as found (at most one): [(value, additive, scale after it)]; the analyzer finishes them."""
     if not masks:
         return None
-    if len(masks) > 1:
-        raise GiveUp(f"{len(masks)} masks applied to the scores; only one is supported")
     value, additive, scale_after = masks[0]
     if additive and scale_after != 1.0:
         # softmax(s * (qk + m)): the op adds the mask after scaling, so pre-scale it.

@@ -14,6 +14,7 @@ from tfsa_onnx.rewrite.common import (
     Match,
     attr,
     dims,
+    fold_repeat,
     merge_heads,
     optional_input,
     outputs_unused,
@@ -21,7 +22,6 @@ from tfsa_onnx.rewrite.common import (
     same_dim,
     split_heads,
 )
-from tfsa_onnx.rewrite.matmul_softmax import fold_repeat
 
 
 class OnnxAttentionRule:
@@ -39,12 +39,12 @@ class OnnxAttentionRule:
         is_causal = bool(attr(node, "is_causal", 0))
         if is_causal and not same_dim((dims(q) or [None] * 3)[-2], (dims(k) or [None] * 3)[-2]):
             raise GiveUp("is_causal with query and key lengths not provably equal (ONNX aligns it top-left)")
-        builder = builder_factory(node)
         finish, head_dim = None, None
         if r == 3:
             hq, hkv = attr(node, "q_num_heads"), attr(node, "kv_num_heads")
             if not hq or not hkv:
                 raise GiveUp("3-D inputs without q_num_heads/kv_num_heads")
+            builder = builder_factory(node)  # every GiveUp is above: nodes are built only for a match
             packed = (dims(q) or [None])[-1]
             head_dim = packed // hq if isinstance(packed, int) else None
             q, k, v = split_heads(builder, q, hq), split_heads(builder, k, hkv), split_heads(builder, v, hkv)

@@ -47,7 +47,8 @@ class OrtAttentionRule:
             raise GiveUp("weights shape is not static [hidden, 3 * hidden]")
         sizes = attr(node, "qkv_hidden_sizes") or [w[1] // 3] * 3
         heads = attr(node, "num_heads")
-        builder = builder_factory(node)
+        _check_mask(optional_input(node, 3), optional_input(node, 5))
+        builder = builder_factory(node)  # every GiveUp is above: nodes are built only for a match
         qkv = builder.op("MatMul", [x, weights])
         if bias is not None:
             qkv = builder.op("Add", [qkv, bias])
@@ -79,9 +80,14 @@ class OrtMultiHeadAttentionRule:
         if not outputs_unused(node, 1):
             raise GiveUp("present key/value outputs are used")
         heads = attr(node, "num_heads")
-        builder = builder_factory(node)
-        if bias is not None:
-            q, k, v = _add_packed_bias(builder, bias, q, k, v)
+        parts = _packed_bias(bias) if bias is not None else None
+        _check_mask(optional_input(node, 4), optional_input(node, 5))
+        builder = builder_factory(node)  # every GiveUp is above: nodes are built only for a match
+        if parts is not None:
+            q, k, v = (
+                builder.op("Add", [t, builder.const(p, "bias")])
+                for t, p in zip((q, k, v), parts, strict=True)
+            )
         keys = k
         q, k, v = (split_heads(builder, t, heads) for t in (q, k, v))
         mask = _mask(builder, optional_input(node, 4), optional_input(node, 5), keys)
@@ -109,27 +115,37 @@ def _match(node: ir.Node, q, k, v, mask: tuple | None, causal: bool, dtype) -> M
     )
 
 
-def _add_packed_bias(builder: Builder, bias: ir.Value, q, k, v):
+def _packed_bias(bias: ir.Value) -> list[np.ndarray]:
+    """The Q, K and V parts of a constant packed bias."""
     b = const_array(bias)
     if b is None or b.ndim != 1 or b.size % 3:
         raise GiveUp("the packed bias is not a constant of 3 equal parts")
-    parts = np.split(b, 3)
-    return tuple(
-        builder.op("Add", [t, builder.const(p, "bias")]) for t, p in zip((q, k, v), parts, strict=True)
-    )
+    return np.split(b, 3)
+
+
+def _mask_rank(key_mask: ir.Value) -> int | None:
+    r = rank(key_mask)
+    return 1 if r is None and _is_lengths(key_mask) else r
+
+
+def _check_mask(key_mask: ir.Value | None, bias: ir.Value | None) -> None:
+    """GiveUp unless _mask can take this key-padding mask and/or attention_bias."""
+    if key_mask is not None and bias is not None:
+        raise GiveUp("both a key padding mask and attention_bias: not supported")
+    if key_mask is None or bias is not None:
+        return
+    r = _mask_rank(key_mask)
+    if r != 2 and not (r == 1 and _is_lengths(key_mask)):
+        raise GiveUp(f"mask_index of rank {r} is not supported (only [B] lengths or [B, S] 0/1)")
 
 
 def _mask(builder: Builder, key_mask: ir.Value | None, bias: ir.Value | None, keys: ir.Value):
-    """(mask value, additive) for the op from a key-padding mask and/or attention_bias."""
-    if key_mask is not None and bias is not None:
-        raise GiveUp("both a key padding mask and attention_bias: not supported")
+    """(mask value, additive) for the op from a mask _check_mask accepted."""
     if bias is not None:
         return bias, True
     if key_mask is None:
         return None
-    r = rank(key_mask)
-    if r is None and _is_lengths(key_mask):
-        r = 1
+    r = _mask_rank(key_mask)
     if r == 2:  # raw [B, S] 0/1 mask
         zero = builder.const(np.zeros((), key_mask.dtype.numpy()), "zero")
         allowed = builder.op("Not", [builder.op("Equal", [key_mask, zero])])
@@ -140,7 +156,7 @@ def _mask(builder: Builder, key_mask: ir.Value | None, bias: ir.Value | None, ke
         lens = builder.op("Cast", [key_mask], to=ir.DataType.INT64)
         lens = builder.op("Reshape", [lens, builder.ints([-1, 1, 1, 1])])
         return builder.op("Less", [positions, lens]), False
-    raise GiveUp(f"mask_index of rank {r} is not supported (only [B] lengths or [B, S] 0/1)")
+    raise AssertionError("_check_mask accepts only [B] lengths or [B, S] masks")
 
 
 def _is_3d(value: ir.Value) -> bool:

@@ -29,6 +29,7 @@ from tfsa_onnx.rewrite.common import (
     GiveUp,
     Match,
     NotAttention,
+    Rule,
     Site,
     dims,
     sparse_attention_node,
@@ -38,6 +39,7 @@ from tfsa_onnx.rewrite.masks import MaskAnalyzer, mask_dtype_fix
 from tfsa_onnx.rewrite.matmul_softmax import MatMulSoftmaxRule
 from tfsa_onnx.rewrite.onnx_attention import OnnxAttentionRule
 from tfsa_onnx.rewrite.ort_contrib import OrtAttentionRule, OrtMultiHeadAttentionRule
+from tfsa_onnx.table import format_table
 
 MIN_OPSET = 13
 # Safe defaults: dense below 1,024 keys, a conservative threshold above.
@@ -48,7 +50,7 @@ class OptimizeError(Exception):
     """The model cannot be optimized; the message is one sentence for the user."""
 
 
-def _rules() -> list[Any]:
+def _rules() -> list[Rule]:
     return [OnnxAttentionRule(), OrtAttentionRule(), OrtMultiHeadAttentionRule(), MatMulSoftmaxRule()]
 
 
@@ -86,25 +88,12 @@ class Report:
             "reason",
         )
         keys = ("layer", "name", "family", "heads", "kv_heads", "head_dim", "masked", "causal", "window")
-        rows = [head] + [
-            tuple(_cell(s.as_dict()[k]) for k in (*keys, "replaced", "reason")) for s in self.sites
-        ]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        rows = [[s.as_dict()[k] for k in (*keys, "replaced", "reason")] for s in self.sites]
+        return format_table(head, rows)
 
     def notes(self) -> list[str]:
         """What the mask analysis kept and why, one line per site and note."""
         return [f"layer {s.layer} ({s.name}): {note}" for s in self.sites for note in s.notes]
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return str(v)
 
 
 # ---------------------------------------------------------------- loading / saving
@@ -300,7 +289,7 @@ def _run(model: ir.Model, config: SparsityConfig | None, *, apply: bool, reapply
         if tunables is None:
             site.reason = "skipped by the config"
             continue
-        _replace(graph, site, tunables, analyzer)
+        _replace(graph, site, tunables)
     if apply:
         _cleanup(model)
         _restore_types(model.graph, declared)
@@ -371,7 +360,7 @@ def _infer_shapes(model: ir.Model) -> None:
         pass
 
 
-def _match(graph: ir.Graph, node: ir.Node, rule: Any, report: Report) -> Site | None:
+def _match(graph: ir.Graph, node: ir.Node, rule: Rule, report: Report) -> Site | None:
     from tfsa_onnx.rewrite.common import site_name
 
     name = site_name(node)
@@ -418,7 +407,7 @@ def _existing_site(node: ir.Node) -> Site:
     )
 
 
-def _replace(graph: ir.Graph, site: Site, tunables: dict[str, Any], analyzer: MaskAnalyzer) -> None:
+def _replace(graph: ir.Graph, site: Site, tunables: dict[str, Any]) -> None:
     match = site.match
     builder = Builder(graph, match.output.producer(), site.name)
     y = sparse_attention_node(builder, match, tunables, site.name)

@@ -10,21 +10,17 @@ Times are medians; ratios are what to read, absolute times depend on the machine
 
 from __future__ import annotations
 
-import math
 import os
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import TensorProto, helper
 
-import tfsa_onnx
-from tfsa_onnx.opmodel import sparse_attention_model
+from tfsa_onnx.bench.timing import WallTimer, dense_flops, interleaved_medians, rate
+from tfsa_onnx.opmodel import mha_model, sparse_attention_model, unfused_model
 from tfsa_onnx.reference import SparseAttentionAttributes
+from tfsa_onnx.runtime import make_session
 
 UNFUSED_MEMORY_LIMIT = 8 * 2**30
 
@@ -54,84 +50,6 @@ class KernelResult:
         return asdict(self)
 
 
-def _mha_model(heads: int, causal: bool) -> onnx.ModelProto:
-    """com.microsoft.MultiHeadAttention on [B, S, H*D] query/key/value."""
-    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", "hidden"]) for n in "qkv"]
-    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", "hidden"])
-    node = helper.make_node(
-        "MultiHeadAttention",
-        ["q", "k", "v"],
-        ["y"],
-        domain="com.microsoft",
-        num_heads=heads,
-        unidirectional=int(causal),
-    )
-    graph = helper.make_graph([node], "mha", io, [out])
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    return helper.make_model(graph, opset_imports=opsets)
-
-
-def _unfused_model(seq_len: int, head_dim: int, causal: bool) -> onnx.ModelProto:
-    """MatMul(Q, K^T) * scale (+ causal mask) -> Softmax -> MatMul(V) on [B, H, S, D]."""
-    dims = ["batch", "heads", "seq", "head_dim"]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("query", "key", "value")]
-    out = helper.make_tensor_value_info("Y", TensorProto.FLOAT, dims)
-    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [1.0 / math.sqrt(head_dim)])
-    nodes = [
-        helper.make_node("Transpose", ["key"], ["key_t"], perm=[0, 1, 3, 2]),
-        helper.make_node("MatMul", ["query", "key_t"], ["scores"]),
-        helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
-    ]
-    inits = [scale]
-    logits = "scaled"
-    if causal:
-        mask = np.triu(np.full((seq_len, seq_len), -np.inf, np.float32), k=1)
-        inits.append(onnx.numpy_helper.from_array(mask, "causal_mask"))
-        nodes.append(helper.make_node("Add", ["scaled", "causal_mask"], ["masked"]))
-        logits = "masked"
-    nodes += [
-        helper.make_node("Softmax", [logits], ["probs"], axis=-1),
-        helper.make_node("MatMul", ["probs", "value"], ["Y"]),
-    ]
-    graph = helper.make_graph(nodes, "unfused", inputs, [out], initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def _session(
-    model: onnx.ModelProto | str, threads: int, ours: bool = False, selection_only: bool = False
-) -> ort.InferenceSession:
-    """A CPU session (a model or a path) with `threads` intra-op threads; `ours` registers the library."""
-    so = tfsa_onnx.session_options() if ours else ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    # The kernel reads TFSA_SELECTION_ONLY when the session is created: block selection
-    # (and key packing) alone, no attention computed, to time the schedule's share.
-    previous = os.environ.pop("TFSA_SELECTION_ONLY", None)
-    if selection_only:
-        os.environ["TFSA_SELECTION_ONLY"] = "1"
-    try:
-        source = model if isinstance(model, str) else model.SerializeToString()
-        return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
-    finally:
-        os.environ.pop("TFSA_SELECTION_ONLY", None)
-        if previous is not None:
-            os.environ["TFSA_SELECTION_ONLY"] = previous
-
-
-def _interleaved_medians(runs: dict[str, Callable[[], object]], warmup: int, repeat: int) -> dict[str, float]:
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeat):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
-
-
 def bench_kernel(
     seq_len: int,
     heads: int = 12,
@@ -153,10 +71,10 @@ def bench_kernel(
     op_model = sparse_attention_model(
         **SparseAttentionAttributes.capped(max_density, int(causal), block_size).as_dict()
     )
-    sparse = _session(op_model, threads, ours=True)
-    selection = _session(op_model, threads, ours=True, selection_only=True)
+    sparse = _session(op_model, threads)
+    selection = _session(op_model, threads, selection_only=True)
     feeds = {"query": q, "key": k, "value": v}
-    mha = _session(_mha_model(heads, causal), threads)
+    mha = _session(mha_model(heads, causal), threads)
     mha_feeds = dict(zip("qkv", packed, strict=True))
     runs: dict[str, Callable[[], object]] = {
         "sparse": lambda: sparse.run(["Y"], feeds),
@@ -165,16 +83,15 @@ def bench_kernel(
     # The unfused graph holds a few [B, H, S, S] float tensors at once: skip it where they
     # would not fit comfortably (S = 16384, 12 heads: ~13 GB each).
     if unfused and 3 * 4 * batch * heads * seq_len**2 <= UNFUSED_MEMORY_LIMIT:
-        plain = _session(_unfused_model(seq_len, head_dim, causal), threads)
+        plain = _session(unfused_model(seq_len, head_dim, causal), threads)
         runs["unfused"] = lambda: plain.run(None, feeds)
-    ms = _interleaved_medians(runs, warmup, repeat)
+    ms = interleaved_medians(runs, WallTimer(), warmup, repeat)
     # The selection alone takes a few ms: many back-to-back runs give a steadier median.
-    ms.update(_interleaved_medians({"selection": lambda: selection.run(["density"], feeds)}, 2, 20))
+    selection_run = {"selection": lambda: selection.run(["density"], feeds)}
+    ms.update(interleaved_medians(selection_run, WallTimer(), 2, 20))
     density = float(sparse.run(["density"], feeds)[0].mean())
 
-    # Dense attention work: QK^T and PV, 2 flops per multiply-add; causal halves it.
-    dense_flops = 4.0 * batch * heads * seq_len * seq_len * head_dim * (0.5 if causal else 1.0)
-    gflops = lambda flops, t: flops / (t * 1e-3) / 1e9  # noqa: E731
+    flops = dense_flops(batch, heads, seq_len, head_dim, causal)
     unfused_ms = ms.get("unfused")
     return KernelResult(
         seq_len=seq_len,
@@ -192,10 +109,15 @@ def bench_kernel(
         unfused_ms=unfused_ms,
         speedup_vs_ort_mha=ms["ort_mha"] / ms["sparse"],
         speedup_vs_unfused=unfused_ms / ms["sparse"] if unfused_ms else None,
-        sparse_gflops=gflops(dense_flops * density, ms["sparse"]),
-        ort_mha_gflops=gflops(dense_flops, ms["ort_mha"]),
-        unfused_gflops=gflops(dense_flops, unfused_ms) if unfused_ms else None,
+        sparse_gflops=rate(flops * density, ms["sparse"], 1e9),
+        ort_mha_gflops=rate(flops, ms["ort_mha"], 1e9),
+        unfused_gflops=rate(flops, unfused_ms, 1e9),
     )
+
+
+def _session(model: onnx.ModelProto | str, threads: int, register: bool | None = None, selection_only=False):
+    """A CPU session with `threads` intra-op threads and one inter-op thread."""
+    return make_session(model, threads, inter_threads=1, register=register, selection_only_run=selection_only)
 
 
 def plot_kernel_results(results: list[KernelResult], path: str) -> None:
@@ -314,14 +236,14 @@ def bench_model(
         fused_path, fused_nodes = ort_fused_model(original, work_dir) if fuse else (None, 0)
         with_density, density_names = expose_density(optimized_model)
         sessions = {
-            "original": _session(original, threads),
-            "optimized": _session(with_density, threads, ours=True),
+            "original": _session(original, threads, register=False),
+            "optimized": _session(with_density, threads),
         }
         if fused_path:
-            sessions["ort_fused"] = _session(fused_path, threads)
+            sessions["ort_fused"] = _session(fused_path, threads, register=False)
         first_output = [o.name for o in original_model.graph.output]
         runs = {name: (lambda s=s: s.run(first_output, feeds)) for name, s in sessions.items()}
-        ms = _interleaved_medians(runs, warmup, repeat)
+        ms = interleaved_medians(runs, WallTimer(), warmup, repeat)
         density = None
         if density_names:
             values = sessions["optimized"].run(density_names, feeds)

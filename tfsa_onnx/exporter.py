@@ -346,11 +346,9 @@ def _torch_output(model: Any, inputs: dict[str, Any], output: str) -> Any:
 
 def _onnx_output(path: Path, inputs: dict[str, Any]) -> tuple[list[str], list[str], Any]:
     """(input names, output names, first output) of the ONNX model run by onnxruntime on CPU."""
-    import onnxruntime as ort
+    from tfsa_onnx.runtime import make_session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    session = make_session(path, register=False)
     names = [i.name for i in session.get_inputs()]
     unknown = sorted(set(names) - set(inputs))
     if unknown:
@@ -569,10 +567,3 @@ def _dynamo_dims(tensor: Any) -> dict[int, Any]:
     if tensor.dim() == 4:
         return {0: auto}
     return {0: auto, 1: auto}
-
-
-def load(path: str | Path) -> Any:
-    """Load a model with its external data."""
-    import onnx
-
-    return onnx.load(str(path))

@@ -13,21 +13,19 @@ interleaved round by round, medians reported:
 Speed-up = best dense / ours; dense_mode_ratio = best dense / ours_dense.
 
     tfsa-onnx bench kernel --provider cuda --heads 32 --head-dim 128 --seq-len 32768 --max-density 0.1
-    python -m tfsa_onnx.bench_cuda ...   # the same without click (argparse)
+    python -m tfsa_onnx.bench.cuda ...   # the same without click (argparse)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import statistics
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from tfsa_onnx.bench.output import StreamTable, write_json
+from tfsa_onnx.bench.timing import dense_flops, interleaved_medians, rate
 from tfsa_onnx.reference import SparseAttentionAttributes
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -82,15 +80,6 @@ def choose_path(dtype: str, ort_has_cuda: bool) -> str:
     return PATH_ORT if ort_has_cuda and dtype != "bfloat16" else PATH_DIRECT
 
 
-def dense_flops(batch: int, heads: int, seq_len: int, head_dim: int, causal: bool) -> float:
-    """QK^T and PV at 2 flops per multiply-add; causal attention does half."""
-    return 4.0 * batch * heads * seq_len * seq_len * head_dim * (0.5 if causal else 1.0)
-
-
-def tflops(flops: float, ms: float | None) -> float | None:
-    return flops / (ms * 1e-3) / 1e12 if ms else None
-
-
 def ratios(ms: Mapping[str, float | None]) -> dict[str, Any]:
     """Best dense baseline and the ratios read from the medians (ms); absent baselines are None."""
     dense = {name: ms[name] for name in DENSE_BASELINES if ms.get(name)}
@@ -102,28 +91,6 @@ def ratios(ms: Mapping[str, float | None]) -> dict[str, Any]:
         "selection_share": ms["selection"] / ms["ours"],
         "dense_mode_ratio": dense[best] / ours_dense if best and ours_dense else None,
     }
-
-
-class Timer(Protocol):
-    def time(self, run: Callable[[], object]) -> Callable[[], float]: ...
-
-    def sync(self) -> None: ...
-
-
-def interleaved_medians(
-    runs: Mapping[str, Callable[[], object]], timer: Timer, warmup: int, repeat: int
-) -> dict[str, float]:
-    """Median ms of each run over `repeat` rounds, each round running every one once in turn."""
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    timer.sync()
-    pending: dict[str, list[Callable[[], float]]] = {name: [] for name in runs}
-    for _ in range(repeat):
-        for name, run in runs.items():
-            pending[name].append(timer.time(run))
-    timer.sync()
-    return {name: statistics.median(read() for read in reads) for name, reads in pending.items()}
 
 
 # ---------------------------------------------------------------- GPU side
@@ -196,26 +163,13 @@ def _direct_op(q, k, v, attributes: dict, selection_only: bool = False) -> _Op:
     return _Op(prepared.run, lambda: prepared.output, prepared.density, keep=(prepared,))
 
 
-@contextlib.contextmanager
-def _selection_only_env(on: bool) -> Iterator[None]:
-    """The ORT op reads TFSA_SELECTION_ONLY when its session is created."""
-    previous = os.environ.pop("TFSA_SELECTION_ONLY", None)
-    if on:
-        os.environ["TFSA_SELECTION_ONLY"] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop("TFSA_SELECTION_ONLY", None)
-        if previous is not None:
-            os.environ["TFSA_SELECTION_ONLY"] = previous
-
-
 def _ort_cuda_session(model, device, ours: bool, selection_only: bool = False):
     """A session on CUDAExecutionProvider that runs on torch's current stream, no CPU fallback."""
     import onnxruntime as ort
     import torch
 
     import tfsa_onnx
+    from tfsa_onnx.runtime import selection_only as selection_only_switch
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -227,7 +181,7 @@ def _ort_cuda_session(model, device, ours: bool, selection_only: bool = False):
         "device_id": str(device.index or 0),
         "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream),
     }
-    with _selection_only_env(selection_only):
+    with selection_only_switch(selection_only):
         return ort.InferenceSession(
             model.SerializeToString(), so, providers=[("CUDAExecutionProvider", options)]
         )
@@ -269,10 +223,10 @@ def _ort_mha_op(q, k, v, causal: bool) -> _Op:
     import torch
     from onnx import TensorProto
 
-    from tfsa_onnx.bench import _mha_model
+    from tfsa_onnx.opmodel import mha_model
 
     b, h, s, d = q.shape
-    model = _mha_model(h, causal)
+    model = mha_model(h, causal)
     elem = {torch.float16: TensorProto.FLOAT16, torch.float32: TensorProto.FLOAT}[q.dtype]
     for value in (*model.graph.input, *model.graph.output):
         value.type.tensor_type.elem_type = elem
@@ -433,8 +387,8 @@ def bench_kernel_cuda(
         best_dense=best,
         ours_dense_ms=m.ms.get("ours_dense"),
         dense_max_err=m.dense_max_err,
-        ours_tflops=tflops(flops * m.density, m.ms["ours"]),
-        best_dense_tflops=tflops(flops, m.ms[best]) if best else None,
+        ours_tflops=rate(flops * m.density, m.ms["ours"], 1e12),
+        best_dense_tflops=rate(flops, m.ms[best], 1e12) if best else None,
         gpu=torch.cuda.get_device_name(),
         notes=m.notes,
         **derived,
@@ -442,12 +396,7 @@ def bench_kernel_cuda(
 
 
 def run_bench(
-    seq_lens: list[int],
-    echo: Callable[[str], None],
-    new_table: Callable[[str], Any],
-    write_json: Callable[[str | None, Any], None],
-    json_path: str | None = None,
-    **options: Any,
+    seq_lens: list[int], echo: Callable[[str], None], json_path: str | None = None, **options: Any
 ) -> list[str]:
     """The command's body (click and argparse front ends): a table row per length; returns failures.
 
@@ -458,7 +407,7 @@ def run_bench(
 
     require_gpu()
     echo(describe(options.get("dtype", "float16")))
-    table = new_table(COLUMNS)
+    table = StreamTable(COLUMNS, echo)
     rows, failures = [], []
     for seq_len in seq_lens:
         try:
@@ -471,29 +420,11 @@ def run_bench(
         torch.cuda.empty_cache()  # here, once the except block has let go of a failed row's tensors
     for note in dict.fromkeys(n for r in rows for n in r["notes"]):
         echo(f"note: {note}")
-    write_json(json_path, rows)
+    write_json(json_path, rows, echo)
     return failures
 
 
-# ---------------------------------------------------------------- python -m tfsa_onnx.bench_cuda
-
-
-class _JsonLines:
-    """Rows as JSON lines, for machines without click (cli._Table needs it)."""
-
-    def __init__(self, columns: str) -> None:
-        self.columns = columns.split()
-        print("columns: " + " ".join(self.columns))
-
-    def row(self, values: dict) -> None:
-        print(json.dumps({c: values[c] for c in self.columns}))
-
-
-def _write_json_plain(path: str | None, data: Any) -> None:
-    if path:
-        with open(path, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-        print(f"wrote {path}")
+# ---------------------------------------------------------------- python -m tfsa_onnx.bench.cuda
 
 
 def _int_list(text: str) -> list[int]:
@@ -504,7 +435,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tfsa_onnx.bench_cuda", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tfsa_onnx.bench.cuda", description=__doc__.split("\n")[0])
     p.add_argument("--seq-len", type=_int_list, default=[8192], help="sequence length(s), comma-separated")
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)
@@ -525,14 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args["max_density"] <= 1:
         print("Error: --max-density must be in (0, 1]", file=sys.stderr)
         return 2
-    try:  # the click front end's table and JSON writer when click is installed
-        from tfsa_onnx.cli import _Table, _write_json
-    except ImportError:
-        _Table, _write_json = _JsonLines, _write_json_plain
+    from tfsa_onnx.files import OutputError
+
     args["dense_mode"] = not args.pop("no_dense_mode")
     try:
-        failures = run_bench(args.pop("seq_len"), print, _Table, _write_json, **args)
-    except CudaBenchError as e:
+        failures = run_bench(args.pop("seq_len"), print, **args)
+    except (CudaBenchError, OutputError) as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
     for failure in failures:

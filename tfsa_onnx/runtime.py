@@ -1,0 +1,72 @@
+"""The one place that makes an ONNX Runtime CPU session for the package's own runs.
+
+`make_session(model, threads)` takes the arguments of validation.make_session and behaves
+the same with them, so either can call the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+SELECTION_ONLY_ENV = "TFSA_SELECTION_ONLY"
+
+
+@contextlib.contextmanager
+def selection_only(on: bool) -> Iterator[None]:
+    """The kernel reads TFSA_SELECTION_ONLY when its session is created: block selection (and key
+    packing) alone, no attention computed, to time the schedule's share. Off restores what was set."""
+    previous = os.environ.pop(SELECTION_ONLY_ENV, None)
+    if on:
+        os.environ[SELECTION_ONLY_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(SELECTION_ONLY_ENV, None)
+        if previous is not None:
+            os.environ[SELECTION_ONLY_ENV] = previous
+
+
+def uses_our_domain(model: Any) -> bool:
+    from tfsa_onnx import DOMAIN
+
+    return any(n.domain == DOMAIN for n in model.graph.node)
+
+
+def make_session(
+    model: Any,
+    threads: int | None = None,
+    *,
+    inter_threads: int | None = None,
+    register: bool | None = None,
+    log_level: int = 3,
+    selection_only_run: bool | None = None,
+):
+    """An ORT session on CPUExecutionProvider for a ModelProto or a path.
+
+    register: our library is registered when True; None (the default) registers it for a model
+    that uses our domain, and always for a path (registering costs nothing and keeps our nodes
+    loadable). threads/inter_threads: intra-/inter-op thread counts (None: ORT's default).
+    log_level 3 hides the shape-merge warnings about custom-op outputs. selection_only_run:
+    True/False set/clear the kernel's selection-only switch while the session is made (None: the
+    environment as it is).
+    """
+    import onnxruntime as ort
+
+    from tfsa_onnx import session_options
+
+    so = ort.SessionOptions()
+    so.log_severity_level = log_level
+    if threads:
+        so.intra_op_num_threads = threads
+    if inter_threads:
+        so.inter_op_num_threads = inter_threads
+    is_path = isinstance(model, str | os.PathLike)
+    if register if register is not None else (is_path or uses_our_domain(model)):
+        session_options(so)
+    source = os.fspath(model) if is_path else model.SerializeToString()
+    switch = contextlib.nullcontext() if selection_only_run is None else selection_only(selection_only_run)
+    with switch:
+        return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
