@@ -43,6 +43,7 @@ def make_session(
     register: bool | None = None,
     log_level: int = 3,
     selection_only_run: bool | None = None,
+    mem_pattern: bool = True,
 ):
     """An ORT session on CPUExecutionProvider for a ModelProto or a path.
 
@@ -51,7 +52,9 @@ def make_session(
     loadable). threads/inter_threads: intra-/inter-op thread counts (None: ORT's default).
     log_level 3 hides the shape-merge warnings about custom-op outputs. selection_only_run:
     True/False set/clear the kernel's selection-only switch while the session is made (None: the
-    environment as it is).
+    environment as it is). mem_pattern=False: runs after the first reuse the arena the first
+    one grew instead of allocating the planned block beside it (validate and calibrate: SmolLM2 at
+    8,192 tokens takes 13.4 GB for one run, 22.5 GB from the second run on with the pattern).
     """
     import onnxruntime as ort
 
@@ -59,6 +62,7 @@ def make_session(
 
     so = ort.SessionOptions()
     so.log_severity_level = log_level
+    so.enable_mem_pattern = mem_pattern
     if threads:
         so.intra_op_num_threads = threads
     if inter_threads:

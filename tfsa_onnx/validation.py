@@ -99,27 +99,10 @@ def is_causal_lm(model: onnx.ModelProto) -> bool:
 
 
 def make_session(model: onnx.ModelProto | str | Path, threads: int | None = None):
-    """An ORT CPU session, our library registered when the model uses our domain."""
-    import onnxruntime as ort
+    """An ORT CPU session as validate and calibrate run them: without ORT's memory pattern."""
+    from tfsa_onnx import runtime
 
-    from tfsa_onnx import session_options
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3  # shape-merge warnings about custom-op outputs are noise here
-    # No memory pattern: with one, every run after the first allocates the planned block next to
-    # the arena the first run grew (SmolLM2 at 8,192 tokens: 13.4 GB for one run, 22.5 GB from the
-    # second on). Without it, runs reuse the arena's chunks; both models are timed the same way.
-    so.enable_mem_pattern = False
-    if threads:
-        so.intra_op_num_threads = threads
-    if isinstance(model, onnx.ModelProto):
-        if any(n.domain == DOMAIN for n in model.graph.node):
-            session_options(so)
-        source = model.SerializeToString()
-    else:
-        source = str(model)
-        session_options(so)  # a path: registering costs nothing and keeps our nodes loadable
-    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+    return runtime.make_session(model, threads, mem_pattern=False)
 
 
 def timed_run(session, feed: Feed, names: list[str] | None = None) -> tuple[list[np.ndarray], float]:
