@@ -29,6 +29,7 @@ from onnx import helper
 
 from tfsa_onnx.config import TUNABLE, SparsityConfig
 from tfsa_onnx.inputs import Feed
+from tfsa_onnx.table import format_table
 from tfsa_onnx.validation import (
     Spool,
     attention_nodes,
@@ -101,14 +102,13 @@ class CalibrationResult:
         return float(np.mean([row["density"] for row in self.layers])) if self.layers else 1.0
 
     def table(self) -> str:
-        lines = [f"{'layer':<6}{'threshold':>10}{'density':>9}{'local err':>11}  name"]
-        for row in self.layers:
-            lines.append(
-                f"{row['layer']:<6}{row['threshold']:>10.4g}{row['density']:>9.3f}{row['local_error']:>11.2e}"
-                f"  {row['name']}"
-            )
-        lines.append(f"mean density {self.density:.3f}; {self.target.metric} = {_fmt_score(self)}")
-        return "\n".join(lines)
+        head = ("layer", "threshold", "density", "local err", "name")
+        rows = [
+            (r["layer"], f"{r['threshold']:.4g}", f"{r['density']:.3f}", f"{r['local_error']:.2e}", r["name"])
+            for r in self.layers
+        ]
+        summary = f"mean density {self.density:.3f}; {self.target.metric} = {_fmt_score(self)}"
+        return format_table(head, rows) + "\n" + summary
 
     def to_dict(self) -> dict[str, Any]:
         return {
