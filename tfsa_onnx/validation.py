@@ -298,8 +298,7 @@ class OutputStats:
 
     Two passes, one model at a time: reference(i, ref) takes the original's output of sample i
     (its NLL, argmax and squared norm are reduced at once, the array itself goes to a Spool),
-    then compare(i, opt) reads it back by row chunks against the optimized model's output. The
-    figures are those of update(ref, opt), which does both at once on arrays in memory.
+    then compare(i, opt) reads it back by row chunks against the optimized model's output.
     """
 
     name: str
@@ -316,14 +315,6 @@ class OutputStats:
     nll_tokens: int = 0
     spool: Spool | None = None
     _pending: dict[int, dict[str, Any]] = field(default_factory=dict)
-
-    def update(
-        self, ref: np.ndarray, opt: np.ndarray, ids: np.ndarray | None, mask: np.ndarray | None
-    ) -> None:
-        """Both outputs of one sample at once (arrays in memory)."""
-        key = object()
-        self._pending[key] = self._reduce_reference(ref, ids, mask)
-        self._compare(key, lambda s, e: as_rows(ref)[s:e], ref.shape, opt, ids, mask)
 
     def reference(self, i: int, ref: np.ndarray, ids: np.ndarray | None, mask: np.ndarray | None) -> None:
         """The original's output of sample i: reduced now, spooled for compare(i, ...)."""
@@ -511,6 +502,27 @@ def graph_only(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _timed_phase(new_session, names, use, label, *, feeds, warmup, progress) -> list[float]:
+    """A session from new_session(), `warmup` untimed runs on the first feed, then one timed run
+    per feed, each output handed to use(i, feed, outputs) and dropped at once; the session and
+    its arena are released before returning."""
+    from tqdm.auto import tqdm
+
+    session = new_session()
+    for _ in range(warmup if feeds else 0):
+        session.run(names, feeds[0])
+    times = []
+    bar = tqdm(feeds, desc=f"validate: {label}", unit="sample", disable=not progress or len(feeds) < 2)
+    for i, feed in enumerate(bar):
+        outputs, dt = timed_run(session, feed, names)
+        times.append(dt)
+        use(i, feed, outputs)
+        del outputs  # no output outlives its sample
+    del session
+    gc.collect()
+    return times
+
+
 def _optimized_session(optimized, threads):
     """A session of the optimized model with its density outputs; no proto outlives the call."""
     return make_session(expose_density(load_model(optimized))[0], threads)
@@ -522,44 +534,33 @@ def _compare(original, optimized, names, feeds, threads, warmup, progress, causa
     same order, so every timed run finds its model equally warm (arena grown, weights paged in)
     and neither model's timings include the other's allocations or page faults. The two models'
     phases alternate: the original's, then the optimized model's."""
-    from tqdm.auto import tqdm
-
     out_names, density_names = names
-    opt_names = out_names + density_names
     stats = {n: OutputStats(n) for n in out_names}
     densities: dict[str, list[float]] = {n: [] for n in density_names}
-    t_ref, t_opt = [], []
+
+    def keep_reference(i: int, feed: Feed, outputs: list[np.ndarray]) -> None:
+        ids, mask = _ids_and_mask(feed) if causal else (None, None)
+        for name, a in zip(out_names, outputs, strict=True):
+            stats[name].reference(i, a, ids, mask)
+
+    def compare(i: int, feed: Feed, outputs: list[np.ndarray]) -> None:
+        ids, mask = _ids_and_mask(feed) if causal else (None, None)
+        for name, b in zip(out_names, outputs, strict=False):
+            stats[name].compare(i, b, ids, mask)
+        for name, d in zip(density_names, outputs[len(out_names) :], strict=True):
+            densities[name].append(float(np.mean(d)))
+
+    phase = {"feeds": feeds, "warmup": warmup, "progress": progress}
     with Spool() as spool:
         for s in stats.values():
             s.spool = spool
-        session = make_session(original, threads)
-        for _ in range(warmup if feeds else 0):
-            session.run(out_names, feeds[0])
-        bar = tqdm(feeds, desc="validate: original", unit="sample", disable=not progress or len(feeds) < 2)
-        for i, feed in enumerate(bar):
-            ref_out, dt = timed_run(session, feed, out_names)
-            t_ref.append(dt)
-            ids, mask = _ids_and_mask(feed) if causal else (None, None)
-            for name, a in zip(out_names, ref_out, strict=True):
-                stats[name].reference(i, a, ids, mask)
-            del ref_out, a  # the loop variable too: no output outlives its sample
-        del session  # its arena goes with it, before the optimized model allocates its own
-        gc.collect()
-        session = _optimized_session(optimized, threads)
-        for _ in range(warmup if feeds else 0):
-            session.run(opt_names, feeds[0])
-        bar = tqdm(feeds, desc="validate: optimized", unit="sample", disable=not progress or len(feeds) < 2)
-        for i, feed in enumerate(bar):
-            opt_out, dt = timed_run(session, feed, opt_names)
-            t_opt.append(dt)
-            ids, mask = _ids_and_mask(feed) if causal else (None, None)
-            for name, b in zip(out_names, opt_out, strict=False):
-                stats[name].compare(i, b, ids, mask)
-            for name, d in zip(density_names, opt_out[len(out_names) :], strict=True):
-                densities[name].append(float(np.mean(d)))
-            del opt_out, b  # the loop variable too: no output outlives its sample
-        del session
-        gc.collect()
+        # Each session is released before the next allocates its own arena.
+        ref_session, opt_session = (
+            (lambda: make_session(original, threads)),
+            (lambda: _optimized_session(optimized, threads)),
+        )
+        t_ref = _timed_phase(ref_session, out_names, keep_reference, "original", **phase)
+        t_opt = _timed_phase(opt_session, out_names + density_names, compare, "optimized", **phase)
     per_layer = {n.removesuffix(DENSITY_SUFFIX): float(np.mean(v)) for n, v in densities.items() if v}
     return ValidationResult(
         outputs={n: s.result() for n, s in stats.items()},
