@@ -13,7 +13,6 @@ import onnx_ir as ir
 from tfsa_onnx.rewrite.common import (
     FLOAT_TYPES,
     NEG_LIMIT,
-    Builder,
     GiveUp,
     Match,
     NotAttention,
@@ -39,7 +38,7 @@ class MatMulSoftmaxRule:
     def is_anchor(self, node: ir.Node) -> bool:
         return node.op_type == "Softmax" and node.domain in ("", "ai.onnx")
 
-    def match(self, softmax: ir.Node, builder_factory) -> Match:
+    def match(self, softmax: ir.Node) -> Match:
         r = rank(softmax.outputs[0])
         axis = attr(softmax, "axis", -1)
         if r is not None and axis not in (-1, r - 1):
@@ -62,20 +61,26 @@ class MatMulSoftmaxRule:
         k_t, k_scale = _strip_scalar_mul(k_t)
         if len(masks) > 1:
             raise GiveUp(f"{len(masks)} masks applied to the scores; only one is supported")
-        builder = builder_factory(pv)  # every GiveUp is above: nodes are built only for a match
-        key, value = _untranspose_key(k_t, builder), pv.inputs[1]
-        folded_k, folded_v = fold_repeat(key), fold_repeat(value)
-        if folded_k is not key and folded_v is not value:  # fold both or neither
-            key, value = folded_k, folded_v
-        mask = _combine_masks(masks, builder)
+        mask, additive, mask_scale = masks[0] if masks else (None, True, 1.0)
+        if additive and mask is not None and not mask_scale > 0.0:
+            raise GiveUp(f"the scores are scaled by {mask_scale} after the mask is added")
+        key, perm = _key_layout(k_t)
+        value = pv.inputs[1]
+        if perm is None:  # K as the graph has it: fold repeated KV heads (fold both or neither)
+            folded_k, folded_v = fold_repeat(key), fold_repeat(value)
+            if folded_k is not key and folded_v is not value:
+                key, value = folded_k, folded_v
         return Match(
             query=q,
             key=key,
             value=value,
             output=pv.outputs[0],
             scale=q_scale * k_scale * post_scale,
-            mask=mask[0] if mask else None,
-            mask_additive=mask[1] if mask else True,
+            mask=mask,
+            mask_additive=additive,
+            mask_scale=mask_scale,
+            key_perm=perm,
+            length_axes=(2, 2 if perm is None else perm[2]),
         )
 
 
@@ -228,17 +233,18 @@ def _strip_scalar_mul(value: ir.Value) -> tuple[ir.Value, float]:
         value = other
 
 
-def _untranspose_key(k_t: ir.Value, builder: Builder) -> ir.Value:
-    """K [B,H,S,D] from K^T [B,H,D,S], reusing the exporter's transposes where provable."""
+def _key_layout(k_t: ir.Value) -> tuple[ir.Value, list[int] | None]:
+    """K [B,H,S,D] from K^T [B,H,D,S] as (value, perm): K = Transpose(value, perm), or the value
+    itself when perm is None. Reuses the exporter's transposes where provable."""
     node = producer(k_t, "Transpose")
     if node is not None and rank(node.inputs[0]) == 4:
         perm = attr(node, "perm")
         composed = [perm[i] for i in _SWAP_LAST]
-        return builder.transpose(node.inputs[0], composed)
+        return node.inputs[0], (None if composed == [0, 1, 2, 3] else composed)
     k = _reshape_transpose_reshape(k_t)
     if k is not None:
-        return k
-    return builder.transpose(k_t, _SWAP_LAST)
+        return k, None
+    return k_t, _SWAP_LAST
 
 
 def _reshape_transpose_reshape(k_t: ir.Value) -> ir.Value | None:
@@ -255,20 +261,3 @@ def _reshape_transpose_reshape(k_t: ir.Value) -> ir.Value | None:
     ok = same_dim(flat[1], kd[2]) and same_dim(flat[2], kd[3])
     ok = ok and same_dim(out[0], kd[0]) and same_dim(out[1], kd[1])
     return k if ok else None
-
-
-def _combine_masks(masks: list[tuple[ir.Value, bool, float]], builder: Builder) -> tuple | None:
-    """Masks as found (at most one): [(value, additive, scale after it)]; the analyzer finishes them."""
-    if not masks:
-        return None
-    value, additive, scale_after = masks[0]
-    if additive and scale_after != 1.0:
-        # softmax(s * (qk + m)): the op adds the mask after scaling, so pre-scale it.
-        value = builder.op("Mul", [value, builder.const(_as_array(scale_after, value.dtype), "mask_scale")])
-    return (value, additive)
-
-
-def _as_array(x: float, dtype):
-    import numpy as np
-
-    return np.asarray(x, dtype=dtype.numpy() if dtype is not None else np.float32)
