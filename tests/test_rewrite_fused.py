@@ -119,7 +119,9 @@ def ort_optimized(request, exports):
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     family, level = request.param
-    model_type, heads, hidden, attn = ("bert", 2, 32, "eager") if family == "bert" else ("gpt2", 4, 64, "sdpa")
+    model_type, heads, hidden, attn = (
+        ("bert", 2, 32, "eager") if family == "bert" else ("gpt2", 4, 64, "sdpa")
+    )
     options = FusionOptions(model_type)
     options.enable_embed_layer_norm = False
     with warnings.catch_warnings():

@@ -188,6 +188,22 @@ def _remap(x: Grid | Cond, shape: tuple[Dim, ...], source: list[int | None]) -> 
     return Cond(shape, _map_atoms(x.formula, lambda a: ("atom", coefs(a[1]), a[2], a[3])))
 
 
+def _uniform(x: Abstract) -> bool:
+    """One value everywhere (a filler such as an all-ones padding mask)."""
+    if isinstance(x, Grid):
+        return not any(x.coefs)
+    if isinstance(x, Cond):
+        return all(not any(a[1]) for a in _atoms(x.formula))
+    return False
+
+
+def _refill(x: Grid | Cond, shape: tuple[Dim, ...]) -> Grid | Cond:
+    """The uniform x at another shape."""
+    if isinstance(x, Grid):
+        return Grid(shape, x.offset, (0,) * len(shape))
+    return Cond(shape, _map_atoms(x.formula, lambda a: ("atom", (0,) * len(shape), a[2], a[3])))
+
+
 def _broadcast_shape(*shapes: tuple[Dim, ...]) -> tuple[Dim, ...]:
     rank = max(len(s) for s in shapes)
     out = []
@@ -483,6 +499,11 @@ class MaskAlgebra:
         if isinstance(x, Arr) and all(d.is_const for d in target):
             return Arr(x.values.reshape([int(d.const) for d in target]))
         x = _layout(x)
+        if _uniform(x):  # a filler keeps its value however its elements are arranged
+            name = node.outputs[0].name
+            return _refill(
+                x, tuple(Dim.symbol(f"{name}[{a}]") if d == Dim(-1) else d for a, d in enumerate(target))
+            )
         # Only reshapes that add or remove axes of size 1 keep the elements' indices.
         kept = [a for a, d in enumerate(x.shape) if d != ONE]
         slots = [a for a, d in enumerate(target) if d != ONE]
@@ -495,6 +516,18 @@ class MaskAlgebra:
             source[new] = old
         return _remap(x, tuple(target), source)
 
+    def _op_Flatten(self, node, inputs):
+        x = _layout(self._in(node, 0))
+        if not _uniform(x):
+            raise Unknown("Flatten of an index tensor")
+        axis = attr(node, "axis", 1) % (len(x.shape) + 1)
+        name = node.outputs[0].name
+        sizes = [ONE, ONE]
+        for a, d in enumerate(x.shape):
+            side = int(a >= axis)
+            sizes[side] = _size_op("Mul", sizes[side], d, f"{name}[{side}]")
+        return _refill(x, tuple(sizes))
+
     def _op_Concat(self, node, inputs):
         parts = [self.eval(i) for i in inputs]
         if not all(isinstance(p, Arr) for p in parts):
@@ -502,7 +535,12 @@ class MaskAlgebra:
         return Arr(np.concatenate([p.values.astype(object) for p in parts], axis=attr(node, "axis")))
 
     def _op_Gather(self, node, inputs):
-        data, idx = self._in(node, 0), self._ints_arr(node, 1)
+        data = self._in(node, 0)
+        if not isinstance(data, Arr) and _uniform(data):  # any element of a filler is the filler
+            axis = attr(node, "axis", 0) % len(data.shape)
+            shape = (*data.shape[:axis], *self.shape_of(inputs[1]), *data.shape[axis + 1 :])
+            return _refill(_layout(data), shape)
+        idx = self._ints_arr(node, 1)
         if not isinstance(data, Arr):
             raise Unknown("Gather from an index tensor")
         return Arr(np.take(data.values, idx, axis=attr(node, "axis", 0)))

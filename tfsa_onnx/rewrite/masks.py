@@ -62,6 +62,7 @@ _SHAPE_FROM_SHAPES = {
     "Min",
     "IsNaN",
     "Concat",
+    "Constant",  # no inputs: its shape is its own
 }
 # Ops whose output shape follows from input 0's shape and the other inputs' values.
 _SHAPE_FROM_VALUES = {
