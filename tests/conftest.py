@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 VOCAB = 100
+VISION = ("vit", "clip-vision", "dinov2", "dinov2-registers", "siglip-vision")
 
 
 def _bert(attn: str):
@@ -39,6 +40,27 @@ def _vit(attn: str):
         attn_implementation=attn,
     )
     return T.ViTModel(config, add_pooling_layer=False)
+
+
+def _vision(config_class: str, model_class: str, **extra):
+    """A tiny vision encoder (32x32 images, 8x8 patches: 16 patches + class/register tokens)."""
+
+    def build(attn: str):
+        import transformers as T
+
+        config = getattr(T, config_class)(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            attn_implementation=attn,
+            **extra,
+        )
+        return getattr(T, model_class)(config)
+
+    return build
 
 
 def _gpt2(attn: str):
@@ -148,6 +170,12 @@ BUILDERS = {
     "vit": _vit,
     "gpt2": _gpt2,
     "bart": _bart,
+    "clip-vision": _vision("CLIPVisionConfig", "CLIPVisionModel"),
+    "dinov2": _vision("Dinov2Config", "Dinov2Model"),
+    "dinov2-registers": _vision(
+        "Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", num_register_tokens=4
+    ),
+    "siglip-vision": _vision("SiglipVisionConfig", "SiglipVisionModel"),
     "whisper-encoder": _whisper_encoder,
     "llama": _llama,
     "qwen2": _qwen2,
@@ -163,7 +191,7 @@ BUILDERS = {
 def example_inputs(family: str) -> dict:
     import torch
 
-    if family == "vit":
+    if family in VISION:
         return {"pixel_values": torch.randn(2, 3, 32, 32)}
     if family == "whisper-encoder":
         return {"input_features": torch.randn(2, 16, 128)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import feeds, sessions
+from conftest import VISION, feeds, sessions
 
 from tfsa_onnx.rewrite import optimize
 
@@ -23,6 +23,14 @@ CASES = [
     ("bert", "sdpa", True, 23, 2, 2, False, 2),  # the standard Attention op, 4-D
     ("vit", "eager", False, 17, 2, 2, False, 2),
     ("vit", "sdpa", True, None, 2, 2, False, 2),
+    ("clip-vision", "sdpa", False, 17, 2, 2, False, 2),
+    ("clip-vision", "sdpa", True, None, 2, 2, False, 2),
+    ("dinov2", "sdpa", False, 17, 2, 2, False, 2),
+    ("dinov2", "sdpa", True, None, 2, 2, False, 2),
+    # the TorchScript exporter cannot export its position interpolation (bicubic antialiased)
+    ("dinov2-registers", "sdpa", True, None, 2, 2, False, 2),
+    ("siglip-vision", "eager", False, 17, 2, 2, False, 2),
+    ("siglip-vision", "sdpa", True, None, 2, 2, False, 2),
     ("gpt2", "eager", False, 17, 2, 2, True, 2),
     ("gpt2", "sdpa", True, None, 2, 2, True, 2),
     ("llama", "sdpa", False, 17, 4, 2, True, 2),
@@ -82,7 +90,7 @@ def test_family_dense_equivalence(exports, case) -> None:
         if causal:  # the causal triangle is an attribute, not a materialised S x S mask
             assert next(n for n in optimized.graph.node if n.name == site.name).attribute
     a, b = sessions(original, optimized)
-    for seq in (5, 16, 33) if family != "vit" else (17,):
+    for seq in (5, 16, 33) if family not in VISION else (17,):
         x = feeds(a, seq, batch=batch)
         expected, got = a.run(None, x)[0], b.run(None, x)[0]
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
