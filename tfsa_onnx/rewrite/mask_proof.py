@@ -802,21 +802,23 @@ def _decide(x: Arr | Cond, square: bool) -> Term:
         return _decide_concrete(x.values)
     rank = len(x.shape)
     formula = _map_atoms(x.formula, _settle_one_index)
-    x = Cond(x.shape, formula)
     atoms = list(_atoms(formula))
-    diagonal = []
-    for _, coefs, offset, _rel in atoms:
-        if any(coefs[:-2]) or not offset.is_const:
-            return Term("other")
-        cq, ck = (0, 0, *coefs)[-2:]
-        if cq != -ck:
-            return Term("other")
-        diagonal.append((ck, offset.const))
+    diagonal = _diagonal(atoms, Dim(0))
+    shifted = diagonal is None and rank >= 2 and ONE not in x.shape[-2:]
+    if shifted:
+        # Offsets in the sizes: t = j - i against the bottom-right diagonal t = Sk - Sq of the
+        # mask's own [Sq, Sk] axes (a KV cache: queries at positions past .. past + Sq - 1).
+        shift = x.shape[-1] - x.shape[-2]
+        diagonal = _diagonal(atoms, shift)
+        formula = _map_atoms(formula, lambda a: ("atom", a[1], a[2] + shift.scaled(a[1][-1]), a[3]))
+    if diagonal is None:
+        return Term("other")
+    x = Cond(x.shape, formula)
     points = _candidates(diagonal)
     truth = {t: _holds(x.formula, t) for t in points}
     if all(truth.values()):
         return Term("all")
-    if rank < 2 or ONE in x.shape[-2:] or (x.shape[-1] != x.shape[-2] and not square):
+    if rank < 2 or ONE in x.shape[-2:] or (not shifted and x.shape[-1] != x.shape[-2] and not square):
         return Term("other")
     if all(truth[t] == (t <= 0) for t in points):
         return Term("causal")
@@ -827,6 +829,21 @@ def _decide(x: Arr | Cond, square: bool) -> Term:
     if all(_holds(x.formula, t) == (low <= t <= 0) for t in checks):
         return Term("band", window=1 - low)
     return Term("other")
+
+
+def _diagonal(atoms: list[Formula], shift: Dim) -> list[tuple[Scalar, Scalar]] | None:
+    """(coefficient of t, constant) of each atom as a condition on t = j - i - shift; None when an
+    atom depends on more than t or its constant is symbolic."""
+    out = []
+    for _, coefs, offset, _rel in atoms:
+        if any(coefs[:-2]):
+            return None
+        cq, ck = (0, 0, *coefs)[-2:]
+        offset = offset + shift.scaled(ck)
+        if cq != -ck or not offset.is_const:
+            return None
+        out.append((ck, offset.const))
+    return out
 
 
 def _settle_one_index(atom: Formula) -> Formula:

@@ -182,10 +182,13 @@ def _probe_input(value: ir.Value, n: int) -> np.ndarray:
 
 
 def _is_lower_triangle(results: list[np.ndarray], additive: bool) -> bool:
+    """Causal at each probe length: the lower triangle aligned bottom-right (queries at the last
+    Sq of Sk positions, as after a KV cache)."""
     for n, arr in zip(PROBE_LENGTHS, results, strict=False):
-        if arr.ndim < 2 or arr.shape[-1] != n or arr.shape[-2] != n:
+        if arr.ndim < 2 or arr.shape[-2] != n or arr.shape[-1] < n:
             return False
-        tri = np.tril(np.ones((n, n), dtype=bool))
+        sq, sk = arr.shape[-2:]
+        tri = np.tril(np.ones((sq, sk), dtype=bool), k=sk - sq)
         allowed = (arr > NEG_LIMIT) if additive else arr.astype(bool)
         if additive and not np.all(np.where(tri, arr, 0) == 0):
             return False
