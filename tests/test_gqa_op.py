@@ -1,0 +1,198 @@
+"""ai.tfsa::SparseGroupQueryAttention against ORT's own com.microsoft.GroupQueryAttention node
+(dense configs: the same outputs and present K/V) and against the numpy reference (sparse
+configs), on prompts, decode steps, chunked prompts, shared and separate KV buffers, ragged
+batches, local windows, both rotary layouts, packed and separate QKV."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+
+import tfsa_onnx
+from tfsa_onnx.opmodel import group_query_attention_model
+from tfsa_onnx.reference import group_query_attention
+
+DENSE = dict(threshold=1.0, max_density=1.0)
+
+
+@dataclass
+class Case:
+    """One call: batch rows with their past lengths, `seq` new rows each (a prompt when every
+    past is 0: rows may then be shorter than seq, right padded), and the cache buffers."""
+
+    q_heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    seq: int = 20
+    past: tuple[int, ...] = (0,)
+    lengths: tuple[int, ...] | None = None  # prompt rows' lengths (default: seq)
+    cache: int = 0  # rows of the past buffer (0: no past input on a prompt, else max past)
+    shared: bool = False  # past and present bound to one buffer of `cache` rows
+    packed: bool = False
+    rotary: bool = True
+    interleaved: bool = False
+    rotary_dim: int | None = None  # default head_dim
+    attrs: dict = field(default_factory=dict)
+    dtype: type = np.float32
+
+    @property
+    def prompt(self) -> bool:
+        return all(p == 0 for p in self.past)
+
+    def gqa_attrs(self) -> dict:
+        a = dict(num_heads=self.q_heads, kv_num_heads=self.kv_heads, do_rotary=int(self.rotary))
+        a["rotary_interleaved"] = int(self.interleaved)
+        return a | {k: v for k, v in self.attrs.items() if k in ("local_window_size", "scale", "softcap")}
+
+    def sparsity_attrs(self) -> dict:
+        return {k: v for k, v in self.attrs.items() if k not in ("local_window_size", "scale", "softcap")}
+
+
+def make_feeds(case: Case, rng: np.random.Generator) -> dict:
+    b, s, d = len(case.past), case.seq, case.head_dim
+    hq, hkv = case.q_heads, case.kv_heads
+    dt = case.dtype
+    feeds = {}
+    if case.packed:
+        feeds["query"] = rng.standard_normal((b, s, (hq + 2 * hkv) * d)).astype(dt)
+    else:
+        feeds["query"] = rng.standard_normal((b, s, hq * d)).astype(dt)
+        feeds["key"] = rng.standard_normal((b, s, hkv * d)).astype(dt)
+        feeds["value"] = rng.standard_normal((b, s, hkv * d)).astype(dt)
+    if case.prompt:
+        lengths = case.lengths or (s,) * b
+        totals = np.array(lengths)
+        total_sequence_length = s
+    else:
+        totals = np.array(case.past) + s
+        total_sequence_length = int(totals.max())
+    cache = case.cache or (0 if case.prompt else max(case.past))
+    if cache:
+        past = rng.standard_normal((b, hkv, cache, d)).astype(dt)
+        feeds["past_key"], feeds["past_value"] = past, rng.standard_normal(past.shape).astype(dt)
+    feeds["seqlens_k"] = (totals - 1).astype(np.int32)
+    feeds["total_sequence_length"] = np.array(total_sequence_length, np.int32)
+    if case.rotary:
+        half = (case.rotary_dim or d) // 2
+        positions = max(total_sequence_length, cache) + 3
+        angles = rng.uniform(0, 2 * np.pi, (positions, half))
+        feeds["cos_cache"], feeds["sin_cache"] = np.cos(angles).astype(dt), np.sin(angles).astype(dt)
+    return feeds
+
+
+@functools.cache
+def _session(domain: str, dtype: int, packed: bool, past: bool, rotary: bool, attrs: tuple):
+    model = group_query_attention_model(domain, dtype, packed, past, rotary, **dict(attrs))
+    so = tfsa_onnx.session_options()
+    so.intra_op_num_threads = 2
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run(case: Case, feeds: dict, domain: str) -> list[np.ndarray]:
+    """output, present_key, present_value of the node of `domain` (ORT's or ours)."""
+    attrs = case.gqa_attrs() | (case.sparsity_attrs() if domain == tfsa_onnx.DOMAIN else {})
+    dtype = TensorProto.FLOAT16 if case.dtype == np.float16 else TensorProto.FLOAT
+    session = _session(
+        domain, dtype, case.packed, "past_key" in feeds, case.rotary, tuple(sorted(attrs.items()))
+    )
+    if not case.shared:
+        return session.run(None, feeds)
+    binding = session.io_binding()  # genai's past_present_share_buffer: one buffer, in place
+    for name, value in feeds.items():
+        if name not in ("past_key", "past_value"):
+            binding.bind_cpu_input(name, value)
+    binding.bind_output("output")
+    buffers = {name: feeds[name].copy() for name in ("past_key", "past_value")}  # the OrtValues borrow them
+    for past, present in (("past_key", "present_key"), ("past_value", "present_value")):
+        value = ort.OrtValue.ortvalue_from_numpy(buffers[past])
+        binding.bind_ortvalue_input(past, value)
+        binding.bind_ortvalue_output(present, value)
+    session.run_with_iobinding(binding)
+    output = binding.copy_outputs_to_cpu()[0]
+    return [output, buffers["past_key"], buffers["past_value"]]
+
+
+def check_against_ort(case: Case, seed: int = 0, atol: float = 1e-5) -> None:
+    feeds = make_feeds(case, np.random.default_rng(seed))
+    expected = run(case, feeds, "com.microsoft")
+    got = run(case, feeds, tfsa_onnx.DOMAIN)
+    np.testing.assert_allclose(got[0], expected[0], atol=atol, rtol=0)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[2], expected[2])
+
+
+DENSE_CASES = {
+    "prompt": Case(),
+    "prompt_packed": Case(packed=True),
+    "prompt_interleaved": Case(interleaved=True),
+    "prompt_partial_rotary": Case(rotary_dim=16),
+    "prompt_no_rotary": Case(rotary=False),
+    "prompt_mqa_d64": Case(q_heads=6, kv_heads=1, head_dim=64, seq=37),
+    "prompt_ragged": Case(past=(0, 0), lengths=(20, 13), seq=20),
+    "prompt_ragged_packed_window": Case(
+        past=(0, 0), lengths=(9, 20), packed=True, attrs={"local_window_size": 5}
+    ),
+    "prompt_into_shared_cache": Case(cache=48, shared=True),
+    "prompt_window": Case(seq=70, attrs={"local_window_size": 16}),
+    "decode": Case(seq=1, past=(33,)),
+    "decode_shared": Case(seq=1, past=(33,), cache=64, shared=True),
+    "decode_ragged_shared": Case(seq=1, past=(40, 17), cache=64, shared=True, packed=True),
+    "decode_ragged_separate": Case(seq=1, past=(40, 17), cache=45),
+    "decode_window": Case(seq=1, past=(70,), attrs={"local_window_size": 16}),
+    "decode_mqa_interleaved": Case(q_heads=6, kv_heads=1, head_dim=64, seq=1, past=(50,), interleaved=True),
+    "chunk": Case(seq=23, past=(41,)),
+    "chunk_shared_window": Case(seq=23, past=(41,), cache=80, shared=True, attrs={"local_window_size": 30}),
+    "scale": Case(attrs={"scale": 0.3}),
+}
+
+
+@pytest.mark.parametrize("name", DENSE_CASES)
+def test_dense_config_equals_ort(name):
+    check_against_ort(DENSE_CASES[name])
+
+
+SPARSE = dict(block_size=16, global_tokens=16, local_window=16, threshold=0.6, min_seq_len=0)
+SPARSE_CASES = {
+    "prompt": Case(seq=150, attrs=SPARSE),
+    "prompt_packed_mqa_d64": Case(q_heads=6, kv_heads=1, head_dim=64, seq=133, packed=True, attrs=SPARSE),
+    "prompt_ragged": Case(past=(0, 0), lengths=(150, 71), seq=150, attrs=SPARSE),
+    "prompt_window": Case(seq=200, attrs=SPARSE | {"local_window_size": 120}),
+    "prompt_capped": Case(seq=150, interleaved=True, attrs=SPARSE | {"max_density": 0.3, "threshold": 1.0}),
+    "chunk_shared": Case(seq=70, past=(100,), cache=200, shared=True, attrs=SPARSE),
+    "chunk_global_past": Case(seq=130, past=(24,), attrs=SPARSE | {"global_tokens": 40}),
+}
+
+
+def reference(case: Case, feeds: dict) -> tuple[np.ndarray, ...]:
+    inputs = [feeds.get(name) for name in ("query", "key", "value", "past_key", "past_value", "seqlens_k")]
+    total = int(feeds["total_sequence_length"])
+    attrs = case.gqa_attrs() | case.sparsity_attrs()
+    cos, sin = feeds.get("cos_cache"), feeds.get("sin_cache")
+    return group_query_attention(*inputs, total, cos, sin, shared_buffer=case.shared, **attrs)
+
+
+@pytest.mark.parametrize("name", SPARSE_CASES)
+def test_sparse_config_equals_reference(name):
+    case = SPARSE_CASES[name]
+    feeds = make_feeds(case, np.random.default_rng(1))
+    got = run(case, feeds, tfsa_onnx.DOMAIN)
+    expected = reference(case, feeds)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, atol=2e-5, rtol=0)
+    dense = run(
+        replace(case, attrs={k: v for k, v in case.attrs.items() if k == "local_window_size"}),
+        feeds,
+        "com.microsoft",
+    )
+    assert np.abs(got[0] - dense[0]).max() > 1e-3  # the config is sparse here
+
+
+@pytest.mark.parametrize("past", [(200,), (90, 300)])
+def test_decode_is_exact_with_a_sparse_config(past):
+    check_against_ort(Case(seq=1, past=past, cache=320, shared=True, attrs=SPARSE | {"threshold": 0.1}))
