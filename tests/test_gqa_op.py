@@ -5,19 +5,28 @@ batches, local windows, both rotary layouts, packed and separate QKV."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import json
+import subprocess
+import sys
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto
+from test_kernel import AttributeInfo  # noqa: E402  (TfsaAttributeInfo's ctypes mirror)
 
 import tfsa_onnx
 from tfsa_onnx.opmodel import group_query_attention_model
-from tfsa_onnx.reference import group_query_attention
-
-DENSE = dict(threshold=1.0, max_density=1.0)
+from tfsa_onnx.reference import (
+    GQA_ATTRIBUTE_BOUNDS,
+    HEADS_MAX,
+    GroupQueryAttentionAttributes,
+    SparseAttentionAttributes,
+    group_query_attention,
+)
 
 
 @dataclass
@@ -149,12 +158,17 @@ DENSE_CASES = {
     "chunk": Case(seq=23, past=(41,)),
     "chunk_shared_window": Case(seq=23, past=(41,), cache=80, shared=True, attrs={"local_window_size": 30}),
     "scale": Case(attrs={"scale": 0.3}),
+    "window_of_no_key": Case(attrs={"local_window_size": 0}),
+    "fp16_prompt_interleaved_packed": Case(dtype=np.float16, interleaved=True, packed=True),
+    "fp16_decode_ragged_shared": Case(dtype=np.float16, seq=1, past=(30, 12), cache=40, shared=True),
+    "fp16_chunk_window": Case(dtype=np.float16, seq=23, past=(41,), attrs={"local_window_size": 30}),
 }
 
 
 @pytest.mark.parametrize("name", DENSE_CASES)
 def test_dense_config_equals_ort(name):
-    check_against_ort(DENSE_CASES[name])
+    case = DENSE_CASES[name]
+    check_against_ort(case, atol=2e-3 if case.dtype == np.float16 else 1e-5)
 
 
 SPARSE = dict(block_size=16, global_tokens=16, local_window=16, threshold=0.6, min_seq_len=0)
@@ -196,3 +210,146 @@ def test_sparse_config_equals_reference(name):
 @pytest.mark.parametrize("past", [(200,), (90, 300)])
 def test_decode_is_exact_with_a_sparse_config(past):
     check_against_ort(Case(seq=1, past=past, cache=320, shared=True, attrs=SPARSE | {"threshold": 0.1}))
+
+
+def test_attributes_agree_with_the_cpp_contract():
+    # contract.h's kGqaAttributeRules (tfsa_gqa_attribute_info) and the Python mirror: the same
+    # names in the struct's order, defaults and bounds.
+    lib = ctypes.CDLL(tfsa_onnx.get_library_path())
+    lib.tfsa_gqa_attribute_info.argtypes = [ctypes.c_int32, ctypes.POINTER(AttributeInfo)]
+    lib.tfsa_gqa_attribute_info.restype = ctypes.c_int32
+    rows = []
+    for index in range(lib.tfsa_gqa_attribute_info(0, None)):
+        info = AttributeInfo()
+        lib.tfsa_gqa_attribute_info(index, ctypes.byref(info))
+        rows.append(info)
+    assert [
+        i.name.decode() for i in sorted(rows, key=lambda i: i.offset)
+    ] == GroupQueryAttentionAttributes.names()
+    defaults = GroupQueryAttentionAttributes()
+    for info in rows:
+        name = info.name.decode()
+        assert bool(info.is_float) == isinstance(getattr(defaults, name), float), name
+        assert info.default_value == getattr(defaults, name), name
+        assert (info.low, info.high, bool(info.low_open)) == GQA_ATTRIBUTE_BOUNDS[name], name
+    assert set(GQA_ATTRIBUTE_BOUNDS) == set(GroupQueryAttentionAttributes.names())
+    assert GQA_ATTRIBUTE_BOUNDS["num_heads"][1] == HEADS_MAX
+    # The sparsity attributes are SparseAttention's, is_causal aside.
+    assert not set(GroupQueryAttentionAttributes.names()) & set(SparseAttentionAttributes.names())
+
+
+# Bad input in a child process: each case must give an error that names the problem, never a
+# crash (a signal would end the child: the last case it started is the culprit).
+CHILD = r"""
+import json, sys
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto
+from tfsa_onnx.opmodel import group_query_attention_model
+
+library, cases = sys.argv[1], json.loads(sys.argv[2])
+so = ort.SessionOptions()
+so.register_custom_ops_library(library)
+so.log_severity_level = 4
+for index, (model_args, attrs, feeds) in enumerate(cases):
+    print("START", index, flush=True)
+    try:
+        model = group_query_attention_model("ai.tfsa", TensorProto.FLOAT, *model_args, **attrs)
+        session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        arrays = {}
+        for name, spec in feeds.items():
+            if name in ("seqlens_k", "total_sequence_length"):
+                arrays[name] = np.array(spec, np.int32)
+            else:
+                arrays[name] = np.random.default_rng(0).standard_normal(spec).astype(np.float32)
+        session.run(None, arrays)
+        print("RESULT", index, "OK", flush=True)
+    except Exception as error:
+        print("RESULT", index, "ERROR", str(error).replace("\n", " "), flush=True)
+"""
+
+HEADS = dict(num_heads=4, kv_num_heads=2)
+
+
+def _feeds(s=8, t=None, b=1, d=16, hq=4, hkv=2, past=None, seqlens=None, cos=(32, 8), packed=False) -> dict:
+    t = s if t is None else t
+    feeds = {"query": [b, s, (hq + 2 * hkv) * d if packed else hq * d]}
+    if not packed:
+        feeds |= {"key": [b, s, hkv * d], "value": [b, s, hkv * d]}
+    if past is not None:
+        feeds |= {"past_key": [b, hkv, past, d], "past_value": [b, hkv, past, d]}
+    feeds |= {"seqlens_k": seqlens if seqlens is not None else [t - 1] * b, "total_sequence_length": t}
+    if cos is not None:
+        feeds |= {"cos_cache": list(cos), "sin_cache": list(cos)}
+    return feeds
+
+
+# (model args (packed, past, rotary), attributes, feeds, words the error must hold)
+BAD_INPUTS = [
+    ((False, False, True), {"kv_num_heads": 2, "do_rotary": 1}, _feeds(), "num_heads"),
+    ((False, False, True), HEADS | {"num_heads": 3}, _feeds(hq=3), "multiple of kv_num_heads"),
+    ((False, False, True), HEADS | {"num_heads": 2**40}, _feeds(), "num_heads"),
+    ((False, False, True), HEADS | {"softcap": 30.0}, _feeds(), "softcap"),
+    ((False, False, True), HEADS | {"local_window_size": -2}, _feeds(), "local_window_size"),
+    ((False, False, True), HEADS | {"do_rotary": 2}, _feeds(), "do_rotary"),
+    ((False, False, True), HEADS | {"block_size": 0}, _feeds(), "block_size"),
+    ((False, False, True), HEADS | {"threshold": float("nan")}, _feeds(), "threshold"),
+    ((False, False, True), HEADS | {"block_size": 64.0}, _feeds(), "block_size must be an integer"),
+    ((False, False, True), HEADS, _feeds() | {"query": [8, 64]}, "query must be 3-D"),
+    ((False, False, True), HEADS, _feeds() | {"query": [1, 8, 62]}, "hidden size"),
+    ((False, False, True), HEADS, _feeds() | {"key": [1, 8, 16]}, "key and value must be"),
+    ((False, False, True), HEADS, _feeds() | {"value": [1, 7, 32]}, "key and value must be"),
+    ((True, False, True), HEADS, _feeds(packed=True) | {"query": [1, 8, 100]}, "hidden size"),
+    (
+        (False, True, True),
+        HEADS,
+        _feeds(s=1, t=9, past=8) | {"past_key": [1, 2, 8]},
+        "past_key and past_value must",
+    ),
+    (
+        (False, True, True),
+        HEADS,
+        _feeds(s=1, t=9, past=8) | {"past_key": [1, 3, 8, 16]},
+        "past_key and past_value",
+    ),
+    (
+        (False, True, True),
+        HEADS,
+        _feeds(s=1, t=9, past=8) | {"past_value": [1, 2, 7, 16]},
+        "past_key and past_value",
+    ),
+    ((False, False, True), HEADS, _feeds(seqlens=[7, 7]), "seqlens_k must be [batch]"),
+    ((False, False, True), HEADS, _feeds(seqlens=[8]), "seqlens_k[0] = 8"),
+    ((False, False, True), HEADS, _feeds(seqlens=[-1]), "negative"),
+    ((False, False, True), HEADS, _feeds(b=2, seqlens=[3, 2**31 - 1]), "seqlens_k[1]"),
+    ((False, True, True), HEADS, _feeds(s=1, t=9, past=8, seqlens=[20]), "does not fit"),
+    ((False, True, True), HEADS, _feeds(s=1, t=30, past=8, seqlens=[20]), "past rows"),
+    ((False, False, True), HEADS, _feeds(s=1, t=9, seqlens=[8]), "past_key is absent"),
+    ((False, True, True), HEADS, _feeds(s=4, t=9, past=8, seqlens=[1]), "less than sequence length - 1"),
+    ((False, False, True), HEADS, _feeds() | {"total_sequence_length": -3}, "total_sequence_length"),
+    ((False, False, True), HEADS, _feeds() | {"total_sequence_length": [8, 8]}, "total_sequence_length"),
+    ((False, False, False), HEADS | {"do_rotary": 1}, _feeds(cos=None), "cos_cache and sin_cache"),
+    ((False, False, True), HEADS | {"do_rotary": 1}, _feeds(cos=(4, 8)), "rotary positions"),
+    ((False, False, True), HEADS | {"do_rotary": 1}, _feeds(cos=(32, 9)), "rotary_dim"),
+    ((False, False, True), HEADS | {"do_rotary": 1}, _feeds() | {"sin_cache": [32, 4]}, "one shape"),
+    ((False, False, True), HEADS | {"do_rotary": 1}, _feeds() | {"cos_cache": [32]}, "cos_cache"),
+]
+
+
+def test_bad_input_is_an_error_not_a_crash():
+    cases = [list(case[:3]) for case in BAD_INPUTS]
+    command = [sys.executable, "-c", CHILD, tfsa_onnx.get_library_path(), json.dumps(cases)]
+    child = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    results = {}
+    for line in child.stdout.splitlines():
+        if line.startswith("RESULT"):
+            _, index, outcome = line.split(" ", 2)
+            results[int(index)] = outcome
+    started = [int(line.split()[1]) for line in child.stdout.splitlines() if line.startswith("START")]
+    assert child.returncode == 0, f"child died (rc {child.returncode}) in case {BAD_INPUTS[started[-1]]}"
+    for index, (*_, words) in enumerate(BAD_INPUTS):
+        assert results[index].startswith("ERROR"), (BAD_INPUTS[index], results[index])
+        assert "SparseGroupQueryAttention" in results[index] and words in results[index], (
+            words,
+            results[index],
+        )

@@ -269,7 +269,7 @@ class GroupQueryAttentionAttributes:
 
     num_heads: int = 0
     kv_num_heads: int = 0
-    local_window_size: int = -1  # a query at position p sees the w keys (p - w, p]; -1 or 0: all
+    local_window_size: int = -1  # a query at position p sees the w keys (p - w, p]; -1: all
     do_rotary: int = 0
     rotary_interleaved: int = 0
     softcap: float = 0.0  # only 0
@@ -305,8 +305,9 @@ def rotary(
 
 
 def _window_mask(rows: int, first_position: int, keys: int, window: int) -> np.ndarray | None:
-    """[rows, keys] bool: key j visible to row r at position p = first_position + r (j > p - w)."""
-    if window <= 0:
+    """[rows, keys] bool: key j visible to row r at position p = first_position + r (j > p - w);
+    w = 0 hides every key (ORT's GroupQueryAttention outputs zeros then)."""
+    if window < 0:
         return None
     positions = first_position + np.arange(rows)[:, None]
     return np.arange(keys)[None, :] > positions - window

@@ -197,6 +197,10 @@ void AttendRows(const GqaKernel& k, const GqaCall& call, const RowsCall& r, void
 template <class T>
 void Attend(GqaKernel& k, const GqaCall& call, void* output, const cpu::ParallelFor& parallel_for) {
   const cpu::GqaLayout& l = call.layout;
+  if (k.gqa.local_window_size == 0) {  // a window of no key: every row attends nothing (zeros, as ORT)
+    std::fill_n(static_cast<T*>(output), l.batch * l.seq * l.q_heads * l.head_dim, T(0.0f));
+    return;
+  }
   const bool dense = l.seq == 1 || l.seq < k.sparsity.min_seq_len;  // decode steps are exact
   for (int64_t b = 0; b < l.batch; ++b) {
     const int64_t total = static_cast<int64_t>(call.in.seqlens_k[b]) + 1;

@@ -51,7 +51,7 @@ typedef struct TfsaDims {
 typedef struct TfsaGqaAttributes {
   int64_t num_heads TFSA_DEFAULT(0);
   int64_t kv_num_heads TFSA_DEFAULT(0);
-  int64_t local_window_size TFSA_DEFAULT(-1); /* query at p sees the w keys (p - w, p]; -1 or 0: all */
+  int64_t local_window_size TFSA_DEFAULT(-1); /* query at p sees the w keys (p - w, p]; -1: all */
   int64_t do_rotary TFSA_DEFAULT(0);
   int64_t rotary_interleaved TFSA_DEFAULT(0);
   float softcap TFSA_DEFAULT(0.0f); /* only 0: no capping */
@@ -159,7 +159,7 @@ inline constexpr GqaAttributeRule kGqaAttributeRules[] = {
     {"num_heads", false, offsetof(GqaAttributes, num_heads), 1, kHeadsMax, false, ""},
     {"kv_num_heads", false, offsetof(GqaAttributes, kv_num_heads), 1, kHeadsMax, false, ""},
     {"local_window_size", false, offsetof(GqaAttributes, local_window_size), -1, kTokensMax, false,
-     " (-1 or 0: no window)"},
+     " (-1: no window)"},
     {"do_rotary", false, offsetof(GqaAttributes, do_rotary), 0, 1, false, ""},
     {"rotary_interleaved", false, offsetof(GqaAttributes, rotary_interleaved), 0, 1, false, ""},
     {"softcap", true, offsetof(GqaAttributes, softcap), 0, 0, false, " (softcap is not supported)"},
