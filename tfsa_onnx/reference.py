@@ -4,8 +4,8 @@ The C++ and CUDA kernels must agree with this file. It favours clarity over spee
 everything is materialised at [B, H, Sq, Sk].
 
 Selection (which key blocks a query block computes), per (batch, head, query block):
-  1. allowed: key blocks holding at least one key that causality and the mask let
-     some query of the block see.
+  1. allowed: key blocks holding at least one key that causality, the sliding window and
+     the mask let some query of the block see.
   2. forced: allowed blocks holding a global token (key index < global_tokens) or
      touching the local window (|key - query position| <= local_window, W > 0).
      Query blocks holding a global query (index < global_tokens) take every allowed block.
@@ -15,11 +15,13 @@ Selection (which key blocks a query block computes), per (batch, head, query blo
      count reaches ceil(max_density * allowed) (forced blocks count against the cap,
      but are kept even when they alone exceed it).
   Below min_seq_len keys, every allowed block is computed.
-Math: exactly softmax(scale * Q K^T + mask) V over the selected blocks, the rest -inf;
+Math: exactly softmax(scale * Q K^T + mask) V over the selected blocks, the rest -inf, where
+causality (key j <= p for the query at position p = i + Sk - Sq) and the sliding window
+(j > p - sliding_window when it is > 0) hide pairs as the mask does;
 rows with nothing to attend give zeros.
 
 Attribute bounds (contract.h enforces the same; out of range is an error): block_size in
-[1, BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len in [0, TOKENS_MAX]; threshold in
+[1, BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len, sliding_window in [0, TOKENS_MAX]; threshold in
 [0, 1]; max_density in (0, 1]; scale finite and >= 0; is_causal 0 or 1. block_size,
 global_tokens and local_window are cut to the longer sequence (`effective`), which changes no
 result: the kernels never size memory or index blocks by the raw values.
@@ -60,6 +62,7 @@ class SparseAttentionAttributes:
     threshold: float = 0.95
     max_density: float = 1.0
     min_seq_len: int = 1024
+    sliding_window: int = 0  # W > 0: no key before position p - W + 1 (a mask rule, not selection)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +99,7 @@ ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "threshold": (0.0, 1.0, False),
     "max_density": (0.0, 1.0, True),
     "min_seq_len": (0, TOKENS_MAX, False),
+    "sliding_window": (0, TOKENS_MAX, False),
 }
 
 
@@ -111,11 +115,13 @@ def effective(a: SparseAttentionAttributes, sq: int, sk: int) -> SparseAttention
         block_size=min(a.block_size, longest),
         global_tokens=min(a.global_tokens, longest),
         local_window=min(a.local_window, longest),
+        sliding_window=min(a.sliding_window, longest),
     )
 
 
-def _attendable(mask, shape, is_causal: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Additive bias [B,H,Sq,Sk] (float64) and the boolean 'may attend' of each pair."""
+def _attendable(mask, shape, is_causal: bool, window: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Additive bias [B,H,Sq,Sk] (float64) and the boolean 'may attend' of each pair (query i
+    at position p = i + Sk - Sq; a window W > 0 hides keys before p - W + 1)."""
     b, h, sq, sk = shape
     if mask is None:
         bias = np.zeros(shape)
@@ -127,6 +133,10 @@ def _attendable(mask, shape, is_causal: bool) -> tuple[np.ndarray, np.ndarray]:
         i = np.arange(sq)[:, None]
         j = np.arange(sk)[None, :]
         bias = np.where(j <= i + (sk - sq), bias, -np.inf)
+    if window > 0:
+        i = np.arange(sq)[:, None]
+        j = np.arange(sk)[None, :]
+        bias = np.where(j > i + (sk - sq) - window, bias, -np.inf)
     return bias, bias != -np.inf
 
 
@@ -230,7 +240,7 @@ def sparse_attention(
     b, hq, sq, d = query.shape
     hkv, sk = key.shape[1], key.shape[2]
     a = effective(SparseAttentionAttributes(**attributes), sq, sk)
-    bias, may_attend = _attendable(attn_mask, (b, hq, sq, sk), bool(a.is_causal))
+    bias, may_attend = _attendable(attn_mask, (b, hq, sq, sk), bool(a.is_causal), a.sliding_window)
     allowed = _block_any(may_attend, a.block_size)
     if selected is None:
         selected = select_blocks(query, key, allowed, a, query_offset)

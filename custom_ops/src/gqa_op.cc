@@ -219,7 +219,8 @@ void Attend(GqaKernel& k, const GqaCall& call, void* output, const cpu::Parallel
 GqaKernel::GqaKernel(const OrtApi& api, const OrtKernelInfo* info) {
   std::string type_error;
   ReadFields(api, info, kGqaAttributeRules, gqa, type_error);
-  ReadFields(api, info, kAttributeRules, sparsity, type_error, "is_causal");
+  // always causal; its window is local_window_size
+  ReadFields(api, info, kAttributeRules, sparsity, type_error, {"is_causal", "sliding_window"});
   sparsity.is_causal = 1;
   if (!type_error.empty()) attribute_error = type_error;
   else if (gqa.num_heads == 0 || gqa.kv_num_heads == 0) attribute_error = "num_heads and kv_num_heads are required";

@@ -2,7 +2,9 @@
 // type names.
 #pragma once
 
+#include <algorithm>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <type_traits>
 
@@ -43,10 +45,11 @@ V ReadAttribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, 
 // `skip`; the first wrongly typed one is reported in `error`.
 template <class S, size_t N>
 void ReadFields(const OrtApi& api, const OrtKernelInfo* info, const FieldRule<S> (&rules)[N], S& fields,
-                std::string& error, const char* skip = nullptr) {
+                std::string& error, std::initializer_list<const char*> skip = {}) {
   const S defaults{};
   for (const FieldRule<S>& rule : rules) {  // in the order the checks report errors
-    if (skip != nullptr && std::strcmp(rule.name, skip) == 0) continue;
+    if (std::any_of(skip.begin(), skip.end(), [&](const char* name) { return std::strcmp(rule.name, name) == 0; }))
+      continue;
     if (rule.is_float)
       rule.Set(fields, ReadAttribute(api, info, rule.name, rule.template Get<float>(defaults), error));
     else

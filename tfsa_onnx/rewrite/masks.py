@@ -224,7 +224,7 @@ class MaskSplit:
 
     kept: Kept | None  # what is left for the op's mask input; None = nothing
     causal: bool = False
-    window: int | None = None  # a proven sliding window (keys i - window < j <= i), kept in the mask
+    window: int | None = None  # a proven sliding window (keys p - window < j <= p): the op's sliding_window
     notes: list[str] = field(default_factory=list)
     square: bool = False  # the attention's query and key lengths are provably equal
     constants: list[int] = field(default_factory=list)  # integers the mask computes with (windows...)
@@ -336,10 +336,9 @@ class MaskAnalyzer:
             return None, False
         if term.kind == "causal":
             return None, True
-        if term.kind == "band":  # a band lies inside the causal triangle: is_causal stays exact
+        if term.kind == "band":  # is_causal and sliding_window express the band exactly
             out.window = term.window if out.window is None else min(out.window, term.window)
-            out.notes.append(f"sliding window of {term.window} keys kept in the mask")
-            return Kept(value), True
+            return None, True
         out.notes.append(f"kept mask term {value.name}: not provably causal or all-true at every length")
         return Kept(value), False
 

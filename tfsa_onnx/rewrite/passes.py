@@ -538,6 +538,7 @@ def _resolve_mask(site: Site, analyzer: MaskAnalyzer) -> None:
         square = analyzer.same_length(match.query, match.key, match.length_axes)
         split = analyzer.split(match.mask, match.mask_additive, square)
         match.is_causal = match.is_causal or split.causal
+        match.sliding_window = split.window
         site.mask_split = split
         site.window = split.window
         site.notes = list(split.notes)

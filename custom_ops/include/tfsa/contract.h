@@ -34,6 +34,10 @@ typedef struct TfsaAttributes {
   float threshold TFSA_DEFAULT(0.95f);
   float max_density TFSA_DEFAULT(1.0f);
   int64_t min_seq_len TFSA_DEFAULT(1024);
+  /* W > 0: a query at position p attends no key before p - W + 1 (the W keys up to its own
+   * when causal), as a sliding-window mask would; 0: no window. Unlike local_window, a rule
+   * of the math, not of the selection. */
+  int64_t sliding_window TFSA_DEFAULT(0);
 } TfsaAttributes;
 
 /* The sizes of one call: query [B, Hq, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv]. */
@@ -101,7 +105,8 @@ using Dims = TfsaDims;
 
 // The attributes' bounds. Inside them no index arithmetic of a call overflows int64.
 inline constexpr int64_t kBlockSizeMax = 1048576;  // block_size in [1, kBlockSizeMax]
-inline constexpr int64_t kTokensMax = 2147483647;  // global_tokens, local_window, min_seq_len in [0, kTokensMax]
+// global_tokens, local_window, min_seq_len, sliding_window in [0, kTokensMax]
+inline constexpr int64_t kTokensMax = 2147483647;
 inline constexpr int64_t kHeadsMax = 65536;        // num_heads, kv_num_heads in [1, kHeadsMax]
 
 // One attribute: its name, where it lives in its struct S (Attributes or GqaAttributes), its
@@ -147,6 +152,7 @@ inline constexpr AttributeRule kAttributeRules[] = {
     {"global_tokens", false, offsetof(Attributes, global_tokens), 0, kTokensMax, false, ""},
     {"local_window", false, offsetof(Attributes, local_window), 0, kTokensMax, false, ""},
     {"min_seq_len", false, offsetof(Attributes, min_seq_len), 0, kTokensMax, false, ""},
+    {"sliding_window", false, offsetof(Attributes, sliding_window), 0, kTokensMax, false, " (0: none)"},
     {"is_causal", false, offsetof(Attributes, is_causal), 0, 1, false, ""},
     {"threshold", true, offsetof(Attributes, threshold), 0, 1, false, ""},
     {"max_density", true, offsetof(Attributes, max_density), 0, 1, true, ""},
@@ -199,10 +205,10 @@ inline bool UsesEstimate(const Attributes& a, int64_t kv_len) {
 // The attributes a call with these sizes computes with; everything that sizes memory, indexes
 // blocks or scales scores uses these, never the raw attributes:
 //  - scale: 0 becomes 1/sqrt(head_dim) (1 without a head dim);
-//  - block_size, global_tokens and local_window cut to what the sequences can use, which
-//    changes no result. A block_size of at least both lengths is one query block and one key
-//    block however large it is; global tokens beyond both lengths cover every query and key
-//    either way; a window of the longer length already reaches every key from every query
+//  - block_size, global_tokens, local_window and sliding_window cut to what the sequences can
+//    use, which changes no result. A block_size of at least both lengths is one query block and
+//    one key block however large it is; global tokens beyond both lengths cover every query and
+//    key either way; a window of the longer length already reaches every key from every query
 //    position (positions lie in [kv - q, kv - 1]).
 inline Attributes Effective(const Attributes& a, const Dims& d) {
   Attributes e = a;
@@ -211,12 +217,15 @@ inline Attributes Effective(const Attributes& a, const Dims& d) {
   e.block_size = std::min(a.block_size, longest);
   e.global_tokens = std::min(a.global_tokens, longest);
   e.local_window = std::min(a.local_window, longest);
+  e.sliding_window = std::min(a.sliding_window, longest);
   return e;
 }
 
 // The block grid of a call, from its effective attributes.
 inline BlockGrid GridOf(const Attributes& effective, const Dims& d) {
-  return BlockGrid(effective.block_size, d.q_len, d.kv_len, effective.is_causal != 0);
+  BlockGrid grid(effective.block_size, d.q_len, d.kv_len, effective.is_causal != 0);
+  grid.window = effective.sliding_window > 0 ? effective.sliding_window - 1 : -1;
+  return grid;
 }
 
 using Shape = std::vector<int64_t>;
