@@ -210,7 +210,17 @@ CASES = [
     ),
     (1, 3, 1, 50, 50, 40, 24, "float16", dict(block_size=8, threshold=0.6, max_density=0.5)),
     (1, 2, 2, 33, 65, 32, 48, "float32", dict(block_size=16, threshold=1.0, max_density=0.4, is_causal=1)),
-    (1, 2, 1, 100, 100, 64, 64, "float16", dict(block_size=16, threshold=0.9, is_causal=1, sliding_window=37)),
+    (
+        1,
+        2,
+        1,
+        100,
+        100,
+        64,
+        64,
+        "float16",
+        dict(block_size=16, threshold=0.9, is_causal=1, sliding_window=37),
+    ),
     (1, 2, 2, 40, 90, 32, 32, "float32", dict(block_size=16, threshold=1.0, is_causal=1, sliding_window=20)),
 ]
 
