@@ -209,10 +209,18 @@ CASES = [
     ),
     (1, 3, 1, 50, 50, 40, 24, "float16", dict(block_size=8, threshold=0.6, max_density=0.5)),
     (1, 2, 2, 33, 65, 32, 48, "float32", dict(block_size=16, threshold=1.0, max_density=0.4, is_causal=1)),
+    # the token estimate: every query row against the key block means
+    (1, 2, 1, 100, 130, 16, 16, "float32", dict(block_size=16, threshold=0.8, global_tokens=8, estimate=1)),
+    (1, 4, 2, 90, 90, 64, 64, "float16", dict(block_size=16, threshold=0.7, is_causal=1, estimate=1)),
+    (1, 2, 2, 33, 65, 32, 48, "float32", dict(block_size=8, threshold=1.0, max_density=0.4, estimate=1)),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[7]}-d{c[5]}-s{c[3]}x{c[4]}-bs{c[8]['block_size']}")
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: f"{c[7]}-d{c[5]}-s{c[3]}x{c[4]}-bs{c[8]['block_size']}-e{c[8].get('estimate', 0)}",
+)
 @pytest.mark.parametrize("copies", ["late", "early"])
 def test_kernels_match_the_reference(backend, case, copies, monkeypatch):
     # The emulation lands asynchronous copies at the wait (late) or at the issue (early):
@@ -378,6 +386,7 @@ def _random_case(seed: int):
         local_window=int(rng.choice([0, 16, 64])),
         is_causal=int(rng.random() < 0.5),
         min_seq_len=int(rng.choice([0, 0, 100])),
+        estimate=seed % 2,
     )
     q, k, v = _inputs(rng, b, hq, hkv, sq, sk, d, dv, dtype)
     mask = None

@@ -9,18 +9,23 @@ Selection (which key blocks a query block computes), per (batch, head, query blo
   2. forced: allowed blocks holding a global token (key index < global_tokens) or
      touching the local window (|key - query position| <= local_window, W > 0).
      Query blocks holding a global query (index < global_tokens) take every allowed block.
-  3. estimate: the other allowed blocks are ranked by softmax over key blocks of
-     scale * mean(Q block) . mean(K block) + log(keys in block); they are added in
-     that order until their cumulative estimated mass reaches `threshold` or the block
-     count reaches ceil(max_density * allowed) (forced blocks count against the cap,
-     but are kept even when they alone exceed it).
+  3. estimate: the other allowed blocks (candidates) get an estimated mass, and are added
+     heaviest first until their cumulative mass reaches `threshold` or the block count
+     reaches ceil(max_density * allowed) (forced blocks count against the cap, but are kept
+     even when they alone exceed it). The mass, by `estimate` (ESTIMATES):
+       0 "mean":  softmax over the candidates of scale * mean(Q block) . mean(K block)
+                  + log(keys in block);
+       1 "token": each query row's softmax over the candidates of scale * q_i . mean(K block)
+                  + log(keys in block), averaged over the block's rows (a row whose query
+                  hits one key block hard keeps it, where the mean of the rows blurs it).
   Below min_seq_len keys, every allowed block is computed.
 Math: exactly softmax(scale * Q K^T + mask) V over the selected blocks, the rest -inf;
 rows with nothing to attend give zeros.
 
 Attribute bounds (contract.h enforces the same; out of range is an error): block_size in
 [1, BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len in [0, TOKENS_MAX]; threshold in
-[0, 1]; max_density in (0, 1]; scale finite and >= 0; is_causal 0 or 1. block_size,
+[0, 1]; max_density in (0, 1]; scale finite and >= 0; is_causal 0 or 1; estimate an index of
+ESTIMATES. block_size,
 global_tokens and local_window are cut to the longer sequence (`effective`), which changes no
 result: the kernels never size memory or index blocks by the raw values.
 
@@ -31,8 +36,9 @@ score is scale * q_i . k_j + mask_ij; every other pair has score -inf. A pair wh
 reach row i. So NaN in q_i, or in the key, value or mask value of a pair that counts (and +inf
 scores, through inf - inf), makes row i NaN, as dense attention would; nothing else does. The
 selection is not steered by them: non-finite query and key elements count as 0 in the block
-means, a NaN estimate ranks below every other candidate with zero mass, and when the largest
-estimate is not finite the candidates weigh the same (taken in block order).
+means (and in the rows of "token"), a NaN score ranks below every other candidate with zero
+mass, and when the largest score (of a block, or of a row for "token") is not finite the
+candidates weigh the same (taken in block order).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import numpy as np
 
 BLOCK_SIZE_MAX = 1_048_576  # contract.h kBlockSizeMax
 TOKENS_MAX = 2_147_483_647  # contract.h kTokensMax: global_tokens, local_window, min_seq_len
+ESTIMATES = ("mean", "token")  # contract.h TfsaEstimate, in its order
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class SparseAttentionAttributes:
     threshold: float = 0.95
     max_density: float = 1.0
     min_seq_len: int = 1024
+    estimate: int = 0  # an index of ESTIMATES
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,7 +78,7 @@ class SparseAttentionAttributes:
 
     @classmethod
     def capped(
-        cls, max_density: float, is_causal: int = 0, block_size: int = 64
+        cls, max_density: float, is_causal: int = 0, block_size: int = 64, estimate: int = 0
     ) -> SparseAttentionAttributes:
         """Blocks chosen by the estimate under the max_density cap alone (no global, local,
         threshold or min_seq_len): the setting the kernel benchmarks time."""
@@ -82,6 +90,7 @@ class SparseAttentionAttributes:
             threshold=1.0,
             max_density=max_density,
             min_seq_len=0,
+            estimate=estimate,
         )
 
 
@@ -96,6 +105,7 @@ ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "threshold": (0.0, 1.0, False),
     "max_density": (0.0, 1.0, True),
     "min_seq_len": (0, TOKENS_MAX, False),
+    "estimate": (0, len(ESTIMATES) - 1, False),
 }
 
 
@@ -165,6 +175,22 @@ def _forced_blocks(sq: int, sk: int, a: SparseAttentionAttributes) -> np.ndarray
     return forced
 
 
+def _softmax(score: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis; NaN weighs 0; equal weights where the largest is not finite."""
+    score = np.where(np.isnan(score), -np.inf, score)
+    best = score.max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        weight = np.where(np.isfinite(best), np.exp(score - best), 1.0)
+    return weight / weight.sum(axis=-1, keepdims=True)
+
+
+def _candidate_mass(q_rows, k_means, log_keys, scale, estimate: int) -> np.ndarray:
+    """[candidates] estimated mass from a query block's rows [R, D] and candidates' key means."""
+    if ESTIMATES[estimate] == "mean":
+        return _softmax(scale * q_rows.mean(axis=0) @ k_means.T + log_keys)
+    return _softmax(scale * q_rows @ k_means.T + log_keys).mean(axis=0)
+
+
 def select_blocks(
     q: np.ndarray, k: np.ndarray, allowed: np.ndarray, a: SparseAttentionAttributes
 ) -> np.ndarray:
@@ -175,19 +201,18 @@ def select_blocks(
     bs = a.block_size
     group = q.shape[1] // k.shape[1]
     scale = a.scale or 1.0 / math.sqrt(q.shape[-1])
-    q_mean = _block_means(q.astype(np.float64), bs)
+    q = np.where(np.isfinite(q), q, 0.0).astype(np.float64)
     k_mean = np.repeat(_block_means(k.astype(np.float64), bs), group, axis=1)
-    keys_per_block = np.minimum(bs, sk - np.arange(0, sk, bs))
-    estimate = scale * q_mean @ np.swapaxes(k_mean, -1, -2) + np.log(keys_per_block)
+    log_keys = np.log(np.minimum(bs, sk - np.arange(0, sk, bs)))
     forced = _forced_blocks(sq, sk, a) & allowed
     selected = forced.copy()
     for idx in np.ndindex(*allowed.shape[:3]):
         candidates = np.flatnonzero(allowed[idx] & ~forced[idx])
         if candidates.size == 0:
             continue
-        score = np.where(np.isnan(estimate[idx][candidates]), -np.inf, estimate[idx][candidates])
-        mass = np.exp(score - score.max()) if np.isfinite(score.max()) else np.ones(score.size)
-        mass /= mass.sum()
+        rows = q[idx[0], idx[1], idx[2] * bs : (idx[2] + 1) * bs]
+        k_means = k_mean[idx[0], idx[1], candidates]
+        mass = _candidate_mass(rows, k_means, log_keys[candidates], scale, a.estimate)
         # the tolerance keeps float32 attribute rounding from adding a block (0.1 * 30)
         cap = max(1, math.ceil(a.max_density * allowed[idx].sum() - 1e-4))
         budget = cap - forced[idx].sum()

@@ -34,7 +34,12 @@ typedef struct TfsaAttributes {
   float threshold TFSA_DEFAULT(0.95f);
   float max_density TFSA_DEFAULT(1.0f);
   int64_t min_seq_len TFSA_DEFAULT(1024);
+  int64_t estimate TFSA_DEFAULT(0); /* a TfsaEstimate: how candidate blocks are ranked */
 } TfsaAttributes;
+
+/* The block-mass estimates (attribute `estimate`); tfsa_onnx/reference.py ESTIMATES names them
+ * in this order. */
+enum TfsaEstimate { TFSA_ESTIMATE_MEAN = 0, TFSA_ESTIMATE_TOKEN = 1, TFSA_ESTIMATE_COUNT = 2 };
 
 /* The sizes of one call: query [B, Hq, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv]. */
 typedef struct TfsaDims {
@@ -125,6 +130,7 @@ inline constexpr AttributeRule kAttributeRules[] = {
     {"local_window", false, offsetof(Attributes, local_window), 0, kTokensMax, false, ""},
     {"min_seq_len", false, offsetof(Attributes, min_seq_len), 0, kTokensMax, false, ""},
     {"is_causal", false, offsetof(Attributes, is_causal), 0, 1, false, ""},
+    {"estimate", false, offsetof(Attributes, estimate), 0, TFSA_ESTIMATE_COUNT - 1, false, " (0 mean-pooled, 1 token-level queries)"},
     {"threshold", true, offsetof(Attributes, threshold), 0, 1, false, ""},
     {"max_density", true, offsetof(Attributes, max_density), 0, 1, true, ""},
     {"scale", true, offsetof(Attributes, scale), 0, kUnbounded, false, " (0 means 1/sqrt(head_dim))"},
@@ -138,7 +144,7 @@ inline std::string CheckAttributes(const Attributes& a) {
     if (!r.is_float) {
       const int64_t value = r.Get<int64_t>(a), low = static_cast<int64_t>(r.low), high = static_cast<int64_t>(r.high);
       if (value >= low && value <= high) continue;
-      err << r.name << " must be an integer in [" << low << ", " << high << "], got " << value;
+      err << r.name << " must be an integer in [" << low << ", " << high << "]" << r.note << ", got " << value;
     } else {
       const float value = r.Get<float>(a);
       if ((r.low_open ? value > r.low : value >= r.low) && value <= r.high && std::isfinite(value)) continue;

@@ -71,9 +71,18 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t bk, Packed
   }
 }
 
+// The scaled query rows with non-finite elements as 0 (the estimate's view, reference.py);
+// the rows themselves when all are finite.
+const float* FiniteRows(const std::vector<float>& q, bool nonfinite, std::vector<float>& out) {
+  if (!nonfinite) return q.data();
+  out.resize(q.size());
+  for (size_t i = 0; i < q.size(); ++i) out[i] = std::isfinite(q[i]) ? q[i] : 0.0f;
+  return out.data();
+}
+
 // Per-thread buffers of a task, reused between query blocks.
 struct Scratch {
-  std::vector<float> q, q_mean, pooled_scores;
+  std::vector<float> q, q_mean, q_finite, scores;
   std::vector<int32_t> chosen;
   SelectionScratch selection;
   TileScratch tiles;
@@ -99,20 +108,24 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   const T* q_rows = static_cast<const T*>(t.query) + (bh * d.q_len + q_begin) * d.head_dim;
   sc.q.resize(static_cast<size_t>(rows) * head_dim);
   sc.q_mean.assign(head_dim, 0.0f);
+  bool q_nonfinite = false;
   for (size_t r = 0; r < static_cast<size_t>(rows); ++r)
     for (int x = 0; x < head_dim; ++x) {
       const float value = p.attrs.scale * ToFloat(q_rows[r * head_dim + x]);
       sc.q[r * head_dim + x] = value;
       if (std::isfinite(value)) sc.q_mean[x] += value / static_cast<float>(rows);  // non-finite: 0
+      else q_nonfinite = true;
     }
 
   counts[2 * task + 1] = AllowedKeyBlocks(p, b, h, qb, sc.selection.allowed);
+  const int means_pad = static_cast<int>(kv.means_pad);
+  const int score_rows = ScoresEveryRow(p) ? rows : 1;
   if (UsesEstimate(p)) {
-    sc.pooled_scores.resize(kv.means_pad);
-    const int means_pad = static_cast<int>(kv.means_pad);
-    math.scores(sc.q_mean.data(), 1, head_dim, kv.KMeansT(bk), means_pad, sc.pooled_scores.data(), means_pad);
+    sc.scores.resize(static_cast<size_t>(score_rows) * means_pad);
+    const float* estimate_q = score_rows == 1 ? sc.q_mean.data() : FiniteRows(sc.q, q_nonfinite, sc.q_finite);
+    math.scores(estimate_q, score_rows, head_dim, kv.KMeansT(bk), means_pad, sc.scores.data(), means_pad);
   }
-  ChooseKeyBlocks(p, qb, sc.pooled_scores.data(), sc.selection, sc.chosen);
+  ChooseKeyBlocks(p, math, qb, sc.scores.data(), score_rows, means_pad, sc.selection, sc.chosen);
   counts[2 * task] = static_cast<int64_t>(sc.chosen.size());
   if (p.selection_only) sc.chosen.clear();
 

@@ -56,9 +56,9 @@ int64_t ForcedKeyBlocks(const Problem& p, int64_t qb, const std::vector<uint8_t>
   return count;
 }
 
-// The candidates' estimated scores, as softmax mass when `normalise` (the threshold needs
-// it; the ranking alone does not). NaN scores count as the least likely.
-void EstimateMass(const Problem& p, const float* pooled_scores, bool normalise, SelectionScratch& s) {
+// The mean estimate: the candidates' scores, as softmax mass when `normalise` (the threshold
+// needs it; the ranking alone does not). NaN scores count as the least likely.
+void PooledMass(const Problem& p, const float* pooled_scores, bool normalise, SelectionScratch& s) {
   s.mass.resize(s.candidates.size());
   double best = -INFINITY;
   for (size_t c = 0; c < s.candidates.size(); ++c) {
@@ -71,12 +71,44 @@ void EstimateMass(const Problem& p, const float* pooled_scores, bool normalise, 
   for (double& m : s.mass) m /= total;
 }
 
+// The token estimate: each row's softmax over the candidates, averaged over the rows. The
+// rows are rewritten to the softmax's input (non-candidates -inf; a row whose best score is
+// not finite all 0: equal weights) and handed to the kernels' vectorised softmax step.
+void TokenMass(const Problem& p, const BlockMath& math, float* scores, int rows, int stride, SelectionScratch& s) {
+  const int64_t nk = p.grid.k_blocks;
+  for (int r = 0; r < rows; ++r) {
+    float* row = scores + static_cast<size_t>(r) * stride;
+    double best = -INFINITY;
+    size_t c = 0;
+    for (int64_t kb = 0; kb < stride; ++kb) {
+      const bool candidate = c < s.candidates.size() && s.candidates[c] == kb;
+      row[kb] = candidate ? static_cast<float>(Estimate(p.grid, kb, row[kb])) : kNegInf;
+      best = std::max(best, static_cast<double>(row[kb]));
+      c += candidate;
+    }
+    if (!std::isfinite(best))
+      for (int32_t kb : s.candidates) row[kb] = 0.0f;
+  }
+  s.row_max.assign(rows, kNegInf);
+  s.row_sum.assign(rows, 0.0f);
+  float unused = 0.0f;
+  math.softmax_step(scores, rows, static_cast<int>(nk), stride, s.row_max.data(), s.row_sum.data(), &unused, 0);
+  s.mass.assign(s.candidates.size(), 0.0);
+  for (int r = 0; r < rows; ++r) {
+    const float* row = scores + static_cast<size_t>(r) * stride;
+    const double inv = 1.0 / (static_cast<double>(s.row_sum[r]) * rows);
+    for (size_t c = 0; c < s.candidates.size(); ++c) s.mass[c] += row[s.candidates[c]] * inv;
+  }
+}
+
 }  // namespace
 
 bool UsesEstimate(const Problem& p) { return tfsa::UsesEstimate(p.attrs, p.grid.kv_len); }
 
-void ChooseKeyBlocks(const Problem& p, int64_t qb, const float* pooled_scores, SelectionScratch& s,
-                     std::vector<int32_t>& chosen) {
+bool ScoresEveryRow(const Problem& p) { return p.attrs.estimate == TFSA_ESTIMATE_TOKEN; }
+
+void ChooseKeyBlocks(const Problem& p, const BlockMath& math, int64_t qb, float* scores, int rows, int stride,
+                     SelectionScratch& s, std::vector<int32_t>& chosen) {
   const Attributes& a = p.attrs;
   const std::vector<uint8_t>& allowed = s.allowed;
   chosen.clear();
@@ -93,7 +125,8 @@ void ChooseKeyBlocks(const Problem& p, int64_t qb, const float* pooled_scores, S
   std::vector<uint8_t>& take = s.forced;  // forced blocks, then the estimate's picks
   if (!s.candidates.empty()) {
     const bool use_threshold = a.threshold < 1.0f;
-    EstimateMass(p, pooled_scores, use_threshold, s);
+    if (ScoresEveryRow(p)) TokenMass(p, math, scores, rows, stride, s);
+    else PooledMass(p, scores, use_threshold, s);
     const int64_t budget = EstimateBudget(a.max_density, n_allowed, n_forced, s.candidates.size());
     s.order.resize(s.candidates.size());
     for (size_t c = 0; c < s.order.size(); ++c) s.order[c] = static_cast<int32_t>(c);

@@ -111,6 +111,53 @@ __device__ int CompactAscending(const uint8_t* flags, int n, uint8_t bit, int32_
 __device__ double Max(double a, double b) { return a > b ? a : b; }
 __device__ double Sum(double a, double b) { return a + b; }
 __device__ int SumInt(int a, int b) { return a + b; }
+__device__ float MaxFloat(float a, float b) { return a > b ? a : b; }
+__device__ float SumFloat(float a, float b) { return a + b; }
+
+// The token estimate of one row (batch, q head, query block), one thread block: each query
+// row's softmax over the candidates of scale * q_i . mean(K block) (block_rules.h Estimate;
+// non-finite query elements as 0; equal weights when the row's best is not finite), averaged
+// over the rows into token_mass. Shared: the query row [D] and the row's scores [nK].
+template <class T>
+__global__ void __launch_bounds__(kChooseThreads) TokenMassKernel(Geometry g, const T* query, Selection s) {
+  TFSA_DYNAMIC_SHARED(shared);
+  __shared__ float scratch[32];
+  const BlockGrid& grid = g.grid;
+  const int64_t nk = grid.k_blocks, row = blockIdx.x, qb = row % grid.q_blocks, bh = row / grid.q_blocks;
+  const int64_t b = bh / g.dims.q_heads, h = bh % g.dims.q_heads, dim = g.dims.head_dim;
+  float* q_row = reinterpret_cast<float*>(shared);
+  float* score = q_row + dim;
+  const float* k_means = s.k_means + (b * g.dims.kv_heads + g.KvHead(h)) * nk * dim;
+  const uint8_t* allowed = s.allowed + row * nk;
+  double* mass = s.token_mass + row * nk;
+  const auto candidate = [&](int64_t kb) {
+    return allowed[kb] && !grid.Forced(qb, kb, g.attrs.global_tokens, g.attrs.local_window);
+  };
+  for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x) mass[kb] = 0.0;
+  const int64_t q_begin = grid.QueryBegin(qb), rows = grid.QueryEnd(qb) - q_begin;
+  for (int64_t i = q_begin; i < q_begin + rows; ++i) {
+    for (int64_t x = threadIdx.x; x < dim; x += blockDim.x) {
+      const float value = ToFloat(query[(bh * grid.q_len + i) * dim + x]) * g.attrs.scale;
+      q_row[x] = isfinite(value) ? value : 0.0f;
+    }
+    __syncthreads();
+    float best = -INFINITY;
+    for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x) {
+      if (!candidate(kb)) continue;
+      float dot = 0.0f;
+      for (int64_t x = 0; x < dim; ++x) dot += q_row[x] * k_means[kb * dim + x];
+      score[kb] = static_cast<float>(Estimate(grid, kb, dot));
+      best = fmaxf(best, score[kb]);
+    }
+    best = BlockReduce(best, MaxFloat, scratch);
+    float total = 0.0f;
+    for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
+      if (candidate(kb)) total += (score[kb] = isfinite(best) ? expf(score[kb] - best) : 1.0f);
+    total = BlockReduce(total, SumFloat, scratch);
+    for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
+      if (candidate(kb)) mass[kb] += static_cast<double>(score[kb]) / (static_cast<double>(total) * rows);
+  }
+}
 
 // The estimate of candidate kb (block_rules.h) from the block means.
 __device__ double EstimateOf(const Geometry& g, const float* q_mean, const float* k_mean, int64_t kb) {
@@ -129,7 +176,7 @@ __device__ void TakeByEstimate(const Geometry& g, int n_allowed, int n_forced, i
   for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
     if (flags[kb] & kCandidate) best = Max(best, mass[kb]);
   best = BlockReduce(best, Max, scratch);
-  if (use_threshold) {  // softmax over the candidates
+  if (use_threshold && g.attrs.estimate == TFSA_ESTIMATE_MEAN) {  // softmax over the candidates (token: done)
     double total = 0.0;
     for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
       if (flags[kb] & kCandidate) total += (mass[kb] = CandidateWeight(mass[kb], best));
@@ -176,7 +223,7 @@ __global__ void __launch_bounds__(kChooseThreads)
   double* ranked = mass + nk;
   int32_t* rank = reinterpret_cast<int32_t*>(ranked + nk);
   uint8_t* flags = reinterpret_cast<uint8_t*>(rank + nk);
-  const float* q_mean = g.uses_estimate ? s.q_means + row * g.dims.head_dim : nullptr;
+  const float* q_mean = g.uses_estimate && !s.token_mass ? s.q_means + row * g.dims.head_dim : nullptr;
   const float* k_means = g.uses_estimate ? s.k_means + (b * g.dims.kv_heads + g.KvHead(h)) * nk * g.dims.head_dim : nullptr;
 
   int n_allowed = 0, n_forced = 0, n_candidates = 0;
@@ -186,7 +233,7 @@ __global__ void __launch_bounds__(kChooseThreads)
     else if (f && grid.Forced(qb, kb, g.attrs.global_tokens, g.attrs.local_window)) f |= kForced | kTake;
     else if (f) {
       f |= kCandidate;
-      mass[kb] = EstimateOf(g, q_mean, k_means, kb);
+      mass[kb] = s.token_mass ? s.token_mass[row * nk + kb] : EstimateOf(g, q_mean, k_means, kb);
     }
     flags[kb] = f;
     n_allowed += (f & kAllowed) != 0;
@@ -227,7 +274,7 @@ void LaunchMeans(const Geometry& g, const void* query, const void* key, const Se
   const int threads = g.dims.head_dim < 128 ? 64 : 128;
   const BlockGrid& grid = g.grid;
   const int64_t q_items = g.dims.batch * g.dims.q_heads * grid.q_blocks, k_items = g.dims.batch * g.dims.kv_heads * grid.k_blocks;
-  if (q_items > 0)
+  if (q_items > 0 && !s.token_mass)
     TFSA_LAUNCH(BlockMeansKernel<T>, q_items, threads, 0, stream)(static_cast<const T*>(query), grid.q_len, g.dims.head_dim,
                                                          grid.block, grid.q_blocks, g.attrs.scale, s.q_means);
   if (k_items > 0)
@@ -235,7 +282,29 @@ void LaunchMeans(const Geometry& g, const void* query, const void* key, const Se
                                                          grid.block, grid.k_blocks, 1.0f, s.k_means);
 }
 
+template <class T>
+cudaError_t LaunchTokenMassOf(const Geometry& g, const void* query, const Selection& s, cudaStream_t stream) {
+  const size_t shared = TokenSharedBytes(g.grid.k_blocks, g.dims.head_dim);
+  cudaError_t status =
+      cudaFuncSetAttribute(TokenMassKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+  if (status != cudaSuccess) return status;
+  const int64_t rows = g.dims.batch * g.dims.q_heads * g.grid.q_blocks;
+  TFSA_LAUNCH(TokenMassKernel<T>, rows, kChooseThreads, shared, stream)(g, static_cast<const T*>(query), s);
+  return cudaSuccess;
+}
+
+cudaError_t LaunchTokenMass(const Geometry& g, int32_t dtype, const void* query, const Selection& s,
+                            cudaStream_t stream) {
+  if (dtype == TFSA_FLOAT16) return LaunchTokenMassOf<__half>(g, query, s, stream);
+  if (dtype == TFSA_BFLOAT16) return LaunchTokenMassOf<__nv_bfloat16>(g, query, s, stream);
+  return LaunchTokenMassOf<float>(g, query, s, stream);
+}
+
 }  // namespace
+
+size_t TokenSharedBytes(int64_t k_blocks, int64_t head_dim) {
+  return static_cast<size_t>(k_blocks + head_dim) * sizeof(float);
+}
 
 size_t ChooseSharedBytes(int64_t k_blocks) {
   return static_cast<size_t>(k_blocks) * (2 * sizeof(double) + sizeof(int32_t) + sizeof(uint8_t));
@@ -259,6 +328,10 @@ cudaError_t SelectBlocks(const Geometry& g, int32_t dtype, const void* query, co
   }
   if (rows > 0) {
     TFSA_LAUNCH(AllowedBlocksKernel, rows, 128, 0, stream)(g, s.mask_states, s.allowed);
+    if (g.uses_estimate && s.token_mass) {
+      cudaError_t status = LaunchTokenMass(g, dtype, query, s, stream);
+      if (status != cudaSuccess) return status;
+    }
     const size_t shared = ChooseSharedBytes(grid.k_blocks);
     cudaError_t status = cudaFuncSetAttribute(ChooseBlocksKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(shared));
