@@ -129,13 +129,24 @@ def test_sparse_settings_match_reference(shape, attrs):
     np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-4)
 
 
+# the antidiagonal estimate at a few strides (1: every pair; past the sequence: none), and token
+OTHER_ESTIMATES = [
+    dict(estimate=1),
+    dict(estimate=1, estimate_stride=1),
+    dict(estimate=1, estimate_stride=5),
+    dict(estimate=1, estimate_stride=4096),
+    dict(estimate=2),
+]
+
+
+@pytest.mark.parametrize("estimate", OTHER_ESTIMATES, ids=str)
 @pytest.mark.parametrize("shape,attrs", SPARSE_CASES, ids=lambda x: str(x))
-def test_token_estimate_matches_reference(shape, attrs):
+def test_other_estimates_match_reference(shape, attrs, estimate):
     b, hq, hkv, sq, sk, d, dv, bs, causal = shape
     rng = np.random.default_rng(sq * 5 + d)
     q, k, v = random_qkv(rng, b, hq, hkv, sq, sk, d, dv)
     k += 3 * rng.standard_normal((b, hkv, sk // bs + 1, d)).repeat(bs, axis=2)[:, :, :sk].astype(np.float32)
-    full = dict(SPARSE_OFF, min_seq_len=0, block_size=bs, is_causal=causal, estimate=1) | attrs
+    full = dict(SPARSE_OFF, min_seq_len=0, block_size=bs, is_causal=causal, **estimate) | attrs
     y, density = run_op(q, k, v, **full)
     y_ref, density_ref = sparse_attention(q, k, v, None, **full)
     np.testing.assert_allclose(density, density_ref, atol=1e-6)
@@ -153,7 +164,7 @@ def test_the_estimate_attribute_chooses_the_kernels_estimate():
     q[0, 0, 448 + 17] = 12 * np.sqrt(32) * aim / (aim @ aim)
     attrs = dict(SPARSE_OFF, min_seq_len=0, block_size=64, threshold=1.0, max_density=0.125)
     picks, outputs = [], []
-    for estimate in (0, 1):
+    for estimate in (0, 2):
         a = SparseAttentionAttributes(**attrs, estimate=estimate)
         picks.append(np.flatnonzero(select_blocks(q, k, np.ones((1, 1, 8, 8), bool), a)[0, 0, 7]))
         y, _ = run_op(q, k, v, **attrs, estimate=estimate)
@@ -417,8 +428,10 @@ OUT_OF_RANGE = [
     ("scale", -1.0, "[0, inf)"),
     ("scale", float("inf"), "[0, inf)"),
     ("scale", float("nan"), "[0, inf)"),
-    ("estimate", 2, "[0, 1]"),
-    ("estimate", -1, "[0, 1]"),
+    ("estimate", 3, "[0, 2]"),
+    ("estimate", -1, "[0, 2]"),
+    ("estimate_stride", 0, f"[1, {BLOCK_SIZE_MAX}]"),
+    ("estimate_stride", BLOCK_SIZE_MAX + 1, f"[1, {BLOCK_SIZE_MAX}]"),
 ]
 
 
@@ -451,7 +464,9 @@ AT_THE_BOUNDS = [
     dict(threshold=0.0, min_seq_len=0),
     dict(threshold=1.0, max_density=float(np.float32(1e-30)), min_seq_len=0),
     dict(scale=float(np.finfo(np.float32).tiny)),
-    dict(estimate=1, threshold=0.5, min_seq_len=0),
+    dict(estimate=1, estimate_stride=1, threshold=0.5, min_seq_len=0),
+    dict(estimate=1, estimate_stride=BLOCK_SIZE_MAX, threshold=0.5, min_seq_len=0),
+    dict(estimate=2, threshold=0.5, min_seq_len=0),
 ]
 
 
@@ -557,7 +572,8 @@ def _random_case(seed: int):
         max_density=float(rng.choice([0.125, 0.5, 0.75, 1.0])),
         min_seq_len=int(rng.choice([0, 0, 0, 200])),
         scale=float(rng.choice([0.0, 0.0, 0.3])),
-        estimate=seed % 2,
+        estimate=seed % 3,
+        estimate_stride=int(rng.choice([1, 3, 8, 16])),
     )
     mask = None
     kind = rng.integers(0, 3)

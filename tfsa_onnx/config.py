@@ -36,6 +36,7 @@ TUNABLE = (
     "max_density",
     "min_seq_len",
     "estimate",
+    "estimate_stride",
 )
 # The bounds the operator enforces on them (contract.h, mirrored in reference.py), checked here
 # first: name -> (low, high, low excluded).
@@ -52,7 +53,7 @@ def check_setting(name: str, value: Any, where: str) -> Any:
     """The value of one setting, checked strictly: skip is a bool; integer settings are integers
     (an integral float such as 32.0 is taken as 32; bools and 32.7 are refused); float settings
     are finite numbers; every value within the operator's bounds (BOUNDS). The estimate may
-    be named (ESTIMATES: "mean", "token") and is kept as its index."""
+    be named (ESTIMATES: "mean", "antidiagonal", "token") and is kept as its index."""
     if name == "skip":
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: skip must be true or false, got {value!r}")

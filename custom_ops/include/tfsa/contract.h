@@ -34,12 +34,18 @@ typedef struct TfsaAttributes {
   float threshold TFSA_DEFAULT(0.95f);
   float max_density TFSA_DEFAULT(1.0f);
   int64_t min_seq_len TFSA_DEFAULT(1024);
-  int64_t estimate TFSA_DEFAULT(0); /* a TfsaEstimate: how candidate blocks are ranked */
+  int64_t estimate TFSA_DEFAULT(0);         /* a TfsaEstimate: how candidate blocks are ranked */
+  int64_t estimate_stride TFSA_DEFAULT(16); /* the antidiagonal estimate samples 1 pair in this many */
 } TfsaAttributes;
 
 /* The block-mass estimates (attribute `estimate`); tfsa_onnx/reference.py ESTIMATES names them
  * in this order. */
-enum TfsaEstimate { TFSA_ESTIMATE_MEAN = 0, TFSA_ESTIMATE_TOKEN = 1, TFSA_ESTIMATE_COUNT = 2 };
+enum TfsaEstimate {
+  TFSA_ESTIMATE_MEAN = 0,
+  TFSA_ESTIMATE_ANTIDIAGONAL = 1,
+  TFSA_ESTIMATE_TOKEN = 2,
+  TFSA_ESTIMATE_COUNT = 3
+};
 
 /* The sizes of one call: query [B, Hq, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv]. */
 typedef struct TfsaDims {
@@ -130,7 +136,9 @@ inline constexpr AttributeRule kAttributeRules[] = {
     {"local_window", false, offsetof(Attributes, local_window), 0, kTokensMax, false, ""},
     {"min_seq_len", false, offsetof(Attributes, min_seq_len), 0, kTokensMax, false, ""},
     {"is_causal", false, offsetof(Attributes, is_causal), 0, 1, false, ""},
-    {"estimate", false, offsetof(Attributes, estimate), 0, TFSA_ESTIMATE_COUNT - 1, false, " (0 mean-pooled, 1 token-level queries)"},
+    {"estimate", false, offsetof(Attributes, estimate), 0, TFSA_ESTIMATE_COUNT - 1, false,
+     " (0 mean-pooled, 1 antidiagonal, 2 token-level queries)"},
+    {"estimate_stride", false, offsetof(Attributes, estimate_stride), 1, kBlockSizeMax, false, ""},
     {"threshold", true, offsetof(Attributes, threshold), 0, 1, false, ""},
     {"max_density", true, offsetof(Attributes, max_density), 0, 1, true, ""},
     {"scale", true, offsetof(Attributes, scale), 0, kUnbounded, false, " (0 means 1/sqrt(head_dim))"},

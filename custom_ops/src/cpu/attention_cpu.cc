@@ -41,6 +41,23 @@ void KeyBlockMeans(const Problem& p, const T* k_head, float* means_t, int64_t me
     std::fill(means_t + x * means_pad + p.grid.k_blocks, means_t + (x + 1) * means_pad, 0.0f);
 }
 
+// The antidiagonal estimate's sampled keys of one kv head (packed.h SampledKt).
+template <class T>
+void PackSampledKeys(const Problem& p, const T* k_head, int64_t bk, PackedKeysValues& out) {
+  const int64_t stride = p.attrs.estimate_stride, dim = p.dims.head_dim;
+  for (int64_t r = 0; r < out.residues; ++r)
+    for (int64_t c = 0; c < out.chunks; ++c) {
+      float* kt = out.sampled->data() + ((bk * out.residues + r) * out.chunks + c) * dim * out.chunk;
+      for (int64_t m = 0; m < out.chunk; ++m) {
+        const int64_t j = r + (c * out.chunk + m) * stride;
+        for (int64_t x = 0; x < dim; ++x) {
+          const float value = j < p.grid.kv_len ? ToFloat(k_head[j * dim + x]) : 0.0f;
+          kt[x * out.chunk + m] = std::isfinite(value) ? value : 0.0f;
+        }
+      }
+    }
+}
+
 // Keys transposed and values padded into blocks, plus the key block means, of one (b, kv head).
 template <class T>
 void PackHead(const Problem& p, const T* key, const T* value, int64_t bk, PackedKeysValues& out) {
@@ -48,6 +65,7 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t bk, Packed
   const T* k_head = key + bk * d.kv_len * d.head_dim;
   const T* v_head = value + bk * d.kv_len * d.v_head_dim;
   KeyBlockMeans(p, k_head, out.k_means.data() + bk * d.head_dim * out.means_pad, out.means_pad);
+  if (out.residues > 0) PackSampledKeys(p, k_head, bk, out);
   if (p.selection_only) return;
   for (int64_t kb = 0; kb < out.k_blocks; ++kb) {
     const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
@@ -120,7 +138,10 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   counts[2 * task + 1] = AllowedKeyBlocks(p, b, h, qb, sc.selection.allowed);
   const int means_pad = static_cast<int>(kv.means_pad);
   const int score_rows = ScoresEveryRow(p) ? rows : 1;
-  if (UsesEstimate(p)) {
+  if (UsesEstimate(p) && p.attrs.estimate == TFSA_ESTIMATE_ANTIDIAGONAL) {
+    const float* finite_q = FiniteRows(sc.q, q_nonfinite, sc.q_finite);
+    AntidiagonalMass(p, math, kv, bk, qb, finite_q, rows, sc.selection);
+  } else if (UsesEstimate(p)) {
     sc.scores.resize(static_cast<size_t>(score_rows) * means_pad);
     const float* estimate_q = score_rows == 1 ? sc.q_mean.data() : FiniteRows(sc.q, q_nonfinite, sc.q_finite);
     math.scores(estimate_q, score_rows, head_dim, kv.KMeansT(bk), means_pad, sc.scores.data(), means_pad);
@@ -145,6 +166,15 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
   const Dims& d = p.dims;
   const BlockMath& math = SelectBlockMath();
   PackedKeysValues kv{0, 0, 0, 0, 0, 0, 0, workspace.kt, workspace.v, workspace.k_means, workspace.v_nonfinite};
+  if (UsesEstimate(p) && p.attrs.estimate == TFSA_ESTIMATE_ANTIDIAGONAL) {
+    // Residue r holds ceil((kv_len - r) / stride) keys; chunks of up to 64 of them.
+    const int64_t stride = p.attrs.estimate_stride, most = (p.grid.kv_len + stride - 1) / stride;
+    kv.residues = std::min(stride, p.grid.kv_len);
+    kv.chunk = RoundUp(std::min<int64_t>(64, most), math.pad);
+    kv.chunks = (most + kv.chunk - 1) / kv.chunk;
+    kv.sampled = &workspace.sampled;
+    workspace.sampled.resize(d.batch * d.kv_heads * kv.residues * kv.chunks * d.head_dim * kv.chunk);
+  }
   kv.k_blocks = p.grid.k_blocks;
   kv.head_dim = d.head_dim;
   kv.key_pad = RoundUp(p.grid.block, math.pad);

@@ -101,7 +101,74 @@ void TokenMass(const Problem& p, const BlockMath& math, float* scores, int rows,
   }
 }
 
+// The antidiagonal estimate: each candidate's share of the candidates' block mass (equal
+// shares when they have none).
+void CandidateShares(SelectionScratch& s) {
+  s.mass.resize(s.candidates.size());
+  double total = 0.0;
+  for (size_t c = 0; c < s.candidates.size(); ++c) total += (s.mass[c] = s.block_mass[s.candidates[c]]);
+  for (double& m : s.mass) m = total > 0.0 ? m / total : 1.0 / static_cast<double>(s.mass.size());
+}
+
+// One residue's rows (they sample the same keys): scores of the sampled keys up to the last
+// one any of them may see, in s.group_scores [n, width]; returns width (0: none).
+int ResidueScores(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t bk, int64_t r,
+                  int64_t last_key, int n, SelectionScratch& s) {
+  if (r >= kv.residues || last_key < r) return 0;
+  const int64_t stride = p.attrs.estimate_stride, needed = (last_key - r) / stride / kv.chunk + 1;
+  const int width = static_cast<int>(needed * kv.chunk), dim = static_cast<int>(p.dims.head_dim);
+  s.group_scores.resize(static_cast<size_t>(n) * width);
+  for (int64_t c = 0; c < needed; ++c)
+    math.scores(s.group_q.data(), n, dim, kv.SampledKt(bk, r, c), static_cast<int>(kv.chunk),
+                s.group_scores.data() + c * kv.chunk, width);
+  return width;
+}
+
 }  // namespace
+
+void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t bk, int64_t qb,
+                      const float* q, int rows, SelectionScratch& s) {
+  const BlockGrid& g = p.grid;
+  const int64_t stride = p.attrs.estimate_stride, dim = p.dims.head_dim, q_begin = g.QueryBegin(qb);
+  s.block_mass.assign(g.k_blocks, 0.0);
+  int64_t last_key = -1;  // the end of the last allowed block
+  for (int64_t kb = 0; kb < g.k_blocks; ++kb)
+    if (s.allowed[kb]) last_key = g.KeyEnd(kb) - 1;
+  for (int64_t first = 0; first < std::min<int64_t>(stride, rows); ++first) {
+    // Rows first, first + stride, ...: i % stride is the same, so they sample the same keys.
+    const int n = static_cast<int>((rows - first + stride - 1) / stride);
+    const int64_t r = (stride - 1 - (q_begin + first) % stride) % stride;
+    const int64_t group_last = std::min(last_key, g.LastVisibleKey(q_begin + first + (n - 1) * stride));
+    s.group_q.resize(static_cast<size_t>(n) * dim);
+    for (int t = 0; t < n; ++t) std::copy_n(q + (first + t * stride) * dim, dim, s.group_q.data() + t * dim);
+    const int width = ResidueScores(p, math, kv, bk, r, group_last, n, s);
+    if (width == 0) continue;
+    for (int t = 0; t < n; ++t) {  // unsampled, hidden or NaN: -inf; a best of +inf: equal weights
+      const int64_t row_last = std::min(last_key, g.LastVisibleKey(q_begin + first + t * stride));
+      float* row = s.group_scores.data() + static_cast<size_t>(t) * width;
+      float best = kNegInf;
+      for (int m = 0; m < width; ++m) {
+        const int64_t j = r + m * stride;
+        const bool keep = j <= row_last && s.allowed[j / g.block] && !std::isnan(row[m]);
+        row[m] = keep ? row[m] : kNegInf;
+        best = std::max(best, row[m]);
+      }
+      if (best == INFINITY)
+        for (int m = 0; m < width; ++m) row[m] = row[m] == kNegInf ? kNegInf : 0.0f;
+    }
+    s.row_max.assign(n, kNegInf);
+    s.row_sum.assign(n, 0.0f);
+    float unused = 0.0f;
+    math.softmax_step(s.group_scores.data(), n, width, width, s.row_max.data(), s.row_sum.data(), &unused, 0);
+    for (int t = 0; t < n; ++t) {
+      if (!(s.row_sum[t] > 0.0f)) continue;  // a row with no sampled key weighs nothing
+      const float* row = s.group_scores.data() + static_cast<size_t>(t) * width;
+      const double inv = 1.0 / s.row_sum[t];
+      for (int m = 0; m < width; ++m)
+        if (row[m] > 0.0f) s.block_mass[(r + m * stride) / g.block] += row[m] * inv;
+    }
+  }
+}
 
 bool UsesEstimate(const Problem& p) { return tfsa::UsesEstimate(p.attrs, p.grid.kv_len); }
 
@@ -125,7 +192,8 @@ void ChooseKeyBlocks(const Problem& p, const BlockMath& math, int64_t qb, float*
   std::vector<uint8_t>& take = s.forced;  // forced blocks, then the estimate's picks
   if (!s.candidates.empty()) {
     const bool use_threshold = a.threshold < 1.0f;
-    if (ScoresEveryRow(p)) TokenMass(p, math, scores, rows, stride, s);
+    if (a.estimate == TFSA_ESTIMATE_ANTIDIAGONAL) CandidateShares(s);
+    else if (ScoresEveryRow(p)) TokenMass(p, math, scores, rows, stride, s);
     else PooledMass(p, scores, use_threshold, s);
     const int64_t budget = EstimateBudget(a.max_density, n_allowed, n_forced, s.candidates.size());
     s.order.resize(s.candidates.size());

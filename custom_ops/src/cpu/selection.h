@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "block_math.h"
+#include "packed.h"
 #include "problem.h"
 
 namespace tfsa::cpu {
@@ -17,6 +18,8 @@ struct SelectionScratch {
   std::vector<int32_t> candidates, order;
   std::vector<double> mass;
   std::vector<float> row_max, row_sum;  // per query row, for the token estimate's softmax
+  std::vector<float> group_q, group_scores;  // the antidiagonal estimate's rows of one residue
+  std::vector<double> block_mass;            // the antidiagonal estimate's mass per key block
 };
 
 // Fills `out` from the mask (p.mask must be present); parallel over (batch, head, query block).
@@ -29,6 +32,12 @@ int64_t AllowedKeyBlocks(const Problem& p, int64_t b, int64_t h, int64_t qb, std
 
 // Whether ChooseKeyBlocks reads the estimate (else every allowed block is computed).
 bool UsesEstimate(const Problem& p);
+
+// The antidiagonal estimate of query block qb (reference.py): each row's softmax over its
+// sampled keys (packed.h SampledKt) in allowed blocks and, when causal, visible, summed per
+// key block into scratch.block_mass. q: the block's scaled query rows, non-finite as 0.
+void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t bk, int64_t qb,
+                      const float* q, int rows, SelectionScratch& scratch);
 
 // Whether the estimate scores every query row (the token estimate) or the block's mean query.
 bool ScoresEveryRow(const Problem& p);

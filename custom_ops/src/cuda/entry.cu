@@ -54,6 +54,9 @@ Layout Plan(const Geometry& g, bool has_mask) {
 std::string CheckCall(const TfsaCudaArgs& c) {
   std::string error = CheckAttributes(c.attributes);
   if (!error.empty()) return error;
+  if (c.attributes.estimate == TFSA_ESTIMATE_ANTIDIAGONAL)
+    return "estimate 1 (antidiagonal) is not implemented by the CUDA kernel yet; use estimate 0 (mean) or 2 "
+           "(token), or the CPU provider";
   const Dims& d = c.dims;
   if (c.dtype < TFSA_FLOAT32 || c.dtype > TFSA_BFLOAT16) return "dtype must be float32, float16 or bfloat16";
   if (c.mask_kind < TFSA_MASK_NONE || c.mask_kind > TFSA_MASK_T) return "unknown mask kind";
