@@ -209,7 +209,20 @@ CASES = [
     ),
     (1, 3, 1, 50, 50, 40, 24, "float16", dict(block_size=8, threshold=0.6, max_density=0.5)),
     (1, 2, 2, 33, 65, 32, 48, "float32", dict(block_size=16, threshold=1.0, max_density=0.4, is_causal=1)),
-    # the token estimate: every query row against the key block means
+    # the antidiagonal estimate (1) and the token estimate (2)
+    (1, 2, 1, 100, 130, 16, 16, "float32", dict(block_size=16, threshold=0.8, global_tokens=8, estimate=1)),
+    (1, 4, 2, 90, 90, 64, 64, "float16", dict(block_size=16, threshold=0.7, is_causal=1, estimate=1)),
+    (
+        1,
+        2,
+        2,
+        33,
+        65,
+        32,
+        48,
+        "float32",
+        dict(block_size=8, threshold=1.0, max_density=0.4, estimate=1, estimate_stride=3),
+    ),
     (1, 2, 1, 100, 130, 16, 16, "float32", dict(block_size=16, threshold=0.8, global_tokens=8, estimate=2)),
     (1, 4, 2, 90, 90, 64, 64, "float16", dict(block_size=16, threshold=0.7, is_causal=1, estimate=2)),
     (1, 2, 2, 33, 65, 32, 48, "float32", dict(block_size=8, threshold=1.0, max_density=0.4, estimate=2)),
@@ -321,10 +334,6 @@ def test_bad_calls_are_errors_that_say_what_is_wrong(emulated_library):
         cuda.run(cuda.make_args(((1, 1, 8, 16),) * 3, mask_kind=cuda.MASK_BOOL), 0, lib)
     with pytest.raises(RuntimeError, match="the workspace has 0 bytes, the call needs"):
         cuda.run(cuda.make_args(((1, 1, 8, 16),) * 3), 0, lib)
-    with pytest.raises(
-        RuntimeError, match=r"estimate 1 \(antidiagonal\) is not implemented by the CUDA kernel"
-    ):
-        cuda.run(cuda.make_args(((1, 1, 8, 16),) * 3, estimate=1), 0, lib)
     with pytest.raises(RuntimeError, match="too many key blocks"):
         cuda.run(cuda.make_args(((1, 1, 8, 16), (1, 1, 10**6, 16), (1, 1, 10**6, 16)), block_size=16), 0, lib)
     assert cuda.workspace_bytes(cuda.make_args(shapes), lib) == 0
@@ -390,7 +399,8 @@ def _random_case(seed: int):
         local_window=int(rng.choice([0, 16, 64])),
         is_causal=int(rng.random() < 0.5),
         min_seq_len=int(rng.choice([0, 0, 100])),
-        estimate=2 * (seed % 2),  # mean or token; the CUDA kernel refuses antidiagonal
+        estimate=seed % 3,
+        estimate_stride=int(rng.choice([1, 4, 16])),
     )
     q, k, v = _inputs(rng, b, hq, hkv, sq, sk, d, dv, dtype)
     mask = None

@@ -2,14 +2,25 @@
 
     python -m tfsa_onnx.eval.estimators --seq-len 4096 --layers 2,5,8,11,14,17,20,23,26,29
 
-Captures the query/key/value of every attention layer of SmolLM2-135M on one BBC text window,
-then, per layer and head (one head per KV group), selects key blocks with each estimate at a
-range of thresholds (the operator's rule: global + local blocks, then candidates by mass until
-the threshold) and measures the attention output's relative L2 error against dense. Printed:
-the mean density each estimate needs to stay within an error.
+Captures the query/key/value of every attention layer of SmolLM2-135M on one BBC text window
+(--tensors FILE.npz keeps them for the next run), then, per layer and head (one head per KV
+group; --all-heads for all), selects key blocks with each estimate at a range of thresholds (the
+operator's rule: global + local blocks, then candidates by mass until the threshold) and
+measures the attention output's relative L2 error against dense. Printed: the mean density
+each estimate needs to stay within an error.
 
-Estimates: `mean` (the operator's: mean-pooled Q and K blocks), `sampled4` (exact probabilities
-of 4 query rows per block: costs 4/block_size of the scores), `oracle` (the true block mass).
+Estimates (cost: the share of the QK^T products each computes):
+  mean            the operator's default: mean-pooled Q and K blocks (1/block_size^2)
+  tokq_max/_mean  every query row against each key block's mean, a softmax per row over the
+                  candidate blocks, the max or mean over the block's rows (1/block_size);
+                  _all: the softmax over the forced blocks too
+  antidiag8/16    XAttention: each stride x stride tile scored by its antidiagonal's mean q.k,
+                  a softmax per tile row, summed into blocks (1/stride)
+  antidiag8_exp/16_exp  the same pairs, but each query row's softmax over its own sampled
+                  pairs (exact probabilities of 1/stride of the pairs); the operator's
+                  estimate=1 (antidiagonal)
+  sampled4        exact probabilities of 4 query rows per block (4/block_size)
+  oracle          the true block mass
 """
 
 from __future__ import annotations
@@ -93,7 +104,9 @@ def _antidiagonal_exp(q: np.ndarray, k: np.ndarray, stride: int) -> np.ndarray:
     n = s // stride
     rows = np.arange(s)
     keys = np.arange(n)[None, :] * stride + (stride - 1 - rows % stride)[:, None]  # [s, n]
-    scores = np.einsum("sd,snd->sn", q, k[keys]) / np.sqrt(d)
+    scores = np.empty((s, n))
+    for c in range(stride):  # rows c, c + stride, ... sample keys stride - 1 - c, 2 stride - 1 - c, ...
+        scores[c::stride] = q[c::stride] @ k[stride - 1 - c :: stride].T / np.sqrt(d)
     scores = np.where(keys <= rows[:, None], scores, -np.inf)
     return _softmax_rows(scores).reshape(s // BLOCK, BLOCK, s // BLOCK, BLOCK // stride).sum((1, 3))
 
@@ -131,8 +144,10 @@ def _estimates(
     }
 
 
-def curves(tensors: dict[str, np.ndarray], layers: list[int], all_heads: bool = False) -> dict[str, list]:
-    """Per estimate, per (layer, head): [(threshold, density, relative error)]."""
+def curves(
+    tensors: dict[str, np.ndarray], layers: list[int], all_heads: bool = False, only: tuple[str, ...] = ()
+) -> dict[str, list]:
+    """Per estimate (those in `only`, or all), per (layer, head): [(threshold, density, error)]."""
     out: dict[str, list[list[tuple]]] = {}
     for layer in layers:
         q, k, v = tensors[f"q{layer}"], tensors[f"k{layer}"], tensors[f"v{layer}"]
@@ -151,6 +166,8 @@ def curves(tensors: dict[str, np.ndarray], layers: list[int], all_heads: bool = 
             row_values = np.einsum("snb,nbd->snd", probs.reshape(-1, n, BLOCK), vh.reshape(n, BLOCK, -1))
             dense = row_values.sum(1)
             for name, mass in _estimates(qh, kh, probs, forced, candidates).items():
+                if only and name not in only:
+                    continue
                 points = []
                 for threshold in THRESHOLDS:
                     chosen = _select(mass, threshold, forced, candidates)
@@ -183,9 +200,11 @@ def main() -> None:
     parser.add_argument("--layers", default="2,5,8,11,14,17,20,23,26,29")
     parser.add_argument("--all-heads", action="store_true", help="every query head, not one per KV group")
     parser.add_argument("--tensors", help="an .npz of captured tensors: read if it exists, else written")
+    parser.add_argument("--only", default="", help="comma-separated estimates to measure (default: all)")
     args = parser.parse_args()
     tensors = load_or_capture(args.seq_len, args.tensors)
-    results = curves(tensors, [int(x) for x in args.layers.split(",")], args.all_heads)
+    layers = [int(x) for x in args.layers.split(",")]
+    results = curves(tensors, layers, args.all_heads, tuple(x for x in args.only.split(",") if x))
     limits = (0.01, 0.02, 0.05, 0.1)
     print("| estimate | " + " | ".join(f"density at error <= {x}" for x in limits) + " |")
     print("|---|" + "---:|" * len(limits))

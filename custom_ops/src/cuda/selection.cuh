@@ -12,7 +12,7 @@ namespace tfsa::cuda {
 // Device arrays the selection fills; rows are (batch, q head, query block).
 struct Selection {
   float* q_means = nullptr;          // [B * Hq * nQ, D], scaled (the mean estimate)
-  double* token_mass = nullptr;      // [rows, nK]: the token estimate's candidate mass
+  double* block_mass = nullptr;      // [rows, nK]: the token or antidiagonal estimate's block mass
   float* k_means = nullptr;          // [B * Hkv * nK, D]
   uint8_t* mask_states = nullptr;    // per Geometry::mask_blocks; null without a mask
   uint8_t* allowed = nullptr;        // [rows, nK]
@@ -25,7 +25,7 @@ struct Selection {
 // Bytes of dynamic shared memory the block choice needs per row; at most kMaxChooseShared.
 size_t ChooseSharedBytes(int64_t k_blocks);
 constexpr size_t kMaxChooseShared = 160 * 1024;
-// The same for the token estimate's kernel (TFSA_ESTIMATE_TOKEN): within kMaxChooseShared
+// The same for the token and antidiagonal estimates' kernels: within kMaxChooseShared
 // wherever ChooseSharedBytes is, for head dims up to 1024 (CheckCall's limit).
 size_t TokenSharedBytes(int64_t k_blocks, int64_t head_dim);
 
