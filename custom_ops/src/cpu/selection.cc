@@ -143,14 +143,22 @@ void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysV
     for (int t = 0; t < n; ++t) std::copy_n(q + (first + t * stride) * dim, dim, s.group_q.data() + t * dim);
     const int width = ResidueScores(p, math, kv, bk, r, group_last, n, s);
     if (width == 0) continue;
+    // Sample m (key r + m * stride) of key block kb: m in [starts[kb], starts[kb + 1]).
+    s.starts.resize(g.k_blocks + 1);
+    for (int64_t kb = 0; kb <= g.k_blocks; ++kb) {
+      const int64_t key = kb < g.k_blocks ? g.KeyBegin(kb) : g.kv_len;
+      s.starts[kb] = static_cast<int>(std::clamp<int64_t>((key - r + stride - 1) / stride, 0, width));
+    }
     for (int t = 0; t < n; ++t) {  // unsampled, hidden or NaN: -inf; a best of +inf: equal weights
       const int64_t row_last = std::min(last_key, g.LastVisibleKey(q_begin + first + t * stride));
+      const int visible = row_last < r ? 0 : static_cast<int>(std::min<int64_t>((row_last - r) / stride + 1, width));
       float* row = s.group_scores.data() + static_cast<size_t>(t) * width;
+      for (int64_t kb = 0; kb < g.k_blocks; ++kb)
+        if (!s.allowed[kb]) std::fill(row + s.starts[kb], row + s.starts[kb + 1], kNegInf);
+      std::fill(row + visible, row + width, kNegInf);
       float best = kNegInf;
-      for (int m = 0; m < width; ++m) {
-        const int64_t j = r + m * stride;
-        const bool keep = j <= row_last && s.allowed[j / g.block] && !std::isnan(row[m]);
-        row[m] = keep ? row[m] : kNegInf;
+      for (int m = 0; m < visible; ++m) {
+        row[m] = std::isnan(row[m]) ? kNegInf : row[m];
         best = std::max(best, row[m]);
       }
       if (best == INFINITY)
@@ -164,8 +172,11 @@ void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysV
       if (!(s.row_sum[t] > 0.0f)) continue;  // a row with no sampled key weighs nothing
       const float* row = s.group_scores.data() + static_cast<size_t>(t) * width;
       const double inv = 1.0 / s.row_sum[t];
-      for (int m = 0; m < width; ++m)
-        if (row[m] > 0.0f) s.block_mass[(r + m * stride) / g.block] += row[m] * inv;
+      for (int64_t kb = 0; kb < g.k_blocks; ++kb) {
+        float sum = 0.0f;
+        for (int m = s.starts[kb]; m < s.starts[kb + 1]; ++m) sum += row[m];
+        s.block_mass[kb] += sum * inv;
+      }
     }
   }
 }
