@@ -174,6 +174,12 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
     kv.chunks = (most + kv.chunk - 1) / kv.chunk;
     kv.sampled = &workspace.sampled;
     workspace.sampled.resize(d.batch * d.kv_heads * kv.residues * kv.chunks * d.head_dim * kv.chunk);
+    kv.sample_starts.resize(kv.residues * (p.grid.k_blocks + 1));
+    for (int64_t r = 0; r < kv.residues; ++r)
+      for (int64_t kb = 0; kb <= p.grid.k_blocks; ++kb) {
+        const int64_t key = kb < p.grid.k_blocks ? p.grid.KeyBegin(kb) : p.grid.kv_len;
+        kv.sample_starts[r * (p.grid.k_blocks + 1) + kb] = static_cast<int>((key - r + stride - 1) / stride);
+      }
   }
   kv.k_blocks = p.grid.k_blocks;
   kv.head_dim = d.head_dim;

@@ -29,6 +29,10 @@ struct PackedKeysValues {
   const float* SampledKt(int64_t bk, int64_t r, int64_t c) const {
     return sampled->data() + ((bk * residues + r) * chunks + c) * head_dim * chunk;
   }
+  // sample_starts[r * (k_blocks + 1) + kb]: the first sample of residue r in key block kb
+  // (k_blocks: past the last key), so that samples are walked block by block.
+  std::vector<int> sample_starts = {};
+  const int* SampleStarts(int64_t r) const { return sample_starts.data() + r * (k_blocks + 1); }
 };
 
 }  // namespace tfsa::cpu

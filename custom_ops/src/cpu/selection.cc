@@ -110,6 +110,18 @@ void CandidateShares(SelectionScratch& s) {
   for (double& m : s.mass) m = total > 0.0 ? m / total : 1.0 / static_cast<double>(s.mass.size());
 }
 
+// A row of sampled scores holding NaN or +inf: NaN weighs nothing (-inf), and a best of +inf
+// gives every other sampled key the same weight (all 0 before the softmax).
+void NanOrInfinityRow(float* row, int visible) {
+  float best = kNegInf;
+  for (int m = 0; m < visible; ++m) {
+    row[m] = std::isnan(row[m]) ? kNegInf : row[m];
+    best = std::max(best, row[m]);
+  }
+  if (best == INFINITY)
+    for (int m = 0; m < visible; ++m) row[m] = row[m] == kNegInf ? kNegInf : 0.0f;
+}
+
 // One residue's rows (they sample the same keys): scores of the sampled keys up to the last
 // one any of them may see, in s.group_scores [n, width]; returns width (0: none).
 int ResidueScores(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t bk, int64_t r,
@@ -143,40 +155,35 @@ void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysV
     for (int t = 0; t < n; ++t) std::copy_n(q + (first + t * stride) * dim, dim, s.group_q.data() + t * dim);
     const int width = ResidueScores(p, math, kv, bk, r, group_last, n, s);
     if (width == 0) continue;
-    // Sample m (key r + m * stride) of key block kb: m in [starts[kb], starts[kb + 1]).
-    s.starts.resize(g.k_blocks + 1);
-    for (int64_t kb = 0; kb <= g.k_blocks; ++kb) {
-      const int64_t key = kb < g.k_blocks ? g.KeyBegin(kb) : g.kv_len;
-      s.starts[kb] = static_cast<int>(std::clamp<int64_t>((key - r + stride - 1) / stride, 0, width));
-    }
-    for (int t = 0; t < n; ++t) {  // unsampled, hidden or NaN: -inf; a best of +inf: equal weights
+    // Sample m (key r + m * stride) of key block kb: m in [start(kb), start(kb + 1)).
+    const int* starts = kv.SampleStarts(r);
+    const auto start = [&](int64_t kb) { return std::min(starts[kb], width); };
+    for (int t = 0; t < n; ++t) {  // unsampled or hidden: -inf
       const int64_t row_last = std::min(last_key, g.LastVisibleKey(q_begin + first + t * stride));
       const int visible = row_last < r ? 0 : static_cast<int>(std::min<int64_t>((row_last - r) / stride + 1, width));
       float* row = s.group_scores.data() + static_cast<size_t>(t) * width;
       for (int64_t kb = 0; kb < g.k_blocks; ++kb)
-        if (!s.allowed[kb]) std::fill(row + s.starts[kb], row + s.starts[kb + 1], kNegInf);
+        if (!s.allowed[kb]) std::fill(row + start(kb), row + start(kb + 1), kNegInf);
       std::fill(row + visible, row + width, kNegInf);
-      float best = kNegInf;
-      for (int m = 0; m < visible; ++m) {
-        row[m] = std::isnan(row[m]) ? kNegInf : row[m];
-        best = std::max(best, row[m]);
-      }
-      if (best == INFINITY)
-        for (int m = 0; m < width; ++m) row[m] = row[m] == kNegInf ? kNegInf : 0.0f;
+      int unusual = 0;  // a NaN or +inf score (overflowing products): the reference's rule below
+      for (int m = 0; m < visible; ++m) unusual |= !(row[m] < INFINITY);
+      if (unusual) NanOrInfinityRow(row, visible);
     }
     s.row_max.assign(n, kNegInf);
     s.row_sum.assign(n, 0.0f);
     float unused = 0.0f;
     math.softmax_step(s.group_scores.data(), n, width, width, s.row_max.data(), s.row_sum.data(), &unused, 0);
+    s.column_mass.assign(width, 0.0f);  // the rows' probabilities, summed per sample
     for (int t = 0; t < n; ++t) {
       if (!(s.row_sum[t] > 0.0f)) continue;  // a row with no sampled key weighs nothing
       const float* row = s.group_scores.data() + static_cast<size_t>(t) * width;
-      const double inv = 1.0 / s.row_sum[t];
-      for (int64_t kb = 0; kb < g.k_blocks; ++kb) {
-        float sum = 0.0f;
-        for (int m = s.starts[kb]; m < s.starts[kb + 1]; ++m) sum += row[m];
-        s.block_mass[kb] += sum * inv;
-      }
+      const float inv = 1.0f / s.row_sum[t];
+      for (int m = 0; m < width; ++m) s.column_mass[m] += row[m] * inv;
+    }
+    for (int64_t kb = 0; kb < g.k_blocks; ++kb) {
+      double sum = 0.0;
+      for (int m = start(kb); m < start(kb + 1); ++m) sum += s.column_mass[m];
+      s.block_mass[kb] += sum;
     }
   }
 }

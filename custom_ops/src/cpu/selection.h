@@ -20,7 +20,7 @@ struct SelectionScratch {
   std::vector<float> row_max, row_sum;  // per query row, for the token estimate's softmax
   std::vector<float> group_q, group_scores;  // the antidiagonal estimate's rows of one residue
   std::vector<double> block_mass;            // the antidiagonal estimate's mass per key block
-  std::vector<int> starts;                   // its first sample of each key block
+  std::vector<float> column_mass;            // one residue's probabilities summed over its rows
 };
 
 // Fills `out` from the mask (p.mask must be present); parallel over (batch, head, query block).
