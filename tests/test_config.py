@@ -34,7 +34,8 @@ from tfsa_onnx.config import ConfigError, SparsityConfig
         ({"scale": 0.5}, "unknown setting 'scale'"),
         ({"estimate": "best"}, "estimate must be one of mean, antidiagonal, token, got 'best'"),
         ({"estimate": 3}, "estimate must be in [0, 2], got 3"),
-        ({"estimate_stride": 0}, "estimate_stride must be in [1, 1048576], got 0"),
+        ({"estimate_stride": 0}, "estimate_stride must be in [1, 1024], got 0"),
+        ({"estimate_stride": 1025}, "estimate_stride must be in [1, 1024], got 1025"),
         ({"estimate": 0.5}, "estimate must be an integer, got 0.5"),
     ],
 )

@@ -19,6 +19,7 @@ from tfsa_onnx.opmodel import sparse_attention_model
 from tfsa_onnx.reference import (
     ATTRIBUTE_BOUNDS,
     BLOCK_SIZE_MAX,
+    ESTIMATE_STRIDE_MAX,
     TOKENS_MAX,
     SparseAttentionAttributes,
     select_blocks,
@@ -134,7 +135,7 @@ OTHER_ESTIMATES = [
     dict(estimate=1),
     dict(estimate=1, estimate_stride=1),
     dict(estimate=1, estimate_stride=5),
-    dict(estimate=1, estimate_stride=4096),
+    dict(estimate=1, estimate_stride=1024),
     dict(estimate=2),
 ]
 
@@ -338,6 +339,7 @@ def test_attributes_agree_with_the_cpp_contract():
     assert set(ATTRIBUTE_BOUNDS) == set(SparseAttentionAttributes.names())
     assert ATTRIBUTE_BOUNDS["block_size"][1] == BLOCK_SIZE_MAX
     assert ATTRIBUTE_BOUNDS["global_tokens"][1] == TOKENS_MAX
+    assert ATTRIBUTE_BOUNDS["estimate_stride"][1] == ESTIMATE_STRIDE_MAX
     for name, bounds in BOUNDS.items():  # the config's checks agree too
         assert bounds == ATTRIBUTE_BOUNDS[name], name
 
@@ -430,8 +432,8 @@ OUT_OF_RANGE = [
     ("scale", float("nan"), "[0, inf)"),
     ("estimate", 3, "[0, 2]"),
     ("estimate", -1, "[0, 2]"),
-    ("estimate_stride", 0, f"[1, {BLOCK_SIZE_MAX}]"),
-    ("estimate_stride", BLOCK_SIZE_MAX + 1, f"[1, {BLOCK_SIZE_MAX}]"),
+    ("estimate_stride", 0, f"[1, {ESTIMATE_STRIDE_MAX}]"),
+    ("estimate_stride", ESTIMATE_STRIDE_MAX + 1, f"[1, {ESTIMATE_STRIDE_MAX}]"),
 ]
 
 
@@ -465,7 +467,7 @@ AT_THE_BOUNDS = [
     dict(threshold=1.0, max_density=float(np.float32(1e-30)), min_seq_len=0),
     dict(scale=float(np.finfo(np.float32).tiny)),
     dict(estimate=1, estimate_stride=1, threshold=0.5, min_seq_len=0),
-    dict(estimate=1, estimate_stride=BLOCK_SIZE_MAX, threshold=0.5, min_seq_len=0),
+    dict(estimate=1, estimate_stride=ESTIMATE_STRIDE_MAX, threshold=0.5, min_seq_len=0),
     dict(estimate=2, threshold=0.5, min_seq_len=0),
 ]
 

@@ -30,7 +30,7 @@ rows with nothing to attend give zeros.
 Attribute bounds (contract.h enforces the same; out of range is an error): block_size in
 [1, BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len in [0, TOKENS_MAX]; threshold in
 [0, 1]; max_density in (0, 1]; scale finite and >= 0; is_causal 0 or 1; estimate an index of
-ESTIMATES; estimate_stride in [1, BLOCK_SIZE_MAX]. threshold 1 leaves the max_density cap
+ESTIMATES; estimate_stride in [1, ESTIMATE_STRIDE_MAX]. threshold 1 leaves the max_density cap
 alone (blocks of zero estimated mass are taken too). block_size, global_tokens and local_window
 are cut to the longer sequence (`effective`), which changes no
 result: the kernels never size memory or index blocks by the raw values.
@@ -57,6 +57,7 @@ import numpy as np
 BLOCK_SIZE_MAX = 1_048_576  # contract.h kBlockSizeMax
 TOKENS_MAX = 2_147_483_647  # contract.h kTokensMax: global_tokens, local_window, min_seq_len
 ESTIMATES = ("mean", "antidiagonal", "token")  # contract.h TfsaEstimate, in its order
+ESTIMATE_STRIDE_MAX = 1024  # contract.h kEstimateStrideMax
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "max_density": (0.0, 1.0, True),
     "min_seq_len": (0, TOKENS_MAX, False),
     "estimate": (0, len(ESTIMATES) - 1, False),
-    "estimate_stride": (1, BLOCK_SIZE_MAX, False),
+    "estimate_stride": (1, ESTIMATE_STRIDE_MAX, False),
 }
 
 

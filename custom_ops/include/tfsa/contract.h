@@ -96,6 +96,9 @@ using Dims = TfsaDims;
 // The attributes' bounds. Inside them no index arithmetic of a call overflows int64.
 inline constexpr int64_t kBlockSizeMax = 1048576;  // block_size in [1, kBlockSizeMax]
 inline constexpr int64_t kTokensMax = 2147483647;  // global_tokens, local_window, min_seq_len in [0, kTokensMax]
+// estimate_stride in [1, kEstimateStrideMax]: the antidiagonal estimate packs up to this many
+// residues of the keys, so its workspace stays about the size of the keys.
+inline constexpr int64_t kEstimateStrideMax = 1024;
 
 // One attribute: its name, where it lives in Attributes, its bounds, and what its error adds.
 struct AttributeRule {
@@ -138,7 +141,7 @@ inline constexpr AttributeRule kAttributeRules[] = {
     {"is_causal", false, offsetof(Attributes, is_causal), 0, 1, false, ""},
     {"estimate", false, offsetof(Attributes, estimate), 0, TFSA_ESTIMATE_COUNT - 1, false,
      " (0 mean-pooled, 1 antidiagonal, 2 token-level queries)"},
-    {"estimate_stride", false, offsetof(Attributes, estimate_stride), 1, kBlockSizeMax, false, ""},
+    {"estimate_stride", false, offsetof(Attributes, estimate_stride), 1, kEstimateStrideMax, false, ""},
     {"threshold", true, offsetof(Attributes, threshold), 0, 1, false, ""},
     {"max_density", true, offsetof(Attributes, max_density), 0, 1, true, ""},
     {"scale", true, offsetof(Attributes, scale), 0, kUnbounded, false, " (0 means 1/sqrt(head_dim))"},
