@@ -54,6 +54,21 @@ def test_calibrated_config_meets_the_target_at_lower_density(tmp_path: Path):
     assert check.density == pytest.approx(result.density, abs=1e-6)
 
 
+def test_calibrate_with_another_estimate_writes_it_into_the_config(tmp_path: Path):
+    from tfsa_onnx import optimize
+
+    feeds = tiny_feeds(2, 256)
+    base = {**BASE, "estimate": 1, "estimate_stride": 4}
+    result = calibrate(tiny_model(), feeds, "cos>=0.99", base=base, output="hidden", progress=False)
+    assert result.config.defaults["estimate"] == 1 and result.config.defaults["estimate_stride"] == 4
+    optimized, _ = optimize(tiny_model(), result.config)
+    nodes = [n for n in optimized.graph.node if n.op_type == "SparseAttention"]
+    values = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert values["estimate"] == 1 and values["estimate_stride"] == 4
+    check = validate(tiny_model(), optimized, feeds, progress=False)
+    assert check.outputs["hidden"]["cosine_mean"] == pytest.approx(result.score, abs=1e-5)
+
+
 def test_calibrate_cli_writes_a_config_for_optimize(tmp_path: Path):
     model = tmp_path / "m.onnx"
     onnx.save(tiny_model(), str(model))

@@ -32,6 +32,11 @@ from tfsa_onnx.config import ConfigError, SparsityConfig
         ({"max_density": 0}, "max_density must be in (0.0, 1.0], got 0"),
         ({"max_density": math.inf}, "max_density must be a finite number, got inf"),
         ({"scale": 0.5}, "unknown setting 'scale'"),
+        ({"estimate": "best"}, "estimate must be one of mean, antidiagonal, token, got 'best'"),
+        ({"estimate": 3}, "estimate must be in [0, 2], got 3"),
+        ({"estimate_stride": 0}, "estimate_stride must be in [1, 1024], got 0"),
+        ({"estimate_stride": 1025}, "estimate_stride must be in [1, 1024], got 1025"),
+        ({"estimate": 0.5}, "estimate must be an integer, got 0.5"),
     ],
 )
 def test_bad_values_are_refused_with_the_setting_and_value(values, message):
@@ -60,6 +65,15 @@ def test_good_values_keep_their_meaning():
     assert config.for_site(0, "a") is None
     assert config.for_site(1, "b")["block_size"] == 1048576
     assert config.for_site(2, "c")["block_size"] == 32
+
+
+def test_estimate_by_name_or_index():
+    config = SparsityConfig.from_dict(
+        {"defaults": {"estimate": "antidiagonal"}, "layers": {"1": {"estimate": 0}}}
+    )
+    assert config.for_site(0, "a")["estimate"] == 1
+    assert config.for_site(1, "b")["estimate"] == 0
+    assert SparsityConfig().for_site(0, "a")["estimate"] == 0  # the operator's default: mean
 
 
 @pytest.mark.parametrize("key", ["-1", "-3"])
@@ -100,6 +114,7 @@ def run(*args):
         ("--threshold", "1.01", "threshold must be in [0.0, 1.0], got 1.01"),
         ("--max-density", "0", "max_density must be in (0.0, 1.0], got 0"),
         ("--min-seq-len", "x", "min_seq_len must be an integer, got 'x'"),
+        ("--estimate", "best", "estimate must be one of mean, antidiagonal, token, got 'best'"),
     ],
 )
 def test_options_are_checked_like_config_values(tmp_path, option, value, message):
@@ -114,6 +129,21 @@ def test_threshold_0_is_accepted_and_written(tmp_path):
     source = save_model(tmp_path / "in.onnx")
     result = run("optimize", source, "-o", tmp_path / "out.onnx", "--threshold", "0", "--block-size", "16")
     assert result.exit_code == 0 and "block_size=16" in result.output and "threshold=0.0" in result.output
+
+
+def test_estimate_option_is_written_as_the_attribute(tmp_path):
+    import onnx
+
+    source = save_model(tmp_path / "in.onnx")
+    options = ("--estimate", "antidiagonal", "--estimate-stride", "8", "--min-seq-len", "0")
+    result = run("optimize", source, "-o", tmp_path / "out.onnx", *options)
+    assert result.exit_code == 0 and "estimate=1" in result.output, result.output
+    assert "estimate_stride=8" in result.output, result.output
+    nodes = [n for n in onnx.load(str(tmp_path / "out.onnx")).graph.node if n.op_type == "SparseAttention"]
+    assert nodes and all(
+        onnx.helper.get_attribute_value(a) == 1 for n in nodes for a in n.attribute if a.name == "estimate"
+    )
+    assert all(any(a.name == "estimate" for a in n.attribute) for n in nodes)
 
 
 def test_config_file_with_a_string_skip_is_refused_and_unmatched_keys_warn(tmp_path):

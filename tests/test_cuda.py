@@ -222,10 +222,31 @@ CASES = [
         dict(block_size=16, threshold=0.9, is_causal=1, sliding_window=37),
     ),
     (1, 2, 2, 40, 90, 32, 32, "float32", dict(block_size=16, threshold=1.0, is_causal=1, sliding_window=20)),
+    # the antidiagonal estimate (1) and the token estimate (2)
+    (1, 2, 1, 100, 130, 16, 16, "float32", dict(block_size=16, threshold=0.8, global_tokens=8, estimate=1)),
+    (1, 4, 2, 90, 90, 64, 64, "float16", dict(block_size=16, threshold=0.7, is_causal=1, estimate=1)),
+    (
+        1,
+        2,
+        2,
+        33,
+        65,
+        32,
+        48,
+        "float32",
+        dict(block_size=8, threshold=1.0, max_density=0.4, estimate=1, estimate_stride=3),
+    ),
+    (1, 2, 1, 100, 130, 16, 16, "float32", dict(block_size=16, threshold=0.8, global_tokens=8, estimate=2)),
+    (1, 4, 2, 90, 90, 64, 64, "float16", dict(block_size=16, threshold=0.7, is_causal=1, estimate=2)),
+    (1, 2, 2, 33, 65, 32, 48, "float32", dict(block_size=8, threshold=1.0, max_density=0.4, estimate=2)),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[7]}-d{c[5]}-s{c[3]}x{c[4]}-bs{c[8]['block_size']}")
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: f"{c[7]}-d{c[5]}-s{c[3]}x{c[4]}-bs{c[8]['block_size']}-e{c[8].get('estimate', 0)}",
+)
 @pytest.mark.parametrize("copies", ["late", "early"])
 def test_kernels_match_the_reference(backend, case, copies, monkeypatch):
     # The emulation lands asynchronous copies at the wait (late) or at the issue (early):
@@ -391,6 +412,8 @@ def _random_case(seed: int):
         local_window=int(rng.choice([0, 16, 64])),
         is_causal=int(rng.random() < 0.5),
         min_seq_len=int(rng.choice([0, 0, 100])),
+        estimate=seed % 3,
+        estimate_stride=int(rng.choice([1, 4, 16])),
     )
     q, k, v = _inputs(rng, b, hq, hkv, sq, sk, d, dv, dtype)
     mask = None

@@ -85,6 +85,8 @@ def cases(draw, max_len: int = 300, max_heads: int = 3):
         max_density=draw(st.sampled_from([0.125, 0.5, 0.75, 1.0])),
         min_seq_len=draw(st.sampled_from([0, 0, 0, 150, 2**31 - 1])),
         scale=draw(st.sampled_from([0.0, 0.0, 0.3])),
+        estimate=draw(st.integers(0, 2)),
+        estimate_stride=draw(st.sampled_from([1, 2, 8, 16, 1000])),
     )
     return q, k, v, mask, attrs
 

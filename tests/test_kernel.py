@@ -19,6 +19,7 @@ from tfsa_onnx.opmodel import sparse_attention_model
 from tfsa_onnx.reference import (
     ATTRIBUTE_BOUNDS,
     BLOCK_SIZE_MAX,
+    ESTIMATE_STRIDE_MAX,
     TOKENS_MAX,
     SparseAttentionAttributes,
     select_blocks,
@@ -127,6 +128,52 @@ def test_sparse_settings_match_reference(shape, attrs):
     np.testing.assert_allclose(density, density_ref, atol=1e-6)
     assert density.max() < 1.0, "a sparse setting should skip blocks"
     np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-4)
+
+
+# the antidiagonal estimate at a few strides (1: every pair; past the sequence: none), and token
+OTHER_ESTIMATES = [
+    dict(estimate=1),
+    dict(estimate=1, estimate_stride=1),
+    dict(estimate=1, estimate_stride=5),
+    dict(estimate=1, estimate_stride=1024),
+    dict(estimate=2),
+]
+
+
+@pytest.mark.parametrize("estimate", OTHER_ESTIMATES, ids=str)
+@pytest.mark.parametrize("shape,attrs", SPARSE_CASES, ids=lambda x: str(x))
+def test_other_estimates_match_reference(shape, attrs, estimate):
+    b, hq, hkv, sq, sk, d, dv, bs, causal = shape
+    rng = np.random.default_rng(sq * 5 + d)
+    q, k, v = random_qkv(rng, b, hq, hkv, sq, sk, d, dv)
+    k += 3 * rng.standard_normal((b, hkv, sk // bs + 1, d)).repeat(bs, axis=2)[:, :, :sk].astype(np.float32)
+    full = dict(SPARSE_OFF, min_seq_len=0, block_size=bs, is_causal=causal, **estimate) | attrs
+    y, density = run_op(q, k, v, **full)
+    y_ref, density_ref = sparse_attention(q, k, v, None, **full)
+    np.testing.assert_allclose(density, density_ref, atol=1e-6)
+    assert density.max() < 1.0, "a sparse setting should skip blocks"
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-4)
+
+
+def test_the_estimate_attribute_chooses_the_kernels_estimate():
+    # A case where the two estimates pick different blocks for the last query block (one of
+    # its rows aimed at key block 5): the kernel follows the reference under each.
+    rng = np.random.default_rng(0)
+    q, k, v = random_qkv(rng, 1, 1, 1, 512, 512, 32, 16)
+    k += rng.standard_normal((1, 1, 8, 32)).repeat(64, axis=2).astype(np.float32)
+    aim = k[0, 0, 320:384].mean(axis=0)
+    q[0, 0, 448 + 17] = 12 * np.sqrt(32) * aim / (aim @ aim)
+    attrs = dict(SPARSE_OFF, min_seq_len=0, block_size=64, threshold=1.0, max_density=0.125)
+    picks, outputs = [], []
+    for estimate in (0, 2):
+        a = SparseAttentionAttributes(**attrs, estimate=estimate)
+        picks.append(np.flatnonzero(select_blocks(q, k, np.ones((1, 1, 8, 8), bool), a)[0, 0, 7]))
+        y, _ = run_op(q, k, v, **attrs, estimate=estimate)
+        y_ref, _ = sparse_attention(q, k, v, **attrs, estimate=estimate)
+        np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-4)
+        outputs.append(y)
+    assert len(picks[0]) == len(picks[1]) == 1 and picks[0] != picks[1], picks
+    assert not np.allclose(outputs[0][0, 0, 448:], outputs[1][0, 0, 448:])
 
 
 def test_bool_padding_mask_and_fully_masked_rows_give_zeros():
@@ -292,6 +339,7 @@ def test_attributes_agree_with_the_cpp_contract():
     assert set(ATTRIBUTE_BOUNDS) == set(SparseAttentionAttributes.names())
     assert ATTRIBUTE_BOUNDS["block_size"][1] == BLOCK_SIZE_MAX
     assert ATTRIBUTE_BOUNDS["global_tokens"][1] == TOKENS_MAX
+    assert ATTRIBUTE_BOUNDS["estimate_stride"][1] == ESTIMATE_STRIDE_MAX
     for name, bounds in BOUNDS.items():  # the config's checks agree too
         assert bounds == ATTRIBUTE_BOUNDS[name], name
 
@@ -382,6 +430,10 @@ OUT_OF_RANGE = [
     ("scale", -1.0, "[0, inf)"),
     ("scale", float("inf"), "[0, inf)"),
     ("scale", float("nan"), "[0, inf)"),
+    ("estimate", 3, "[0, 2]"),
+    ("estimate", -1, "[0, 2]"),
+    ("estimate_stride", 0, f"[1, {ESTIMATE_STRIDE_MAX}]"),
+    ("estimate_stride", ESTIMATE_STRIDE_MAX + 1, f"[1, {ESTIMATE_STRIDE_MAX}]"),
 ]
 
 
@@ -414,6 +466,9 @@ AT_THE_BOUNDS = [
     dict(threshold=0.0, min_seq_len=0),
     dict(threshold=1.0, max_density=float(np.float32(1e-30)), min_seq_len=0),
     dict(scale=float(np.finfo(np.float32).tiny)),
+    dict(estimate=1, estimate_stride=1, threshold=0.5, min_seq_len=0),
+    dict(estimate=1, estimate_stride=ESTIMATE_STRIDE_MAX, threshold=0.5, min_seq_len=0),
+    dict(estimate=2, threshold=0.5, min_seq_len=0),
 ]
 
 
@@ -519,6 +574,8 @@ def _random_case(seed: int):
         max_density=float(rng.choice([0.125, 0.5, 0.75, 1.0])),
         min_seq_len=int(rng.choice([0, 0, 0, 200])),
         scale=float(rng.choice([0.0, 0.0, 0.3])),
+        estimate=seed % 3,
+        estimate_stride=int(rng.choice([1, 3, 8, 16])),
     )
     mask = None
     kind = rng.integers(0, 3)

@@ -148,6 +148,7 @@ CONFIG_MODELS = {
     "causal-lm.yaml": ("gpt2", "eager", False, 17),
     "smollm2-135m-4096-ppl1.json": ("llama", "sdpa", False, 17),
     "smollm2-135m-4096-ppl2.json": ("llama", "sdpa", False, 17),
+    "smollm2-135m-4096-ppl1-antidiagonal.json": ("llama", "sdpa", False, 17),
 }
 
 

@@ -66,6 +66,12 @@ def _setting(ctx, param, value):
 @click.option("--batch", default=1, show_default=True)
 @click.option("--max-density", default="0.125", show_default=True, callback=_setting)
 @click.option("--block-size", default="64", show_default=True, callback=_setting)
+@click.option(
+    "--estimate", default="mean", show_default=True, callback=_setting, help="CPU: mean, antidiagonal, token."
+)
+@click.option(
+    "--estimate-stride", default="16", show_default=True, callback=_setting, help="antidiagonal's stride."
+)
 @click.option("--causal", is_flag=True, help="Causal attention in all three.")
 @click.option("--threads", default=2, show_default=True, help="intra_op_num_threads of every session.")
 @click.option("--repeat", default=5, show_default=True, help="Timed rounds (median reported).")
@@ -95,6 +101,8 @@ def bench_kernel_cmd(
     batch,
     max_density,
     block_size,
+    estimate,
+    estimate_stride,
     causal,
     threads,
     repeat,
@@ -131,6 +139,8 @@ def bench_kernel_cmd(
             repeat=repeat,
             block_size=block_size,
             unfused=not no_unfused,
+            estimate=estimate,
+            estimate_stride=estimate_stride,
         )
         results.append(result)
         table.row(result.as_dict())
@@ -252,6 +262,8 @@ def _sparsity_config(config_path, overrides: dict):
 @click.option("--threshold", callback=_setting, help="Estimated mass to keep [0, 1].")
 @click.option("--max-density", callback=_setting, help="Cap on key blocks computed (0, 1].")
 @click.option("--min-seq-len", callback=_setting, help="Dense attention below this many keys.")
+@click.option("--estimate", callback=_setting, help="Block estimate: mean (default), antidiagonal or token.")
+@click.option("--estimate-stride", callback=_setting, help="antidiagonal: 1 pair in this many [16].")
 @click.option("--reapply", is_flag=True, help="On an optimized model, set these attributes on its nodes.")
 @click.option(
     "--report", "report_path", type=click.Path(dir_okay=False), help="Write the site report (JSON)."
@@ -523,6 +535,8 @@ def _validate_once(validate, original, optimized, feeds, threads, warmup):
     callback=_setting,
     help="Dense below this many keys (default: min(1024, --seq-len)).",
 )
+@click.option("--estimate", callback=_setting, help="Block estimate: mean (default), antidiagonal or token.")
+@click.option("--estimate-stride", callback=_setting, help="antidiagonal: 1 pair in this many [16].")
 @click.option(
     "--curve-samples", type=click.IntRange(1), default=2, show_default=True, help="Samples per layer curve."
 )

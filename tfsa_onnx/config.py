@@ -7,7 +7,7 @@ File format (JSON or YAML):
       min_seq_len: 1024
     layers:              # key: layer index in graph order, or a glob on the node name
       "0": {skip: true}              # leave layer 0 as it is
-      "3": {threshold: 0.95}
+      "3": {threshold: 0.95, estimate: token}
       "*layers.1[0-9]*": {max_density: 0.5}
 
 Later keys win over earlier ones when several match. Values are checked strictly against the
@@ -25,10 +25,19 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tfsa_onnx.reference import ATTRIBUTE_BOUNDS, SparseAttentionAttributes
+from tfsa_onnx.reference import ATTRIBUTE_BOUNDS, ESTIMATES, SparseAttentionAttributes
 
 # Attributes a user may set; scale and is_causal come from the model itself.
-TUNABLE = ("block_size", "global_tokens", "local_window", "threshold", "max_density", "min_seq_len")
+TUNABLE = (
+    "block_size",
+    "global_tokens",
+    "local_window",
+    "threshold",
+    "max_density",
+    "min_seq_len",
+    "estimate",
+    "estimate_stride",
+)
 # The bounds the operator enforces on them (contract.h, mirrored in reference.py), checked here
 # first: name -> (low, high, low excluded).
 BOUNDS: dict[str, tuple[float, float, bool]] = {name: ATTRIBUTE_BOUNDS[name] for name in TUNABLE}
@@ -43,11 +52,16 @@ class ConfigError(ValueError):
 def check_setting(name: str, value: Any, where: str) -> Any:
     """The value of one setting, checked strictly: skip is a bool; integer settings are integers
     (an integral float such as 32.0 is taken as 32; bools and 32.7 are refused); float settings
-    are finite numbers; every value within the operator's bounds (BOUNDS)."""
+    are finite numbers; every value within the operator's bounds (BOUNDS). The estimate may
+    be named (ESTIMATES: "mean", "antidiagonal", "token") and is kept as its index."""
     if name == "skip":
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: skip must be true or false, got {value!r}")
         return value
+    if name == "estimate" and isinstance(value, str):
+        if value.strip() not in ESTIMATES:
+            raise ConfigError(f"{where}: estimate must be one of {', '.join(ESTIMATES)}, got {value!r}")
+        return ESTIMATES.index(value.strip())
     if name not in TUNABLE:
         expected = ", ".join((*TUNABLE, "skip"))
         raise ConfigError(f"{where}: unknown setting {name!r}; expected one of {expected}")
@@ -72,6 +86,8 @@ def check_setting(name: str, value: Any, where: str) -> Any:
 
 def parse_setting(name: str, text: str, where: str) -> Any:
     """A setting given as text (a command-line option): parsed as a number, then check_setting."""
+    if name == "estimate" and not _INDEX.fullmatch(text.strip()):
+        return check_setting(name, text, where)
     try:
         value: Any = int(text) if _INDEX.fullmatch(text.strip()) else float(text)
     except ValueError:

@@ -9,11 +9,20 @@ Selection (which key blocks a query block computes), per (batch, head, query blo
   2. forced: allowed blocks holding a global token (key index < global_tokens) or
      touching the local window (|key - query position| <= local_window, W > 0).
      Query blocks holding a global query (index < global_tokens) take every allowed block.
-  3. estimate: the other allowed blocks are ranked by softmax over key blocks of
-     scale * mean(Q block) . mean(K block) + log(keys in block); they are added in
-     that order until their cumulative estimated mass reaches `threshold` or the block
-     count reaches ceil(max_density * allowed) (forced blocks count against the cap,
-     but are kept even when they alone exceed it).
+  3. estimate: the other allowed blocks (candidates) get an estimated mass, and are added
+     heaviest first until their cumulative mass reaches `threshold` or the block count
+     reaches ceil(max_density * allowed) (forced blocks count against the cap, but are kept
+     even when they alone exceed it). The mass, by `estimate` (ESTIMATES):
+       0 "mean":  softmax over the candidates of scale * mean(Q block) . mean(K block)
+                  + log(keys in block);
+       1 "antidiagonal": exact probabilities of 1 pair in `estimate_stride`: the pairs
+                  (i, j) with (i + j + 1) % estimate_stride == 0 (the antidiagonals of
+                  stride x stride tiles, as XAttention scores them), in allowed blocks and
+                  visible under causality (the mask's values are not read); each row's
+                  softmax over its sampled pairs, summed into blocks, then each candidate's
+                  share of the candidates' total (equal shares when it is 0);
+       2 "token": each query row's softmax over the candidates of scale * q_i . mean(K block)
+                  + log(keys in block), averaged over the block's rows.
   Below min_seq_len keys, every allowed block is computed.
 Math: exactly softmax(scale * Q K^T + mask) V over the selected blocks, the rest -inf, where
 causality (key j <= p for the query at position p = i + Sk - Sq) and the sliding window
@@ -21,10 +30,12 @@ causality (key j <= p for the query at position p = i + Sk - Sq) and the sliding
 rows with nothing to attend give zeros.
 
 Attribute bounds (contract.h enforces the same; out of range is an error): block_size in
-[1, BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len, sliding_window in [0, TOKENS_MAX]; threshold in
-[0, 1]; max_density in (0, 1]; scale finite and >= 0; is_causal 0 or 1. block_size,
-global_tokens and local_window are cut to the longer sequence (`effective`), which changes no
-result: the kernels never size memory or index blocks by the raw values.
+[1, BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len, sliding_window in
+[0, TOKENS_MAX]; threshold in [0, 1]; max_density in (0, 1]; scale finite and >= 0; is_causal
+0 or 1; estimate an index of ESTIMATES; estimate_stride in [1, ESTIMATE_STRIDE_MAX]. threshold 1
+leaves the max_density cap alone (blocks of zero estimated mass are taken too). block_size,
+global_tokens, local_window and sliding_window are cut to the longer sequence (`effective`),
+which changes no result: the kernels never size memory or index blocks by the raw values.
 
 NaN and infinity. A pair (i, j) counts for row i when its block is selected and causality and
 the mask let i see j (a NaN or +inf mask value lets it: only -inf / false hide a pair). Its
@@ -33,8 +44,9 @@ score is scale * q_i . k_j + mask_ij; every other pair has score -inf. A pair wh
 reach row i. So NaN in q_i, or in the key, value or mask value of a pair that counts (and +inf
 scores, through inf - inf), makes row i NaN, as dense attention would; nothing else does. The
 selection is not steered by them: non-finite query and key elements count as 0 in the block
-means, a NaN estimate ranks below every other candidate with zero mass, and when the largest
-estimate is not finite the candidates weigh the same (taken in block order).
+means and in the rows and keys the other estimates read, a NaN score ranks below every other
+candidate with zero mass, and when the largest score (of a block, of a row for "token" and
+"antidiagonal") is not finite the candidates (the row's sampled pairs) weigh the same.
 """
 
 from __future__ import annotations
@@ -46,6 +58,8 @@ import numpy as np
 
 BLOCK_SIZE_MAX = 1_048_576  # contract.h kBlockSizeMax
 TOKENS_MAX = 2_147_483_647  # contract.h kTokensMax: global_tokens, local_window, min_seq_len
+ESTIMATES = ("mean", "antidiagonal", "token")  # contract.h TfsaEstimate, in its order
+ESTIMATE_STRIDE_MAX = 1024  # contract.h kEstimateStrideMax
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,8 @@ class SparseAttentionAttributes:
     max_density: float = 1.0
     min_seq_len: int = 1024
     sliding_window: int = 0  # W > 0: no key before position p - W + 1 (a mask rule, not selection)
+    estimate: int = 0  # an index of ESTIMATES
+    estimate_stride: int = 16  # the antidiagonal estimate samples 1 pair in this many
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -73,7 +89,12 @@ class SparseAttentionAttributes:
 
     @classmethod
     def capped(
-        cls, max_density: float, is_causal: int = 0, block_size: int = 64
+        cls,
+        max_density: float,
+        is_causal: int = 0,
+        block_size: int = 64,
+        estimate: int = 0,
+        estimate_stride: int = 16,
     ) -> SparseAttentionAttributes:
         """Blocks chosen by the estimate under the max_density cap alone (no global, local,
         threshold or min_seq_len): the setting the kernel benchmarks time."""
@@ -85,6 +106,8 @@ class SparseAttentionAttributes:
             threshold=1.0,
             max_density=max_density,
             min_seq_len=0,
+            estimate=estimate,
+            estimate_stride=estimate_stride,
         )
 
 
@@ -100,6 +123,8 @@ ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "max_density": (0.0, 1.0, True),
     "min_seq_len": (0, TOKENS_MAX, False),
     "sliding_window": (0, TOKENS_MAX, False),
+    "estimate": (0, len(ESTIMATES) - 1, False),
+    "estimate_stride": (1, ESTIMATE_STRIDE_MAX, False),
 }
 
 
@@ -176,6 +201,63 @@ def _forced_blocks(sq: int, sk: int, a: SparseAttentionAttributes, query_offset:
     return forced
 
 
+def _softmax(score: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis; NaN weighs 0; equal weights where the largest is not finite."""
+    score = np.where(np.isnan(score), -np.inf, score)
+    best = score.max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        weight = np.where(np.isfinite(best), np.exp(score - best), 1.0)
+    return weight / weight.sum(axis=-1, keepdims=True)
+
+
+def _sampled_softmax(score: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Each row's softmax over its `keep` entries (NaN weighs 0; equal weights where the best
+    is not finite); a row with no such entry weighs nothing."""
+    keep = keep & ~np.isnan(score)
+    score = np.where(keep, score, -np.inf)
+    best = score.max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        weight = np.where(np.isfinite(best), np.exp(score - best), keep * 1.0)
+    total = weight.sum(axis=-1, keepdims=True)
+    return weight / np.where(total > 0, total, 1.0)
+
+
+def _antidiagonal_mass(q_rows, first_row, keys, allowed, a, scale, sq) -> np.ndarray:
+    """[nK] block mass from the pairs (i, j) with (i + j + 1) % estimate_stride == 0 (the
+    antidiagonals of stride x stride tiles), in allowed blocks and, when causal, visible:
+    each row's softmax over its sampled pairs, summed over the block's rows and keys."""
+    sk, stride = keys.shape[0], a.estimate_stride
+    i = np.arange(first_row, first_row + q_rows.shape[0])[:, None]
+    j = np.arange(sk)[None, :]
+    keep = ((i + j + 1) % stride == 0) & np.repeat(allowed, a.block_size)[None, :sk]
+    if a.is_causal:
+        keep &= j <= i + (sk - sq)
+    with np.errstate(invalid="ignore", over="ignore"):
+        weight = _sampled_softmax(scale * q_rows @ keys.T, keep).sum(axis=0)
+    padded = np.zeros(allowed.size * a.block_size)
+    padded[:sk] = weight
+    return padded.reshape(allowed.size, a.block_size).sum(axis=1)
+
+
+def _candidate_mass(q, k, k_mean, idx, allowed, candidates, a, scale) -> np.ndarray:
+    """[candidates] estimated share of the mass (sums to 1) for query block idx = (b, h, qb).
+    q and k are finite (non-finite elements as 0)."""
+    bs, sq = a.block_size, q.shape[2]
+    rows = q[idx[0], idx[1], idx[2] * bs : (idx[2] + 1) * bs]
+    sk = k.shape[2]
+    log_keys = np.log(np.minimum(bs, sk - candidates * bs))
+    means = k_mean[idx[0], idx[1] // (q.shape[1] // k.shape[1]), candidates]
+    name = ESTIMATES[a.estimate]
+    if name == "mean":
+        return _softmax(scale * rows.mean(axis=0) @ means.T + log_keys)
+    if name == "token":
+        return _softmax(scale * rows @ means.T + log_keys).mean(axis=0)
+    keys = k[idx[0], idx[1] // (q.shape[1] // k.shape[1])]
+    mass = _antidiagonal_mass(rows, idx[2] * bs, keys, allowed, a, scale, sq)[candidates]
+    total = mass.sum()
+    return mass / total if total > 0 else np.full(candidates.size, 1.0 / candidates.size)
+
+
 def select_blocks(
     q: np.ndarray, k: np.ndarray, allowed: np.ndarray, a: SparseAttentionAttributes, query_offset: int = 0
 ) -> np.ndarray:
@@ -183,28 +265,24 @@ def select_blocks(
     sq, sk = q.shape[2], k.shape[2]
     if sk < a.min_seq_len:
         return allowed.copy()
-    bs = a.block_size
-    group = q.shape[1] // k.shape[1]
     scale = a.scale or 1.0 / math.sqrt(q.shape[-1])
-    q_mean = _block_means(q.astype(np.float64), bs)
-    k_mean = np.repeat(_block_means(k.astype(np.float64), bs), group, axis=1)
-    keys_per_block = np.minimum(bs, sk - np.arange(0, sk, bs))
-    estimate = scale * q_mean @ np.swapaxes(k_mean, -1, -2) + np.log(keys_per_block)
+    q = np.where(np.isfinite(q), q, 0.0).astype(np.float64)
+    k = np.where(np.isfinite(k), k, 0.0).astype(np.float64)
+    k_mean = _block_means(k, a.block_size)
     forced = _forced_blocks(sq, sk, a, query_offset) & allowed
     selected = forced.copy()
+    threshold = float(np.float32(a.threshold))  # an ONNX float attribute, as the kernels read it
     for idx in np.ndindex(*allowed.shape[:3]):
         candidates = np.flatnonzero(allowed[idx] & ~forced[idx])
         if candidates.size == 0:
             continue
-        score = np.where(np.isnan(estimate[idx][candidates]), -np.inf, estimate[idx][candidates])
-        mass = np.exp(score - score.max()) if np.isfinite(score.max()) else np.ones(score.size)
-        mass /= mass.sum()
+        mass = _candidate_mass(q, k, k_mean, idx, allowed[idx], candidates, a, scale)
         # the tolerance keeps float32 attribute rounding from adding a block (0.1 * 30)
         cap = max(1, math.ceil(a.max_density * allowed[idx].sum() - 1e-4))
         budget = cap - forced[idx].sum()
         cumulative = 0.0
         for i in np.argsort(-mass, kind="stable")[: max(budget, 0)]:
-            if cumulative >= a.threshold:
+            if threshold < 1.0 and cumulative >= threshold:  # threshold 1: the cap alone
                 break
             selected[idx][candidates[i]] = True
             cumulative += mass[i]

@@ -62,6 +62,8 @@ def bench_kernel(
     repeat: int = 5,
     unfused: bool = True,
     block_size: int = 64,
+    estimate: int = 0,
+    estimate_stride: int = 16,
 ) -> KernelResult:
     """Time sparse / ORT MHA / unfused attention at one sequence length (see module doc)."""
     rng = np.random.default_rng(0)
@@ -69,7 +71,9 @@ def bench_kernel(
     packed = [x.transpose(0, 2, 1, 3).reshape(batch, seq_len, heads * head_dim).copy() for x in (q, k, v)]
 
     op_model = sparse_attention_model(
-        **SparseAttentionAttributes.capped(max_density, int(causal), block_size).as_dict()
+        **SparseAttentionAttributes.capped(
+            max_density, int(causal), block_size, estimate, estimate_stride
+        ).as_dict()
     )
     sparse = _session(op_model, threads)
     selection = _session(op_model, threads, selection_only=True)

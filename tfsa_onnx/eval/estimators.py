@@ -2,24 +2,36 @@
 
     python -m tfsa_onnx.eval.estimators --seq-len 4096 --layers 2,5,8,11,14,17,20,23,26,29
 
-Captures the query/key/value of every attention layer of SmolLM2-135M on one BBC text window,
-then, per layer and head (one head per KV group), selects key blocks with each estimate at a
-range of thresholds (the operator's rule: global + local blocks, then candidates by mass until
-the threshold) and measures the attention output's relative L2 error against dense. Printed:
-the mean density each estimate needs to stay within an error.
+Captures the query/key/value of every attention layer of SmolLM2-135M on one BBC text window
+(--tensors FILE.npz keeps them for the next run), then, per layer and head (one head per KV
+group; --all-heads for all), selects key blocks with each estimate at a range of thresholds (the
+operator's rule: global + local blocks, then candidates by mass until the threshold) and
+measures the attention output's relative L2 error against dense. Printed: the mean density
+each estimate needs to stay within an error.
 
-Estimates: `mean` (the operator's: mean-pooled Q and K blocks), `sampled4` (exact probabilities
-of 4 query rows per block: costs 4/block_size of the scores), `oracle` (the true block mass).
+Estimates (cost: the share of the QK^T products each computes):
+  mean            the operator's default: mean-pooled Q and K blocks (1/block_size^2)
+  tokq_max/_mean  every query row against each key block's mean, a softmax per row over the
+                  candidate blocks, the max or mean over the block's rows (1/block_size);
+                  _all: the softmax over the forced blocks too
+  antidiag8/16    XAttention: each stride x stride tile scored by its antidiagonal's mean q.k,
+                  a softmax per tile row, summed into blocks (1/stride)
+  antidiag8_exp/16_exp  the same pairs, but each query row's softmax over its own sampled
+                  pairs (exact probabilities of 1/stride of the pairs); the operator's
+                  estimate=1 (antidiagonal)
+  sampled4        exact probabilities of 4 query rows per block (4/block_size)
+  oracle          the true block mass
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
 BLOCK, GLOBAL, WINDOW = 64, 64, 128
-THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 
 
 def capture(seq_len: int) -> dict[str, np.ndarray]:
@@ -64,46 +76,120 @@ def _select(mass: np.ndarray, threshold: float, forced: np.ndarray, candidates: 
     return forced | take
 
 
+def _softmax_rows(scores: np.ndarray) -> np.ndarray:
+    """Row softmax; rows with no finite score give zeros."""
+    best = scores.max(1, keepdims=True)
+    weights = np.exp(scores - np.where(np.isfinite(best), best, 0.0))
+    return weights / np.maximum(weights.sum(1, keepdims=True), 1e-300)
+
+
+def _antidiagonal(q: np.ndarray, k: np.ndarray, stride: int) -> np.ndarray:
+    """XAttention's estimate: each stride x stride tile is scored by the mean of its
+    antidiagonal's q.k (query row t of the tile against key stride-1-t), a softmax over each
+    tile row's keys (causal), summed into blocks. Costs 1/stride of the scores."""
+    s, d = q.shape
+    n = s // stride
+    q_tiles = q.reshape(n, stride, d)[:, ::-1, :].reshape(n, stride * d)
+    scores = q_tiles @ k.reshape(n, stride * d).T / (np.sqrt(d) * stride)
+    scores[np.triu_indices(n, 1)] = -np.inf
+    per = BLOCK // stride
+    return _softmax_rows(scores).reshape(s // BLOCK, per, s // BLOCK, per).sum((1, 3))
+
+
+def _antidiagonal_exp(q: np.ndarray, k: np.ndarray, stride: int) -> np.ndarray:
+    """The same sampled pairs (each query row against one key in every `stride` keys, the
+    tile's antidiagonal), but a softmax over each query row's sampled keys: the exact
+    probabilities of 1/stride of the pairs, summed into blocks."""
+    s, d = q.shape
+    n = s // stride
+    rows = np.arange(s)
+    keys = np.arange(n)[None, :] * stride + (stride - 1 - rows % stride)[:, None]  # [s, n]
+    scores = np.empty((s, n))
+    for c in range(stride):  # rows c, c + stride, ... sample keys stride - 1 - c, 2 stride - 1 - c, ...
+        scores[c::stride] = q[c::stride] @ k[stride - 1 - c :: stride].T / np.sqrt(d)
+    scores = np.where(keys <= rows[:, None], scores, -np.inf)
+    return _softmax_rows(scores).reshape(s // BLOCK, BLOCK, s // BLOCK, BLOCK // stride).sum((1, 3))
+
+
+def _token_queries(q: np.ndarray, k_mean: np.ndarray, forced: np.ndarray, candidates: np.ndarray) -> dict:
+    """Every query row against each key block's mean (1/block_size of the scores), a softmax
+    per row over the candidate blocks (`_all`: over every allowed block, forced ones too),
+    then the max or the mean over the block's rows."""
+    n = k_mean.shape[0]
+    scores = (q @ k_mean.T / np.sqrt(q.shape[1])).reshape(n, BLOCK, n)
+    only = _softmax_rows(np.where(candidates[:, None, :], scores, -np.inf).reshape(n * BLOCK, n))
+    every = _softmax_rows(np.where((candidates | forced)[:, None, :], scores, -np.inf).reshape(n * BLOCK, n))
+    only, every = only.reshape(n, BLOCK, n), every.reshape(n, BLOCK, n)
+    return {"tokq_max": only.max(1), "tokq_mean": only.mean(1), "tokq_mean_all": every.mean(1)}
+
+
 def _estimates(
-    q: np.ndarray, k: np.ndarray, probs: np.ndarray, candidates: np.ndarray
+    q: np.ndarray, k: np.ndarray, probs: np.ndarray, forced: np.ndarray, candidates: np.ndarray
 ) -> dict[str, np.ndarray]:
     n = q.shape[0] // BLOCK
     per_row = probs.reshape(n, BLOCK, n, BLOCK).sum(3)  # [qb, row, kb]
-    pooled = q.reshape(n, BLOCK, -1).mean(1) @ k.reshape(n, BLOCK, -1).mean(1).T / np.sqrt(q.shape[1])
+    k_mean = k.reshape(n, BLOCK, -1).mean(1)
+    pooled = q.reshape(n, BLOCK, -1).mean(1) @ k_mean.T / np.sqrt(q.shape[1])
     pooled = np.where(candidates, pooled, -np.inf)
     best = np.where(np.isfinite(pooled).any(1, keepdims=True), pooled.max(1, keepdims=True), 0.0)
     return {
         "mean": np.exp(pooled - best),
+        **_token_queries(q, k_mean, forced, candidates),
+        "antidiag8": _antidiagonal(q, k, 8),
+        "antidiag16": _antidiagonal(q, k, 16),
+        "antidiag8_exp": _antidiagonal_exp(q, k, 8),
+        "antidiag16_exp": _antidiagonal_exp(q, k, 16),
         "sampled4": per_row[:, [15, 31, 47, 63], :].sum(1),
         "oracle": per_row.sum(1),
     }
 
 
-def curves(tensors: dict[str, np.ndarray], layers: list[int]) -> dict[str, list[list[tuple]]]:
-    """Per estimate, per (layer, head): [(threshold, density, relative error)]."""
-    out: dict[str, list[list[tuple]]] = {"mean": [], "sampled4": [], "oracle": []}
+def curves(
+    tensors: dict[str, np.ndarray], layers: list[int], all_heads: bool = False, only: tuple[str, ...] = ()
+) -> dict[str, list]:
+    """Per estimate (those in `only`, or all), per (layer, head): [(threshold, density, error)]."""
+    out: dict[str, list[list[tuple]]] = {}
     for layer in layers:
         q, k, v = tensors[f"q{layer}"], tensors[f"k{layer}"], tensors[f"v{layer}"]
         group = q.shape[0] // k.shape[0]
         allowed, forced, candidates = _grid(q.shape[1])
-        for head in range(0, q.shape[0], group):
-            qh, kh, vh = q[head], k[head // group], v[head // group]
+        for head in range(0, q.shape[0], 1 if all_heads else group):
+            qh, kh, vh = (x.astype(np.float64) for x in (q[head], k[head // group], v[head // group]))
+            n = qh.shape[0] // BLOCK
             scores = qh @ kh.T / np.sqrt(qh.shape[1])
             scores[np.triu_indices(scores.shape[0], 1)] = -np.inf
             probs = np.exp(scores - scores.max(1, keepdims=True))
+            del scores
             probs /= probs.sum(1, keepdims=True)
-            dense = probs @ vh
-            for name, mass in _estimates(qh, kh, probs, candidates).items():
+            # Each row's mass and weighted values per key block: any selection's output from these.
+            row_mass = probs.reshape(-1, n, BLOCK).sum(2)  # [row, kb]
+            row_values = np.einsum("snb,nbd->snd", probs.reshape(-1, n, BLOCK), vh.reshape(n, BLOCK, -1))
+            dense = row_values.sum(1)
+            for name, mass in _estimates(qh, kh, probs, forced, candidates).items():
+                if only and name not in only:
+                    continue
                 points = []
                 for threshold in THRESHOLDS:
                     chosen = _select(mass, threshold, forced, candidates)
-                    keep = np.repeat(np.repeat(chosen, BLOCK, 0), BLOCK, 1)
-                    kept = probs * keep
-                    sparse = (kept @ vh) / kept.sum(1, keepdims=True)
+                    keep = np.repeat(chosen, BLOCK, 0)  # [row, kb]
+                    kept = (row_mass * keep).sum(1, keepdims=True)
+                    sparse = np.einsum("snd,sn->sd", row_values, keep) / kept
                     error = np.linalg.norm(sparse - dense) / np.linalg.norm(dense)
                     points.append((threshold, chosen.sum() / allowed.sum(), error))
-                out[name].append(points)
+                out.setdefault(name, []).append(points)
+            del probs, row_values
     return out
+
+
+def load_or_capture(seq_len: int, path: str | None) -> dict[str, np.ndarray]:
+    """The captured tensors, from `path` when it exists (else captured and saved there)."""
+    if path and Path(path).is_file():
+        with np.load(path) as saved:
+            return dict(saved)
+    tensors = capture(seq_len)
+    if path:
+        np.savez(path, **tensors)
+    return tensors
 
 
 def main() -> None:
@@ -112,14 +198,22 @@ def main() -> None:
     )
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--layers", default="2,5,8,11,14,17,20,23,26,29")
+    parser.add_argument("--all-heads", action="store_true", help="every query head, not one per KV group")
+    parser.add_argument("--tensors", help="an .npz of captured tensors: read if it exists, else written")
+    parser.add_argument("--only", default="", help="comma-separated estimates to measure (default: all)")
     args = parser.parse_args()
-    results = curves(capture(args.seq_len), [int(x) for x in args.layers.split(",")])
-    for limit in (0.01, 0.02, 0.05):
+    tensors = load_or_capture(args.seq_len, args.tensors)
+    layers = [int(x) for x in args.layers.split(",")]
+    results = curves(tensors, layers, args.all_heads, tuple(x for x in args.only.split(",") if x))
+    limits = (0.01, 0.02, 0.05, 0.1)
+    print("| estimate | " + " | ".join(f"density at error <= {x}" for x in limits) + " |")
+    print("|---|" + "---:|" * len(limits))
+    for name, per_head in results.items():
         cells = []
-        for name, per_head in results.items():
+        for limit in limits:
             needed = [min([d for _, d, e in points if e <= limit], default=1.0) for points in per_head]
-            cells.append(f"{name} {np.mean(needed):.3f}")
-        print(f"relative error <= {limit}: mean density  " + "  ".join(cells))
+            cells.append(f"{np.mean(needed):.3f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

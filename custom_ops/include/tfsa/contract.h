@@ -38,7 +38,18 @@ typedef struct TfsaAttributes {
    * when causal), as a sliding-window mask would; 0: no window. Unlike local_window, a rule
    * of the math, not of the selection. */
   int64_t sliding_window TFSA_DEFAULT(0);
+  int64_t estimate TFSA_DEFAULT(0);         /* a TfsaEstimate: how candidate blocks are ranked */
+  int64_t estimate_stride TFSA_DEFAULT(16); /* the antidiagonal estimate samples 1 pair in this many */
 } TfsaAttributes;
+
+/* The block-mass estimates (attribute `estimate`); tfsa_onnx/reference.py ESTIMATES names them
+ * in this order. */
+enum TfsaEstimate {
+  TFSA_ESTIMATE_MEAN = 0,
+  TFSA_ESTIMATE_ANTIDIAGONAL = 1,
+  TFSA_ESTIMATE_TOKEN = 2,
+  TFSA_ESTIMATE_COUNT = 3
+};
 
 /* The sizes of one call: query [B, Hq, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv]. */
 typedef struct TfsaDims {
@@ -108,6 +119,9 @@ inline constexpr int64_t kBlockSizeMax = 1048576;  // block_size in [1, kBlockSi
 // global_tokens, local_window, min_seq_len, sliding_window in [0, kTokensMax]
 inline constexpr int64_t kTokensMax = 2147483647;
 inline constexpr int64_t kHeadsMax = 65536;        // num_heads, kv_num_heads in [1, kHeadsMax]
+// estimate_stride in [1, kEstimateStrideMax]: the antidiagonal estimate packs up to this many
+// residues of the keys, so its workspace stays about the size of the keys.
+inline constexpr int64_t kEstimateStrideMax = 1024;
 
 // One attribute: its name, where it lives in its struct S (Attributes or GqaAttributes), its
 // bounds, and what its error adds.
@@ -154,6 +168,9 @@ inline constexpr AttributeRule kAttributeRules[] = {
     {"min_seq_len", false, offsetof(Attributes, min_seq_len), 0, kTokensMax, false, ""},
     {"sliding_window", false, offsetof(Attributes, sliding_window), 0, kTokensMax, false, " (0: none)"},
     {"is_causal", false, offsetof(Attributes, is_causal), 0, 1, false, ""},
+    {"estimate", false, offsetof(Attributes, estimate), 0, TFSA_ESTIMATE_COUNT - 1, false,
+     " (0 mean-pooled, 1 antidiagonal, 2 token-level queries)"},
+    {"estimate_stride", false, offsetof(Attributes, estimate_stride), 1, kEstimateStrideMax, false, ""},
     {"threshold", true, offsetof(Attributes, threshold), 0, 1, false, ""},
     {"max_density", true, offsetof(Attributes, max_density), 0, 1, true, ""},
     {"scale", true, offsetof(Attributes, scale), 0, kUnbounded, false, " (0 means 1/sqrt(head_dim))"},
@@ -180,7 +197,7 @@ std::string CheckFields(const S& a, const FieldRule<S> (&rules)[N]) {
     if (!r.is_float) {
       const int64_t value = r.template Get<int64_t>(a), low = static_cast<int64_t>(r.low), high = static_cast<int64_t>(r.high);
       if (value >= low && value <= high) continue;
-      err << r.name << " must be an integer in [" << low << ", " << high << "], got " << value;
+      err << r.name << " must be an integer in [" << low << ", " << high << "]" << r.note << ", got " << value;
     } else {
       const float value = r.template Get<float>(a);
       if ((r.low_open ? value > r.low : value >= r.low) && value <= r.high && std::isfinite(value)) continue;

@@ -42,6 +42,23 @@ void KeyBlockMeans(const Problem& p, const T* k_head, float* means_t, int64_t me
     std::fill(means_t + x * means_pad + p.grid.k_blocks, means_t + (x + 1) * means_pad, 0.0f);
 }
 
+// The antidiagonal estimate's sampled keys of one kv head (packed.h SampledKt).
+template <class T>
+void PackSampledKeys(const Problem& p, const T* k_head, int64_t bk, PackedKeysValues& out) {
+  const int64_t stride = p.attrs.estimate_stride, dim = p.dims.head_dim;
+  for (int64_t r = 0; r < out.residues; ++r)
+    for (int64_t c = 0; c < out.chunks; ++c) {
+      float* kt = out.sampled->data() + ((bk * out.residues + r) * out.chunks + c) * dim * out.chunk;
+      for (int64_t m = 0; m < out.chunk; ++m) {
+        const int64_t j = r + (c * out.chunk + m) * stride;
+        for (int64_t x = 0; x < dim; ++x) {
+          const float value = j < p.grid.kv_len ? ToFloat(k_head[j * dim + x]) : 0.0f;
+          kt[x * out.chunk + m] = std::isfinite(value) ? value : 0.0f;
+        }
+      }
+    }
+}
+
 // Keys transposed and values padded into blocks, plus the key block means, of one (b, kv head).
 template <class T>
 void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, int64_t bk, PackedKeysValues& out) {
@@ -49,6 +66,7 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, i
   const T* k_head = key + bk * kv_rows * d.head_dim;
   const T* v_head = value + bk * kv_rows * d.v_head_dim;
   KeyBlockMeans(p, k_head, out.k_means.data() + bk * d.head_dim * out.means_pad, out.means_pad);
+  if (out.residues > 0) PackSampledKeys(p, k_head, bk, out);
   if (p.selection_only) return;
   for (int64_t kb = 0; kb < out.k_blocks; ++kb) {
     const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
@@ -72,9 +90,18 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, i
   }
 }
 
+// The scaled query rows with non-finite elements as 0 (the estimate's view, reference.py);
+// the rows themselves when all are finite.
+const float* FiniteRows(const std::vector<float>& q, bool nonfinite, std::vector<float>& out) {
+  if (!nonfinite) return q.data();
+  out.resize(q.size());
+  for (size_t i = 0; i < q.size(); ++i) out[i] = std::isfinite(q[i]) ? q[i] : 0.0f;
+  return out.data();
+}
+
 // Per-thread buffers of a task, reused between query blocks.
 struct Scratch {
-  std::vector<float> q, q_mean, pooled_scores;
+  std::vector<float> q, q_mean, q_finite, scores;
   std::vector<int32_t> chosen;
   SelectionScratch selection;
   TileScratch tiles;
@@ -100,20 +127,27 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   const T* q_rows = static_cast<const T*>(t.query) + (bh * d.q_len + q_begin) * d.head_dim;
   sc.q.resize(static_cast<size_t>(rows) * head_dim);
   sc.q_mean.assign(head_dim, 0.0f);
+  bool q_nonfinite = false;
   for (size_t r = 0; r < static_cast<size_t>(rows); ++r)
     for (int x = 0; x < head_dim; ++x) {
       const float value = p.attrs.scale * ToFloat(q_rows[r * head_dim + x]);
       sc.q[r * head_dim + x] = value;
       if (std::isfinite(value)) sc.q_mean[x] += value / static_cast<float>(rows);  // non-finite: 0
+      else q_nonfinite = true;
     }
 
   counts[2 * task + 1] = AllowedKeyBlocks(p, b, h, qb, sc.selection.allowed);
-  if (UsesEstimate(p)) {
-    sc.pooled_scores.resize(kv.means_pad);
-    const int means_pad = static_cast<int>(kv.means_pad);
-    math.scores(sc.q_mean.data(), 1, head_dim, kv.KMeansT(bk), means_pad, sc.pooled_scores.data(), means_pad);
+  const int means_pad = static_cast<int>(kv.means_pad);
+  const int score_rows = ScoresEveryRow(p) ? rows : 1;
+  if (UsesEstimate(p) && p.attrs.estimate == TFSA_ESTIMATE_ANTIDIAGONAL) {
+    const float* finite_q = FiniteRows(sc.q, q_nonfinite, sc.q_finite);
+    AntidiagonalMass(p, math, kv, bk, qb, finite_q, rows, sc.selection);
+  } else if (UsesEstimate(p)) {
+    sc.scores.resize(static_cast<size_t>(score_rows) * means_pad);
+    const float* estimate_q = score_rows == 1 ? sc.q_mean.data() : FiniteRows(sc.q, q_nonfinite, sc.q_finite);
+    math.scores(estimate_q, score_rows, head_dim, kv.KMeansT(bk), means_pad, sc.scores.data(), means_pad);
   }
-  ChooseKeyBlocks(p, qb, sc.pooled_scores.data(), sc.selection, sc.chosen);
+  ChooseKeyBlocks(p, math, qb, sc.scores.data(), score_rows, means_pad, sc.selection, sc.chosen);
   counts[2 * task] = static_cast<int64_t>(sc.chosen.size());
   if (p.selection_only) sc.chosen.clear();
 
@@ -133,6 +167,21 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
   const Dims& d = p.dims;
   const BlockMath& math = SelectBlockMath();
   PackedKeysValues kv{0, 0, 0, 0, 0, 0, 0, workspace.kt, workspace.v, workspace.k_means, workspace.v_nonfinite};
+  if (UsesEstimate(p) && p.attrs.estimate == TFSA_ESTIMATE_ANTIDIAGONAL) {
+    // Residue r holds ceil((kv_len - r) / stride) keys; chunks of up to 64 of them.
+    const int64_t stride = p.attrs.estimate_stride, most = (p.grid.kv_len + stride - 1) / stride;
+    kv.residues = std::min(stride, p.grid.kv_len);
+    kv.chunk = RoundUp(std::min<int64_t>(64, most), math.pad);
+    kv.chunks = (most + kv.chunk - 1) / kv.chunk;
+    kv.sampled = &workspace.sampled;
+    workspace.sampled.resize(d.batch * d.kv_heads * kv.residues * kv.chunks * d.head_dim * kv.chunk);
+    kv.sample_starts.resize(kv.residues * (p.grid.k_blocks + 1));
+    for (int64_t r = 0; r < kv.residues; ++r)
+      for (int64_t kb = 0; kb <= p.grid.k_blocks; ++kb) {
+        const int64_t key = kb < p.grid.k_blocks ? p.grid.KeyBegin(kb) : p.grid.kv_len;
+        kv.sample_starts[r * (p.grid.k_blocks + 1) + kb] = static_cast<int>((key - r + stride - 1) / stride);
+      }
+  }
   kv.k_blocks = p.grid.k_blocks;
   kv.head_dim = d.head_dim;
   kv.key_pad = RoundUp(p.grid.block, math.pad);

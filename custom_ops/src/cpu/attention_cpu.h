@@ -29,7 +29,7 @@ using ParallelFor = std::function<void(size_t n, const std::function<void(size_t
 // Packed keys/values of one call. Kept between calls so that large inputs do not pay for
 // fresh, page-faulting allocations every run; every byte read is written by the call.
 struct Workspace {
-  std::vector<float> kt, v, k_means;
+  std::vector<float> kt, v, k_means, sampled;
   std::vector<uint8_t> v_nonfinite;  // per (batch, kv head, key block): a value is NaN or inf
 };
 

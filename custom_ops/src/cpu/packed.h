@@ -20,6 +20,19 @@ struct PackedKeysValues {
   // Key block means transposed, [head_dim, means_pad], so the estimate is one Scores call.
   const float* KMeansT(int64_t bk) const { return k_means.data() + bk * head_dim * means_pad; }
   bool ValueNonFinite(int64_t bk, int64_t kb) const { return v_nonfinite[bk * k_blocks + kb] != 0; }
+
+  // The antidiagonal estimate's keys: for each residue r < residues, the keys r, r + stride,
+  // r + 2 stride, ... (non-finite elements as 0, zeros past the last key), transposed in
+  // chunks of `chunk` keys, [head_dim, chunk] each, so that a prefix of them is Scores calls.
+  int64_t residues = 0, chunk = 0, chunks = 0;
+  std::vector<float>* sampled = nullptr;
+  const float* SampledKt(int64_t bk, int64_t r, int64_t c) const {
+    return sampled->data() + ((bk * residues + r) * chunks + c) * head_dim * chunk;
+  }
+  // sample_starts[r * (k_blocks + 1) + kb]: the first sample of residue r in key block kb
+  // (k_blocks: past the last key), so that samples are walked block by block.
+  std::vector<int> sample_starts = {};
+  const int* SampleStarts(int64_t r) const { return sample_starts.data() + r * (k_blocks + 1); }
 };
 
 }  // namespace tfsa::cpu

@@ -7,6 +7,8 @@
 #include <functional>
 #include <vector>
 
+#include "block_math.h"
+#include "packed.h"
 #include "problem.h"
 
 namespace tfsa::cpu {
@@ -15,6 +17,10 @@ struct SelectionScratch {
   std::vector<uint8_t> allowed, forced;
   std::vector<int32_t> candidates, order;
   std::vector<double> mass;
+  std::vector<float> row_max, row_sum;  // per query row, for the token estimate's softmax
+  std::vector<float> group_q, group_scores;  // the antidiagonal estimate's rows of one residue
+  std::vector<double> block_mass;            // the antidiagonal estimate's mass per key block
+  std::vector<float> column_mass;            // one residue's probabilities summed over its rows
 };
 
 // Fills `out` from the mask (p.mask must be present); parallel over (batch, head, query block).
@@ -28,11 +34,21 @@ int64_t AllowedKeyBlocks(const Problem& p, int64_t b, int64_t h, int64_t qb, std
 // Whether ChooseKeyBlocks reads the estimate (else every allowed block is computed).
 bool UsesEstimate(const Problem& p);
 
+// The antidiagonal estimate of query block qb (reference.py): each row's softmax over its
+// sampled keys (packed.h SampledKt) in allowed blocks and, when causal, visible, summed per
+// key block into scratch.block_mass. q: the block's scaled query rows, non-finite as 0.
+void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t bk, int64_t qb,
+                      const float* q, int rows, SelectionScratch& scratch);
+
+// Whether the estimate scores every query row (the token estimate) or the block's mean query.
+bool ScoresEveryRow(const Problem& p);
+
 // The key blocks to compute, ascending, from the allowed ones (scratch.allowed): global and
 // local blocks, then the rest by estimated mass until `threshold` or the max_density cap.
-// pooled_scores[kb] = mean(scaled query block) . mean(key block kb); the estimate adds
-// log(keys in kb) and takes a softmax over the candidates.
-void ChooseKeyBlocks(const Problem& p, int64_t qb, const float* pooled_scores, SelectionScratch& scratch,
-                     std::vector<int32_t>& chosen);
+// scores[r * stride + kb] = scaled query . mean(key block kb), for the block's mean query
+// (rows = 1, the mean estimate) or each of its rows (the token estimate; overwritten). The
+// estimate adds log(keys in kb) and takes a softmax over the candidates (per row for token).
+void ChooseKeyBlocks(const Problem& p, const BlockMath& math, int64_t qb, float* scores, int rows, int stride,
+                     SelectionScratch& scratch, std::vector<int32_t>& chosen);
 
 }  // namespace tfsa::cpu

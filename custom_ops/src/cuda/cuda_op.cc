@@ -36,13 +36,16 @@ void SparseAttentionKernel::RunCuda(Ort::KernelContext& context, const OpTensors
   TfsaCudaArgs c = ToCudaArgs(tensors, attributes, selection_only);
   if (c.dims.batch * c.dims.q_heads == 0) return;
   const size_t bytes = tfsa_cuda_workspace_bytes(&c);
-  if (bytes == 0) throw std::runtime_error("the call's sizes are outside what the CUDA kernel supports");
+  char error[512] = {0};
+  if (bytes == 0) {  // a call the CUDA kernel refuses: its check says why, before any launch
+    tfsa_cuda_sparse_attention(&c, context.GetGPUComputeStream(), error, sizeof(error));
+    throw std::runtime_error(error[0] ? error : "the call's sizes are outside what the CUDA kernel supports");
+  }
   // The workspace comes from ORT's allocator of the inputs' device and is freed right after the
   // launch: later users of the memory are queued on the same compute stream, after this call.
   Ort::Allocator allocator = context.GetAllocator(*tensors.memory);
   c.workspace = allocator.Alloc(bytes);
   c.workspace_size = bytes;
-  char error[512] = {0};
   const int failed = tfsa_cuda_sparse_attention(&c, context.GetGPUComputeStream(), error, sizeof(error));
   allocator.Free(c.workspace);
   if (failed) throw std::runtime_error(error);

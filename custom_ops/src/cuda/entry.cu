@@ -14,7 +14,7 @@ constexpr size_t Align(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 // Byte offsets of the selection's arrays in the workspace.
 struct Layout {
-  size_t q_means = 0, k_means = 0, mask_states = 0, allowed = 0, chosen = 0, counts = 0, pairs = 0, value_flags = 0,
+  size_t q_means = 0, block_mass = 0, k_means = 0, mask_states = 0, allowed = 0, chosen = 0, counts = 0, pairs = 0, value_flags = 0,
          total = 0;
 };
 
@@ -36,7 +36,9 @@ Layout Plan(const Geometry& g, bool has_mask) {
   Layout l;
   size_t at = 0;
   const auto take = [&](size_t bytes) { const size_t start = at; at += Align(bytes); return start; };
-  l.q_means = take(g.uses_estimate ? sizeof(float) * rows * d.head_dim : 0);
+  const bool by_block = g.uses_estimate && g.attrs.estimate != TFSA_ESTIMATE_MEAN;
+  l.q_means = take(g.uses_estimate && !by_block ? sizeof(float) * rows * d.head_dim : 0);
+  l.block_mass = take(by_block ? sizeof(double) * rows * nk : 0);
   l.k_means = take(g.uses_estimate ? sizeof(float) * d.batch * d.kv_heads * nk * d.head_dim : 0);
   l.mask_states = take(has_mask ? g.mask_blocks.Size(d.batch) : 0);
   l.allowed = take(rows * nk);
@@ -110,6 +112,7 @@ extern "C" __attribute__((visibility("default"))) int tfsa_cuda_sparse_attention
   Selection s;
   s.q_means = At<float>(c.workspace, l.q_means);
   s.k_means = At<float>(c.workspace, l.k_means);
+  if (g.uses_estimate && g.attrs.estimate != TFSA_ESTIMATE_MEAN) s.block_mass = At<double>(c.workspace, l.block_mass);
   s.mask_states = c.mask_kind != TFSA_MASK_NONE ? At<uint8_t>(c.workspace, l.mask_states) : nullptr;
   s.allowed = At<uint8_t>(c.workspace, l.allowed);
   s.chosen = At<int32_t>(c.workspace, l.chosen);

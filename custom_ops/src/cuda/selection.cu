@@ -111,6 +111,124 @@ __device__ int CompactAscending(const uint8_t* flags, int n, uint8_t bit, int32_
 __device__ double Max(double a, double b) { return a > b ? a : b; }
 __device__ double Sum(double a, double b) { return a + b; }
 __device__ int SumInt(int a, int b) { return a + b; }
+__device__ float MaxFloat(float a, float b) { return a > b ? a : b; }
+__device__ float SumFloat(float a, float b) { return a + b; }
+__device__ long long MaxLongLong(long long a, long long b) { return a > b ? a : b; }
+
+// The token estimate of one row (batch, q head, query block), one thread block: each query
+// row's softmax over the candidates of scale * q_i . mean(K block) (block_rules.h Estimate;
+// non-finite query elements as 0; equal weights when the row's best is not finite), averaged
+// over the rows into block_mass. Shared: the query row [D] and the row's scores [nK].
+template <class T>
+__global__ void __launch_bounds__(kChooseThreads) TokenMassKernel(Geometry g, const T* query, Selection s) {
+  TFSA_DYNAMIC_SHARED(shared);
+  __shared__ float scratch[32];
+  const BlockGrid& grid = g.grid;
+  const int64_t nk = grid.k_blocks, row = blockIdx.x, qb = row % grid.q_blocks, bh = row / grid.q_blocks;
+  const int64_t b = bh / g.dims.q_heads, h = bh % g.dims.q_heads, dim = g.dims.head_dim;
+  float* q_row = reinterpret_cast<float*>(shared);
+  float* score = q_row + dim;
+  const float* k_means = s.k_means + (b * g.dims.kv_heads + g.KvHead(h)) * nk * dim;
+  const uint8_t* allowed = s.allowed + row * nk;
+  double* mass = s.block_mass + row * nk;
+  const auto candidate = [&](int64_t kb) {
+    return allowed[kb] && !grid.Forced(qb, kb, g.attrs.global_tokens, g.attrs.local_window);
+  };
+  for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x) mass[kb] = 0.0;
+  const int64_t q_begin = grid.QueryBegin(qb), rows = grid.QueryEnd(qb) - q_begin;
+  for (int64_t i = q_begin; i < q_begin + rows; ++i) {
+    for (int64_t x = threadIdx.x; x < dim; x += blockDim.x) {
+      const float value = ToFloat(query[(bh * grid.q_len + i) * dim + x]) * g.attrs.scale;
+      q_row[x] = isfinite(value) ? value : 0.0f;
+    }
+    __syncthreads();
+    float best = -INFINITY;
+    for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x) {
+      if (!candidate(kb)) continue;
+      float dot = 0.0f;
+      for (int64_t x = 0; x < dim; ++x) dot += q_row[x] * k_means[kb * dim + x];
+      score[kb] = static_cast<float>(Estimate(grid, kb, dot));
+      best = fmaxf(best, score[kb]);
+    }
+    best = BlockReduce(best, MaxFloat, scratch);
+    float total = 0.0f;
+    for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
+      if (candidate(kb)) total += (score[kb] = isfinite(best) ? expf(score[kb] - best) : 1.0f);
+    total = BlockReduce(total, SumFloat, scratch);
+    for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
+      if (candidate(kb)) mass[kb] += static_cast<double>(score[kb]) / (static_cast<double>(total) * rows);
+  }
+}
+
+// The antidiagonal estimate of one row (batch, q head, query block), one thread block
+// (reference.py): query row i samples the keys j with (i + j + 1) % stride == 0 in allowed
+// blocks and visible to it; its softmax over them (equal weights when the best is not
+// finite), summed per key block into block_mass. Threads own key blocks; the dots are
+// computed twice (max, then sum) rather than kept. Shared: the query row [D], sums [nK].
+template <class T>
+__global__ void __launch_bounds__(kChooseThreads)
+    AntidiagonalMassKernel(Geometry g, const T* query, const T* key, Selection s) {
+  TFSA_DYNAMIC_SHARED(shared);
+  __shared__ float scratch[32];
+  __shared__ long long last_scratch[32];
+  const BlockGrid& grid = g.grid;
+  const int64_t nk = grid.k_blocks, row = blockIdx.x, qb = row % grid.q_blocks, bh = row / grid.q_blocks;
+  const int64_t b = bh / g.dims.q_heads, h = bh % g.dims.q_heads, dim = g.dims.head_dim;
+  const int64_t stride = g.attrs.estimate_stride;
+  float* q_row = reinterpret_cast<float*>(shared);
+  float* sums = q_row + dim;
+  const T* k_head = key + (b * g.dims.kv_heads + g.KvHead(h)) * grid.kv_len * dim;
+  const uint8_t* allowed = s.allowed + row * nk;
+  double* mass = s.block_mass + row * nk;
+  long long last = -1;  // the last key of the last allowed block
+  for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x) {
+    mass[kb] = 0.0;
+    if (allowed[kb]) last = grid.KeyEnd(kb) - 1 > last ? grid.KeyEnd(kb) - 1 : last;
+  }
+  last = BlockReduce(last, MaxLongLong, last_scratch);
+  const auto dot = [&](int64_t j) {
+    float sum = 0.0f;
+    for (int64_t x = 0; x < dim; ++x) {
+      const float k = ToFloat(k_head[j * dim + x]);
+      sum += q_row[x] * (isfinite(k) ? k : 0.0f);
+    }
+    return sum;
+  };
+  for (int64_t i = grid.QueryBegin(qb); i < grid.QueryEnd(qb); ++i) {
+    for (int64_t x = threadIdx.x; x < dim; x += blockDim.x) {
+      const float value = ToFloat(query[(bh * grid.q_len + i) * dim + x]) * g.attrs.scale;
+      q_row[x] = isfinite(value) ? value : 0.0f;
+    }
+    __syncthreads();
+    const int64_t r = (stride - 1 - i % stride) % stride;
+    const int64_t row_last = last < grid.LastVisibleKey(i) ? last : grid.LastVisibleKey(i);
+    // The sampled keys of block kb: from its first key congruent to r, every stride, to its end.
+    const auto first = [&](int64_t kb) { return grid.KeyBegin(kb) + ((r - grid.KeyBegin(kb) % stride) % stride + stride) % stride; };
+    const auto end = [&](int64_t kb) { return grid.KeyEnd(kb) - 1 < row_last ? grid.KeyEnd(kb) - 1 : row_last; };
+    float best = -INFINITY;
+    for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
+      if (allowed[kb])
+        for (int64_t j = first(kb); j <= end(kb); j += stride) {
+          const float d = dot(j);
+          if (!isnan(d)) best = fmaxf(best, d);
+        }
+    best = BlockReduce(best, MaxFloat, scratch);
+    float total = 0.0f;
+    for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x) {
+      float sum = 0.0f;
+      if (allowed[kb])
+        for (int64_t j = first(kb); j <= end(kb); j += stride) {
+          const float d = dot(j);
+          if (!isnan(d)) sum += isfinite(best) ? expf(d - best) : 1.0f;
+        }
+      sums[kb] = sum;
+      total += sum;
+    }
+    total = BlockReduce(total, SumFloat, scratch);
+    if (total > 0.0f)
+      for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x) mass[kb] += static_cast<double>(sums[kb]) / total;
+  }
+}
 
 // The estimate of candidate kb (block_rules.h) from the block means.
 __device__ double EstimateOf(const Geometry& g, const float* q_mean, const float* k_mean, int64_t kb) {
@@ -129,7 +247,14 @@ __device__ void TakeByEstimate(const Geometry& g, int n_allowed, int n_forced, i
   for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
     if (flags[kb] & kCandidate) best = Max(best, mass[kb]);
   best = BlockReduce(best, Max, scratch);
-  if (use_threshold) {  // softmax over the candidates
+  if (g.attrs.estimate == TFSA_ESTIMATE_ANTIDIAGONAL) {  // each candidate's share (equal when none has mass)
+    double total = 0.0;
+    for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
+      if (flags[kb] & kCandidate) total += mass[kb];
+    total = BlockReduce(total, Sum, scratch);
+    for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
+      if (flags[kb] & kCandidate) mass[kb] = total > 0.0 ? mass[kb] / total : 1.0 / n_candidates;
+  } else if (use_threshold && g.attrs.estimate == TFSA_ESTIMATE_MEAN) {  // softmax over the candidates (token: done)
     double total = 0.0;
     for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
       if (flags[kb] & kCandidate) total += (mass[kb] = CandidateWeight(mass[kb], best));
@@ -176,7 +301,7 @@ __global__ void __launch_bounds__(kChooseThreads)
   double* ranked = mass + nk;
   int32_t* rank = reinterpret_cast<int32_t*>(ranked + nk);
   uint8_t* flags = reinterpret_cast<uint8_t*>(rank + nk);
-  const float* q_mean = g.uses_estimate ? s.q_means + row * g.dims.head_dim : nullptr;
+  const float* q_mean = g.uses_estimate && !s.block_mass ? s.q_means + row * g.dims.head_dim : nullptr;
   const float* k_means = g.uses_estimate ? s.k_means + (b * g.dims.kv_heads + g.KvHead(h)) * nk * g.dims.head_dim : nullptr;
 
   int n_allowed = 0, n_forced = 0, n_candidates = 0;
@@ -186,7 +311,7 @@ __global__ void __launch_bounds__(kChooseThreads)
     else if (f && grid.Forced(qb, kb, g.attrs.global_tokens, g.attrs.local_window)) f |= kForced | kTake;
     else if (f) {
       f |= kCandidate;
-      mass[kb] = EstimateOf(g, q_mean, k_means, kb);
+      mass[kb] = s.block_mass ? s.block_mass[row * nk + kb] : EstimateOf(g, q_mean, k_means, kb);
     }
     flags[kb] = f;
     n_allowed += (f & kAllowed) != 0;
@@ -227,7 +352,7 @@ void LaunchMeans(const Geometry& g, const void* query, const void* key, const Se
   const int threads = g.dims.head_dim < 128 ? 64 : 128;
   const BlockGrid& grid = g.grid;
   const int64_t q_items = g.dims.batch * g.dims.q_heads * grid.q_blocks, k_items = g.dims.batch * g.dims.kv_heads * grid.k_blocks;
-  if (q_items > 0)
+  if (q_items > 0 && !s.block_mass)
     TFSA_LAUNCH(BlockMeansKernel<T>, q_items, threads, 0, stream)(static_cast<const T*>(query), grid.q_len, g.dims.head_dim,
                                                          grid.block, grid.q_blocks, g.attrs.scale, s.q_means);
   if (k_items > 0)
@@ -235,7 +360,39 @@ void LaunchMeans(const Geometry& g, const void* query, const void* key, const Se
                                                          grid.block, grid.k_blocks, 1.0f, s.k_means);
 }
 
+// The token or antidiagonal estimate's block mass (block_mass), one thread block per row.
+template <class T>
+cudaError_t LaunchBlockMassOf(const Geometry& g, const void* query, const void* key, const Selection& s,
+                              cudaStream_t stream) {
+  const size_t shared = TokenSharedBytes(g.grid.k_blocks, g.dims.head_dim);
+  const int64_t rows = g.dims.batch * g.dims.q_heads * g.grid.q_blocks;
+  const T* q = static_cast<const T*>(query);
+  if (g.attrs.estimate == TFSA_ESTIMATE_ANTIDIAGONAL) {
+    cudaError_t status = cudaFuncSetAttribute(AntidiagonalMassKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(shared));
+    if (status != cudaSuccess) return status;
+    TFSA_LAUNCH(AntidiagonalMassKernel<T>, rows, kChooseThreads, shared, stream)(g, q, static_cast<const T*>(key), s);
+    return cudaSuccess;
+  }
+  cudaError_t status =
+      cudaFuncSetAttribute(TokenMassKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+  if (status != cudaSuccess) return status;
+  TFSA_LAUNCH(TokenMassKernel<T>, rows, kChooseThreads, shared, stream)(g, q, s);
+  return cudaSuccess;
+}
+
+cudaError_t LaunchBlockMass(const Geometry& g, int32_t dtype, const void* query, const void* key, const Selection& s,
+                            cudaStream_t stream) {
+  if (dtype == TFSA_FLOAT16) return LaunchBlockMassOf<__half>(g, query, key, s, stream);
+  if (dtype == TFSA_BFLOAT16) return LaunchBlockMassOf<__nv_bfloat16>(g, query, key, s, stream);
+  return LaunchBlockMassOf<float>(g, query, key, s, stream);
+}
+
 }  // namespace
+
+size_t TokenSharedBytes(int64_t k_blocks, int64_t head_dim) {
+  return static_cast<size_t>(k_blocks + head_dim) * sizeof(float);
+}
 
 size_t ChooseSharedBytes(int64_t k_blocks) {
   return static_cast<size_t>(k_blocks) * (2 * sizeof(double) + sizeof(int32_t) + sizeof(uint8_t));
@@ -259,6 +416,10 @@ cudaError_t SelectBlocks(const Geometry& g, int32_t dtype, const void* query, co
   }
   if (rows > 0) {
     TFSA_LAUNCH(AllowedBlocksKernel, rows, 128, 0, stream)(g, s.mask_states, s.allowed);
+    if (g.uses_estimate && s.block_mass) {
+      cudaError_t status = LaunchBlockMass(g, dtype, query, key, s, stream);
+      if (status != cudaSuccess) return status;
+    }
     const size_t shared = ChooseSharedBytes(grid.k_blocks);
     cudaError_t status = cudaFuncSetAttribute(ChooseBlocksKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(shared));
