@@ -228,6 +228,10 @@ GqaKernel::GqaKernel(const OrtApi& api, const OrtKernelInfo* info) {
   else if (gqa.num_heads == 0 || gqa.kv_num_heads == 0) attribute_error = "num_heads and kv_num_heads are required";
   else attribute_error = CheckGqaAttributes(gqa);
   if (attribute_error.empty()) attribute_error = CheckAttributes(sparsity);
+  // GroupQueryAttention settings this op does not implement: refused, not silently ignored.
+  for (const char* name : {"smooth_softmax", "qk_output"})
+    if (attribute_error.empty() && ReadAttribute<int64_t>(api, info, name, 0, attribute_error) != 0)
+      attribute_error = std::string(name) + " is not supported (only 0)";
   if (attribute_error.empty() && gqa.num_heads % gqa.kv_num_heads != 0)
     attribute_error = "num_heads = " + std::to_string(gqa.num_heads) + " must be a multiple of kv_num_heads = " +
                       std::to_string(gqa.kv_num_heads);
