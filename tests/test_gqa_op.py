@@ -295,6 +295,8 @@ BAD_INPUTS = [
     ((False, False, True), HEADS | {"block_size": 0}, _feeds(), "block_size"),
     ((False, False, True), HEADS | {"threshold": float("nan")}, _feeds(), "threshold"),
     ((False, False, True), HEADS | {"block_size": 64.0}, _feeds(), "block_size must be an integer"),
+    ((False, False, True), HEADS | {"smooth_softmax": 1}, _feeds(), "smooth_softmax is not supported"),
+    ((False, False, True), HEADS | {"qk_output": 1}, _feeds(), "qk_output is not supported"),
     ((False, False, True), HEADS, _feeds() | {"query": [8, 64]}, "query must be 3-D"),
     ((False, False, True), HEADS, _feeds() | {"query": [1, 8, 62]}, "hidden size"),
     ((False, False, True), HEADS, _feeds() | {"key": [1, 8, 16]}, "key and value must be"),

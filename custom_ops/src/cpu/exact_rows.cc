@@ -62,7 +62,8 @@ void Row(const Problem& p, const BlockMath& math, const T* q_row, const T* k_hea
     for (int64_t j = 0; j < n; ++j) hidden.push_back(sc.scores[j] == -INFINITY);
   sc.o.assign(RoundUp(std::max(v_dim, 1), math.pad), 0.0f);
   float m = -INFINITY, l = 0.0f;
-  math.softmax_step(sc.scores.data(), 1, static_cast<int>(n), width, &m, &l, sc.o.data(), static_cast<int>(sc.o.size()));
+  const int v_pad = static_cast<int>(sc.o.size());
+  math.softmax_step(sc.scores.data(), 1, static_cast<int>(n), width, &m, &l, sc.o.data(), v_pad);
   const float* v = AsFloat(v_head, first, n, d.v_head_dim, sc.v);
   for (int64_t j = 0; j < n; ++j)
     if (!any_hidden || !hidden[j]) math.axpy(sc.scores[j], v + j * d.v_head_dim, v_dim, sc.o.data());
