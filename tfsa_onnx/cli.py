@@ -241,9 +241,12 @@ def _sparsity_config(config_path, overrides: dict):
 
 
 @main.command("optimize")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option(
-    "-o", "--output", type=click.Path(dir_okay=False), help="Output model (default MODEL.tfsa.onnx)."
+    "-o",
+    "--output",
+    type=click.Path(),
+    help="Output model (default MODEL.tfsa.onnx); for a genai folder the output folder (MODEL.tfsa).",
 )
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Sparsity config (JSON/YAML).")
 @click.option("--block-size", callback=_setting, help="Query/key block edge [1, 1048576].")
@@ -257,7 +260,10 @@ def _sparsity_config(config_path, overrides: dict):
     "--report", "report_path", type=click.Path(dir_okay=False), help="Write the site report (JSON)."
 )
 def optimize_cmd(model, output, config_path, report_path, reapply, **attributes) -> None:
-    """Replace every attention block of MODEL with ai.tfsa::SparseAttention."""
+    """Replace every attention block of MODEL with ai.tfsa::SparseAttention.
+
+    MODEL may be an onnxruntime-genai folder (with genai_config.json): its GroupQueryAttention
+    nodes become ai.tfsa::SparseGroupQueryAttention in a new folder with the library beside it."""
     from pathlib import Path
 
     from tfsa_onnx.files import OutputError, same_file
@@ -265,6 +271,9 @@ def optimize_cmd(model, output, config_path, report_path, reapply, **attributes)
     from tfsa_onnx.rewrite.passes import check_outputs
 
     source = Path(model)
+    if source.is_dir():
+        config = _sparsity_config(config_path, attributes)
+        return _optimize_folder(source, output, config, reapply, report_path)
     out = Path(output) if output else source.with_name(source.name.removesuffix(".onnx") + ".tfsa.onnx")
     if same_file(out, source):
         raise click.ClickException("the output path is the input path; choose another file with -o.")
@@ -297,6 +306,32 @@ def optimize_cmd(model, output, config_path, report_path, reapply, **attributes)
     click.echo(f"check it: tfsa-onnx validate {source} {out}")
 
 
+def _optimize_folder(source, output, config, reapply: bool, report_path) -> None:
+    """optimize on an onnxruntime-genai folder (tfsa_onnx.genai)."""
+    from pathlib import Path
+
+    from tfsa_onnx.genai import GenaiError, optimize_folder
+
+    out = Path(output) if output else source.with_name(source.name + ".tfsa")
+    _check_writable(report_path)
+    try:
+        result = optimize_folder(source, out, config, reapply=reapply, report_path=report_path)
+    except GenaiError as e:
+        raise click.ClickException(str(e)) from None
+    report = result.report
+    click.echo(report.table())
+    for line in report.warnings:
+        click.echo(f"Warning: {line}", err=True)
+    already = sum(s.family == "tfsa" for s in report.sites)
+    click.echo(
+        f"{len(report.sites)} attention sites, {report.replaced - already} replaced"
+        + (f", {already} already sparse" if already else "")
+        + f"; wrote {out} ({result.model.name}, {result.library}, {len(result.copied) + 1} other files)"
+    )
+    click.echo(_settings_line(config, report.replaced - already, already, reapply))
+    click.echo(f"check it: tfsa-onnx validate {source} {out}")
+
+
 def _settings_line(config, replaced: int, already: int, reapply: bool) -> str:
     """What the run set: the new nodes' settings; existing nodes change only with --reapply."""
     settings = config.for_site(-1, "") or {}
@@ -318,14 +353,17 @@ def _settings_line(config, replaced: int, already: int, reapply: bool) -> str:
 
 
 @main.command("inspect")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 def inspect_cmd(model) -> None:
-    """List the attention sites of MODEL; writes nothing."""
+    """List the attention sites of MODEL (a model file or a genai folder); writes nothing."""
+    from pathlib import Path
+
+    from tfsa_onnx.genai import GenaiError, find_folder_sites
     from tfsa_onnx.rewrite import OptimizeError, find_sites
 
     try:
-        report = find_sites(model)
-    except OptimizeError as e:
+        report = find_folder_sites(model) if Path(model).is_dir() else find_sites(model)
+    except (OptimizeError, GenaiError) as e:
         raise click.ClickException(str(e)) from None
     if not report.sites:
         raise click.ClickException("no attention block was found in the model.")

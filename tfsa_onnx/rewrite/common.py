@@ -41,6 +41,11 @@ class Match:
     finish: Any = None
     dtype: ir.DataType | None = None  # element type, where shape inference cannot tell
     head_dim: int | None = None  # where shape inference cannot tell
+    heads: int | None = None  # where the node says (fused ops' attributes)
+    kv_heads: int | None = None
+    # Optional: rewrite(graph, tunables) replaces the anchor node itself (drop-in ops such as
+    # GroupQueryAttention); the pass then builds no SparseAttention node.
+    rewrite: Any = None
 
     def element_type(self) -> ir.DataType | None:
         for t in (self.query.dtype, self.output.dtype, self.dtype):

@@ -13,7 +13,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from tfsa_onnx import DOMAIN, OP_TYPE, OP_VERSION
+from tfsa_onnx import DOMAIN, GQA_OP_TYPE, OP_TYPE, OP_VERSION
 from tfsa_onnx.config import TUNABLE, SparsityConfig
 from tfsa_onnx.files import (
     OutputError,
@@ -35,6 +35,7 @@ from tfsa_onnx.rewrite.common import (
     sparse_attention_node,
     static_int,
 )
+from tfsa_onnx.rewrite.gqa import GroupQueryAttentionRule
 from tfsa_onnx.rewrite.masks import MaskAnalyzer, mask_dtype_fix
 from tfsa_onnx.rewrite.matmul_softmax import MatMulSoftmaxRule
 from tfsa_onnx.rewrite.onnx_attention import OnnxAttentionRule
@@ -51,7 +52,13 @@ class OptimizeError(Exception):
 
 
 def _rules() -> list[Rule]:
-    return [OnnxAttentionRule(), OrtAttentionRule(), OrtMultiHeadAttentionRule(), MatMulSoftmaxRule()]
+    return [
+        OnnxAttentionRule(),
+        OrtAttentionRule(),
+        OrtMultiHeadAttentionRule(),
+        GroupQueryAttentionRule(),
+        MatMulSoftmaxRule(),
+    ]
 
 
 @dataclass
@@ -260,7 +267,7 @@ def _run(model: ir.Model, config: SparsityConfig | None, *, apply: bool, reapply
     candidates = []
     rules = _rules()
     for node in graph:
-        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+        if node.domain == DOMAIN and node.op_type in (OP_TYPE, GQA_OP_TYPE):
             candidates.append((node, None))
             continue
         for rule in rules:
@@ -381,16 +388,39 @@ def _describe(site: Site, match: Match) -> None:
     from tfsa_onnx.rewrite.common import heads_of
 
     q = dims(match.query) or [None] * 4
-    site.head_dim = static_int(q[-1]) or match.head_dim
-    site.heads = heads_of(match.query, site.head_dim)
-    site.kv_heads = heads_of(match.key, site.head_dim)
+    # A fused op's query packs heads: its attributes tell (match.heads), not the query's last dim.
+    site.head_dim = match.head_dim if match.heads else static_int(q[-1]) or match.head_dim
+    site.heads = match.heads or heads_of(match.query, site.head_dim)
+    site.kv_heads = match.kv_heads or heads_of(match.key, site.head_dim)
     site.masked = match.mask is not None
     site.causal = match.is_causal
+    if match.rewrite is not None:
+        site.window = _gqa_window(site.node)
+
+
+def _gqa_window(node: ir.Node) -> int | None:
+    """GroupQueryAttention's local_window_size w: each query sees its last w + 1 keys (-1: off)."""
+    from tfsa_onnx.rewrite.common import attr
+
+    size = attr(node, "local_window_size", -1)
+    return size + 1 if size is not None and size >= 0 else None
 
 
 def _existing_site(node: ir.Node) -> Site:
     from tfsa_onnx.rewrite.common import attr, heads_of
 
+    if node.op_type == GQA_OP_TYPE:
+        return Site(
+            name=node.name or GQA_OP_TYPE,
+            family="tfsa",
+            heads=attr(node, "num_heads"),
+            kv_heads=attr(node, "kv_num_heads"),
+            causal=True,
+            window=_gqa_window(node),
+            replaced=True,
+            reason=f"already {GQA_OP_TYPE}",
+            node=node,
+        )
     q = dims(node.inputs[0]) or [None] * 4
     head_dim = static_int(q[-1])
     return Site(
@@ -409,6 +439,10 @@ def _existing_site(node: ir.Node) -> Site:
 
 def _replace(graph: ir.Graph, site: Site, tunables: dict[str, Any]) -> None:
     match = site.match
+    if match.rewrite is not None:
+        match.rewrite(graph, tunables)
+        site.replaced, site.reason = True, ""
+        return
     builder = Builder(graph, match.output.producer(), site.name)
     y = sparse_attention_node(builder, match, tunables, site.name)
     _set_y_type(y, match)
