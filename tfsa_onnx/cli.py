@@ -442,9 +442,16 @@ def _percent(_ctx, _param, value):
 
 
 @main.command("validate")
-@click.argument("original", type=click.Path(exists=True, dir_okay=False))
-@click.argument("optimized", type=click.Path(exists=True, dir_okay=False))
+@click.argument("original", type=click.Path(exists=True))
+@click.argument("optimized", type=click.Path(exists=True))
 @_input_options
+@click.option(
+    "--new-tokens",
+    type=click.IntRange(0),
+    default=16,
+    show_default=True,
+    help="genai folders: greedy tokens generated after each prompt by both (og.Generator).",
+)
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
 @click.option("--atol", type=float, help="Fail when any max abs error exceeds this.")
 @click.option("--cos-min", type=float, default=0.99, show_default=True, help="Fail below this mean cosine.")
@@ -460,10 +467,28 @@ def _percent(_ctx, _param, value):
 )
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
 def validate_cmd(
-    original, optimized, warmup, atol, cos_min, max_ppl_increase, extra_lengths, json_path, threads, **src
+    original,
+    optimized,
+    warmup,
+    atol,
+    cos_min,
+    max_ppl_increase,
+    extra_lengths,
+    json_path,
+    threads,
+    new_tokens,
+    **src,
 ) -> None:
-    """Compare OPTIMIZED with ORIGINAL on the same inputs; exit 1 when a threshold fails."""
+    """Compare OPTIMIZED with ORIGINAL on the same inputs; exit 1 when a threshold fails.
+
+    Two onnxruntime-genai folders: prompt logits and perplexity (on --text, tokenized by the
+    folder's tokenizer, or random tokens), then --new-tokens greedy tokens through og.Generator."""
     import json
+    from pathlib import Path
+
+    if Path(original).is_dir() or Path(optimized).is_dir():
+        thresholds = {"atol": atol, "cos_min": cos_min, "max_ppl_increase": max_ppl_increase}
+        return _validate_folders(original, optimized, src, new_tokens, threads, thresholds, json_path)
 
     from tfsa_onnx.inputs import InputError, check_same_inputs, describe, graph_inputs, load_feeds
     from tfsa_onnx.validation import graph_only, validate
@@ -502,6 +527,44 @@ def validate_cmd(
         data["extra_lengths"][str(n)] = {**checked.to_dict(), "failures": found}
     if json_path:
         data["failures"] = failures
+        _write_text_atomically(json_path, json.dumps(data, indent=2) + "\n")
+    for line in failures:
+        click.echo(f"FAIL {line}")
+    click.echo("FAIL" if failures else "PASS")
+    raise SystemExit(1 if failures else 0)
+
+
+def _validate_folders(original, optimized, src, new_tokens, threads, thresholds, json_path) -> None:
+    """validate on two onnxruntime-genai folders (tfsa_onnx.genai_eval)."""
+    import json
+    from pathlib import Path
+
+    from tfsa_onnx.genai import GenaiError, is_genai_folder
+    from tfsa_onnx.genai_eval import random_prompts, text_prompts, validate_folders
+
+    if not (is_genai_folder(original) and is_genai_folder(optimized)):
+        raise click.ClickException(
+            "validate compares two model files or two onnxruntime-genai folders (with genai_config.json)."
+        )
+    if src.get("inputs"):
+        raise click.ClickException("--inputs is for model files; give --text or nothing for genai folders.")
+    _check_writable(json_path)
+    seq_len, samples = src["seq_len"], src["samples"]
+    try:
+        if src.get("text"):
+            prompts = text_prompts(original, Path(src["text"]).read_text(), seq_len, samples)
+        else:
+            prompts = random_prompts(original, seq_len, samples)
+        result = validate_folders(original, optimized, prompts, new_tokens=new_tokens, threads=threads)
+    except GenaiError as e:
+        raise click.ClickException(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - ORT and genai errors become one sentence
+        raise click.ClickException(f"running the models failed: {str(e).strip().splitlines()[0]}") from None
+    click.echo(f"inputs: {samples} x {seq_len} tokens ({'text' if src.get('text') else 'random'})", err=True)
+    click.echo(result.table())
+    failures = result.failures(**thresholds)
+    if json_path:
+        data = {**result.to_dict(), "original": original, "optimized": optimized, "failures": failures}
         _write_text_atomically(json_path, json.dumps(data, indent=2) + "\n")
     for line in failures:
         click.echo(f"FAIL {line}")
