@@ -34,7 +34,7 @@ def library_path() -> None:
 
 @main.group()
 def bench() -> None:
-    """Benchmarks: our kernel or a whole optimized model against ONNX Runtime's dense attention."""
+    """Benchmarks: our kernel, a whole optimized model or a genai folder against the dense original."""
 
 
 def _int_list(_ctx, _param, value: str) -> list[int]:
@@ -187,6 +187,47 @@ def bench_model_cmd(original, optimized, seq_len, batch, threads, repeat, no_fus
             raise click.ClickException(str(e)) from None
         results.append(result)
         table.row(result.as_dict())
+    _write_json(json_path, [r.as_dict() for r in results])
+
+
+@bench.command("genai")
+@click.argument("original", type=click.Path(exists=True, file_okay=False))
+@click.argument("optimized", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt-len", default="4096", callback=_int_list, help="Prompt length(s), comma-separated.")
+@click.option("--decode-tokens", type=click.IntRange(2), default=32, show_default=True)
+@click.option("--text", type=click.Path(exists=True, dir_okay=False), help="Prompt text (default: random).")
+@click.option("--threads", default=2, show_default=True, help="intra_op_num_threads of both decoders.")
+@click.option("--repeat", default=3, show_default=True, help="Timed rounds (median reported).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
+def bench_genai_cmd(original, optimized, prompt_len, decode_tokens, text, threads, repeat, json_path) -> None:
+    """Two onnxruntime-genai folders through og.Generator: time to first token, decode tokens/s."""
+    from pathlib import Path
+
+    from tfsa_onnx.bench.genai import bench_genai
+    from tfsa_onnx.genai import GenaiError, read_config
+    from tfsa_onnx.genai_eval import random_prompts, text_prompts
+
+    _check_writable(json_path)
+    table = _table(
+        "prompt_len decode_tokens threads original_ttft_ms optimized_ttft_ms ttft_speedup "
+        "original_decode_tok_s optimized_decode_tok_s decode_ratio"
+    )
+    results = []
+    try:
+        read_config(original), read_config(optimized)
+        for n in prompt_len:
+            prompt = (
+                text_prompts(original, Path(text).read_text(), n, 1)
+                if text
+                else random_prompts(original, n, 1)
+            )[0]
+            result = bench_genai(
+                original, optimized, prompt, decode_tokens=decode_tokens, threads=threads, repeat=repeat
+            )
+            results.append(result)
+            table.row(result.as_dict())
+    except GenaiError as e:
+        raise click.ClickException(str(e)) from None
     _write_json(json_path, [r.as_dict() for r in results])
 
 
