@@ -109,6 +109,8 @@ def check(node: ir.Node) -> None:
     for i, out in enumerate(node.outputs[len(OUTPUTS) :], start=len(OUTPUTS)):
         if out is not None and (out.uses() or out.is_graph_output()):
             raise GiveUp(f"output {i} (output_qk) is not supported")
+    if attr(node, "kv_cache_bit_width") is not None:
+        raise GiveUp("a quantized KV cache (kv_cache_bit_width) is not supported")
     for name in node.attributes:
         if name in KEPT or name in IGNORED:
             continue
@@ -118,8 +120,6 @@ def check(node: ir.Node) -> None:
         value = attr(node, name, neutral)
         if value != neutral:
             raise GiveUp(f"{WHY[name]} ({name}={value!r})")
-    if attr(node, "kv_cache_bit_width") is not None:
-        raise GiveUp("a quantized KV cache (kv_cache_bit_width) is not supported")
     for i in (0, 3, 4):
         value = optional_input(node, i)
         if value is not None and value.dtype is not None and value.dtype not in FLOAT_TYPES:
