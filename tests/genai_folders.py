@@ -81,12 +81,24 @@ for argv in json.loads(sys.argv[1]):
 
 
 def run_builder(jobs: list[tuple[Path, Path, str]], cache: Path) -> None:
-    """Convert (hf_dir, out_dir, precision) jobs with genai's builder, on the CPU provider."""
+    """Convert (hf_dir, out_dir, precision) jobs with genai's builder: fp32 and int4 for the CPU
+    provider, fp16 for CUDA (the builder accepts fp16 only for GPU providers; it needs no GPU)."""
     import json
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     argv = [
-        ["-i", str(hf), "-o", str(out), "-p", p, "-e", "cpu", "-c", str(cache / out.name)]
+        [
+            "-i",
+            str(hf),
+            "-o",
+            str(out),
+            "-p",
+            p,
+            "-e",
+            "cuda" if p == "fp16" else "cpu",
+            "-c",
+            str(cache / out.name),
+        ]
         for hf, out, p in jobs
     ]
     done = subprocess.run(

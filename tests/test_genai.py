@@ -21,7 +21,8 @@ from tfsa_onnx import DOMAIN, GQA_OP_TYPE, get_library_path
 from tfsa_onnx.cli import main
 from tfsa_onnx.genai import GenaiError, optimize_folder
 
-FOLDERS = ("llama-fp32", "llama-int4", "qwen2-fp32", "qwen2-int4")
+FOLDERS = ("llama-fp32", "llama-int4", "qwen2-fp32", "qwen2-int4")  # run on the CPU here
+CUDA_FOLDERS = ("llama-fp16",)  # the builder's fp16 is for CUDA: rewritten and checked, not run
 # Every block computed (threshold 1, no cap) on small blocks, so prompts of a few dozen tokens
 # take the sparse path over several blocks and must still equal dense attention.
 DENSE = {
@@ -59,8 +60,9 @@ def folders(root) -> dict[str, Path]:
         hf.mkdir()
         save_hf_model(hf, kind, vocab, root / "tok")
         jobs += [(hf, root / f"{kind}-{p}", p) for p in ("fp32", "int4")]
+    jobs.append((root / "hf-llama", root / "llama-fp16", "fp16"))
     run_builder(jobs, root / "cache")
-    return {name: root / name for name in FOLDERS}
+    return {name: root / name for name in (*FOLDERS, *CUDA_FOLDERS)}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ def _attributes(node: onnx.NodeProto) -> dict:
 # ---------------------------------------------------------------- the rewrite
 
 
-@pytest.mark.parametrize("name", FOLDERS)
+@pytest.mark.parametrize("name", [*FOLDERS, *CUDA_FOLDERS])
 def test_every_gqa_node_becomes_the_sparse_op(folders, optimized, name):
     original, rewritten = _model(folders[name]), _model(optimized[name])
     gqa = [n for n in original.graph.node if n.op_type == "GroupQueryAttention"]
@@ -100,6 +102,18 @@ def test_every_gqa_node_becomes_the_sparse_op(folders, optimized, name):
     assert [i.name for i in rewritten.graph.input] == [i.name for i in original.graph.input]
     if "int4" in name:
         assert any(n.op_type == "MatMulNBits" for n in rewritten.graph.node)
+    if "fp16" in name:
+        assert rewritten.graph.input[2].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_a_cuda_folder_gets_the_cuda_library_when_built(folders, optimized):
+    config = json.loads((optimized["llama-fp16"] / "genai_config.json").read_text())
+    library = config["model"]["decoder"]["session_options"]["custom_ops_library"]
+    try:
+        expected = Path(get_library_path("cuda")).name
+    except FileNotFoundError:
+        expected = Path(get_library_path("cpu")).name  # with a warning: the op runs on the CPU
+    assert library == expected and (optimized["llama-fp16"] / library).is_file()
 
 
 @pytest.mark.parametrize("name", FOLDERS[:2])

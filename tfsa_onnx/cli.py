@@ -214,8 +214,13 @@ def bench_genai_cmd(original, optimized, prompt_len, decode_tokens, text, thread
     )
     results = []
     try:
-        read_config(original), read_config(optimized)
+        context = min(_context_length(read_config(original)), _context_length(read_config(optimized)))
         for n in prompt_len:
+            if n + decode_tokens > context:
+                raise GenaiError(
+                    f"--prompt-len {n} + --decode-tokens {decode_tokens} is past the folders' context "
+                    f"length of {context} tokens (genai_config.json); use at most {context - decode_tokens}."
+                )
             prompt = (
                 text_prompts(original, Path(text).read_text(), n, 1)
                 if text
@@ -229,6 +234,11 @@ def bench_genai_cmd(original, optimized, prompt_len, decode_tokens, text, thread
     except GenaiError as e:
         raise click.ClickException(str(e)) from None
     _write_json(json_path, [r.as_dict() for r in results])
+
+
+def _context_length(config: dict) -> int:
+    model = config["model"]
+    return int(model.get("context_length") or config.get("search", {}).get("max_length") or 2**31)
 
 
 def _write_json(path: str | None, data) -> None:

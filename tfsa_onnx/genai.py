@@ -112,8 +112,9 @@ def is_previous_output(folder: Path) -> bool:
     return library in LIBRARIES and (folder / library).is_file()
 
 
-def _library(config: dict[str, Any], source: Path) -> Path:
-    """The library to ship: the CUDA build for a CUDA folder, else the CPU one."""
+def _library(config: dict[str, Any], source: Path) -> tuple[Path, list[str]]:
+    """The library to ship: the CUDA build for a CUDA folder when it was built, else the CPU
+    one (with a warning for a CUDA folder: ORT then runs the op on the CPU)."""
     from tfsa_onnx import get_library_path
 
     named = custom_ops_library(config)
@@ -123,9 +124,18 @@ def _library(config: dict[str, Any], source: Path) -> Path:
             "model, so this folder cannot also load ours."
         )
     try:
-        return Path(get_library_path("cuda" if uses_cuda(config) else "cpu"))
+        cpu = Path(get_library_path("cpu"))
     except FileNotFoundError as e:
         raise GenaiError(str(e)) from None
+    if not uses_cuda(config):
+        return cpu, []
+    try:
+        return Path(get_library_path("cuda")), []
+    except FileNotFoundError:
+        return cpu, [
+            f"{source} runs on CUDA but this installation has no CUDA build of the library; the CPU "
+            f"library is shipped, so ONNX Runtime runs the {GQA_OP_TYPE} nodes on the CPU."
+        ]
 
 
 # ---------------------------------------------------------------- optimize
@@ -165,7 +175,7 @@ def optimize_folder(
     source, out = Path(source), Path(out)
     genai = read_config(source)
     check_output_folder(source, out)
-    library = _library(genai, source)
+    library, notes = _library(genai, source)
     model_path = decoder_path(source, genai)
     try:
         model = load_ir(model_path)
@@ -173,6 +183,7 @@ def optimize_folder(
     except OptimizeError as e:
         raise GenaiError(str(e)) from None
     _check_replaced(report)
+    report.warnings += notes
     rewritten = {p.resolve() for p in input_files(model, model_path)}
     copied = _other_files(source, rewritten)
     genai = _with_library(genai, library.name)
