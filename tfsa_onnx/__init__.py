@@ -11,8 +11,7 @@ from pathlib import Path
 __version__ = "0.1.0"
 DOMAIN = "ai.tfsa"
 OP_TYPE = "SparseAttention"
-# The drop-in for com.microsoft.GroupQueryAttention (onnxruntime-genai folders).
-GQA_OP_TYPE = "SparseGroupQueryAttention"
+GQA_OP_TYPE = "SparseGroupQueryAttention"  # the drop-in for com.microsoft.GroupQueryAttention
 OP_VERSION = 1
 
 _CPU_LIBRARIES = ("libtfsa_ops.so", "libtfsa_ops.dylib", "tfsa_ops.dll")

@@ -146,8 +146,9 @@ def _block_means(x: np.ndarray, bs: int) -> np.ndarray:
     return np.stack([x[..., i : i + bs, :].mean(axis=-2) for i in range(0, s, bs)], axis=-2)
 
 
-def _forced_blocks(sq: int, sk: int, a: SparseAttentionAttributes) -> np.ndarray:
-    """[nQ, nK] bool: global and local-window blocks."""
+def _forced_blocks(sq: int, sk: int, a: SparseAttentionAttributes, query_offset: int = 0) -> np.ndarray:
+    """[nQ, nK] bool: global and local-window blocks (query i counts as global when
+    i + query_offset < global_tokens)."""
     bs = a.block_size
     nq, nk = -(-sq // bs), -(-sk // bs)
     forced = np.zeros((nq, nk), dtype=bool)
@@ -155,7 +156,7 @@ def _forced_blocks(sq: int, sk: int, a: SparseAttentionAttributes) -> np.ndarray
     key_end = np.minimum(key_start + bs, sk) - 1
     forced[:, key_start < a.global_tokens] = True
     for qb in range(nq):
-        if qb * bs < a.global_tokens:
+        if qb * bs + query_offset < a.global_tokens:
             forced[qb, :] = True
         if a.local_window > 0:
             first = qb * bs + (sk - sq)
@@ -166,7 +167,7 @@ def _forced_blocks(sq: int, sk: int, a: SparseAttentionAttributes) -> np.ndarray
 
 
 def select_blocks(
-    q: np.ndarray, k: np.ndarray, allowed: np.ndarray, a: SparseAttentionAttributes
+    q: np.ndarray, k: np.ndarray, allowed: np.ndarray, a: SparseAttentionAttributes, query_offset: int = 0
 ) -> np.ndarray:
     """[B, Hq, nQ, nK] bool: the key blocks each query block computes."""
     sq, sk = q.shape[2], k.shape[2]
@@ -179,7 +180,7 @@ def select_blocks(
     k_mean = np.repeat(_block_means(k.astype(np.float64), bs), group, axis=1)
     keys_per_block = np.minimum(bs, sk - np.arange(0, sk, bs))
     estimate = scale * q_mean @ np.swapaxes(k_mean, -1, -2) + np.log(keys_per_block)
-    forced = _forced_blocks(sq, sk, a) & allowed
+    forced = _forced_blocks(sq, sk, a, query_offset) & allowed
     selected = forced.copy()
     for idx in np.ndindex(*allowed.shape[:3]):
         candidates = np.flatnonzero(allowed[idx] & ~forced[idx])
@@ -217,12 +218,14 @@ def sparse_attention(
     value: np.ndarray,
     attn_mask: np.ndarray | None = None,
     selected: np.ndarray | None = None,
+    query_offset: int = 0,
     **attributes,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference ai.tfsa::SparseAttention: returns (Y [B,Hq,Sq,Dv], density [B,Hq] float32).
 
     `selected` ([B, Hq, nQ, nK] bool) replaces the selection: a kernel's own block choice, to
-    check its math apart from its selection.
+    check its math apart from its selection. `query_offset` is added to query indices for the
+    global-token rule (SparseGroupQueryAttention counts absolute positions).
     """
     b, hq, sq, d = query.shape
     hkv, sk = key.shape[1], key.shape[2]
@@ -230,7 +233,7 @@ def sparse_attention(
     bias, may_attend = _attendable(attn_mask, (b, hq, sq, sk), bool(a.is_causal))
     allowed = _block_any(may_attend, a.block_size)
     if selected is None:
-        selected = select_blocks(query, key, allowed, a)
+        selected = select_blocks(query, key, allowed, a, query_offset)
 
     bs = a.block_size
     in_selected = np.repeat(np.repeat(selected, bs, axis=2), bs, axis=3)[:, :, :sq, :sk]
@@ -252,3 +255,126 @@ def sparse_attention(
     allowed_pairs = allowed.sum(axis=(2, 3))
     density = np.where(allowed_pairs > 0, selected.sum(axis=(2, 3)) / np.maximum(allowed_pairs, 1), 1.0)
     return y.astype(query.dtype), density.astype(np.float32)
+
+
+HEADS_MAX = 65_536  # contract.h kHeadsMax
+
+
+@dataclass(frozen=True)
+class GroupQueryAttentionAttributes:
+    """SparseGroupQueryAttention's attributes from com.microsoft.GroupQueryAttention, in the
+    order of contract.h TfsaGqaAttributes (tests/test_gqa_op.py checks them against the
+    library's tfsa_gqa_attribute_info); its other attributes are SparseAttentionAttributes'
+    but is_causal (always 1). num_heads and kv_num_heads are required (0: absent)."""
+
+    num_heads: int = 0
+    kv_num_heads: int = 0
+    local_window_size: int = -1  # a query at position p sees the w keys (p - w, p]; -1: all
+    do_rotary: int = 0
+    rotary_interleaved: int = 0
+    softcap: float = 0.0  # only 0
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+GQA_ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "num_heads": (1, HEADS_MAX, False),
+    "kv_num_heads": (1, HEADS_MAX, False),
+    "local_window_size": (-1, TOKENS_MAX, False),
+    "do_rotary": (0, 1, False),
+    "rotary_interleaved": (0, 1, False),
+    "softcap": (0.0, 0.0, False),
+}
+
+
+def rotary(
+    x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool
+) -> np.ndarray:
+    """x [.., S, D] rotated at positions [S] (cos/sin [max_pos, R/2]): pairs (c, c + R/2), or
+    (2c, 2c + 1) when interleaved, for c < R/2; columns past R unchanged."""
+    half = cos.shape[1]
+    c, s = cos[positions].astype(np.float32), sin[positions].astype(np.float32)
+    out = x.astype(np.float32)
+    i = np.arange(half) * 2 if interleaved else np.arange(half)
+    j = i + 1 if interleaved else i + half
+    xi, xj = out[..., i].copy(), out[..., j].copy()
+    out[..., i], out[..., j] = xi * c - xj * s, xj * c + xi * s
+    return out.astype(x.dtype)
+
+
+def _window_mask(rows: int, first_position: int, keys: int, window: int) -> np.ndarray | None:
+    """[rows, keys] bool: key j visible to row r at position p = first_position + r (j > p - w);
+    w = 0 hides every key (ORT's GroupQueryAttention outputs zeros then)."""
+    if window < 0:
+        return None
+    positions = first_position + np.arange(rows)[:, None]
+    return np.arange(keys)[None, :] > positions - window
+
+
+def group_query_attention(
+    query: np.ndarray,
+    key: np.ndarray | None,
+    value: np.ndarray | None,
+    past_key: np.ndarray | None,
+    past_value: np.ndarray | None,
+    seqlens_k: np.ndarray,
+    total_sequence_length: int,
+    cos_cache: np.ndarray | None = None,
+    sin_cache: np.ndarray | None = None,
+    shared_buffer: bool = False,
+    **attributes,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference ai.tfsa::SparseGroupQueryAttention: (output [B,S,Hq*D], present_key,
+    present_value [B,Hkv,T,D]), as ORT's GroupQueryAttention on its CPU: new rows rotated at
+    their absolute positions (past + s; past = 0 on a prompt, S == total_sequence_length, else
+    seqlens_k + 1 - S), present = past rows ++ new rows (zeros after, or the buffer's old rows
+    when `shared_buffer`), then per batch row sparse_attention over its cache, causal, with the
+    window; on a prompt, padded rows past a row's length see all its keys. Steps with one row or
+    fewer than min_seq_len are dense."""
+    names = GroupQueryAttentionAttributes.names()
+    g = GroupQueryAttentionAttributes(**{k: v for k, v in attributes.items() if k in names})
+    sparsity = {k: v for k, v in attributes.items() if k not in names} | {"is_causal": 1}
+    b, s, hidden = query.shape
+    hq, hkv = g.num_heads, g.kv_num_heads
+    d = hidden // (hq + (2 * hkv if key is None else 0))
+    heads = query.reshape(b, s, -1, d).transpose(0, 2, 1, 3)  # [B, heads, S, D]
+    q = heads[:, :hq]
+    k = heads[:, hq : hq + hkv] if key is None else key.reshape(b, s, hkv, d).transpose(0, 2, 1, 3)
+    v = heads[:, hq + hkv :] if key is None else value.reshape(b, s, hkv, d).transpose(0, 2, 1, 3)
+    cache = 0 if past_key is None else past_key.shape[2]
+    rows = max(total_sequence_length, cache)
+    present_k = past_key.copy() if shared_buffer else np.zeros((b, hkv, rows, d), query.dtype)
+    present_v = past_value.copy() if shared_buffer else np.zeros((b, hkv, rows, d), query.dtype)
+    output = np.zeros((b, s, hq * d), query.dtype)
+    prompt = s == total_sequence_length
+    if s == 1 or s < SparseAttentionAttributes(**sparsity).min_seq_len:
+        sparsity |= {"threshold": 1.0, "max_density": 1.0}
+    for row in range(b):
+        total = int(seqlens_k[row]) + 1
+        past = 0 if prompt else total - s
+        positions = past + np.arange(s)
+        qr, kr = q[row], k[row]
+        if g.do_rotary:
+            qr = rotary(qr, positions, cos_cache, sin_cache, bool(g.rotary_interleaved))
+            kr = rotary(kr, positions, cos_cache, sin_cache, bool(g.rotary_interleaved))
+        if not shared_buffer and past > 0:
+            present_k[row, :, :past], present_v[row, :, :past] = (
+                past_key[row, :, :past],
+                past_value[row, :, :past],
+            )
+        present_k[row, :, past : past + s], present_v[row, :, past : past + s] = kr, v[row]
+        keys, values = present_k[row : row + 1, :, :total], present_v[row : row + 1, :, :total]
+        valid = min(s, total) if prompt else s
+        mask = _window_mask(valid, total - valid, total, g.local_window_size)
+        y, _ = sparse_attention(
+            qr[None, :, :valid], keys, values, mask, query_offset=total - valid, **sparsity
+        )
+        output[row, :valid] = y[0].transpose(1, 0, 2).reshape(valid, hq * d)
+        if valid < s:  # right padding of a prompt: every key of the row, the window from its position
+            mask = _window_mask(s - valid, total, total, g.local_window_size)
+            dense = sparsity | {"is_causal": 0, "threshold": 1.0, "max_density": 1.0}
+            y, _ = sparse_attention(qr[None, :, valid:], keys, values, mask, **dense)
+            output[row, valid:] = y[0].transpose(1, 0, 2).reshape(s - valid, hq * d)
+    return output, present_k, present_v
