@@ -38,13 +38,6 @@ DENSE = {
 TUNABLES = DENSE["defaults"]
 
 
-def _has_op() -> bool:
-    return GQA_OP_TYPE.encode() in Path(get_library_path()).read_bytes()
-
-
-needs_op = pytest.mark.skipif(not _has_op(), reason=f"the library has no {GQA_OP_TYPE} yet")
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("genai")
@@ -261,7 +254,6 @@ PROMPTS = [np.arange(5, 42) % 300 + 3, (np.arange(50) * 7) % 300 + 3]  # 37 and 
 BATCH = [(np.arange(23) * 11) % 300 + 3, (np.arange(41) * 13) % 300 + 3]  # one batch, 23 and 41
 
 
-@needs_op
 @pytest.mark.parametrize("name", FOLDERS)
 def test_greedy_tokens_and_logits_equal_the_original(folders, optimized, name):
     from tfsa_onnx.genai_eval import greedy, og_model, pad_left
@@ -277,7 +269,6 @@ def test_greedy_tokens_and_logits_equal_the_original(folders, optimized, name):
     assert len(set(ref_tokens[0].tolist())) > 4  # the random model does not just repeat itself
 
 
-@needs_op
 @pytest.mark.parametrize("name", ["llama-fp32", "qwen2-int4"])
 def test_prompt_logits_and_present_kv_equal(folders, optimized, name):
     from tfsa_onnx.genai import read_config
@@ -294,7 +285,6 @@ def test_prompt_logits_and_present_kv_equal(folders, optimized, name):
         np.testing.assert_allclose(out[key], ref[key], atol=1e-4, rtol=0, err_msg=key)
 
 
-@needs_op
 def test_validate_and_bench_cli_on_folders(folders, optimized, root):
     src, out = str(folders["llama-fp32"]), str(optimized["llama-fp32"])
     report = root / "validate.json"
