@@ -151,7 +151,7 @@ class FolderValidation:
 
         rise = self.ppl_increase
         rows = [
-            ("prompt logits max abs error", self.logits_max_abs),
+            ("prompt logits max abs error", f"{self.logits_max_abs:.3g}"),
             ("prompt logits cosine (mean / min)", f"{self.logits_cos_mean:.6f} / {self.logits_cos_min:.6f}"),
             ("perplexity original", self.ppl_original),
             ("perplexity optimized", self.ppl_optimized),
