@@ -322,3 +322,12 @@ def test_a_folder_without_config_is_a_genai_error(root):
 
     with pytest.raises(GenaiError, match="without genai_config.json"):
         read_config(root / "tok")
+
+
+def test_per_layer_settings_and_skip(folders, root):
+    config = {"defaults": TUNABLES, "layers": {"0": {"threshold": 0.5}, "1": {"skip": True}}}
+    result = optimize_folder(folders["llama-int4"], root / "per-layer", config)
+    assert [s.reason for s in result.report.sites] == ["", "skipped by the config"]
+    nodes = [n for n in _model(root / "per-layer").graph.node if "GroupQueryAttention" in n.op_type]
+    assert [n.op_type for n in nodes] == [GQA_OP_TYPE, "GroupQueryAttention"]
+    assert _attributes(nodes[0])["threshold"] == 0.5
