@@ -99,6 +99,18 @@ def test_every_gqa_node_becomes_the_sparse_op(folders, optimized, name):
         assert rewritten.graph.input[2].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 
+def test_bfloat16_is_left_alone():
+    import onnx_ir as ir
+
+    from tfsa_onnx.rewrite import GiveUp
+    from tfsa_onnx.rewrite.gqa import check
+
+    node = _gqa_node({})
+    node.inputs[0].dtype = ir.DataType.BFLOAT16
+    with pytest.raises(GiveUp, match="element type .query is BFLOAT16"):
+        check(node)
+
+
 def test_a_cuda_folder_gets_the_cuda_library_when_built(folders, optimized):
     config = json.loads((optimized["llama-fp16"] / "genai_config.json").read_text())
     library = config["model"]["decoder"]["session_options"]["custom_ops_library"]

@@ -113,8 +113,8 @@ def is_previous_output(folder: Path) -> bool:
 
 
 def _library(config: dict[str, Any], source: Path) -> tuple[Path, list[str]]:
-    """The library to ship: the CUDA build for a CUDA folder when it was built, else the CPU
-    one (with a warning for a CUDA folder: ORT then runs the op on the CPU)."""
+    """The library to ship (the CUDA build for a CUDA folder when it was built, else the CPU one)
+    and the warnings to print."""
     from tfsa_onnx import get_library_path
 
     named = custom_ops_library(config)
@@ -129,13 +129,15 @@ def _library(config: dict[str, Any], source: Path) -> tuple[Path, list[str]]:
         raise GenaiError(str(e)) from None
     if not uses_cuda(config):
         return cpu, []
+    # SparseGroupQueryAttention has CPU kernels only (in both libraries): say so on CUDA folders.
+    note = (
+        f"{source} runs on CUDA, but {GQA_OP_TYPE} has CPU kernels only: ONNX Runtime runs those "
+        "nodes on the CPU, copying their tensors to and from the GPU."
+    )
     try:
-        return Path(get_library_path("cuda")), []
+        return Path(get_library_path("cuda")), [note]
     except FileNotFoundError:
-        return cpu, [
-            f"{source} runs on CUDA but this installation has no CUDA build of the library; the CPU "
-            f"library is shipped, so ONNX Runtime runs the {GQA_OP_TYPE} nodes on the CPU."
-        ]
+        return cpu, [note]
 
 
 # ---------------------------------------------------------------- optimize

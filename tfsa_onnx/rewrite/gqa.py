@@ -39,6 +39,7 @@ INPUTS = (
     "query_seqlens",
 )
 SUPPORTED_INPUTS = 9
+TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)  # the op's kernels (custom_ops/src/register.cc)
 OUTPUTS = ("output", "present_key", "present_value")  # output_qk (the 4th) is not supported
 # Attributes carried over unchanged, and those accepted only at the value that changes nothing
 # (GQA's default). Any other attribute (one a later ORT adds) is refused by name.
@@ -122,8 +123,8 @@ def check(node: ir.Node) -> None:
             raise GiveUp(f"{WHY[name]} ({name}={value!r})")
     for i in (0, 3, 4):
         value = optional_input(node, i)
-        if value is not None and value.dtype is not None and value.dtype not in FLOAT_TYPES:
-            what = "a quantized KV cache" if i else "a non-float query"
+        if value is not None and value.dtype is not None and value.dtype not in TYPES:
+            what = "a quantized KV cache" if i and value.dtype not in FLOAT_TYPES else "the element type"
             raise GiveUp(f"{what} ({INPUTS[i]} is {value.dtype.name}) is not supported")
     if attr(node, "num_heads") is None or attr(node, "kv_num_heads") is None:
         raise GiveUp("num_heads and kv_num_heads are required")
