@@ -697,3 +697,34 @@ def test_attribute_of_the_wrong_type_is_an_error_not_the_default(attrs, words):
     q = np.zeros((1, 1, 4, 4), np.float32)
     with pytest.raises(Exception, match=words):
         run_op(q, q, q, **attrs)
+
+
+# --- The few-rows path (exact_rows.cc: up to 4 dense rows without a mask) ------------------
+
+
+@pytest.mark.parametrize("sq", [1, 2, 4, 5])
+@pytest.mark.parametrize("causal", [0, 1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_few_rows_equal_the_reference(sq, causal, dtype):
+    # 5 rows take the tile walk: the two paths must agree with the reference alike.
+    rng = np.random.default_rng(sq + 10 * causal)
+    q, k, v = random_qkv(rng, 2, 6, 2, sq, 77, 40, 24, dtype)
+    y, density = run_op(q, k, v, is_causal=causal, block_size=16)
+    y_ref, density_ref = sparse_attention(q, k, v, is_causal=causal, block_size=16)
+    np.testing.assert_allclose(
+        y.astype(np.float32), y_ref.astype(np.float32), atol=2e-3 if dtype == np.float16 else 2e-5
+    )
+    np.testing.assert_array_equal(density, density_ref)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_few_rows_keep_nan_and_inf_to_the_rows_that_attend_them(value):
+    rng = np.random.default_rng(3)
+    q, k, v = random_qkv(rng, 1, 2, 1, 3, 30, 8, 8)
+    k[0, 0, 28, 0] = value  # seen by the last two rows (causal, bottom right) only
+    v[0, 0, 29, 1] = value  # the last row only
+    q[0, 1, 0, 2] = np.nan  # head 1, row 0
+    (y,) = run_op(q, k, v, density=False, is_causal=1)
+    y_ref, _ = sparse_attention(q, k, v, is_causal=1)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5)  # NaN where the reference has NaN
+    assert np.isfinite(y[0, 0, 0]).all() and np.isnan(y[0, 1, 0]).all()

@@ -94,7 +94,8 @@ std::string CheckCacheInputs(Ort::KernelContext& context, const GqaAttributes& a
     call.in.past_value = InputData(past_value);
   }
   auto seqlens = context.GetInput(5), total = context.GetInput(6);
-  if (ShapeOf(seqlens) != Shape{l.batch}) return "seqlens_k must be [batch] = [" + std::to_string(l.batch) + "], got " + ToString(ShapeOf(seqlens));
+  if (ShapeOf(seqlens) != Shape{l.batch})
+    return "seqlens_k must be [batch] = [" + std::to_string(l.batch) + "], got " + ToString(ShapeOf(seqlens));
   if (total.GetTensorTypeAndShapeInfo().GetElementCount() != 1)
     return "total_sequence_length must hold one value, got shape " + ToString(ShapeOf(total));
   call.in.seqlens_k = static_cast<const int32_t*>(InputData(seqlens));
@@ -108,8 +109,8 @@ std::string CheckCacheInputs(Ort::KernelContext& context, const GqaAttributes& a
   if (!cos || !sin) return "do_rotary=1 needs cos_cache and sin_cache";
   const Shape c = ShapeOf(cos), s = ShapeOf(sin);
   if (c.size() != 2 || c != s || c[1] < 1 || 2 * c[1] > l.head_dim)
-    return "cos_cache and sin_cache must be one shape [positions, rotary_dim / 2] with 1 <= rotary_dim <= head_size = " +
-           std::to_string(l.head_dim) + ", got " + ToString(c) + " and " + ToString(s);
+    return "cos_cache and sin_cache must be one shape [positions, rotary_dim / 2] with 1 <= rotary_dim <= "
+           "head_size = " + std::to_string(l.head_dim) + ", got " + ToString(c) + " and " + ToString(s);
   l.rotary_half = c[1];
   l.interleaved = a.rotary_interleaved != 0;
   call.in.cos = InputData(cos);
@@ -129,12 +130,14 @@ std::string CheckRows(const GqaCall& call, int64_t positions) {
       return err.str() + "exceeds sequence length - 1 = " + std::to_string(l.seq - 1) +
              " on a prompt (sequence length = total_sequence_length)";
     if (past < 0)
-      return err.str() + "is less than sequence length - 1 = " + std::to_string(l.seq - 1) + ": the new rows need a place";
+      return err.str() + "is less than sequence length - 1 = " + std::to_string(l.seq - 1) +
+             ": the new rows need a place";
     if (past + l.seq > l.present_rows)
       return err.str() + "does not fit the present cache of " + std::to_string(l.present_rows) +
              " rows (max(total_sequence_length, past length))";
     if (past > 0 && l.past_rows == 0) return err.str() + "needs past rows, and past_key is absent";
-    if (past > l.past_rows) return err.str() + "needs " + std::to_string(past) + " past rows, past_key has " + std::to_string(l.past_rows);
+    if (past > l.past_rows)
+      return err.str() + "needs " + std::to_string(past) + " past rows, past_key has " + std::to_string(l.past_rows);
     if (l.rotary_half > 0 && past + l.seq > positions)
       return err.str() + "needs rotary positions up to " + std::to_string(past + l.seq - 1) + ", cos_cache has " +
              std::to_string(positions) + " rows";
@@ -225,6 +228,10 @@ GqaKernel::GqaKernel(const OrtApi& api, const OrtKernelInfo* info) {
   else if (gqa.num_heads == 0 || gqa.kv_num_heads == 0) attribute_error = "num_heads and kv_num_heads are required";
   else attribute_error = CheckGqaAttributes(gqa);
   if (attribute_error.empty()) attribute_error = CheckAttributes(sparsity);
+  // GroupQueryAttention settings this op does not implement: refused, not silently ignored.
+  for (const char* name : {"smooth_softmax", "qk_output"})
+    if (attribute_error.empty() && ReadAttribute<int64_t>(api, info, name, 0, attribute_error) != 0)
+      attribute_error = std::string(name) + " is not supported (only 0)";
   if (attribute_error.empty() && gqa.num_heads % gqa.kv_num_heads != 0)
     attribute_error = "num_heads = " + std::to_string(gqa.num_heads) + " must be a multiple of kv_num_heads = " +
                       std::to_string(gqa.kv_num_heads);

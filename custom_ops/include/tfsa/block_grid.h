@@ -41,7 +41,9 @@ struct BlockGrid {
   // of the block may see any of its keys.
   TFSA_HOST_DEVICE bool InFuture(int64_t qb, int64_t kb) const { return KeyBegin(kb) > LastVisibleKey(QueryEnd(qb) - 1); }
   // Whether key block kb lies wholly before the window of query block qb's first row.
-  TFSA_HOST_DEVICE bool BeforeWindow(int64_t qb, int64_t kb) const { return KeyEnd(kb) - 1 < FirstVisibleKey(QueryBegin(qb)); }
+  TFSA_HOST_DEVICE bool BeforeWindow(int64_t qb, int64_t kb) const {
+    return KeyEnd(kb) - 1 < FirstVisibleKey(QueryBegin(qb));
+  }
   // Whether key block kb reaches past the horizon of query block qb's first row: the block
   // sits on the causal edge, and its rows see different keys (never without causality).
   TFSA_HOST_DEVICE bool CrossesCausalEdge(int64_t qb, int64_t kb) const {

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "block_math.h"
+#include "exact_rows.h"
 #include "selection.h"
 #include "tile_walk.h"
 #include "tfsa/ort_api.h"
@@ -192,6 +193,10 @@ void RunSparseAttention(const Problem& problem, const Tensors& tensors, Workspac
     const size_t n = static_cast<size_t>(d.batch * d.q_heads * d.q_len * d.v_head_dim);
     std::memset(tensors.output, 0, n * (tensors.type == Tensors::Type::kFloat ? 4 : 2));
     if (tensors.density) std::fill(tensors.density, tensors.density + d.batch * d.q_heads, 1.0f);
+    return;
+  }
+  if (UsesExactRows(problem)) {
+    RunExactRows(problem, tensors, parallel_for);
     return;
   }
   std::unique_ptr<Workspace> workspace = workspaces.Take();
