@@ -34,7 +34,7 @@ def library_path() -> None:
 
 @main.group()
 def bench() -> None:
-    """Benchmarks: our kernel or a whole optimized model against ONNX Runtime's dense attention."""
+    """Benchmarks: our kernel, a whole optimized model or a genai folder against the dense original."""
 
 
 def _int_list(_ctx, _param, value: str) -> list[int]:
@@ -200,6 +200,57 @@ def bench_model_cmd(original, optimized, seq_len, batch, threads, repeat, no_fus
     _write_json(json_path, [r.as_dict() for r in results])
 
 
+@bench.command("genai")
+@click.argument("original", type=click.Path(exists=True, file_okay=False))
+@click.argument("optimized", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt-len", default="4096", callback=_int_list, help="Prompt length(s), comma-separated.")
+@click.option("--decode-tokens", type=click.IntRange(2), default=32, show_default=True)
+@click.option("--text", type=click.Path(exists=True, dir_okay=False), help="Prompt text (default: random).")
+@click.option("--threads", default=2, show_default=True, help="intra_op_num_threads of both decoders.")
+@click.option("--repeat", default=3, show_default=True, help="Timed rounds (median reported).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
+def bench_genai_cmd(original, optimized, prompt_len, decode_tokens, text, threads, repeat, json_path) -> None:
+    """Two onnxruntime-genai folders through og.Generator: time to first token, decode tokens/s."""
+    from pathlib import Path
+
+    from tfsa_onnx.bench.genai import bench_genai
+    from tfsa_onnx.genai import GenaiError, read_config
+    from tfsa_onnx.genai_eval import random_prompts, text_prompts
+
+    _check_writable(json_path)
+    table = _table(
+        "prompt_len decode_tokens threads original_ttft_ms optimized_ttft_ms ttft_speedup "
+        "original_decode_tok_s optimized_decode_tok_s decode_ratio"
+    )
+    results = []
+    try:
+        context = min(_context_length(read_config(original)), _context_length(read_config(optimized)))
+        for n in prompt_len:
+            if n + decode_tokens > context:
+                raise GenaiError(
+                    f"--prompt-len {n} + --decode-tokens {decode_tokens} is past the folders' context "
+                    f"length of {context} tokens (genai_config.json); use at most {context - decode_tokens}."
+                )
+            prompt = (
+                text_prompts(original, Path(text).read_text(), n, 1)
+                if text
+                else random_prompts(original, n, 1)
+            )[0]
+            result = bench_genai(
+                original, optimized, prompt, decode_tokens=decode_tokens, threads=threads, repeat=repeat
+            )
+            results.append(result)
+            table.row(result.as_dict())
+    except GenaiError as e:
+        raise click.ClickException(str(e)) from None
+    _write_json(json_path, [r.as_dict() for r in results])
+
+
+def _context_length(config: dict) -> int:
+    model = config["model"]
+    return int(model.get("context_length") or config.get("search", {}).get("max_length") or 2**31)
+
+
 def _write_json(path: str | None, data) -> None:
     from tfsa_onnx.bench.output import write_json
     from tfsa_onnx.files import OutputError
@@ -251,9 +302,12 @@ def _sparsity_config(config_path, overrides: dict):
 
 
 @main.command("optimize")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option(
-    "-o", "--output", type=click.Path(dir_okay=False), help="Output model (default MODEL.tfsa.onnx)."
+    "-o",
+    "--output",
+    type=click.Path(),
+    help="Output model (default MODEL.tfsa.onnx); for a genai folder the output folder (MODEL.tfsa).",
 )
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Sparsity config (JSON/YAML).")
 @click.option("--block-size", callback=_setting, help="Query/key block edge [1, 1048576].")
@@ -269,7 +323,10 @@ def _sparsity_config(config_path, overrides: dict):
     "--report", "report_path", type=click.Path(dir_okay=False), help="Write the site report (JSON)."
 )
 def optimize_cmd(model, output, config_path, report_path, reapply, **attributes) -> None:
-    """Replace every attention block of MODEL with ai.tfsa::SparseAttention."""
+    """Replace every attention block of MODEL with ai.tfsa::SparseAttention.
+
+    MODEL may be an onnxruntime-genai folder (with genai_config.json): its GroupQueryAttention
+    nodes become ai.tfsa::SparseGroupQueryAttention in a new folder with the library beside it."""
     from pathlib import Path
 
     from tfsa_onnx.files import OutputError, same_file
@@ -277,6 +334,9 @@ def optimize_cmd(model, output, config_path, report_path, reapply, **attributes)
     from tfsa_onnx.rewrite.passes import check_outputs
 
     source = Path(model)
+    if source.is_dir():
+        config = _sparsity_config(config_path, attributes)
+        return _optimize_folder(source, output, config, reapply, report_path)
     out = Path(output) if output else source.with_name(source.name.removesuffix(".onnx") + ".tfsa.onnx")
     if same_file(out, source):
         raise click.ClickException("the output path is the input path; choose another file with -o.")
@@ -309,6 +369,32 @@ def optimize_cmd(model, output, config_path, report_path, reapply, **attributes)
     click.echo(f"check it: tfsa-onnx validate {source} {out}")
 
 
+def _optimize_folder(source, output, config, reapply: bool, report_path) -> None:
+    """optimize on an onnxruntime-genai folder (tfsa_onnx.genai)."""
+    from pathlib import Path
+
+    from tfsa_onnx.genai import GenaiError, optimize_folder
+
+    out = Path(output) if output else source.with_name(source.name + ".tfsa")
+    _check_writable(report_path)
+    try:
+        result = optimize_folder(source, out, config, reapply=reapply, report_path=report_path)
+    except GenaiError as e:
+        raise click.ClickException(str(e)) from None
+    report = result.report
+    click.echo(report.table())
+    for line in report.warnings:
+        click.echo(f"Warning: {line}", err=True)
+    already = sum(s.family == "tfsa" for s in report.sites)
+    click.echo(
+        f"{len(report.sites)} attention sites, {report.replaced - already} replaced"
+        + (f", {already} already sparse" if already else "")
+        + f"; wrote {out} ({result.model.name}, {result.library}, {len(result.copied) + 1} other files)"
+    )
+    click.echo(_settings_line(config, report.replaced - already, already, reapply))
+    click.echo(f"check it: tfsa-onnx validate {source} {out}")
+
+
 def _settings_line(config, replaced: int, already: int, reapply: bool) -> str:
     """What the run set: the new nodes' settings; existing nodes change only with --reapply."""
     settings = config.for_site(-1, "") or {}
@@ -330,14 +416,17 @@ def _settings_line(config, replaced: int, already: int, reapply: bool) -> str:
 
 
 @main.command("inspect")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 def inspect_cmd(model) -> None:
-    """List the attention sites of MODEL; writes nothing."""
+    """List the attention sites of MODEL (a model file or a genai folder); writes nothing."""
+    from pathlib import Path
+
+    from tfsa_onnx.genai import GenaiError, find_folder_sites
     from tfsa_onnx.rewrite import OptimizeError, find_sites
 
     try:
-        report = find_sites(model)
-    except OptimizeError as e:
+        report = find_folder_sites(model) if Path(model).is_dir() else find_sites(model)
+    except (OptimizeError, GenaiError) as e:
         raise click.ClickException(str(e)) from None
     if not report.sites:
         raise click.ClickException("no attention block was found in the model.")
@@ -416,9 +505,16 @@ def _percent(_ctx, _param, value):
 
 
 @main.command("validate")
-@click.argument("original", type=click.Path(exists=True, dir_okay=False))
-@click.argument("optimized", type=click.Path(exists=True, dir_okay=False))
+@click.argument("original", type=click.Path(exists=True))
+@click.argument("optimized", type=click.Path(exists=True))
 @_input_options
+@click.option(
+    "--new-tokens",
+    type=click.IntRange(0),
+    default=16,
+    show_default=True,
+    help="genai folders: greedy tokens generated after each prompt by both (og.Generator).",
+)
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
 @click.option("--atol", type=float, help="Fail when any max abs error exceeds this.")
 @click.option("--cos-min", type=float, default=0.99, show_default=True, help="Fail below this mean cosine.")
@@ -434,10 +530,28 @@ def _percent(_ctx, _param, value):
 )
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
 def validate_cmd(
-    original, optimized, warmup, atol, cos_min, max_ppl_increase, extra_lengths, json_path, threads, **src
+    original,
+    optimized,
+    warmup,
+    atol,
+    cos_min,
+    max_ppl_increase,
+    extra_lengths,
+    json_path,
+    threads,
+    new_tokens,
+    **src,
 ) -> None:
-    """Compare OPTIMIZED with ORIGINAL on the same inputs; exit 1 when a threshold fails."""
+    """Compare OPTIMIZED with ORIGINAL on the same inputs; exit 1 when a threshold fails.
+
+    Two onnxruntime-genai folders: prompt logits and perplexity (on --text, tokenized by the
+    folder's tokenizer, or random tokens), then --new-tokens greedy tokens through og.Generator."""
     import json
+    from pathlib import Path
+
+    if Path(original).is_dir() or Path(optimized).is_dir():
+        thresholds = {"atol": atol, "cos_min": cos_min, "max_ppl_increase": max_ppl_increase}
+        return _validate_folders(original, optimized, src, new_tokens, threads, thresholds, json_path)
 
     from tfsa_onnx.inputs import InputError, check_same_inputs, describe, graph_inputs, load_feeds
     from tfsa_onnx.validation import graph_only, validate
@@ -476,6 +590,44 @@ def validate_cmd(
         data["extra_lengths"][str(n)] = {**checked.to_dict(), "failures": found}
     if json_path:
         data["failures"] = failures
+        _write_text_atomically(json_path, json.dumps(data, indent=2) + "\n")
+    for line in failures:
+        click.echo(f"FAIL {line}")
+    click.echo("FAIL" if failures else "PASS")
+    raise SystemExit(1 if failures else 0)
+
+
+def _validate_folders(original, optimized, src, new_tokens, threads, thresholds, json_path) -> None:
+    """validate on two onnxruntime-genai folders (tfsa_onnx.genai_eval)."""
+    import json
+    from pathlib import Path
+
+    from tfsa_onnx.genai import GenaiError, is_genai_folder
+    from tfsa_onnx.genai_eval import random_prompts, text_prompts, validate_folders
+
+    if not (is_genai_folder(original) and is_genai_folder(optimized)):
+        raise click.ClickException(
+            "validate compares two model files or two onnxruntime-genai folders (with genai_config.json)."
+        )
+    if src.get("inputs"):
+        raise click.ClickException("--inputs is for model files; give --text or nothing for genai folders.")
+    _check_writable(json_path)
+    seq_len, samples = src["seq_len"], src["samples"]
+    try:
+        if src.get("text"):
+            prompts = text_prompts(original, Path(src["text"]).read_text(), seq_len, samples)
+        else:
+            prompts = random_prompts(original, seq_len, samples)
+        result = validate_folders(original, optimized, prompts, new_tokens=new_tokens, threads=threads)
+    except GenaiError as e:
+        raise click.ClickException(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - ORT and genai errors become one sentence
+        raise click.ClickException(f"running the models failed: {str(e).strip().splitlines()[0]}") from None
+    click.echo(f"inputs: {samples} x {seq_len} tokens ({'text' if src.get('text') else 'random'})", err=True)
+    click.echo(result.table())
+    failures = result.failures(**thresholds)
+    if json_path:
+        data = {**result.to_dict(), "original": original, "optimized": optimized, "failures": failures}
         _write_text_atomically(json_path, json.dumps(data, indent=2) + "\n")
     for line in failures:
         click.echo(f"FAIL {line}")

@@ -263,3 +263,33 @@ def _discard(placed: Path | None, tmp: Path) -> None:
         with contextlib.suppress(OSError):
             placed.unlink()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_folder(target: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+    """fill(tmp) for a temporary folder beside target, then rename it to target: readers see the
+    old folder or the whole new one. A full target is moved aside first, then deleted."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)  # left by writers that were killed
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent))
+    try:
+        fill(tmp)
+        os.chmod(tmp, _default_mode(executable=True))  # mkdtemp's folder is owner-only
+        _rename_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _rename_into_place(tmp: Path, target: Path) -> None:
+    if not target.exists() or not any(target.iterdir()):
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent))
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old)

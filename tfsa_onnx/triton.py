@@ -22,9 +22,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -33,7 +32,7 @@ from onnx import TensorProto
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from tfsa_onnx import DOMAIN, OP_TYPE, __version__, get_library_path
-from tfsa_onnx.files import OutputError, check_writable, remove_stale_temporaries
+from tfsa_onnx.files import OutputError, check_writable, write_folder
 
 MOUNT = "/models"  # where the docs' `docker run -v REPO:/models` puts the repository
 CUDA_LIBRARY = "libtfsa_ops_cuda.so"  # the CUDA build (CMake target tfsa_ops_cuda), when installed
@@ -124,7 +123,7 @@ def write_triton_repository(
         library_path=str(PurePosixPath(library_dir) / library.name),
     )
     try:
-        _write_folder_atomically(target, lambda tmp: _fill(tmp, source, data_files, library, config))
+        write_folder(target, lambda tmp: _fill(tmp, source, data_files, library, config))
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         reason = e.strerror or str(e) or type(e).__name__
@@ -369,38 +368,3 @@ def _fill(folder: Path, source: Path, data_files: list[str], library: Path, conf
         shutil.copyfile(source.parent / location, model_folder / location)
     shutil.copy(library, folder / library.name)
     (folder / "config.pbtxt").write_text(config)
-
-
-def _folder_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
-
-
-def _write_folder_atomically(target: Path, fill: Callable[[Path], None]) -> None:
-    """fill(tmp) for a temporary folder beside target, then rename it to target."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)  # left by writers that were killed
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
-    try:
-        fill(tmp)
-        os.chmod(tmp, _folder_mode())  # mkdtemp's folder is owner-only; Triton may run as another user
-        _rename_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _rename_into_place(tmp: Path, target: Path) -> None:
-    """A rename replaces a missing or empty folder; a full one is moved aside first, then deleted."""
-    if not target.exists() or not any(target.iterdir()):
-        os.replace(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old)

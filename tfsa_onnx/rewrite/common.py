@@ -64,6 +64,9 @@ class Match:
     heads: int | None = None  # where the shapes cannot tell
     kv_heads: int | None = None
     head_dim: int | None = None
+    # Optional: rewrite(graph, tunables) replaces the anchor node itself (drop-in ops such as
+    # GroupQueryAttention); the pass then builds no SparseAttention node.
+    rewrite: Callable[[ir.Graph, dict[str, Any]], None] | None = None
 
     def element_type(self) -> ir.DataType | None:
         for v in (self.query, self.output):

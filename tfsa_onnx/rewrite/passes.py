@@ -14,7 +14,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from tfsa_onnx import DOMAIN, OP_TYPE, OP_VERSION
+from tfsa_onnx import DOMAIN, GQA_OP_TYPE, OP_TYPE, OP_VERSION
 from tfsa_onnx.config import TUNABLE, SparsityConfig
 from tfsa_onnx.files import (
     OutputError,
@@ -37,6 +37,7 @@ from tfsa_onnx.rewrite.common import (
     sparse_attention_node,
     static_int,
 )
+from tfsa_onnx.rewrite.gqa import GroupQueryAttentionRule
 from tfsa_onnx.rewrite.masks import MaskAnalyzer, mask_dtype_fix
 from tfsa_onnx.rewrite.matmul_softmax import MatMulSoftmaxRule
 from tfsa_onnx.rewrite.onnx_attention import OnnxAttentionRule
@@ -53,7 +54,13 @@ class OptimizeError(Exception):
 
 
 def _rules() -> list[Rule]:
-    return [OnnxAttentionRule(), OrtAttentionRule(), OrtMultiHeadAttentionRule(), MatMulSoftmaxRule()]
+    return [
+        OnnxAttentionRule(),
+        OrtAttentionRule(),
+        OrtMultiHeadAttentionRule(),
+        GroupQueryAttentionRule(),
+        MatMulSoftmaxRule(),
+    ]
 
 
 @dataclass
@@ -262,7 +269,7 @@ def _run(model: ir.Model, config: SparsityConfig | None, *, apply: bool, reapply
     candidates = []
     rules = _rules()
     for node in graph:
-        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+        if node.domain == DOMAIN and node.op_type in (OP_TYPE, GQA_OP_TYPE):
             candidates.append((node, None))
             continue
         for rule in rules:
@@ -472,11 +479,33 @@ def _describe(site: Site, match: Match) -> None:
         site.kv_heads = match.kv_heads
     site.masked = match.mask is not None or match.implied_mask is not None
     site.causal = match.is_causal
+    if match.rewrite is not None:
+        site.window = _gqa_window(site.node)
+
+
+def _gqa_window(node: ir.Node) -> int | None:
+    """GroupQueryAttention's local_window_size w: each query sees its last w keys (-1: off)."""
+    from tfsa_onnx.rewrite.common import attr
+
+    size = attr(node, "local_window_size", -1)
+    return size if size is not None and size >= 0 else None
 
 
 def _existing_site(node: ir.Node) -> Site:
     from tfsa_onnx.rewrite.common import attr, heads_of
 
+    if node.op_type == GQA_OP_TYPE:
+        return Site(
+            name=node.name or GQA_OP_TYPE,
+            family="tfsa",
+            heads=attr(node, "num_heads"),
+            kv_heads=attr(node, "kv_num_heads"),
+            causal=True,
+            window=_gqa_window(node),
+            replaced=True,
+            reason=f"already {GQA_OP_TYPE}",
+            node=node,
+        )
     q = dims(node.inputs[0]) or [None] * 4
     head_dim = static_int(q[-1])
     return Site(
@@ -496,6 +525,10 @@ def _existing_site(node: ir.Node) -> Site:
 def _replace(graph: ir.Graph, site: Site, tunables: dict[str, Any]) -> None:
     """The rewrite step: build the op's inputs, the op and what its output must become."""
     match = site.match
+    if match.rewrite is not None:
+        match.rewrite(graph, tunables)
+        site.replaced, site.reason = True, ""
+        return
     builder = Builder(graph, match.output.producer(), site.name)
     inputs = match.build_inputs(builder)
     y = sparse_attention_node(builder, match, inputs, _op_mask(builder, site), tunables, site.name)
