@@ -10,13 +10,22 @@ Selection (which key blocks a query block computes), per (batch, head, query blo
      touching the local window (|key - query position| <= local_window, W > 0).
      Query blocks holding a global query (index < global_tokens) take every allowed block.
   3. estimate: the other allowed blocks are ranked by softmax over key blocks of
-     scale * mean(Q block) . mean(K block) + log(keys in block); they are added in
+     scale * mean(Q block) . mean(K block) + log(keys in block) + the attn_bias at the
+     block pair's centre element (row (first + last) // 2 of the query block, the same of the
+     key block; a non-finite value counts as 0); they are added in
      that order until their cumulative estimated mass reaches `threshold` or the block
      count reaches ceil(max_density * allowed) (forced blocks count against the cap,
      but are kept even when they alone exceed it).
   Below min_seq_len keys, every allowed block is computed.
-Math: exactly softmax(scale * Q K^T + mask) V over the selected blocks, the rest -inf;
-rows with nothing to attend give zeros.
+Math: exactly softmax(scale * Q K^T + mask + attn_bias) V over the selected blocks, the rest
+-inf; rows with nothing to attend give zeros.
+
+attn_bias (optional, [B|1, H|1, Sq, Sk] broadcast like the mask, float32 or the query's type):
+an additive score bias (relative position, ALiBi) kept apart from the mask. It is read only
+inside the blocks computed (and at one element per block pair, for the estimate): it never
+decides which blocks are allowed and is not in the density's denominator. Mask and bias add up
+in float32; a pair whose sum is -inf is hidden like a masked pair (its score -inf whatever its
+dot), so a -inf in the bias hides a pair without closing its block.
 
 Attribute bounds (contract.h enforces the same; out of range is an error): block_size in
 [1, BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len in [0, TOKENS_MAX]; threshold in
@@ -24,15 +33,16 @@ Attribute bounds (contract.h enforces the same; out of range is an error): block
 global_tokens and local_window are cut to the longer sequence (`effective`), which changes no
 result: the kernels never size memory or index blocks by the raw values.
 
-NaN and infinity. A pair (i, j) counts for row i when its block is selected and causality and
-the mask let i see j (a NaN or +inf mask value lets it: only -inf / false hide a pair). Its
-score is scale * q_i . k_j + mask_ij; every other pair has score -inf. A pair whose score is
--inf carries no weight and is never read: neither its key nor its value nor its mask value can
-reach row i. So NaN in q_i, or in the key, value or mask value of a pair that counts (and +inf
-scores, through inf - inf), makes row i NaN, as dense attention would; nothing else does. The
-selection is not steered by them: non-finite query and key elements count as 0 in the block
-means, a NaN estimate ranks below every other candidate with zero mass, and when the largest
-estimate is not finite the candidates weigh the same (taken in block order).
+NaN and infinity. A pair (i, j) counts for row i when its block is selected, causality and
+the mask let i see j (a NaN or +inf mask value lets it: only -inf / false hide a pair), and
+mask + bias is not -inf. Its score is scale * q_i . k_j + mask_ij + bias_ij; every other pair
+has score -inf. A pair whose score is -inf carries no weight and is never read: neither its
+key nor its value nor its mask or bias value can reach row i. So NaN in q_i, or in the key,
+value, mask or bias value of a pair that counts (and +inf scores, through inf - inf), makes
+row i NaN, as dense attention would; nothing else does. The selection is not steered by them:
+non-finite query and key elements count as 0 in the block means, a NaN estimate ranks below
+every other candidate with zero mass, and when the largest estimate is not finite the
+candidates weigh the same (taken in block order).
 """
 
 from __future__ import annotations
@@ -115,7 +125,7 @@ def effective(a: SparseAttentionAttributes, sq: int, sk: int) -> SparseAttention
 
 
 def _attendable(mask, shape, is_causal: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Additive bias [B,H,Sq,Sk] (float64) and the boolean 'may attend' of each pair."""
+    """Additive mask [B,H,Sq,Sk] (float64) and the boolean 'may attend' of each pair."""
     b, h, sq, sk = shape
     if mask is None:
         bias = np.zeros(shape)
@@ -165,8 +175,24 @@ def _forced_blocks(sq: int, sk: int, a: SparseAttentionAttributes) -> np.ndarray
     return forced
 
 
+def _block_centre_bias(attn_bias: np.ndarray | None, shape, bs: int) -> np.ndarray:
+    """[B|1, H|1, nQ, nK]: attn_bias at each block pair's centre element (non-finite as 0)."""
+    if attn_bias is None:
+        return np.zeros((1, 1, 1, 1))
+    *_, sq, sk = shape
+    rows = [(i + min(i + bs, sq) - 1) // 2 for i in range(0, sq, bs)]
+    cols = [(j + min(j + bs, sk) - 1) // 2 for j in range(0, sk, bs)]
+    full = np.broadcast_to(attn_bias.reshape((1,) * (4 - attn_bias.ndim) + attn_bias.shape), shape)
+    centre = full[:, :, rows][:, :, :, cols].astype(np.float64)
+    return np.where(np.isfinite(centre), centre, 0.0)
+
+
 def select_blocks(
-    q: np.ndarray, k: np.ndarray, allowed: np.ndarray, a: SparseAttentionAttributes
+    q: np.ndarray,
+    k: np.ndarray,
+    allowed: np.ndarray,
+    a: SparseAttentionAttributes,
+    attn_bias: np.ndarray | None = None,
 ) -> np.ndarray:
     """[B, Hq, nQ, nK] bool: the key blocks each query block computes."""
     sq, sk = q.shape[2], k.shape[2]
@@ -179,6 +205,7 @@ def select_blocks(
     k_mean = np.repeat(_block_means(k.astype(np.float64), bs), group, axis=1)
     keys_per_block = np.minimum(bs, sk - np.arange(0, sk, bs))
     estimate = scale * q_mean @ np.swapaxes(k_mean, -1, -2) + np.log(keys_per_block)
+    estimate = estimate + _block_centre_bias(attn_bias, (*q.shape[:3], sk), bs)
     forced = _forced_blocks(sq, sk, a) & allowed
     selected = forced.copy()
     for idx in np.ndindex(*allowed.shape[:3]):
@@ -216,6 +243,8 @@ def sparse_attention(
     key: np.ndarray,
     value: np.ndarray,
     attn_mask: np.ndarray | None = None,
+    attn_bias: np.ndarray | None = None,
+    *,
     selected: np.ndarray | None = None,
     **attributes,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -230,14 +259,19 @@ def sparse_attention(
     bias, may_attend = _attendable(attn_mask, (b, hq, sq, sk), bool(a.is_causal))
     allowed = _block_any(may_attend, a.block_size)
     if selected is None:
-        selected = select_blocks(query, key, allowed, a)
+        selected = select_blocks(query, key, allowed, a, attn_bias)
+    if attn_bias is not None:  # summed in float32, as the kernels do
+        with np.errstate(invalid="ignore", over="ignore"):
+            bias = (
+                bias.astype(np.float32) + np.broadcast_to(attn_bias, bias.shape).astype(np.float32)
+            ).astype(np.float64)
 
     bs = a.block_size
     in_selected = np.repeat(np.repeat(selected, bs, axis=2), bs, axis=3)[:, :, :sq, :sk]
     scale = a.scale or 1.0 / math.sqrt(d)
     k = np.repeat(key.astype(np.float64), hq // hkv, axis=1)
     v = np.repeat(value.astype(np.float64), hq // hkv, axis=1)
-    counts = in_selected & may_attend  # the pairs that count; the others are never read
+    counts = in_selected & may_attend & (bias != -np.inf)  # the pairs that count; the others are never read
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         scores = np.where(counts, scale * query.astype(np.float64) @ np.swapaxes(k, -1, -2) + bias, -np.inf)
         row_max = scores.max(axis=-1, keepdims=True)

@@ -71,6 +71,16 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t bk, Packed
   }
 }
 
+// The estimate's share of the bias: attn_bias at the centre element of each block pair of
+// query block qb, added to its pooled scores (non-finite values count as 0; reference.py).
+void AddCentreBias(const Problem& p, int64_t b, int64_t h, int64_t qb, float* pooled_scores) {
+  const int64_t i = (p.grid.QueryBegin(qb) + p.grid.QueryEnd(qb) - 1) / 2;
+  for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb) {
+    const float bias = p.bias.Bias(p.bias.Offset(b, h, i, (p.grid.KeyBegin(kb) + p.grid.KeyEnd(kb) - 1) / 2));
+    if (std::isfinite(bias)) pooled_scores[kb] += bias;
+  }
+}
+
 // Per-thread buffers of a task, reused between query blocks.
 struct Scratch {
   std::vector<float> q, q_mean, pooled_scores;
@@ -111,6 +121,7 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
     sc.pooled_scores.resize(kv.means_pad);
     const int means_pad = static_cast<int>(kv.means_pad);
     math.scores(sc.q_mean.data(), 1, head_dim, kv.KMeansT(bk), means_pad, sc.pooled_scores.data(), means_pad);
+    if (p.bias.present()) AddCentreBias(p, b, h, qb, sc.pooled_scores.data());
   }
   ChooseKeyBlocks(p, qb, sc.pooled_scores.data(), sc.selection, sc.chosen);
   counts[2 * task] = static_cast<int64_t>(sc.chosen.size());
