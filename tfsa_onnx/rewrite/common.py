@@ -36,6 +36,9 @@ class Match:
     scale: float | None  # None: 1/sqrt(head_dim) as the op computes it
     mask: ir.Value | None = None
     mask_additive: bool = True
+    # An additive score bias (relative positions, ALiBi) for the op's attn_bias: never analysed
+    # as a mask, so nothing in it is dropped.
+    bias: ir.Value | None = None
     is_causal: bool = False
     # Optional: turns the op's Y [B, Hq, Sq, Dv] into what `output` was (fused ops pack it).
     finish: Any = None
@@ -105,6 +108,15 @@ def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
     if op_types and node.op_type not in op_types:
         return None
     return node
+
+
+def strip_expand(value: ir.Value) -> ir.Value:
+    """What an Expand chain broadcasts: masks and biases are broadcast by the op itself."""
+    node = producer(value, "Expand")
+    while node is not None:
+        value = node.inputs[0]
+        node = producer(value, "Expand")
+    return value
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -294,9 +306,11 @@ def sparse_attention_node(
     attributes: dict[str, Any] = {"scale": float(scale), "is_causal": int(match.is_causal)}
     for key, val in tunables.items():
         attributes[key] = float(val) if isinstance(val, float) else int(val)
-    inputs = [match.query, match.key, match.value]
-    if match.mask is not None:
-        inputs.append(match.mask)
+    inputs: list[ir.Value | None] = [match.query, match.key, match.value]
+    if match.mask is not None or match.bias is not None:
+        inputs.append(match.mask)  # None: an empty optional input before the bias
+    if match.bias is not None:
+        inputs.append(match.bias)
     node = ir.Node(
         DOMAIN,
         OP_TYPE,

@@ -8,6 +8,7 @@ Reshape(Transpose(Reshape 3-D)), and key/value heads repeated by Unsqueeze-Expan
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from tfsa_onnx.rewrite.common import (
@@ -26,6 +27,7 @@ from tfsa_onnx.rewrite.common import (
     rank,
     same_dim,
     single_consumer,
+    strip_expand,
 )
 
 _SWAP_LAST = [0, 1, 3, 2]
@@ -60,8 +62,7 @@ class MatMulSoftmaxRule:
                 raise GiveUp(f"{name} is not a 4-D [batch, heads, seq, dim] tensor (rank {rank(v)})")
         q, q_scale = _strip_scalar_mul(q)
         k_t, k_scale = _strip_scalar_mul(k_t)
-        if len(masks) > 1:
-            raise GiveUp(f"{len(masks)} masks applied to the scores; only one is supported")
+        masks, biases = _split_terms(masks)
         builder = builder_factory(pv)  # every GiveUp is above: nodes are built only for a match
         key, value = _untranspose_key(k_t, builder), pv.inputs[1]
         folded_k, folded_v = fold_repeat(key), fold_repeat(value)
@@ -76,6 +77,7 @@ class MatMulSoftmaxRule:
             scale=q_scale * k_scale * post_scale,
             mask=mask[0] if mask else None,
             mask_additive=mask[1] if mask else True,
+            bias=_sum_biases(biases, builder),
         )
 
 
@@ -257,18 +259,63 @@ def _reshape_transpose_reshape(k_t: ir.Value) -> ir.Value | None:
     return k if ok else None
 
 
+def _split_terms(terms: list[tuple[ir.Value, bool, float]]) -> tuple[list, list]:
+    """The terms added to the scores as (masks, biases). A boolean term, or an additive one that
+    computes with a large negative constant ("never attend"), is a mask: the mask analysis may
+    prove it causal or padding. Every other additive term (a relative position bias, ALiBi) is
+    a bias, passed to the op as it is. Either way each term reaches the scores: the split
+    decides how the op reads it, never whether."""
+    masks = [t for t in terms if not t[1] or _computes_with_large_negative(t[0])]
+    if len(masks) > 1:
+        raise GiveUp(f"{len(masks)} masks applied to the scores; only one is supported")
+    return masks, [t for t in terms if not any(t is m for m in masks)]
+
+
+def _computes_with_large_negative(value: ir.Value, limit: int = 300) -> bool:
+    """Whether a float constant <= NEG_LIMIT feeds `value` (not through a Shape: sizes only)."""
+    stack, seen = [value], set()
+    while stack and len(seen) < limit:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        c = const_array(v)
+        if c is not None:
+            if c.dtype.kind == "f" and c.size and float(np.min(c)) <= NEG_LIMIT:
+                return True
+            continue
+        node = v.producer()
+        if node is not None and node.op_type not in ("Shape", "Size"):
+            stack.extend(node.inputs)
+    return False
+
+
+def _prescaled(value: ir.Value, scale_after: float, builder: Builder, name: str) -> ir.Value:
+    """softmax(s * (qk + m)): the op adds masks and biases after scaling, so pre-scale them."""
+    if scale_after == 1.0:
+        return value
+    return builder.op("Mul", [value, builder.const(_as_array(scale_after, value.dtype), name)])
+
+
 def _combine_masks(masks: list[tuple[ir.Value, bool, float]], builder: Builder) -> tuple | None:
     """Masks as found (at most one): [(value, additive, scale after it)]; the analyzer finishes them."""
     if not masks:
         return None
     value, additive, scale_after = masks[0]
-    if additive and scale_after != 1.0:
-        # softmax(s * (qk + m)): the op adds the mask after scaling, so pre-scale it.
-        value = builder.op("Mul", [value, builder.const(_as_array(scale_after, value.dtype), "mask_scale")])
+    if additive:
+        value = _prescaled(value, scale_after, builder, "mask_scale")
     return (value, additive)
 
 
-def _as_array(x: float, dtype):
-    import numpy as np
+def _sum_biases(biases: list[tuple[ir.Value, bool, float]], builder: Builder) -> ir.Value | None:
+    """The bias terms, each pre-scaled and without the Expands the op's broadcast makes
+    unnecessary, summed into one attn_bias."""
+    total = None
+    for value, _, scale_after in biases:
+        term = _prescaled(strip_expand(value), scale_after, builder, "bias_scale")
+        total = term if total is None else builder.op("Add", [total, term])
+    return total
 
+
+def _as_array(x: float, dtype):
     return np.asarray(x, dtype=dtype.numpy() if dtype is not None else np.float32)

@@ -35,7 +35,7 @@ from tfsa_onnx.rewrite.common import (
     sparse_attention_node,
     static_int,
 )
-from tfsa_onnx.rewrite.masks import MaskAnalyzer, mask_dtype_fix
+from tfsa_onnx.rewrite.masks import MaskAnalyzer, bias_dtype_fix, mask_dtype_fix
 from tfsa_onnx.rewrite.matmul_softmax import MatMulSoftmaxRule
 from tfsa_onnx.rewrite.onnx_attention import OnnxAttentionRule
 from tfsa_onnx.rewrite.ort_contrib import OrtAttentionRule, OrtMultiHeadAttentionRule
@@ -441,6 +441,10 @@ def _resolve_mask(graph: ir.Graph, site: Site, analyzer: MaskAnalyzer) -> None:
         site.mask_constants = list(split.constants)
     site.causal = match.is_causal
     site.masked = match.mask is not None
+    if match.bias is not None:
+        builder = Builder(graph, match.output.producer(), site.name)
+        match.bias = bias_dtype_fix(builder, match.bias, match.element_type())
+        site.notes.append(f"score bias {match.bias.name} passed as attn_bias")
 
 
 def _set_y_type(y: ir.Value, match: Match) -> None:

@@ -1,0 +1,107 @@
+"""Families that add a score bias beside the padding mask (MPNet, T5 relative positions): the
+bias reaches the op's attn_bias input, the padding stays a [B, 1, 1, S] key mask, and the
+optimized model equals the original when dense."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import feeds, sessions
+from onnx import TensorProto, helper
+from test_rewrite_families import DENSE, check_structure
+
+import tfsa_onnx
+from tfsa_onnx.rewrite import optimize
+
+# (family, dynamo, query rows of the padding mask the op gets): a [B, 1, 1, S] key mask, but
+# MPNet's TorchScript export gives [B, 1, S, S], as BERT's does (the mask analysis keeps its
+# And of expanded terms whole).
+CASES = [("mpnet", False, 33), ("mpnet", True, 1), ("t5-encoder", False, 1), ("t5-encoder", True, 1)]
+
+
+def _runtime_shapes(model: onnx.ModelProto, names: list[str], x: dict) -> dict[str, tuple]:
+    """The shapes `names` take when the model runs on `x` (they become extra outputs)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in names:
+        probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(probe.SerializeToString(), tfsa_onnx.session_options())
+    values = session.run(names, x)
+    return {n: v.shape for n, v in zip(names, values, strict=True)}
+
+
+@pytest.mark.parametrize("family,dynamo,mask_rows", CASES, ids=lambda x: str(x))
+def test_position_bias_families_are_replaced_and_exact(exports, family, dynamo, mask_rows) -> None:
+    path = exports.get(family, "eager", dynamo, None if dynamo else 17)
+    original = onnx.load(str(path))
+    optimized, report = optimize(path, DENSE)
+    check_structure(original, optimized, layers=2)
+    for site in report.sites:
+        assert site.replaced, site.reason
+        assert (site.heads, site.kv_heads, site.head_dim) == (2, 2, 16)
+        assert site.masked and not site.causal
+        assert any("attn_bias" in note for note in site.notes)
+    a, b = sessions(original, optimized)
+    for seq in (5, 16, 33):
+        x = feeds(a, seq)  # the second row is padded
+        np.testing.assert_allclose(b.run(None, x)[0], a.run(None, x)[0], atol=1e-4, rtol=0)
+
+    nodes = [n for n in optimized.graph.node if n.op_type == "SparseAttention"]
+    assert all(len(n.input) == 5 and n.input[4] for n in nodes)
+    shapes = _runtime_shapes(optimized, [nodes[0].input[3], nodes[0].input[4]], feeds(a, 33))
+    assert shapes[nodes[0].input[3]] == (2, 1, mask_rows, 33)
+    assert shapes[nodes[0].input[4]] == (1, 2, 33, 33)  # one bias for the batch
+
+
+def _two_term_model(second_term_negative: bool) -> onnx.ModelProto:
+    """softmax(Q K^T + bias + m) V, with `bias` computed from an input's values (no shape
+    proof can drop it) and m a padding mask from another input."""
+    f = TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("q", f, [1, 2, "s", 8]),
+        helper.make_tensor_value_info("k", f, [1, 2, "s", 8]),
+        helper.make_tensor_value_info("v", f, [1, 2, "s", 8]),
+        helper.make_tensor_value_info("b", f, [1, 2, "s", "s"]),
+        helper.make_tensor_value_info("pad", f, [1, 1, 1, "s"]),
+    ]
+    neg = -1e9 if second_term_negative else 0.5
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["qk"]),
+        helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", f, [], [0.25])),
+        helper.make_node("Mul", ["qk", "c"], ["s"]),
+        helper.make_node("Constant", [], ["two"], value=helper.make_tensor("two", f, [], [2.0])),
+        helper.make_node("Mul", ["b", "two"], ["bias"]),
+        helper.make_node("Add", ["s", "bias"], ["sb"]),
+        helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one", f, [], [1.0])),
+        helper.make_node("Sub", ["one", "pad"], ["inv"]),
+        helper.make_node("Constant", [], ["neg"], value=helper.make_tensor("neg", f, [], [neg])),
+        helper.make_node("Mul", ["inv", "neg"], ["m"]),
+        helper.make_node("Add", ["sb", "m"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["y"]),
+    ]
+    out = helper.make_tensor_value_info("y", f, [1, 2, "s", 8])
+    graph = helper.make_graph(nodes, "two_terms", inputs, [out])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("negative", [True, False])
+def test_terms_split_into_mask_and_bias_stay_exact(negative) -> None:
+    # With a large negative the padding term is the mask and `bias` the bias; without one
+    # both are biases. Either way every term reaches the scores.
+    model = _two_term_model(negative)
+    optimized, report = optimize(model, DENSE)
+    assert report.sites[0].replaced, report.sites[0].reason
+    assert report.sites[0].masked == negative
+    node = next(n for n in optimized.graph.node if n.op_type == "SparseAttention")
+    assert len(node.input) == 5 and node.input[4]
+    rng = np.random.default_rng(0)
+    pad = np.ones((1, 1, 1, 21), np.float32)
+    pad[..., 15:] = 0
+    x = {n: rng.standard_normal((1, 2, 21, 8)).astype(np.float32) for n in "qkv"}
+    x |= {"b": rng.standard_normal((1, 2, 21, 21)).astype(np.float32), "pad": pad}
+    a, b = sessions(model, optimized)
+    np.testing.assert_allclose(b.run(None, x)[0], a.run(None, x)[0], atol=1e-5)
