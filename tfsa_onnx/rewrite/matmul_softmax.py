@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from tfsa_onnx.rewrite import merged_heads
 from tfsa_onnx.rewrite.common import (
     FLOAT_TYPES,
     NEG_LIMIT,
@@ -29,14 +30,19 @@ from tfsa_onnx.rewrite.common import (
     single_consumer,
     strip_expand,
 )
+from tfsa_onnx.rewrite.mask_proof import MaskAlgebra
 
 _SWAP_LAST = [0, 1, 3, 2]
 
 
 class MatMulSoftmaxRule:
-    """Anchor: a Softmax over the last axis whose input comes from a 4-D MatMul."""
+    """Anchor: a Softmax over the last axis whose input comes from a 4-D MatMul (or a 3-D one
+    on merged batch and heads, merged_heads.py)."""
 
     family = "matmul-softmax"
+
+    def __init__(self) -> None:
+        self.algebra = MaskAlgebra()  # shapes, for the merged-heads proofs; one per model
 
     def is_anchor(self, node: ir.Node) -> bool:
         return node.op_type == "Softmax" and node.domain in ("", "ai.onnx")
@@ -47,22 +53,24 @@ class MatMulSoftmaxRule:
         if r is not None and axis not in (-1, r - 1):
             raise GiveUp(f"Softmax over axis {axis}, not the key axis")
         try:
-            pv = _probs_to_matmul(softmax.outputs[0])
+            pv, merge_probs = _probs_to_matmul(softmax.outputs[0])
         except GiveUp as e:
             if not (_leads_to_matmul(softmax.inputs[0]) and _feeds_matmul(softmax.outputs[0])):
                 raise NotAttention(str(e)) from None
             raise
-        scores, post_scale, masks = _scores_chain(softmax.inputs[0])
+        scores, post_scale, masks, split = _scores_chain(softmax.inputs[0])
         qk = producer(scores, "MatMul")
         if qk is None:
             raise NotAttention("the Softmax input does not come from a MatMul")
-        q, k_t = qk.inputs
+        q, q_scale = _strip_scalar_mul(qk.inputs[0])
+        k_t, k_scale = _strip_scalar_mul(qk.inputs[1])
+        scale = q_scale * k_scale * post_scale
+        if split is not None or merge_probs is not None:
+            return self._merged(q, k_t, split, merge_probs, pv, masks, scale, builder_factory)
         for name, v in (("Q", q), ("K^T", k_t), ("V", pv.inputs[1])):
             if rank(v) != 4:
                 raise GiveUp(f"{name} is not a 4-D [batch, heads, seq, dim] tensor (rank {rank(v)})")
-        q, q_scale = _strip_scalar_mul(q)
-        k_t, k_scale = _strip_scalar_mul(k_t)
-        masks, biases = _split_terms(masks)
+        masks, biases = _split_terms([t[:3] for t in masks])
         builder = builder_factory(pv)  # every GiveUp is above: nodes are built only for a match
         key, value = _untranspose_key(k_t, builder), pv.inputs[1]
         folded_k, folded_v = fold_repeat(key), fold_repeat(value)
@@ -74,17 +82,47 @@ class MatMulSoftmaxRule:
             key=key,
             value=value,
             output=pv.outputs[0],
-            scale=q_scale * k_scale * post_scale,
+            scale=scale,
+            mask=mask[0] if mask else None,
+            mask_additive=mask[1] if mask else True,
+            bias=_sum_biases(biases, builder),
+        )
+
+    def _merged(self, q3, k3_t, split, merge_probs, pv, terms, scale, builder_factory) -> Match:
+        """Attention on [B*H, S, D] (BLOOM): Q, K, V, output and the merged terms made 4-D."""
+        if split is None or merge_probs is None:
+            raise GiveUp("batch and heads are merged on one side of the Softmax only")
+        heads = merged_heads.prove(self.algebra, q3, k3_t, split, pv)
+        masks, biases = _split_terms([t[:3] for t in terms])
+        merged = {id(t[0]) for t in terms if t[3]}
+        if any(id(m[0]) in merged for m in masks):
+            raise GiveUp("a mask is added to the scores while batch and heads are merged")
+        for value, _, _ in biases:
+            if id(value) in merged:
+                merged_heads.check_term(self.algebra, value, heads)
+        builder = builder_factory(pv)  # every GiveUp is above: nodes are built only for a match
+        biases = [
+            (merged_heads.unmerge_term(self.algebra, v, heads.query, builder) if id(v) in merged else v, a, s)
+            for v, a, s in biases
+        ]
+        mask = _combine_masks(masks, builder)
+        return Match(
+            query=heads.query,
+            key=heads.key,
+            value=heads.value,
+            output=heads.output,
+            scale=scale,
             mask=mask[0] if mask else None,
             mask_additive=mask[1] if mask else True,
             bias=_sum_biases(biases, builder),
         )
 
 
-def _probs_to_matmul(probs: ir.Value) -> ir.Node:
-    """Follow the probabilities through Cast / Dropout / Where(IsNaN) to the PV MatMul."""
-    value = probs
-    for _ in range(6):
+def _probs_to_matmul(probs: ir.Value) -> tuple[ir.Node, ir.Node | None]:
+    """Follow the probabilities through Cast / Dropout / Where(IsNaN) to the PV MatMul; also
+    the one Reshape that merges batch and heads on the way, if any (merged_heads.py)."""
+    value, merge = probs, None
+    for _ in range(7):
         users = [n for n, _ in value.uses()]
         if value.is_graph_output():
             raise GiveUp("attention probabilities are a graph output")
@@ -96,7 +134,10 @@ def _probs_to_matmul(probs: ir.Value) -> ir.Node:
             raise GiveUp("attention probabilities have other consumers (e.g. output_attentions)")
         node = users[0]
         if node.op_type == "MatMul" and node.inputs[0] is value:
-            return node
+            return node, merge
+        if node.op_type == "Reshape" and node.inputs[0] is value and merge is None:
+            merge, value = node, node.outputs[0]
+            continue
         if node.op_type in ("Cast", "Identity", "Dropout") and node.inputs[0] is value:
             if node.op_type == "Cast" and node.outputs[0].dtype not in FLOAT_TYPES:
                 raise GiveUp("attention probabilities are cast to a non-float type")
@@ -135,17 +176,19 @@ def _isnan_where(value: ir.Value, users: list[ir.Node]) -> ir.Node | None:
     return where
 
 
-def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple[ir.Value, bool, float]]]:
-    """Walk back from the Softmax input: (QK scores, scale applied after QK, masks).
+def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple], ir.Node | None]:
+    """Walk back from the Softmax input: (QK scores, scale applied after QK, masks, the Reshape
+    that splits merged batch and heads, if any).
 
-    Each mask is (value, additive, scale applied after it was added).
+    Each mask is (value, additive, scale applied after it was added, added while merged).
     """
     scale = 1.0
-    masks: list[tuple[ir.Value, bool, float]] = []
+    masks: list[tuple[ir.Value, bool, float, bool]] = []
+    split = None
     for _ in range(12):
         node = producer(value)
         if node is None or node.op_type == "MatMul":
-            return value, scale, masks
+            return value, scale, masks, split
         if node.op_type in ("Cast", "Identity"):
             if node.inputs[0].dtype not in FLOAT_TYPES:
                 raise GiveUp("the scores are cast from a non-float type")
@@ -160,6 +203,8 @@ def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple[ir.Value
                 raise GiveUp("the scores are divided by zero")
             scale *= c
             value = other
+        elif node.op_type == "Reshape" and split is None and _leads_to_matmul(node.inputs[0]):
+            split, value = node, node.inputs[0]
         elif node.op_type == "Add":
             a, b = node.inputs
             if _leads_to_matmul(a):
@@ -168,11 +213,11 @@ def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple[ir.Value
                 value, mask = b, a
             else:
                 raise GiveUp("cannot tell the scores from the mask in an Add before the Softmax")
-            masks.append((mask, True, scale))
+            masks.append((mask, True, scale, split is not None))
         elif node.op_type == "Where":
             cond, x, y = node.inputs
             if (const_scalar(y) or 0.0) <= NEG_LIMIT and const_scalar(y) is not None:
-                masks.append((cond, False, scale))
+                masks.append((cond, False, scale, split is not None))
                 value = x
             elif (const_scalar(x) or 0.0) <= NEG_LIMIT and const_scalar(x) is not None:
                 raise GiveUp("Where(mask, -inf, scores): inverted boolean masks are not supported")
@@ -199,6 +244,8 @@ def _leads_to_matmul(value: ir.Value, depth: int = 8) -> bool:
             return any(_leads_to_matmul(i, depth - 1) for i in node.inputs)
         elif node.op_type == "Where":
             return _leads_to_matmul(node.inputs[1], depth - 1)
+        elif node.op_type == "Reshape":  # merged batch and heads split back (merged_heads.py)
+            node = producer(node.inputs[0])
         else:
             return False
     return False
