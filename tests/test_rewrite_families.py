@@ -96,3 +96,26 @@ def test_causal_mask_is_not_materialised(exports) -> None:
     if mask and mask in shapes:
         dims = [d.dim_value or d.dim_param for d in shapes[mask].dim]
         assert dims[-2] == 1, dims
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("bert", "llama")], ids=_id)
+def test_matching_changes_nothing(exports, case) -> None:
+    """Rules and the mask analysis only read the graph: nodes are built in the rewrite step."""
+    import onnx_ir as ir
+
+    from tfsa_onnx.rewrite import passes
+    from tfsa_onnx.rewrite.masks import MaskAnalyzer
+
+    model = ir.load(str(exports.get(*case[:4])))
+    passes._infer_shapes(model)
+    before = ([id(n) for n in model.graph], sorted(model.graph.initializers))
+    analyzer, matched = MaskAnalyzer(model), 0
+    for node in list(model.graph):
+        for rule in passes._rules():
+            if rule.is_anchor(node):
+                site = passes._match(node, rule, passes.Report())
+                if site is not None and site.match is not None:
+                    passes._resolve_mask(site, analyzer)
+                    matched += 1
+    assert matched == 2
+    assert ([id(n) for n in model.graph], sorted(model.graph.initializers)) == before

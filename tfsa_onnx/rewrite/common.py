@@ -26,45 +26,73 @@ class NotAttention(GiveUp):
 
 
 @dataclass
-class Match:
-    """What a matcher proved about one attention block: enough to build the SparseAttention node."""
+class Inputs:
+    """The op's query [B, Hq, Sq, D], key [B, Hkv, Sk, D] and value [B, Hkv, Sk, Dv]."""
 
     query: ir.Value
     key: ir.Value
     value: ir.Value
-    output: ir.Value  # the [B, Hq, Sq, Dv] value the SparseAttention output replaces
+
+
+@dataclass
+class Match:
+    """What a matcher proved about one attention block, read from the graph without changing it.
+
+    The values are the graph's own; `inputs` builds the op's Q, K, V from them in the rewrite
+    step (None: query, key and value already are the op's inputs)."""
+
+    query: ir.Value | None  # as found; None where the block computes it (packed projections)
+    key: ir.Value | None  # the op's key is Transpose(key, key_perm) when key_perm is set
+    value: ir.Value | None
+    output: ir.Value  # the value the op's output (after `finish`) replaces
     scale: float | None  # None: 1/sqrt(head_dim) as the op computes it
-    mask: ir.Value | None = None
+    mask: ir.Value | None = None  # as found in the graph: the mask analysis splits it
     mask_additive: bool = True
-    # An additive score bias (relative positions, ALiBi) for the op's attn_bias: never analysed
-    # as a mask, so nothing in it is dropped.
-    bias: ir.Value | None = None
+    mask_scale: float = 1.0  # the graph scales the scores by this after adding the mask
+    # Builds the op's attn_bias in the rewrite step: the additive score terms that are not a
+    # mask (relative positions, ALiBi), never analysed as a mask, so nothing in them is dropped.
+    bias: Callable[[Builder], ir.Value] | None = None
     is_causal: bool = False
+    key_perm: list[int] | None = None
+    # Where the query and key lengths are in `query` and `key` (for the square-mask proof).
+    length_axes: tuple[int, int] = (2, 2)
+    inputs: Callable[[Builder], Inputs] | None = None
+    # A mask the block implies rather than carries (a key-padding index): built in the rewrite
+    # step and given to the op as it is, without the mask analysis.
+    implied_mask: Callable[[Builder], ir.Value] | None = None
     # Optional: turns the op's Y [B, Hq, Sq, Dv] into what `output` was (fused ops pack it).
-    finish: Any = None
+    finish: Callable[[Builder, ir.Value], ir.Value] | None = None
     dtype: ir.DataType | None = None  # element type, where shape inference cannot tell
-    head_dim: int | None = None  # where shape inference cannot tell
+    heads: int | None = None  # where the shapes cannot tell
+    kv_heads: int | None = None
+    head_dim: int | None = None
 
     def element_type(self) -> ir.DataType | None:
-        for t in (self.query.dtype, self.output.dtype, self.dtype):
-            if t is not None:
-                return t
-        return None
+        for v in (self.query, self.output):
+            if v is not None and v.dtype is not None:
+                return v.dtype
+        return self.dtype
+
+    def build_inputs(self, builder: Builder) -> Inputs:
+        if self.inputs is not None:
+            return self.inputs(builder)
+        key = self.key if self.key_perm is None else builder.transpose(self.key, self.key_perm)
+        return Inputs(self.query, key, self.value)
 
 
 class Rule(Protocol):
     """One attention family's matcher.
 
-    is_anchor(node): the node a block of this family is found from. match(anchor, builder_factory):
-    the block's Match, or GiveUp/NotAttention with the reason. A rule makes every check before
-    it calls builder_factory(node) and builds a node: a rule that gives up leaves the graph as it was.
+    is_anchor(node): the node a block of this family is found from. match(anchor): the block's
+    Match, or GiveUp/NotAttention with the reason. match() only reads the graph; the nodes a
+    replacement needs are built by the rewrite step (Match.inputs, Match.finish).
     """
 
     family: str
 
     def is_anchor(self, node: ir.Node) -> bool: ...
 
-    def match(self, anchor: ir.Node, builder_factory: Callable[[ir.Node], Builder]) -> Match: ...
+    def match(self, anchor: ir.Node) -> Match: ...
 
 
 @dataclass
@@ -86,6 +114,7 @@ class Site:
     mask_constants: list[int] = field(default_factory=list, repr=False)  # windows and the like
     node: ir.Node | None = field(default=None, repr=False)
     match: Match | None = field(default=None, repr=False)
+    mask_split: Any = field(default=None, repr=False)  # masks.MaskSplit of the match's mask
 
     def as_dict(self) -> dict[str, Any]:
         keys = ("name", "family", "layer", "heads", "kv_heads", "head_dim", "masked", "causal", "window")
@@ -212,12 +241,16 @@ def static_int(d: int | str | None) -> int | None:
     return d if isinstance(d, int) else None
 
 
-def heads_of(value: ir.Value, head_dim: int | None) -> int | None:
-    """Head count of a [B, H, S, D] value: from its shape, or from the packed [B, S, H*D]
-    tensor it was reshaped from (TorchScript exports leave H as -1 in the Reshape)."""
+def heads_of(value: ir.Value, head_dim: int | None, perm: list[int] | None = None) -> int | None:
+    """Head count of a [B, H, S, D] value (of Transpose(value, perm) when perm is set): from its
+    shape, or from the packed [B, S, H*D] tensor it was reshaped from (TorchScript exports leave
+    H as -1 in the Reshape)."""
     shape = dims(value)
-    if shape is not None and len(shape) == 4 and isinstance(shape[1], int):
-        return shape[1]
+    axis = 1 if perm is None else perm[1]
+    if shape is not None and len(shape) == 4 and isinstance(shape[axis], int):
+        return shape[axis]
+    if perm is not None:
+        return _split_heads_count(value, head_dim) if perm == [0, 2, 1, 3] else None
     node = producer(value, "Transpose")
     for _ in range(3):  # rotary embeddings: Add(Mul(x, cos), Mul(rotate(x), sin))
         if node is not None:
@@ -227,7 +260,12 @@ def heads_of(value: ir.Value, head_dim: int | None) -> int | None:
         node = producer(value, "Transpose")
     if node is None or attr(node, "perm") != [0, 2, 1, 3]:
         return None
-    reshape = producer(node.inputs[0], "Reshape")
+    return _split_heads_count(node.inputs[0], head_dim)
+
+
+def _split_heads_count(value: ir.Value, head_dim: int | None) -> int | None:
+    """H of a [B, S, H, D] value made by Reshape from [B, S, H*D]."""
+    reshape = producer(value, "Reshape")
     if reshape is None:
         return None
     target = const_array(reshape.inputs[1])
@@ -295,26 +333,25 @@ class Builder:
 def sparse_attention_node(
     builder: Builder,
     match: Match,
+    inputs: Inputs,
+    mask: ir.Value | None,
     tunables: dict[str, Any],
     name: str,
+    bias: ir.Value | None = None,
 ) -> ir.Value:
     """Insert the ai.tfsa::SparseAttention node for `match` and return its Y output."""
     scale = match.scale
     if scale is None:
-        head_dim = static_int((dims(match.query) or [None])[-1]) or match.head_dim
+        head_dim = static_int((dims(inputs.query) or [None])[-1]) or match.head_dim
         scale = 1.0 / math.sqrt(head_dim) if head_dim else 0.0
     attributes: dict[str, Any] = {"scale": float(scale), "is_causal": int(match.is_causal)}
     for key, val in tunables.items():
         attributes[key] = float(val) if isinstance(val, float) else int(val)
-    inputs: list[ir.Value | None] = [match.query, match.key, match.value]
-    if match.mask is not None or match.bias is not None:
-        inputs.append(match.mask)  # None: an empty optional input before the bias
-    if match.bias is not None:
-        inputs.append(match.bias)
+    optional = [mask, bias] if bias is not None else [mask] if mask is not None else []  # None: empty
     node = ir.Node(
         DOMAIN,
         OP_TYPE,
-        inputs,
+        [inputs.query, inputs.key, inputs.value, *optional],
         attributes=ir.convenience.convert_attributes(attributes),
         num_outputs=1,
         name=name,

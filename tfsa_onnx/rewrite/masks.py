@@ -197,20 +197,47 @@ def _all_true(results: list[np.ndarray]) -> bool:
     return all(bool(np.all(r.astype(bool))) for r in results)
 
 
+@dataclass(frozen=True)
+class Kept:
+    """What the analysis keeps of a mask: the graph's own value, or a new And / Where over what
+    it keeps of the parts. Built only in the rewrite step."""
+
+    value: ir.Value | None = None  # kept as the graph has it
+    op: str = ""  # "And" over parts, or "Where"(cond, zero, neg) with parts = (cond,)
+    parts: tuple[Kept, ...] = ()
+    fill: tuple[ir.Value, ...] = ()  # Where's zero and negative values
+
+    def build(self, builder: Builder) -> ir.Value:
+        if self.value is not None:
+            return self.value
+        parts = [p.build(builder) for p in self.parts]
+        return builder.op(self.op, [*parts, *self.fill])
+
+
 @dataclass
 class MaskSplit:
     """A mask without its proven causal and all-true terms."""
 
-    mask: ir.Value | None  # what is left for the op's mask input; None = nothing
+    kept: Kept | None  # what is left for the op's mask input; None = nothing
     causal: bool = False
     window: int | None = None  # a proven sliding window (keys i - window < j <= i), kept in the mask
     notes: list[str] = field(default_factory=list)
     square: bool = False  # the attention's query and key lengths are provably equal
     constants: list[int] = field(default_factory=list)  # integers the mask computes with (windows...)
+    built: ir.Value | None = field(default=None, repr=False)
+
+    def build(self, builder: Builder) -> ir.Value | None:
+        """The remaining mask as a graph value; built once and shared by every site using it."""
+        if self.kept is None:
+            return None
+        if self.built is None:
+            self.built = self.kept.build(builder)
+        return self.built
 
 
 class MaskAnalyzer:
-    """Splits masks into (remaining mask, is_causal), building new mask nodes once per model.
+    """Splits masks into (remaining mask, is_causal); reads the graph only (MaskSplit.build
+    adds the nodes of what remains).
 
     A term is dropped only when `mask_proof` proves it causal or all-true at every length
     and an evaluation at the probe lengths agrees; every other term stays in the mask."""
@@ -220,47 +247,47 @@ class MaskAnalyzer:
         self.algebra = MaskAlgebra()
         self.done: dict[tuple[int, bool, bool], MaskSplit] = {}
 
-    def same_length(self, query: ir.Value, key: ir.Value) -> bool:
-        """The attention's query and key lengths are provably equal (axis 2 of [B, H, S, D])."""
+    def same_length(self, query: ir.Value | None, key: ir.Value | None, axes: tuple[int, int]) -> bool:
+        """The attention's query and key lengths (axes[0] of query, axes[1] of key) are provably equal."""
+        if query is None or key is None:
+            return False
         try:
             q, k = self.algebra.shape_of(query), self.algebra.shape_of(key)
         except Unknown:
             return False
-        return len(q) == len(k) == 4 and q[2] == k[2]
+        return len(q) > axes[0] and len(k) > axes[1] and q[axes[0]] == k[axes[1]]
 
-    def split(self, mask: ir.Value, builder: Builder, additive: bool, square: bool) -> MaskSplit:
+    def split(self, mask: ir.Value, additive: bool, square: bool) -> MaskSplit:
         """`square`: the attention's query and key lengths are provably equal."""
         key = (id(mask), additive, square)
         if key not in self.done:
             result = MaskSplit(None, square=square, constants=mask_constants(self.algebra, mask))
-            result.mask, result.causal = self._split(mask, builder, additive, result)
+            result.kept, result.causal = self._split(mask, additive, result)
             self.done[key] = result
         return self.done[key]
 
-    def _split(
-        self, mask: ir.Value, builder: Builder, additive: bool, out: MaskSplit
-    ) -> tuple[ir.Value | None, bool]:
+    def _split(self, mask: ir.Value, additive: bool, out: MaskSplit) -> tuple[Kept | None, bool]:
         if not additive:
-            return self._split_bool(strip_expand(mask), builder, out)
+            return self._split_bool(strip_expand(mask), out)
         if _value_independent(mask) is not None:
             term = self._term(mask, True, out)
             if term is not None:
                 return self._apply(term, mask, out)
         where = producer(mask, "Where")
         if where is None:
-            return mask, False
+            return Kept(mask), False
         cond, zero, neg = where.inputs
         if const_scalar(zero) != 0.0 or (const_scalar(neg) or 0.0) > NEG_LIMIT:
-            return mask, False
+            return Kept(mask), False
         cond = strip_expand(cond)
-        new_cond, causal = self._split_bool(cond, builder, out)
+        new_cond, causal = self._split_bool(cond, out)
         if new_cond is None:
             return None, causal
-        if new_cond is cond:
-            return mask, causal
-        return builder.op("Where", [new_cond, zero, neg]), causal
+        if new_cond.value is cond:
+            return Kept(mask), causal
+        return Kept(op="Where", parts=(new_cond,), fill=(zero, neg)), causal
 
-    def _split_bool(self, cond: ir.Value, builder: Builder, out: MaskSplit) -> tuple[ir.Value | None, bool]:
+    def _split_bool(self, cond: ir.Value, out: MaskSplit) -> tuple[Kept | None, bool]:
         """(cond without its causal or all-true terms, causal found); None = all true."""
         independent = _value_independent(cond) is not None
         if independent:
@@ -273,20 +300,20 @@ class MaskAnalyzer:
                 out.notes.append(
                     f"kept mask term {cond.name}: not provably causal or all-true at every length"
                 )
-            return cond, False
+            return Kept(cond), False
         if node.op_type in ("Cast", "Expand"):
-            inner, causal = self._split_bool(node.inputs[0], builder, out)
-            return (cond if inner is node.inputs[0] else inner), causal
-        parts = [self._split_bool(i, builder, out) for i in node.inputs]
+            inner, causal = self._split_bool(node.inputs[0], out)
+            return (Kept(cond) if inner is not None and inner.value is node.inputs[0] else inner), causal
+        parts = [self._split_bool(i, out) for i in node.inputs]
         causal = any(found for _, found in parts)
-        if all(v is i for (v, _), i in zip(parts, node.inputs, strict=False)):
-            return cond, causal
-        kept = [v for v, _ in parts if v is not None]
+        if all(k is not None and k.value is i for (k, _), i in zip(parts, node.inputs, strict=False)):
+            return Kept(cond), causal
+        kept = [k for k, _ in parts if k is not None]
         if not kept:
             return None, causal
         if len(kept) == 1:
             return kept[0], causal
-        return builder.op("And", kept), causal
+        return Kept(op="And", parts=tuple(kept)), causal
 
     def _term(self, value: ir.Value, additive: bool, out: MaskSplit) -> Term | None:
         """The proven term; a proof that the probe lengths contradict counts as no proof."""
@@ -300,7 +327,7 @@ class MaskAnalyzer:
         return Term("other")
 
     @staticmethod
-    def _apply(term: Term, value: ir.Value, out: MaskSplit) -> tuple[ir.Value | None, bool]:
+    def _apply(term: Term, value: ir.Value, out: MaskSplit) -> tuple[Kept | None, bool]:
         if term.kind == "all":
             return None, False
         if term.kind == "causal":
@@ -308,9 +335,9 @@ class MaskAnalyzer:
         if term.kind == "band":  # a band lies inside the causal triangle: is_causal stays exact
             out.window = term.window if out.window is None else min(out.window, term.window)
             out.notes.append(f"sliding window of {term.window} keys kept in the mask")
-            return value, True
+            return Kept(value), True
         out.notes.append(f"kept mask term {value.name}: not provably causal or all-true at every length")
-        return value, False
+        return Kept(value), False
 
 
 def _probe_agrees(results: list[np.ndarray], term: Term, additive: bool) -> bool:

@@ -47,7 +47,7 @@ class MatMulSoftmaxRule:
     def is_anchor(self, node: ir.Node) -> bool:
         return node.op_type == "Softmax" and node.domain in ("", "ai.onnx")
 
-    def match(self, softmax: ir.Node, builder_factory) -> Match:
+    def match(self, softmax: ir.Node) -> Match:
         r = rank(softmax.outputs[0])
         axis = attr(softmax, "axis", -1)
         if r is not None and axis not in (-1, r - 1):
@@ -66,29 +66,35 @@ class MatMulSoftmaxRule:
         k_t, k_scale = _strip_scalar_mul(qk.inputs[1])
         scale = q_scale * k_scale * post_scale
         if split is not None or merge_probs is not None:
-            return self._merged(q, k_t, split, merge_probs, pv, masks, scale, builder_factory)
+            return self._merged(q, k_t, split, merge_probs, pv, masks, scale)
         for name, v in (("Q", q), ("K^T", k_t), ("V", pv.inputs[1])):
             if rank(v) != 4:
                 raise GiveUp(f"{name} is not a 4-D [batch, heads, seq, dim] tensor (rank {rank(v)})")
         masks, biases = _split_terms([t[:3] for t in masks])
-        builder = builder_factory(pv)  # every GiveUp is above: nodes are built only for a match
-        key, value = _untranspose_key(k_t, builder), pv.inputs[1]
-        folded_k, folded_v = fold_repeat(key), fold_repeat(value)
-        if folded_k is not key and folded_v is not value:  # fold both or neither
-            key, value = folded_k, folded_v
-        mask = _combine_masks(masks, builder)
+        mask, additive, mask_scale = masks[0] if masks else (None, True, 1.0)
+        if additive and mask is not None and not mask_scale > 0.0:
+            raise GiveUp(f"the scores are scaled by {mask_scale} after the mask is added")
+        key, perm = _key_layout(k_t)
+        value = pv.inputs[1]
+        if perm is None:  # K as the graph has it: fold repeated KV heads (fold both or neither)
+            folded_k, folded_v = fold_repeat(key), fold_repeat(value)
+            if folded_k is not key and folded_v is not value:
+                key, value = folded_k, folded_v
         return Match(
             query=q,
             key=key,
             value=value,
             output=pv.outputs[0],
             scale=scale,
-            mask=mask[0] if mask else None,
-            mask_additive=mask[1] if mask else True,
-            bias=_sum_biases(biases, builder),
+            mask=mask,
+            mask_additive=additive,
+            mask_scale=mask_scale,
+            key_perm=perm,
+            length_axes=(2, 2 if perm is None else perm[2]),
+            bias=_bias_builder(biases),
         )
 
-    def _merged(self, q3, k3_t, split, merge_probs, pv, terms, scale, builder_factory) -> Match:
+    def _merged(self, q3, k3_t, split, merge_probs, pv, terms, scale) -> Match:
         """Attention on [B*H, S, D] (BLOOM): Q, K, V, output and the merged terms made 4-D."""
         if split is None or merge_probs is None:
             raise GiveUp("batch and heads are merged on one side of the Softmax only")
@@ -97,24 +103,26 @@ class MatMulSoftmaxRule:
         merged = {id(t[0]) for t in terms if t[3]}
         if any(id(m[0]) in merged for m in masks):
             raise GiveUp("a mask is added to the scores while batch and heads are merged")
+        mask, additive, mask_scale = masks[0] if masks else (None, True, 1.0)
+        if additive and mask is not None and not mask_scale > 0.0:
+            raise GiveUp(f"the scores are scaled by {mask_scale} after the mask is added")
+        unmerge = []
         for value, _, _ in biases:
             if id(value) in merged:
                 merged_heads.check_term(self.algebra, value, heads)
-        builder = builder_factory(pv)  # every GiveUp is above: nodes are built only for a match
-        biases = [
-            (merged_heads.unmerge_term(self.algebra, v, heads.query, builder) if id(v) in merged else v, a, s)
-            for v, a, s in biases
-        ]
-        mask = _combine_masks(masks, builder)
+                unmerge.append(merged_heads.unmerge_plan(self.algebra, value, heads.query))
+            else:
+                unmerge.append(None)
         return Match(
             query=heads.query,
             key=heads.key,
             value=heads.value,
             output=heads.output,
             scale=scale,
-            mask=mask[0] if mask else None,
-            mask_additive=mask[1] if mask else True,
-            bias=_sum_biases(biases, builder),
+            mask=mask,
+            mask_additive=additive,
+            mask_scale=mask_scale,
+            bias=_bias_builder(biases, unmerge),
         )
 
 
@@ -277,17 +285,18 @@ def _strip_scalar_mul(value: ir.Value) -> tuple[ir.Value, float]:
         value = other
 
 
-def _untranspose_key(k_t: ir.Value, builder: Builder) -> ir.Value:
-    """K [B,H,S,D] from K^T [B,H,D,S], reusing the exporter's transposes where provable."""
+def _key_layout(k_t: ir.Value) -> tuple[ir.Value, list[int] | None]:
+    """K [B,H,S,D] from K^T [B,H,D,S] as (value, perm): K = Transpose(value, perm), or the value
+    itself when perm is None. Reuses the exporter's transposes where provable."""
     node = producer(k_t, "Transpose")
     if node is not None and rank(node.inputs[0]) == 4:
         perm = attr(node, "perm")
         composed = [perm[i] for i in _SWAP_LAST]
-        return builder.transpose(node.inputs[0], composed)
+        return node.inputs[0], (None if composed == [0, 1, 2, 3] else composed)
     k = _reshape_transpose_reshape(k_t)
     if k is not None:
-        return k
-    return builder.transpose(k_t, _SWAP_LAST)
+        return k, None
+    return k_t, _SWAP_LAST
 
 
 def _reshape_transpose_reshape(k_t: ir.Value) -> ir.Value | None:
@@ -337,32 +346,22 @@ def _computes_with_large_negative(value: ir.Value, limit: int = 300) -> bool:
     return False
 
 
-def _prescaled(value: ir.Value, scale_after: float, builder: Builder, name: str) -> ir.Value:
-    """softmax(s * (qk + m)): the op adds masks and biases after scaling, so pre-scale them."""
-    if scale_after == 1.0:
-        return value
-    return builder.op("Mul", [value, builder.const(_as_array(scale_after, value.dtype), name)])
-
-
-def _combine_masks(masks: list[tuple[ir.Value, bool, float]], builder: Builder) -> tuple | None:
-    """Masks as found (at most one): [(value, additive, scale after it)]; the analyzer finishes them."""
-    if not masks:
+def _bias_builder(biases: list[tuple[ir.Value, bool, float]], unmerge: list | None = None):
+    """What builds the op's attn_bias in the rewrite step: the bias terms made 4-D (`unmerge`,
+    merged_heads.py), without the Expands the op's broadcast makes unnecessary, pre-scaled
+    (softmax(s * (qk + b)): the op adds the bias after scaling) and summed. None: no bias."""
+    if not biases:
         return None
-    value, additive, scale_after = masks[0]
-    if additive:
-        value = _prescaled(value, scale_after, builder, "mask_scale")
-    return (value, additive)
+    plans = unmerge or [None] * len(biases)
 
+    def build(builder: Builder) -> ir.Value:
+        total = None
+        for (value, _, scale_after), plan in zip(biases, plans, strict=True):
+            term = plan(builder) if plan is not None else strip_expand(value)
+            if scale_after != 1.0:
+                factor = np.asarray(scale_after, dtype=(term.dtype or ir.DataType.FLOAT).numpy())
+                term = builder.op("Mul", [term, builder.const(factor, "bias_scale")])
+            total = term if total is None else builder.op("Add", [total, term])
+        return total
 
-def _sum_biases(biases: list[tuple[ir.Value, bool, float]], builder: Builder) -> ir.Value | None:
-    """The bias terms, each pre-scaled and without the Expands the op's broadcast makes
-    unnecessary, summed into one attn_bias."""
-    total = None
-    for value, _, scale_after in biases:
-        term = _prescaled(strip_expand(value), scale_after, builder, "bias_scale")
-        total = term if total is None else builder.op("Add", [total, term])
-    return total
-
-
-def _as_array(x: float, dtype):
-    return np.asarray(x, dtype=dtype.numpy() if dtype is not None else np.float32)
+    return build

@@ -13,6 +13,7 @@ TorchScript export leaves them unknown) the block stays as it was, with the reas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -105,10 +106,17 @@ def check_term(algebra: MaskAlgebra, term: ir.Value, heads: MergedHeads) -> None
         raise GiveUp("a term added to the merged scores is not [batch * heads or 1, rows, keys]")
 
 
-def unmerge_term(algebra: MaskAlgebra, term: ir.Value, query: ir.Value, builder: Builder) -> ir.Value:
-    """[B*H, r, c] -> [B, H, r, c] (B and H from the query's shape); [1, r, c] -> [1, 1, r, c]."""
-    if algebra.shape_of(term)[0] == Dim(1):
-        return builder.op("Unsqueeze", [term, builder.ints([0])])
-    batch_heads = builder.op("Slice", [builder.op("Shape", [query]), builder.ints([0]), builder.ints([2])])
-    rest = builder.op("Slice", [builder.op("Shape", [term]), builder.ints([1]), builder.ints([3])])
-    return builder.op("Reshape", [term, builder.op("Concat", [batch_heads, rest], axis=0)])
+def unmerge_plan(algebra: MaskAlgebra, term: ir.Value, query: ir.Value) -> Callable[[Builder], ir.Value]:
+    """What makes a checked term 4-D in the rewrite step: [B*H, r, c] -> [B, H, r, c] (B and H
+    from the query's shape), [1, r, c] -> [1, 1, r, c]."""
+    broadcast = algebra.shape_of(term)[0] == Dim(1)
+
+    def build(builder: Builder) -> ir.Value:
+        if broadcast:
+            return builder.op("Unsqueeze", [term, builder.ints([0])])
+        shape = builder.op("Shape", [query])
+        batch_heads = builder.op("Slice", [shape, builder.ints([0]), builder.ints([2])])
+        rest = builder.op("Slice", [builder.op("Shape", [term]), builder.ints([1]), builder.ints([3])])
+        return builder.op("Reshape", [term, builder.op("Concat", [batch_heads, rest], axis=0)])
+
+    return build

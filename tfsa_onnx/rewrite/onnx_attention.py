@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from tfsa_onnx.rewrite.common import (
     GiveUp,
+    Inputs,
     Match,
     attr,
     dims,
@@ -30,7 +31,7 @@ class OnnxAttentionRule:
     def is_anchor(self, node: ir.Node) -> bool:
         return node.op_type == "Attention" and node.domain in ("", "ai.onnx")
 
-    def match(self, node: ir.Node, builder_factory) -> Match:
+    def match(self, node: ir.Node) -> Match:
         _check_supported(node)
         q, k, v = node.inputs[:3]
         r = rank(q)
@@ -39,23 +40,9 @@ class OnnxAttentionRule:
         is_causal = bool(attr(node, "is_causal", 0))
         if is_causal and not same_dim((dims(q) or [None] * 3)[-2], (dims(k) or [None] * 3)[-2]):
             raise GiveUp("is_causal with query and key lengths not provably equal (ONNX aligns it top-left)")
-        finish, head_dim = None, None
-        if r == 3:
-            hq, hkv = attr(node, "q_num_heads"), attr(node, "kv_num_heads")
-            if not hq or not hkv:
-                raise GiveUp("3-D inputs without q_num_heads/kv_num_heads")
-            builder = builder_factory(node)  # every GiveUp is above: nodes are built only for a match
-            packed = (dims(q) or [None])[-1]
-            head_dim = packed // hq if isinstance(packed, int) else None
-            q, k, v = split_heads(builder, q, hq), split_heads(builder, k, hkv), split_heads(builder, v, hkv)
-            finish = merge_heads
-        else:
-            folded_k, folded_v = fold_repeat(k), fold_repeat(v)
-            if folded_k is not k and folded_v is not v:
-                k, v = folded_k, folded_v
         mask = optional_input(node, 3)
         scale = attr(node, "scale")
-        return Match(
+        match = Match(
             query=q,
             key=k,
             value=v,
@@ -64,9 +51,22 @@ class OnnxAttentionRule:
             mask=mask,
             mask_additive=mask is not None and mask.dtype != ir.DataType.BOOL,
             is_causal=is_causal,
-            finish=finish,
-            head_dim=head_dim,
         )
+        if r == 4:
+            folded_k, folded_v = fold_repeat(k), fold_repeat(v)
+            if folded_k is not k and folded_v is not v:
+                match.key, match.value = folded_k, folded_v
+            return match
+        hq, hkv = attr(node, "q_num_heads"), attr(node, "kv_num_heads")
+        if not hq or not hkv:
+            raise GiveUp("3-D inputs without q_num_heads/kv_num_heads")
+        packed = (dims(q) or [None])[-1]
+        match.heads, match.kv_heads = hq, hkv
+        match.head_dim = packed // hq if isinstance(packed, int) else None
+        match.length_axes = (1, 1)
+        match.inputs = lambda b: Inputs(split_heads(b, q, hq), split_heads(b, k, hkv), split_heads(b, v, hkv))
+        match.finish = merge_heads
+        return match
 
 
 def _check_supported(node: ir.Node) -> None:

@@ -13,6 +13,7 @@ import onnx_ir as ir
 from tfsa_onnx.rewrite.common import (
     Builder,
     GiveUp,
+    Inputs,
     Match,
     attr,
     const_array,
@@ -33,7 +34,7 @@ class OrtAttentionRule:
     def is_anchor(self, node: ir.Node) -> bool:
         return node.op_type == "Attention" and node.domain == "com.microsoft"
 
-    def match(self, node: ir.Node, builder_factory) -> Match:
+    def match(self, node: ir.Node) -> Match:
         x, weights, bias = node.inputs[:3]
         for i, what in ((4, "past state"), (6, "past_sequence_length")):
             if optional_input(node, i) is not None:
@@ -45,19 +46,20 @@ class OrtAttentionRule:
         w = dims(weights)
         if w is None or len(w) != 2 or not isinstance(w[1], int):
             raise GiveUp("weights shape is not static [hidden, 3 * hidden]")
-        sizes = attr(node, "qkv_hidden_sizes") or [w[1] // 3] * 3
+        sizes = list(attr(node, "qkv_hidden_sizes") or [w[1] // 3] * 3)
         heads = attr(node, "num_heads")
-        _check_mask(optional_input(node, 3), optional_input(node, 5))
-        builder = builder_factory(node)  # every GiveUp is above: nodes are built only for a match
-        qkv = builder.op("MatMul", [x, weights])
-        if bias is not None:
-            qkv = builder.op("Add", [qkv, bias])
-        q, k, v = builder.op("Split", [qkv, builder.ints(list(sizes), "qkv_sizes")], axis=-1, num_outputs=3)
-        keys = k
-        q, k, v = (split_heads(builder, t, heads) for t in (q, k, v))
-        mask = _mask(builder, optional_input(node, 3), optional_input(node, 5), keys)
-        match = _match(node, q, k, v, mask, bool(attr(node, "unidirectional", 0)), weights.dtype)
-        match.head_dim = sizes[0] // heads
+        key_mask, attention_bias = optional_input(node, 3), optional_input(node, 5)
+        _check_mask(key_mask, attention_bias)
+
+        def inputs(builder: Builder) -> Inputs:
+            qkv = builder.op("MatMul", [x, weights])
+            if bias is not None:
+                qkv = builder.op("Add", [qkv, bias])
+            parts = builder.op("Split", [qkv, builder.ints(sizes, "qkv_sizes")], axis=-1, num_outputs=3)
+            return Inputs(*(split_heads(builder, t, heads) for t in parts))
+
+        match = _match(node, None, None, key_mask, attention_bias, weights.dtype)
+        match.inputs, match.heads, match.kv_heads, match.head_dim = inputs, heads, heads, sizes[0] // heads
         return match
 
 
@@ -69,7 +71,7 @@ class OrtMultiHeadAttentionRule:
     def is_anchor(self, node: ir.Node) -> bool:
         return node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft"
 
-    def match(self, node: ir.Node, builder_factory) -> Match:
+    def match(self, node: ir.Node) -> Match:
         q, k, v = (optional_input(node, i) for i in range(3))
         bias = optional_input(node, 3)
         if k is None or v is None or not all(_is_3d(t) for t in (q, k, v)):
@@ -81,35 +83,41 @@ class OrtMultiHeadAttentionRule:
             raise GiveUp("present key/value outputs are used")
         heads = attr(node, "num_heads")
         parts = _packed_bias(bias) if bias is not None else None
-        _check_mask(optional_input(node, 4), optional_input(node, 5))
-        builder = builder_factory(node)  # every GiveUp is above: nodes are built only for a match
-        if parts is not None:
-            q, k, v = (
-                builder.op("Add", [t, builder.const(p, "bias")])
-                for t, p in zip((q, k, v), parts, strict=True)
-            )
-        keys = k
-        q, k, v = (split_heads(builder, t, heads) for t in (q, k, v))
-        mask = _mask(builder, optional_input(node, 4), optional_input(node, 5), keys)
-        dtype = bias.dtype if bias is not None else None
-        match = _match(node, q, k, v, mask, bool(attr(node, "unidirectional", 0)), dtype)
+        key_mask, attention_bias = optional_input(node, 4), optional_input(node, 5)
+        _check_mask(key_mask, attention_bias)
+
+        def inputs(builder: Builder) -> Inputs:
+            qkv = (q, k, v)
+            if parts is not None:
+                pairs = zip(qkv, parts, strict=True)
+                qkv = [builder.op("Add", [t, builder.const(p, "bias")]) for t, p in pairs]
+            return Inputs(*(split_heads(builder, t, heads) for t in qkv))
+
+        match = _match(node, q, k, key_mask, attention_bias, bias.dtype if bias is not None else None)
+        match.inputs, match.heads, match.kv_heads = inputs, heads, heads
         b = dims(bias) if bias is not None else None
         if b and isinstance(b[0], int):
             match.head_dim = b[0] // 3 // heads
         return match
 
 
-def _match(node: ir.Node, q, k, v, mask: tuple | None, causal: bool, dtype) -> Match:
+def _match(node: ir.Node, q, k, key_mask: ir.Value | None, attention_bias: ir.Value | None, dtype) -> Match:
+    """The Match of both ops. attention_bias is the graph's additive mask (analysed); a key
+    padding mask becomes the op's bool mask in the rewrite step. q, k: the packed [B, S, H*D]
+    inputs where the op has them (their length axis is 1)."""
     scale = attr(node, "scale", 0.0)
+    keys = k if k is not None else node.inputs[0]  # Attention's keys are as long as its input
     return Match(
         query=q,
         key=k,
-        value=v,
+        value=None,
         output=node.outputs[0],
         scale=scale if scale else None,
-        mask=mask[0] if mask else None,
-        mask_additive=mask[1] if mask else True,
-        is_causal=causal,
+        mask=attention_bias,
+        mask_additive=True,
+        is_causal=bool(attr(node, "unidirectional", 0)),
+        length_axes=(1, 1),
+        implied_mask=None if key_mask is None else (lambda builder: _key_padding(builder, key_mask, keys)),
         finish=merge_heads,
         dtype=dtype,
     )
@@ -139,24 +147,18 @@ def _check_mask(key_mask: ir.Value | None, bias: ir.Value | None) -> None:
         raise GiveUp(f"mask_index of rank {r} is not supported (only [B] lengths or [B, S] 0/1)")
 
 
-def _mask(builder: Builder, key_mask: ir.Value | None, bias: ir.Value | None, keys: ir.Value):
-    """(mask value, additive) for the op from a mask _check_mask accepted."""
-    if bias is not None:
-        return bias, True
-    if key_mask is None:
-        return None
-    r = _mask_rank(key_mask)
-    if r == 2:  # raw [B, S] 0/1 mask
+def _key_padding(builder: Builder, key_mask: ir.Value, keys: ir.Value) -> ir.Value:
+    """The op's bool [B, 1, 1, S] mask from a key-padding mask _check_mask accepted.
+    `keys`: a [B, S, ...] value as long as the keys."""
+    if _mask_rank(key_mask) == 2:  # raw [B, S] 0/1 mask
         zero = builder.const(np.zeros((), key_mask.dtype.numpy()), "zero")
         allowed = builder.op("Not", [builder.op("Equal", [key_mask, zero])])
-        return builder.op("Unsqueeze", [allowed, builder.ints([1, 2], "axes")]), False
-    if r == 1 and _is_lengths(key_mask):
-        length = builder.op("Shape", [keys], start=1, end=2)
-        positions = builder.op("Range", [_scalar(builder, 0), _squeeze(builder, length), _scalar(builder, 1)])
-        lens = builder.op("Cast", [key_mask], to=ir.DataType.INT64)
-        lens = builder.op("Reshape", [lens, builder.ints([-1, 1, 1, 1])])
-        return builder.op("Less", [positions, lens]), False
-    raise AssertionError("_check_mask accepts only [B] lengths or [B, S] masks")
+        return builder.op("Unsqueeze", [allowed, builder.ints([1, 2], "axes")])
+    length = builder.op("Shape", [keys], start=1, end=2)
+    positions = builder.op("Range", [_scalar(builder, 0), _squeeze(builder, length), _scalar(builder, 1)])
+    lens = builder.op("Cast", [key_mask], to=ir.DataType.INT64)
+    lens = builder.op("Reshape", [lens, builder.ints([-1, 1, 1, 1])])
+    return builder.op("Less", [positions, lens])
 
 
 def _is_3d(value: ir.Value) -> bool:

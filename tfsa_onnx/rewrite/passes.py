@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
@@ -27,6 +28,7 @@ from tfsa_onnx.files import (
 from tfsa_onnx.rewrite.common import (
     Builder,
     GiveUp,
+    Inputs,
     Match,
     NotAttention,
     Rule,
@@ -269,13 +271,13 @@ def _run(model: ir.Model, config: SparsityConfig | None, *, apply: bool, reapply
                 break
     analyzer = MaskAnalyzer(model)
     for node, rule in candidates:
-        site = _existing_site(node) if rule is None else _match(graph, node, rule, report)
+        site = _existing_site(node) if rule is None else _match(node, rule, report)
         if site is None:
             continue
         site.layer = len(report.sites)
         report.sites.append(site)
         if site.match is not None:
-            _resolve_mask(graph, site, analyzer)
+            _resolve_mask(site, analyzer)
         if not apply or config is None:
             continue
         tunables = config.for_site(site.layer, site.name)
@@ -360,13 +362,13 @@ def _infer_shapes(model: ir.Model) -> None:
         pass
 
 
-def _match(graph: ir.Graph, node: ir.Node, rule: Rule, report: Report) -> Site | None:
+def _match(node: ir.Node, rule: Rule, report: Report) -> Site | None:
     from tfsa_onnx.rewrite.common import site_name
 
     name = site_name(node)
     site = Site(name=name, family=rule.family, node=node)
     try:
-        site.match = rule.match(node, lambda anchor: Builder(graph, anchor, name))
+        site.match = rule.match(node)
     except NotAttention as e:
         report.ignored.append((name, str(e)))
         return None
@@ -380,11 +382,14 @@ def _match(graph: ir.Graph, node: ir.Node, rule: Rule, report: Report) -> Site |
 def _describe(site: Site, match: Match) -> None:
     from tfsa_onnx.rewrite.common import heads_of
 
-    q = dims(match.query) or [None] * 4
-    site.head_dim = static_int(q[-1]) or match.head_dim
-    site.heads = heads_of(match.query, site.head_dim)
-    site.kv_heads = heads_of(match.key, site.head_dim)
-    site.masked = match.mask is not None
+    q = dims(match.query) or [None]
+    site.head_dim = match.head_dim or static_int(q[-1])
+    site.heads = match.heads or (heads_of(match.query, site.head_dim) if match.query is not None else None)
+    if match.kv_heads is None and match.key is not None:
+        site.kv_heads = heads_of(match.key, site.head_dim, match.key_perm)
+    else:
+        site.kv_heads = match.kv_heads
+    site.masked = match.mask is not None or match.implied_mask is not None
     site.causal = match.is_causal
 
 
@@ -408,10 +413,13 @@ def _existing_site(node: ir.Node) -> Site:
 
 
 def _replace(graph: ir.Graph, site: Site, tunables: dict[str, Any]) -> None:
+    """The rewrite step: build the op's inputs, the op and what its output must become."""
     match = site.match
     builder = Builder(graph, match.output.producer(), site.name)
-    y = sparse_attention_node(builder, match, tunables, site.name)
-    _set_y_type(y, match)
+    inputs = match.build_inputs(builder)
+    bias = bias_dtype_fix(builder, match.bias(builder), match.element_type()) if match.bias else None
+    y = sparse_attention_node(builder, match, inputs, _op_mask(builder, site), tunables, site.name, bias)
+    _set_y_type(y, match, inputs)
     result = match.finish(builder, y) if match.finish else y
     if match.finish is None and y.dtype is not None:
         result.shape = match.output.shape
@@ -427,36 +435,50 @@ def _replace(graph: ir.Graph, site: Site, tunables: dict[str, Any]) -> None:
     site.reason = ""
 
 
-def _resolve_mask(graph: ir.Graph, site: Site, analyzer: MaskAnalyzer) -> None:
-    """Split the causal part off the mask (is_causal) and give the rest the query's type."""
+def _op_mask(builder: Builder, site: Site) -> ir.Value | None:
+    """The op's mask input: what the analysis kept of the graph's mask (scaled as the graph
+    scales it, in the query's type), or the mask the block implies."""
+    match = site.match
+    if match.implied_mask is not None:
+        return match.implied_mask(builder)
+    mask = site.mask_split.build(builder) if site.mask_split is not None else None
+    if mask is None:
+        return None
+    if match.mask_additive and match.mask_scale != 1.0:
+        # softmax(s * (qk + m)): the op adds the mask after scaling, so pre-scale it.
+        factor = np.asarray(match.mask_scale, dtype=(mask.dtype or ir.DataType.FLOAT).numpy())
+        mask = builder.op("Mul", [mask, builder.const(factor, "mask_scale")])
+    return mask_dtype_fix(builder, mask, match.element_type())
+
+
+def _resolve_mask(site: Site, analyzer: MaskAnalyzer) -> None:
+    """Prove the causal and all-true terms of the mask (is_causal, dropped); nothing is built."""
     match = site.match
     if match.mask is not None:
-        builder = Builder(graph, match.output.producer(), site.name)
-        square = analyzer.same_length(match.query, match.key)
-        split = analyzer.split(match.mask, builder, match.mask_additive, square)
+        square = analyzer.same_length(match.query, match.key, match.length_axes)
+        split = analyzer.split(match.mask, match.mask_additive, square)
         match.is_causal = match.is_causal or split.causal
-        match.mask = None if split.mask is None else mask_dtype_fix(builder, split.mask, match.element_type())
+        site.mask_split = split
         site.window = split.window
         site.notes = list(split.notes)
         site.mask_constants = list(split.constants)
     site.causal = match.is_causal
-    site.masked = match.mask is not None
+    kept = site.mask_split is not None and site.mask_split.kept is not None
+    site.masked = kept or match.implied_mask is not None
     if match.bias is not None:
-        builder = Builder(graph, match.output.producer(), site.name)
-        match.bias = bias_dtype_fix(builder, match.bias, match.element_type())
-        site.notes.append(f"score bias {match.bias.name} passed as attn_bias")
+        site.notes.append("score bias (relative positions or ALiBi) passed as attn_bias")
 
 
-def _set_y_type(y: ir.Value, match: Match) -> None:
+def _set_y_type(y: ir.Value, match: Match, inputs: Inputs) -> None:
     """Shape inference does not know the custom op: give Y [B, Hq, Sq, Dv] explicitly."""
     y.dtype = match.element_type()
     if y.dtype is None:
         return
-    q, v = dims(match.query), dims(match.value)
+    q, v = dims(inputs.query), dims(inputs.value)
     if match.finish is None and match.output.shape is not None:
         y.shape = match.output.shape
-    elif q is not None and v is not None:
-        y.shape = ir.Shape([*match.query.shape[:3], match.value.shape[3]])
+    elif q is not None and v is not None and len(q) == 4 and len(v) == 4:
+        y.shape = ir.Shape([*inputs.query.shape[:3], inputs.value.shape[3]])
 
 
 def _cleanup(model: ir.Model) -> None:
