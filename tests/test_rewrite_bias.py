@@ -1,6 +1,7 @@
-"""Families that add a score bias beside the padding mask (MPNet, T5 relative positions): the
-bias reaches the op's attn_bias input, the padding stays a [B, 1, 1, S] key mask, and the
-optimized model equals the original when dense."""
+"""Families that add a score bias beside the padding mask (MPNet and T5 relative positions,
+BLOOM's ALiBi on merged batch and heads): the bias reaches the op's attn_bias input, the
+padding stays a mask, causality an attribute, and the optimized model equals the original
+when dense."""
 
 from __future__ import annotations
 
@@ -15,10 +16,17 @@ from test_rewrite_families import DENSE, check_structure
 import tfsa_onnx
 from tfsa_onnx.rewrite import optimize
 
-# (family, dynamo, query rows of the padding mask the op gets): a [B, 1, 1, S] key mask, but
-# MPNet's TorchScript export gives [B, 1, S, S], as BERT's does (the mask analysis keeps its
-# And of expanded terms whole).
-CASES = [("mpnet", False, 33), ("mpnet", True, 1), ("t5-encoder", False, 1), ("t5-encoder", True, 1)]
+# (family, dynamo, causal, the op's padding mask and bias at batch 2, length 33): the padding is
+# a [B, 1, 1, S] key mask, but MPNet's TorchScript export gives [B, 1, S, S], as BERT's does
+# (the mask analysis keeps its And of expanded terms whole); ALiBi is [B, H, 1, S].
+CASES = [
+    ("mpnet", False, False, (2, 1, 33, 33), (1, 2, 33, 33)),
+    ("mpnet", True, False, (2, 1, 1, 33), (1, 2, 33, 33)),
+    ("t5-encoder", False, False, (2, 1, 1, 33), (1, 2, 33, 33)),
+    ("t5-encoder", True, False, (2, 1, 1, 33), (1, 2, 33, 33)),
+    ("bloom", False, True, (2, 1, 1, 33), (2, 2, 1, 33)),
+    ("bloom", True, True, (2, 1, 1, 33), (2, 2, 1, 33)),
+]
 
 
 def _runtime_shapes(model: onnx.ModelProto, names: list[str], x: dict) -> dict[str, tuple]:
@@ -32,8 +40,10 @@ def _runtime_shapes(model: onnx.ModelProto, names: list[str], x: dict) -> dict[s
     return {n: v.shape for n, v in zip(names, values, strict=True)}
 
 
-@pytest.mark.parametrize("family,dynamo,mask_rows", CASES, ids=lambda x: str(x))
-def test_position_bias_families_are_replaced_and_exact(exports, family, dynamo, mask_rows) -> None:
+@pytest.mark.parametrize("family,dynamo,causal,mask_shape,bias_shape", CASES, ids=lambda x: str(x))
+def test_position_bias_families_are_replaced_and_exact(
+    exports, family, dynamo, causal, mask_shape, bias_shape
+) -> None:
     path = exports.get(family, "eager", dynamo, None if dynamo else 17)
     original = onnx.load(str(path))
     optimized, report = optimize(path, DENSE)
@@ -41,7 +51,7 @@ def test_position_bias_families_are_replaced_and_exact(exports, family, dynamo, 
     for site in report.sites:
         assert site.replaced, site.reason
         assert (site.heads, site.kv_heads, site.head_dim) == (2, 2, 16)
-        assert site.masked and not site.causal
+        assert site.masked and site.causal == causal
         assert any("attn_bias" in note for note in site.notes)
     a, b = sessions(original, optimized)
     for seq in (5, 16, 33):
@@ -51,8 +61,8 @@ def test_position_bias_families_are_replaced_and_exact(exports, family, dynamo, 
     nodes = [n for n in optimized.graph.node if n.op_type == "SparseAttention"]
     assert all(len(n.input) == 5 and n.input[4] for n in nodes)
     shapes = _runtime_shapes(optimized, [nodes[0].input[3], nodes[0].input[4]], feeds(a, 33))
-    assert shapes[nodes[0].input[3]] == (2, 1, mask_rows, 33)
-    assert shapes[nodes[0].input[4]] == (1, 2, 33, 33)  # one bias for the batch
+    assert shapes[nodes[0].input[3]] == mask_shape
+    assert shapes[nodes[0].input[4]] == bias_shape
 
 
 def _two_term_model(second_term_negative: bool) -> onnx.ModelProto:

@@ -98,7 +98,7 @@ class MatMulSoftmaxRule:
         """Attention on [B*H, S, D] (BLOOM): Q, K, V, output and the merged terms made 4-D."""
         if split is None or merge_probs is None:
             raise GiveUp("batch and heads are merged on one side of the Softmax only")
-        heads = merged_heads.prove(self.algebra, q3, k3_t, split, pv)
+        heads = merged_heads.prove(self.algebra, q3, k3_t, split, merge_probs, pv)
         masks, biases = _split_terms([t[:3] for t in terms])
         merged = {id(t[0]) for t in terms if t[3]}
         if any(id(m[0]) in merged for m in masks):
@@ -110,7 +110,7 @@ class MatMulSoftmaxRule:
         for value, _, _ in biases:
             if id(value) in merged:
                 merged_heads.check_term(self.algebra, value, heads)
-                unmerge.append(merged_heads.unmerge_plan(self.algebra, value, heads.query))
+                unmerge.append(merged_heads.unmerge_plan(self.algebra, value, heads, q3))
             else:
                 unmerge.append(None)
         return Match(
@@ -118,6 +118,7 @@ class MatMulSoftmaxRule:
             key=heads.key,
             value=heads.value,
             output=heads.output,
+            finish=None if heads.split_output else merged_heads.merge_output,
             scale=scale,
             mask=mask,
             mask_additive=additive,
