@@ -138,6 +138,24 @@ def _bloom(attn: str):
     return T.BloomModel(config)
 
 
+def _deberta_v2(attn: str):
+    import transformers as T
+
+    config = T.DebertaV2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=1100,
+        relative_attention=True,
+        position_buckets=16,
+        pos_att_type=["p2c", "c2p"],
+        attn_implementation=attn,
+    )
+    return T.DebertaV2Model(config)
+
+
 BUILDERS = {
     "bert": _bert,
     "vit": _vit,
@@ -153,6 +171,7 @@ BUILDERS = {
     "mpnet": _mpnet,
     "t5-encoder": _t5_encoder,
     "bloom": _bloom,
+    "deberta-v2": _deberta_v2,
 }
 
 

@@ -115,3 +115,20 @@ def test_terms_split_into_mask_and_bias_stay_exact(negative) -> None:
     x |= {"b": rng.standard_normal((1, 2, 21, 21)).astype(np.float32), "pad": pad}
     a, b = sessions(model, optimized)
     np.testing.assert_allclose(b.run(None, x)[0], a.run(None, x)[0], atol=1e-5)
+
+
+def test_deberta_v2_disentangled_attention_is_replaced(exports) -> None:
+    # c2p + p2c are added to the merged scores: one [B*H, S, S] bias; the mask is
+    # masked_fill(~mask, min) over query and key padding. The dynamo export only: TorchScript's
+    # reads the probabilities' shape (Shape consumers), so its blocks stay as they were.
+    path = exports.get("deberta-v2", "eager", True, None)
+    original = onnx.load(str(path))
+    optimized, report = optimize(path, DENSE)
+    check_structure(original, optimized, layers=2)
+    for site in report.sites:
+        assert site.replaced and site.masked and not site.causal, site.reason
+    a, b = sessions(original, optimized)
+    for seq in (5, 16, 33):
+        x = feeds(a, seq)
+        real = x["attention_mask"].astype(bool)  # padded queries see no key: zeros, not the mean
+        np.testing.assert_allclose(b.run(None, x)[0][real], a.run(None, x)[0][real], atol=1e-4, rtol=0)

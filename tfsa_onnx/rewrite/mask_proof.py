@@ -335,9 +335,10 @@ class MaskAlgebra:
                     if pair is None:
                         raise Unknown("a Reshape that merges axes")
                     rest = [x for k, x in enumerate(rest) if k not in pair]
-                if len(rest) > 1:
-                    raise Unknown("a Reshape that merges axes")
-                target[target.index(Dim(-1))] = rest[0] if rest else ONE
+                size = ONE
+                for d in rest:  # -1 takes what is left: a product (one factor at most symbolic)
+                    size = size * d
+                target[target.index(Dim(-1))] = size
             return tuple(target)
         raise Unknown(f"no shape rule for {node.op_type}")
 

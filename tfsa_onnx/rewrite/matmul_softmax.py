@@ -229,7 +229,11 @@ def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple], ir.Nod
                 masks.append((cond, False, scale, split is not None))
                 value = x
             elif (const_scalar(x) or 0.0) <= NEG_LIMIT and const_scalar(x) is not None:
-                raise GiveUp("Where(mask, -inf, scores): inverted boolean masks are not supported")
+                inverted = producer(cond, "Not")  # masked_fill(~mask, min): DeBERTa
+                if inverted is None:
+                    raise GiveUp("Where(mask, -inf, scores) with a mask that is not a Not")
+                masks.append((inverted.inputs[0], False, scale, split is not None))
+                value = y
             else:
                 raise GiveUp("a Where before the Softmax that does not fill with a large negative")
         else:
