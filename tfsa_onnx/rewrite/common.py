@@ -347,7 +347,11 @@ def sparse_attention_node(
     attributes: dict[str, Any] = {"scale": float(scale), "is_causal": int(match.is_causal)}
     for key, val in tunables.items():
         attributes[key] = float(val) if isinstance(val, float) else int(val)
-    optional = [mask, bias] if bias is not None else [mask] if mask is not None else []  # None: empty
+    if bias is not None and mask is None:
+        # onnxruntime 1.17 crashes creating a session whose custom op has an empty optional
+        # input before a given one: a one-element true mask instead (it changes nothing).
+        mask = builder.const(np.ones(1, dtype=bool), "no_mask")
+    optional = [mask, bias] if bias is not None else [mask] if mask is not None else []
     node = ir.Node(
         DOMAIN,
         OP_TYPE,
