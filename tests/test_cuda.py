@@ -370,6 +370,10 @@ def test_bad_calls_are_errors_that_say_what_is_wrong(emulated_library):
         cuda.run(cuda.make_args(((1, 1, 8, 16),) * 3, mask_kind=cuda.MASK_BOOL), 0, lib)
     with pytest.raises(RuntimeError, match="the workspace has 0 bytes, the call needs"):
         cuda.run(cuda.make_args(((1, 1, 8, 16),) * 3), 0, lib)
+    call = cuda.make_args(((1, 1, 8, 16),) * 3, bias_dtype=cuda.FLOAT16)  # float32 query
+    call.bias = 16  # never read: the call is refused first
+    with pytest.raises(RuntimeError, match="bias_dtype must be float32 or the query's dtype"):
+        cuda.run(call, 0, lib)
     with pytest.raises(RuntimeError, match="too many key blocks"):
         cuda.run(cuda.make_args(((1, 1, 8, 16), (1, 1, 10**6, 16), (1, 1, 10**6, 16)), block_size=16), 0, lib)
     assert cuda.workspace_bytes(cuda.make_args(shapes), lib) == 0
