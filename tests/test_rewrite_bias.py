@@ -98,6 +98,31 @@ def _two_term_model(second_term_negative: bool) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def test_an_additive_graph_input_stays_the_mask() -> None:
+    # softmax(Q K^T / 4 + m) V with m fed by the caller: a mask (its -inf blocks are skipped).
+    f = TensorProto.FLOAT
+    names = ("q", "k", "v")
+    inputs = [helper.make_tensor_value_info(n, f, [1, 2, "s", 8]) for n in names]
+    inputs.append(helper.make_tensor_value_info("m", f, [1, 1, 1, "s"]))
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["qk"]),
+        helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", f, [], [0.25])),
+        helper.make_node("Mul", ["qk", "c"], ["s"]),
+        helper.make_node("Add", ["s", "m"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["y"]),
+    ]
+    out = helper.make_tensor_value_info("y", f, [1, 2, "s", 8])
+    model = helper.make_model(
+        helper.make_graph(nodes, "input_mask", inputs, [out]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    optimized, report = optimize(model, DENSE)
+    assert report.sites[0].replaced and report.sites[0].masked, report.sites[0].reason
+    node = next(n for n in optimized.graph.node if n.op_type == "SparseAttention")
+    assert list(node.input[3:]) == ["m"]
+
+
 @pytest.mark.parametrize("negative", [True, False])
 def test_terms_split_into_mask_and_bias_stay_exact(negative) -> None:
     # With a large negative the padding term is the mask and `bias` the bias; without one

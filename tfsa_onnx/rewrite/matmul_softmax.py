@@ -321,12 +321,13 @@ def _reshape_transpose_reshape(k_t: ir.Value) -> ir.Value | None:
 
 
 def _split_terms(terms: list[tuple[ir.Value, bool, float]]) -> tuple[list, list]:
-    """The terms added to the scores as (masks, biases). A boolean term, or an additive one that
-    computes with a large negative constant ("never attend"), is a mask: the mask analysis may
-    prove it causal or padding. Every other additive term (a relative position bias, ALiBi) is
+    """The terms added to the scores as (masks, biases). A boolean term, an additive one that
+    computes with a large negative constant ("never attend"), or a graph input (a mask the
+    caller feeds) is a mask: the mask analysis may prove it causal or padding, and the kernel
+    skips the blocks it closes. Every other additive term (a relative position bias, ALiBi) is
     a bias, passed to the op as it is. Either way each term reaches the scores: the split
     decides how the op reads it, never whether."""
-    masks = [t for t in terms if not t[1] or _computes_with_large_negative(t[0])]
+    masks = [t for t in terms if not t[1] or t[0].is_graph_input() or _computes_with_large_negative(t[0])]
     if len(masks) > 1:
         raise GiveUp(f"{len(masks)} masks applied to the scores; only one is supported")
     return masks, [t for t in terms if not any(t is m for m in masks)]
