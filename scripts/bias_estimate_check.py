@@ -43,7 +43,7 @@ def main() -> None:
     for name, bias in biases.items():
         y_dense, _ = sparse_attention(q, k, v, None, bias, **dense)
         for label, chosen in (
-            ("with the bias at block centres", select_blocks(q, k, allowed, a, bias)),
+            ("with the bias at block centres", select_blocks(q, k, allowed, a, attn_bias=bias)),
             ("without it", select_blocks(q, k, allowed, a)),
         ):
             y, density = sparse_attention(q, k, v, None, bias, selected=chosen, **attrs)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 VOCAB = 100
+VISION = ("vit", "clip-vision", "dinov2", "dinov2-registers", "siglip-vision")
 
 
 def _bert(attn: str):
@@ -41,6 +42,27 @@ def _vit(attn: str):
     return T.ViTModel(config, add_pooling_layer=False)
 
 
+def _vision(config_class: str, model_class: str, **extra):
+    """A tiny vision encoder (32x32 images, 8x8 patches: 16 patches + class/register tokens)."""
+
+    def build(attn: str):
+        import transformers as T
+
+        config = getattr(T, config_class)(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            attn_implementation=attn,
+            **extra,
+        )
+        return getattr(T, model_class)(config)
+
+    return build
+
+
 def _gpt2(attn: str):
     import transformers as T
 
@@ -48,6 +70,50 @@ def _gpt2(attn: str):
         n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=1100, attn_implementation=attn
     )
     return T.GPT2Model(config)
+
+
+def _bart(attn: str):
+    """An encoder-decoder: encoder self-attention, causal decoder self-attention, cross-attention."""
+    import transformers as T
+
+    config = T.BartConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=1100,
+        attn_implementation=attn,
+    )
+    return T.BartModel(config)
+
+
+def _whisper_encoder(attn: str):
+    """Whisper's audio encoder: no mask, a fixed number of frames (here 64 after the convolutions)."""
+    import transformers as T
+
+    config = T.WhisperConfig(
+        vocab_size=VOCAB,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_mel_bins=16,
+        max_source_positions=64,
+        max_target_positions=64,
+        attn_implementation=attn,
+    )
+    return T.WhisperModel(config).get_encoder()
 
 
 def _decoder(config_class: str, model_class: str, kv_heads: int):
@@ -160,6 +226,14 @@ BUILDERS = {
     "bert": _bert,
     "vit": _vit,
     "gpt2": _gpt2,
+    "bart": _bart,
+    "clip-vision": _vision("CLIPVisionConfig", "CLIPVisionModel"),
+    "dinov2": _vision("Dinov2Config", "Dinov2Model"),
+    "dinov2-registers": _vision(
+        "Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", num_register_tokens=4
+    ),
+    "siglip-vision": _vision("SiglipVisionConfig", "SiglipVisionModel"),
+    "whisper-encoder": _whisper_encoder,
     "llama": _llama,
     "qwen2": _qwen2,
     "mistral-window": _sliding("MistralConfig", "MistralModel", 2, 300),
@@ -178,11 +252,19 @@ BUILDERS = {
 def example_inputs(family: str) -> dict:
     import torch
 
-    if family == "vit":
+    if family in VISION:
         return {"pixel_values": torch.randn(2, 3, 32, 32)}
+    if family == "whisper-encoder":
+        return {"input_features": torch.randn(2, 16, 128)}
     ids = torch.randint(0, VOCAB, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 6:] = 0
+    if family == "bart":
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "decoder_input_ids": torch.randint(3, VOCAB, (2, 5)),
+        }
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -227,8 +309,12 @@ def feeds(session, seq: int, batch: int = 2, seed: int = 0) -> dict[str, np.ndar
             if batch > 1:
                 mask[-1, max(1, seq * 2 // 3) :] = 0
             out[i.name] = mask
+        elif i.name == "decoder_input_ids":  # a target of another length than the source
+            out[i.name] = rng.integers(3, VOCAB, (batch, max(1, seq * 2 // 3 + 1))).astype(np.int64)
         elif i.name == "pixel_values":
             out[i.name] = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        elif i.name == "input_features":
+            out[i.name] = rng.standard_normal((batch, 16, 128)).astype(np.float32)
         else:
             raise KeyError(i.name)
     return out

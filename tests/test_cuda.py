@@ -181,8 +181,9 @@ def _check(backend, q, k, v, mask=None, dtype="float32", bias=None, bias_dtype=N
     y, density, selected = backend.run(q, k, v, mask, dtype, bias=bias, bias_dtype=bias_dtype, **attrs)
     y_ref, density_ref = sparse_attention(q, k, v, mask, bias, **attrs)
     a = SparseAttentionAttributes(**attrs)
-    _, may_attend = _attendable(mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), bool(a.is_causal))
-    selected_ref = select_blocks(q, k, _block_any(may_attend, a.block_size), a, bias)
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    _, may_attend = _attendable(mask, shape, bool(a.is_causal), a.sliding_window)
+    selected_ref = select_blocks(q, k, _block_any(may_attend, a.block_size), a, attn_bias=bias)
     # Pooled scores are summed in another order than the reference's: a block on the
     # threshold's edge may flip; anything more is a bug. The math is checked on the
     # kernel's own choice of blocks.
@@ -236,6 +237,18 @@ CASES = [
     ),
     (1, 3, 1, 50, 50, 40, 24, "float16", dict(block_size=8, threshold=0.6, max_density=0.5)),
     (1, 2, 2, 33, 65, 32, 48, "float32", dict(block_size=16, threshold=1.0, max_density=0.4, is_causal=1)),
+    (
+        1,
+        2,
+        1,
+        100,
+        100,
+        64,
+        64,
+        "float16",
+        dict(block_size=16, threshold=0.9, is_causal=1, sliding_window=37),
+    ),
+    (1, 2, 2, 40, 90, 32, 32, "float32", dict(block_size=16, threshold=1.0, is_causal=1, sliding_window=20)),
 ]
 
 

@@ -697,3 +697,65 @@ def test_attribute_of_the_wrong_type_is_an_error_not_the_default(attrs, words):
     q = np.zeros((1, 1, 4, 4), np.float32)
     with pytest.raises(Exception, match=words):
         run_op(q, q, q, **attrs)
+
+
+# --- The few-rows path (exact_rows.cc: up to 4 dense rows without a mask) ------------------
+
+
+@pytest.mark.parametrize("sq", [1, 2, 4, 5])
+@pytest.mark.parametrize("causal", [0, 1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_few_rows_equal_the_reference(sq, causal, dtype):
+    # 5 rows take the tile walk: the two paths must agree with the reference alike.
+    rng = np.random.default_rng(sq + 10 * causal)
+    q, k, v = random_qkv(rng, 2, 6, 2, sq, 77, 40, 24, dtype)
+    y, density = run_op(q, k, v, is_causal=causal, block_size=16)
+    y_ref, density_ref = sparse_attention(q, k, v, is_causal=causal, block_size=16)
+    np.testing.assert_allclose(
+        y.astype(np.float32), y_ref.astype(np.float32), atol=2e-3 if dtype == np.float16 else 2e-5
+    )
+    np.testing.assert_array_equal(density, density_ref)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_few_rows_keep_nan_and_inf_to_the_rows_that_attend_them(value):
+    rng = np.random.default_rng(3)
+    q, k, v = random_qkv(rng, 1, 2, 1, 3, 30, 8, 8)
+    k[0, 0, 28, 0] = value  # seen by the last two rows (causal, bottom right) only
+    v[0, 0, 29, 1] = value  # the last row only
+    q[0, 1, 0, 2] = np.nan  # head 1, row 0
+    (y,) = run_op(q, k, v, density=False, is_causal=1)
+    y_ref, _ = sparse_attention(q, k, v, is_causal=1)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5)  # NaN where the reference has NaN
+    assert np.isfinite(y[0, 0, 0]).all() and np.isnan(y[0, 1, 0]).all()
+
+
+# (b, hq, hkv, sq, sk, block, causal, sliding_window, extra attributes)
+WINDOW_CASES = [
+    (1, 2, 1, 200, 200, 32, 1, 50, {}),  # a window across block edges
+    (2, 4, 2, 130, 130, 64, 1, 64, dict(threshold=0.5, max_density=0.5)),  # sparse inside the band
+    (1, 2, 2, 40, 170, 16, 1, 33, {}),  # queries at the last 40 of 170 positions (a KV cache)
+    (1, 1, 1, 100, 100, 8, 0, 20, {}),  # without causality: only the past is cut
+    (1, 2, 1, 77, 77, 16, 1, 1, {}),  # each query sees itself alone
+    (1, 2, 1, 90, 90, 32, 1, 500, {}),  # a window past the sequence changes nothing
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
+def test_sliding_window_matches_reference(case):
+    """sliding_window hides keys before p - W + 1 as a band mask does: equal to the reference,
+    and to the same call with the band as a mask, at awkward lengths and with a padding mask."""
+    b, hq, hkv, sq, sk, bs, causal, window, extra = case
+    rng = np.random.default_rng(sq + window)
+    q, k, v = random_qkv(rng, b, hq, hkv, sq, sk, 24, 24)
+    padding = rng.random((b, 1, 1, sk)) < 0.9
+    attrs = dict(SPARSE_OFF, threshold=1.0, block_size=bs, is_causal=causal) | extra
+    y, density = run_op(q, k, v, padding, **attrs, sliding_window=window)
+    y_ref, density_ref = sparse_attention(q, k, v, padding, **attrs, sliding_window=window)
+    np.testing.assert_allclose(density, density_ref, atol=1e-6)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-4)
+    positions = np.arange(sq)[:, None] + (sk - sq)
+    band = padding & (np.arange(sk)[None, :] > positions - window)
+    if not extra:  # dense: the same as the band given as a mask
+        y_band, _ = sparse_attention(q, k, v, band, **attrs)
+        np.testing.assert_allclose(y_ref, y_band, atol=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import pytest
@@ -99,6 +101,55 @@ def test_ort_contrib_attention(ort_fused) -> None:
     assert all(s.replaced and (s.heads, s.kv_heads, s.head_dim) == (2, 2, 16) for s in report.sites)
     assert all(s.masked for s in report.sites)
     a, b = sessions(ort_fused, optimized)
+    for seq in (5, 16, 33):
+        x = feeds(a, seq)
+        np.testing.assert_allclose(b.run(None, x)[0], a.run(None, x)[0], atol=1e-4, rtol=0)
+
+
+@pytest.fixture(
+    scope="module",
+    params=[("bert", 1), ("bert", 2), ("llama", 1), ("llama", 2)],
+    ids=lambda p: f"{p[0]}-O{p[1]}",
+)
+def ort_optimized(request, exports):
+    """What `optimum-cli export onnx --optimize O1/O2` runs: onnxruntime's transformers optimizer
+    without EmbedLayerNormalization (BERT's mask becomes mask_index = ReduceSum(mask)), after
+    onnxruntime's own graph optimizations, which strip the shapes past its contrib ops."""
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    family, level = request.param
+    model_type, heads, hidden, attn = (
+        ("bert", 2, 32, "eager") if family == "bert" else ("gpt2", 4, 64, "sdpa")
+    )
+    options = FusionOptions(model_type)
+    options.enable_embed_layer_norm = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = optimizer.optimize_model(
+            str(exports.get(family, attn, False, 17)),
+            model_type=model_type,
+            num_heads=heads,
+            hidden_size=hidden,
+            optimization_options=options,
+            opt_level=level,
+        )
+    assert any(n.domain == "com.microsoft" for n in fused.model.graph.node)
+    # onnxruntime's optimizer imports every domain registered in the process, ours included
+    imports = [o for o in fused.model.opset_import if o.domain != "ai.tfsa"]
+    del fused.model.opset_import[:]
+    fused.model.opset_import.extend(imports)
+    return family, fused.model
+
+
+def test_ort_optimized_graphs(ort_optimized) -> None:
+    """Every attention of an onnxruntime-optimized graph is replaced and exact with padding."""
+    family, original = ort_optimized
+    optimized, report = optimize(original, DENSE)
+    check_structure(original, optimized, layers=2, checker=family == "bert")
+    assert all(s.replaced and s.masked for s in report.sites), report.table()
+    assert all(s.causal == (family == "llama") for s in report.sites)
+    a, b = sessions(original, optimized)
     for seq in (5, 16, 33):
         x = feeds(a, seq)
         np.testing.assert_allclose(b.run(None, x)[0], a.run(None, x)[0], atol=1e-4, rtol=0)

@@ -48,7 +48,11 @@ def test_sliding_windows_stay_exact_beyond_the_window(exports, family, dynamo, w
     if windows is not None:
         assert [s.window for s in report.sites] == windows
         assert all(s.causal for s in report.sites)
-        assert all(s.masked for s in report.sites if s.window)  # the band stays in the mask
+        nodes = {n.name: n for n in optimized.graph.node if n.op_type == "SparseAttention"}
+        for site in report.sites:  # the band is the op's sliding_window, not an S x S mask
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[site.name].attribute}
+            assert attrs.get("sliding_window", 0) == (site.window or 0)
+            assert attrs["is_causal"] == 1
     a, b = sessions(original, optimized)
     for seq in (64, 600, 1100):
         x = feeds(a, seq)
@@ -185,8 +189,10 @@ def test_terms_that_look_causal_at_the_probe_lengths_are_kept(build) -> None:
         return
     probe = masks.MaskProber(model).evaluate(mask)
     assert probe is not None and masks._is_lower_triangle(probe, additive=False)
-    assert result.build(_builder(model)) is mask
-    assert result.causal == (result.window is not None)
+    if result.window is not None:  # proven a band: is_causal and sliding_window say it exactly
+        assert result.window == 40 and result.causal and result.kept is None
+    else:
+        assert result.build(_builder(model)) is mask and not result.causal
 
 
 def test_no_term_is_dropped_on_probe_evidence_alone(monkeypatch) -> None:

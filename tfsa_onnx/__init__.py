@@ -11,6 +11,7 @@ from pathlib import Path
 __version__ = "0.1.0"
 DOMAIN = "ai.tfsa"
 OP_TYPE = "SparseAttention"
+GQA_OP_TYPE = "SparseGroupQueryAttention"  # the drop-in for com.microsoft.GroupQueryAttention
 OP_VERSION = 1
 
 _CPU_LIBRARIES = ("libtfsa_ops.so", "libtfsa_ops.dylib", "tfsa_ops.dll")

@@ -526,9 +526,11 @@ def export_hf_model(
             dims = tuple(_dynamo_dims(example_inputs[n]) for n in names)
             kwargs["dynamic_shapes"] = (dims,)
         else:
-            axes = {n: _ts_dims(example_inputs[n]) for n in names}
+            axes = {n: _ts_dims(n, example_inputs[n]) for n in names}
             images_only = all(t.dim() == 4 for t in example_inputs.values())
-            axes[output_name] = {0: "batch"} if images_only else {0: "batch", 1: "seq"}
+            # an encoder-decoder's output follows the decoder's length
+            seq = "decoder_seq" if any(n.startswith("decoder_") for n in names) else "seq"
+            axes[output_name] = {0: "batch"} if images_only else {0: "batch", 1: seq}
             kwargs["dynamic_axes"] = axes
     with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_registry():
         warnings.simplefilter("ignore")
@@ -553,17 +555,18 @@ def _quiet_exporter_registry():
         logger.setLevel(level)
 
 
-def _ts_dims(tensor: Any) -> dict[int, str]:
-    """TorchScript dynamic_axes: [batch, seq, ...] for ids/masks, [batch, C, H, W] images fixed."""
-    if tensor.dim() == 4:  # pixel_values: only the batch varies
+def _ts_dims(name: str, tensor: Any) -> dict[int, str]:
+    """TorchScript dynamic_axes: [batch, seq, ...] for ids/masks (decoder_* inputs of an
+    encoder-decoder: their own length), [batch, C, H, W] images and audio features fixed."""
+    if tensor.dim() != 2:  # pixel_values, input_features: only the batch varies
         return {0: "batch"}
-    return {0: "batch", 1: "seq"}
+    return {0: "batch", 1: "decoder_seq" if name.startswith("decoder_") else "seq"}
 
 
 def _dynamo_dims(tensor: Any) -> dict[int, Any]:
     import torch
 
     auto = torch.export.Dim.AUTO
-    if tensor.dim() == 4:
+    if tensor.dim() != 2:
         return {0: auto}
     return {0: auto, 1: auto}

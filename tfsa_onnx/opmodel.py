@@ -1,5 +1,6 @@
-"""Single-node ONNX models for the tests and benchmarks: ai.tfsa::SparseAttention, and the dense
-baselines it is timed against (com.microsoft.MultiHeadAttention, the unfused MatMul-Softmax-MatMul)."""
+"""Single-node ONNX models for the tests and benchmarks: ai.tfsa::SparseAttention and
+SparseGroupQueryAttention, and the dense baselines they are timed against
+(com.microsoft.MultiHeadAttention and GroupQueryAttention, the unfused MatMul-Softmax-MatMul)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from tfsa_onnx import DOMAIN, OP_TYPE, OP_VERSION
+from tfsa_onnx import DOMAIN, GQA_OP_TYPE, OP_TYPE, OP_VERSION
 
 _DIMS = {
     "query": ["batch", "q_heads", "q_len", "head_dim"],
@@ -46,6 +47,52 @@ def sparse_attention_model(
     )
     graph = helper.make_graph([node], "sparse_attention", inputs, outputs)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OP_VERSION)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+GQA_INPUTS = (
+    "query",
+    "key",
+    "value",
+    "past_key",
+    "past_value",
+    "seqlens_k",
+    "total_sequence_length",
+    "cos_cache",
+    "sin_cache",
+)
+GQA_OUTPUTS = ("output", "present_key", "present_value")
+
+
+def group_query_attention_model(
+    domain: str = "com.microsoft",
+    dtype: int = TensorProto.FLOAT,
+    packed: bool = False,
+    past: bool = True,
+    rotary: bool = True,
+    **attributes,
+) -> onnx.ModelProto:
+    """One com.microsoft.GroupQueryAttention node (domain "com.microsoft"), or the same as
+    ai.tfsa::SparseGroupQueryAttention (domain DOMAIN), with every input but the ones `packed`,
+    `past` and `rotary` leave out; shapes are left to the kernels."""
+    present = set(GQA_INPUTS) - ({"key", "value"} if packed else set())
+    present -= set() if past else {"past_key", "past_value"}
+    present -= set() if rotary else {"cos_cache", "sin_cache"}
+    names = [n if n in present else "" for n in GQA_INPUTS]
+    while names[-1] == "":
+        names.pop()
+    int_inputs = ("seqlens_k", "total_sequence_length")
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.INT32 if n in int_inputs else dtype, None)
+        for n in names
+        if n
+    ]
+    outputs = [helper.make_tensor_value_info(n, dtype, None) for n in GQA_OUTPUTS]
+    op_type = "GroupQueryAttention" if domain == "com.microsoft" else GQA_OP_TYPE
+    node = helper.make_node(op_type, names, list(GQA_OUTPUTS), domain=domain, name="gqa", **attributes)
+    graph = helper.make_graph([node], "gqa", inputs, outputs)
+    version = 1 if domain == "com.microsoft" else OP_VERSION
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(domain, version)]
     return helper.make_model(graph, opset_imports=opsets)
 
 

@@ -4,8 +4,8 @@ The C++ and CUDA kernels must agree with this file. It favours clarity over spee
 everything is materialised at [B, H, Sq, Sk].
 
 Selection (which key blocks a query block computes), per (batch, head, query block):
-  1. allowed: key blocks holding at least one key that causality and the mask let
-     some query of the block see.
+  1. allowed: key blocks holding at least one key that causality, the sliding window and
+     the mask let some query of the block see.
   2. forced: allowed blocks holding a global token (key index < global_tokens) or
      touching the local window (|key - query position| <= local_window, W > 0).
      Query blocks holding a global query (index < global_tokens) take every allowed block.
@@ -18,7 +18,9 @@ Selection (which key blocks a query block computes), per (batch, head, query blo
      but are kept even when they alone exceed it).
   Below min_seq_len keys, every allowed block is computed.
 Math: exactly softmax(scale * Q K^T + mask + attn_bias) V over the selected blocks, the rest
--inf; rows with nothing to attend give zeros.
+-inf, where causality (key j <= p for the query at position p = i + Sk - Sq) and the sliding
+window (j > p - sliding_window when it is > 0) hide pairs as the mask does;
+rows with nothing to attend give zeros.
 
 attn_bias (optional, [B|1, H|1, Sq, Sk] broadcast like the mask, float32 or the query's type):
 an additive score bias (relative position, ALiBi) kept apart from the mask. It is read only
@@ -28,7 +30,7 @@ in float32; a pair whose sum is -inf is hidden like a masked pair (its score -in
 dot), so a -inf in the bias hides a pair without closing its block.
 
 Attribute bounds (contract.h enforces the same; out of range is an error): block_size in
-[1, BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len in [0, TOKENS_MAX]; threshold in
+[1, BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len, sliding_window in [0, TOKENS_MAX]; threshold in
 [0, 1]; max_density in (0, 1]; scale finite and >= 0; is_causal 0 or 1. block_size,
 global_tokens and local_window are cut to the longer sequence (`effective`), which changes no
 result: the kernels never size memory or index blocks by the raw values.
@@ -70,6 +72,7 @@ class SparseAttentionAttributes:
     threshold: float = 0.95
     max_density: float = 1.0
     min_seq_len: int = 1024
+    sliding_window: int = 0  # W > 0: no key before position p - W + 1 (a mask rule, not selection)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +109,7 @@ ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "threshold": (0.0, 1.0, False),
     "max_density": (0.0, 1.0, True),
     "min_seq_len": (0, TOKENS_MAX, False),
+    "sliding_window": (0, TOKENS_MAX, False),
 }
 
 
@@ -121,11 +125,13 @@ def effective(a: SparseAttentionAttributes, sq: int, sk: int) -> SparseAttention
         block_size=min(a.block_size, longest),
         global_tokens=min(a.global_tokens, longest),
         local_window=min(a.local_window, longest),
+        sliding_window=min(a.sliding_window, longest),
     )
 
 
-def _attendable(mask, shape, is_causal: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Additive mask [B,H,Sq,Sk] (float64) and the boolean 'may attend' of each pair."""
+def _attendable(mask, shape, is_causal: bool, window: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Additive mask [B,H,Sq,Sk] (float64) and the boolean 'may attend' of each pair (query i
+    at position p = i + Sk - Sq; a window W > 0 hides keys before p - W + 1)."""
     b, h, sq, sk = shape
     if mask is None:
         bias = np.zeros(shape)
@@ -137,6 +143,10 @@ def _attendable(mask, shape, is_causal: bool) -> tuple[np.ndarray, np.ndarray]:
         i = np.arange(sq)[:, None]
         j = np.arange(sk)[None, :]
         bias = np.where(j <= i + (sk - sq), bias, -np.inf)
+    if window > 0:
+        i = np.arange(sq)[:, None]
+        j = np.arange(sk)[None, :]
+        bias = np.where(j > i + (sk - sq) - window, bias, -np.inf)
     return bias, bias != -np.inf
 
 
@@ -156,8 +166,9 @@ def _block_means(x: np.ndarray, bs: int) -> np.ndarray:
     return np.stack([x[..., i : i + bs, :].mean(axis=-2) for i in range(0, s, bs)], axis=-2)
 
 
-def _forced_blocks(sq: int, sk: int, a: SparseAttentionAttributes) -> np.ndarray:
-    """[nQ, nK] bool: global and local-window blocks."""
+def _forced_blocks(sq: int, sk: int, a: SparseAttentionAttributes, query_offset: int = 0) -> np.ndarray:
+    """[nQ, nK] bool: global and local-window blocks (query i counts as global when
+    i + query_offset < global_tokens)."""
     bs = a.block_size
     nq, nk = -(-sq // bs), -(-sk // bs)
     forced = np.zeros((nq, nk), dtype=bool)
@@ -165,7 +176,7 @@ def _forced_blocks(sq: int, sk: int, a: SparseAttentionAttributes) -> np.ndarray
     key_end = np.minimum(key_start + bs, sk) - 1
     forced[:, key_start < a.global_tokens] = True
     for qb in range(nq):
-        if qb * bs < a.global_tokens:
+        if qb * bs + query_offset < a.global_tokens:
             forced[qb, :] = True
         if a.local_window > 0:
             first = qb * bs + (sk - sq)
@@ -192,6 +203,7 @@ def select_blocks(
     k: np.ndarray,
     allowed: np.ndarray,
     a: SparseAttentionAttributes,
+    query_offset: int = 0,
     attn_bias: np.ndarray | None = None,
 ) -> np.ndarray:
     """[B, Hq, nQ, nK] bool: the key blocks each query block computes."""
@@ -206,7 +218,7 @@ def select_blocks(
     keys_per_block = np.minimum(bs, sk - np.arange(0, sk, bs))
     estimate = scale * q_mean @ np.swapaxes(k_mean, -1, -2) + np.log(keys_per_block)
     estimate = estimate + _block_centre_bias(attn_bias, (*q.shape[:3], sk), bs)
-    forced = _forced_blocks(sq, sk, a) & allowed
+    forced = _forced_blocks(sq, sk, a, query_offset) & allowed
     selected = forced.copy()
     for idx in np.ndindex(*allowed.shape[:3]):
         candidates = np.flatnonzero(allowed[idx] & ~forced[idx])
@@ -246,20 +258,22 @@ def sparse_attention(
     attn_bias: np.ndarray | None = None,
     *,
     selected: np.ndarray | None = None,
+    query_offset: int = 0,
     **attributes,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference ai.tfsa::SparseAttention: returns (Y [B,Hq,Sq,Dv], density [B,Hq] float32).
 
     `selected` ([B, Hq, nQ, nK] bool) replaces the selection: a kernel's own block choice, to
-    check its math apart from its selection.
+    check its math apart from its selection. `query_offset` is added to query indices for the
+    global-token rule (SparseGroupQueryAttention counts absolute positions).
     """
     b, hq, sq, d = query.shape
     hkv, sk = key.shape[1], key.shape[2]
     a = effective(SparseAttentionAttributes(**attributes), sq, sk)
-    bias, may_attend = _attendable(attn_mask, (b, hq, sq, sk), bool(a.is_causal))
+    bias, may_attend = _attendable(attn_mask, (b, hq, sq, sk), bool(a.is_causal), a.sliding_window)
     allowed = _block_any(may_attend, a.block_size)
     if selected is None:
-        selected = select_blocks(query, key, allowed, a, attn_bias)
+        selected = select_blocks(query, key, allowed, a, query_offset, attn_bias)
     if attn_bias is not None:  # summed in float32, as the kernels do
         with np.errstate(invalid="ignore", over="ignore"):
             bias = (
@@ -286,3 +300,126 @@ def sparse_attention(
     allowed_pairs = allowed.sum(axis=(2, 3))
     density = np.where(allowed_pairs > 0, selected.sum(axis=(2, 3)) / np.maximum(allowed_pairs, 1), 1.0)
     return y.astype(query.dtype), density.astype(np.float32)
+
+
+HEADS_MAX = 65_536  # contract.h kHeadsMax
+
+
+@dataclass(frozen=True)
+class GroupQueryAttentionAttributes:
+    """SparseGroupQueryAttention's attributes from com.microsoft.GroupQueryAttention, in the
+    order of contract.h TfsaGqaAttributes (tests/test_gqa_op.py checks them against the
+    library's tfsa_gqa_attribute_info); its other attributes are SparseAttentionAttributes'
+    but is_causal (always 1). num_heads and kv_num_heads are required (0: absent)."""
+
+    num_heads: int = 0
+    kv_num_heads: int = 0
+    local_window_size: int = -1  # a query at position p sees the w keys (p - w, p]; -1: all
+    do_rotary: int = 0
+    rotary_interleaved: int = 0
+    softcap: float = 0.0  # only 0
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+GQA_ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "num_heads": (1, HEADS_MAX, False),
+    "kv_num_heads": (1, HEADS_MAX, False),
+    "local_window_size": (-1, TOKENS_MAX, False),
+    "do_rotary": (0, 1, False),
+    "rotary_interleaved": (0, 1, False),
+    "softcap": (0.0, 0.0, False),
+}
+
+
+def rotary(
+    x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool
+) -> np.ndarray:
+    """x [.., S, D] rotated at positions [S] (cos/sin [max_pos, R/2]): pairs (c, c + R/2), or
+    (2c, 2c + 1) when interleaved, for c < R/2; columns past R unchanged."""
+    half = cos.shape[1]
+    c, s = cos[positions].astype(np.float32), sin[positions].astype(np.float32)
+    out = x.astype(np.float32)
+    i = np.arange(half) * 2 if interleaved else np.arange(half)
+    j = i + 1 if interleaved else i + half
+    xi, xj = out[..., i].copy(), out[..., j].copy()
+    out[..., i], out[..., j] = xi * c - xj * s, xj * c + xi * s
+    return out.astype(x.dtype)
+
+
+def _window_mask(rows: int, first_position: int, keys: int, window: int) -> np.ndarray | None:
+    """[rows, keys] bool: key j visible to row r at position p = first_position + r (j > p - w);
+    w = 0 hides every key (ORT's GroupQueryAttention outputs zeros then)."""
+    if window < 0:
+        return None
+    positions = first_position + np.arange(rows)[:, None]
+    return np.arange(keys)[None, :] > positions - window
+
+
+def group_query_attention(
+    query: np.ndarray,
+    key: np.ndarray | None,
+    value: np.ndarray | None,
+    past_key: np.ndarray | None,
+    past_value: np.ndarray | None,
+    seqlens_k: np.ndarray,
+    total_sequence_length: int,
+    cos_cache: np.ndarray | None = None,
+    sin_cache: np.ndarray | None = None,
+    shared_buffer: bool = False,
+    **attributes,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference ai.tfsa::SparseGroupQueryAttention: (output [B,S,Hq*D], present_key,
+    present_value [B,Hkv,T,D]), as ORT's GroupQueryAttention on its CPU: new rows rotated at
+    their absolute positions (past + s; past = 0 on a prompt, S == total_sequence_length, else
+    seqlens_k + 1 - S), present = past rows ++ new rows (zeros after, or the buffer's old rows
+    when `shared_buffer`), then per batch row sparse_attention over its cache, causal, with the
+    window; on a prompt, padded rows past a row's length see all its keys. Steps with one row or
+    fewer than min_seq_len are dense."""
+    names = GroupQueryAttentionAttributes.names()
+    g = GroupQueryAttentionAttributes(**{k: v for k, v in attributes.items() if k in names})
+    sparsity = {k: v for k, v in attributes.items() if k not in names} | {"is_causal": 1}
+    b, s, hidden = query.shape
+    hq, hkv = g.num_heads, g.kv_num_heads
+    d = hidden // (hq + (2 * hkv if key is None else 0))
+    heads = query.reshape(b, s, -1, d).transpose(0, 2, 1, 3)  # [B, heads, S, D]
+    q = heads[:, :hq]
+    k = heads[:, hq : hq + hkv] if key is None else key.reshape(b, s, hkv, d).transpose(0, 2, 1, 3)
+    v = heads[:, hq + hkv :] if key is None else value.reshape(b, s, hkv, d).transpose(0, 2, 1, 3)
+    cache = 0 if past_key is None else past_key.shape[2]
+    rows = max(total_sequence_length, cache)
+    present_k = past_key.copy() if shared_buffer else np.zeros((b, hkv, rows, d), query.dtype)
+    present_v = past_value.copy() if shared_buffer else np.zeros((b, hkv, rows, d), query.dtype)
+    output = np.zeros((b, s, hq * d), query.dtype)
+    prompt = s == total_sequence_length
+    if s == 1 or s < SparseAttentionAttributes(**sparsity).min_seq_len:
+        sparsity |= {"threshold": 1.0, "max_density": 1.0}
+    for row in range(b):
+        total = int(seqlens_k[row]) + 1
+        past = 0 if prompt else total - s
+        positions = past + np.arange(s)
+        qr, kr = q[row], k[row]
+        if g.do_rotary:
+            qr = rotary(qr, positions, cos_cache, sin_cache, bool(g.rotary_interleaved))
+            kr = rotary(kr, positions, cos_cache, sin_cache, bool(g.rotary_interleaved))
+        if not shared_buffer and past > 0:
+            present_k[row, :, :past], present_v[row, :, :past] = (
+                past_key[row, :, :past],
+                past_value[row, :, :past],
+            )
+        present_k[row, :, past : past + s], present_v[row, :, past : past + s] = kr, v[row]
+        keys, values = present_k[row : row + 1, :, :total], present_v[row : row + 1, :, :total]
+        valid = min(s, total) if prompt else s
+        mask = _window_mask(valid, total - valid, total, g.local_window_size)
+        y, _ = sparse_attention(
+            qr[None, :, :valid], keys, values, mask, query_offset=total - valid, **sparsity
+        )
+        output[row, :valid] = y[0].transpose(1, 0, 2).reshape(valid, hq * d)
+        if valid < s:  # right padding of a prompt: every key of the row, the window from its position
+            mask = _window_mask(s - valid, total, total, g.local_window_size)
+            dense = sparsity | {"is_causal": 0, "threshold": 1.0, "max_density": 1.0}
+            y, _ = sparse_attention(qr[None, :, valid:], keys, values, mask, **dense)
+            output[row, valid:] = y[0].transpose(1, 0, 2).reshape(s - valid, hq * d)
+    return output, present_k, present_v

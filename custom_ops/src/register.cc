@@ -1,4 +1,5 @@
 // The library's one entry point: SessionOptions.register_custom_ops_library() calls it.
+#include "gqa_op.h"
 #include "sparse_attention_op.h"
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
@@ -21,9 +22,14 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       SparseAttentionOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16, Provider::kCuda),
 #endif
   };
+  // SparseGroupQueryAttention: CPU kernels only, in both libraries.
+  static tfsa::GqaOp gqa_ops[] = {tfsa::GqaOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+                                  tfsa::GqaOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)};
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* status = api->CreateCustomOpDomain(tfsa::kDomain, &domain)) return status;
   for (tfsa::SparseAttentionOp& op : ops)
+    if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op)) return status;
+  for (tfsa::GqaOp& op : gqa_ops)
     if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op)) return status;
   // ORT keeps using the domain for the sessions' lifetime; it is intentionally never released.
   return api->AddCustomOpDomain(options, domain);

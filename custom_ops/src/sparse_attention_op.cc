@@ -7,61 +7,13 @@
 #include <string>
 
 #include "cpu/attention_cpu.h"
+#include "op_common.h"
 
 namespace tfsa {
 namespace {
 
-// Whether the attribute can be read as float / int64 / string (releases any error status).
-bool Readable(const OrtApi& api, OrtStatus* status) {
-  if (status == nullptr) return true;
-  api.ReleaseStatus(status);
-  return false;
-}
-
-// The attribute's value, the contract's default when absent; an attribute of another type
-// (block_size=64.0, threshold=1) is an error in `error`, not silently the default.
-template <class V>
-V ReadAttribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, V fallback, std::string& error) {
-  V value = fallback;
-  float as_float = 0.0f;
-  int64_t as_int = 0;
-  size_t string_size = 0;
-  if constexpr (std::is_same_v<V, float>) {
-    if (Readable(api, api.KernelInfoGetAttribute_float(info, name, &value))) return value;
-  } else {
-    if (Readable(api, api.KernelInfoGetAttribute_int64(info, name, &value))) return value;
-  }
-  const bool other_type = (!std::is_same_v<V, float> && Readable(api, api.KernelInfoGetAttribute_float(info, name, &as_float))) ||
-                          (std::is_same_v<V, float> && Readable(api, api.KernelInfoGetAttribute_int64(info, name, &as_int))) ||
-                          Readable(api, api.KernelInfoGetAttribute_string(info, name, nullptr, &string_size));
-  if (other_type && error.empty())
-    error = std::string(name) + " must be a" + (std::is_same_v<V, float> ? " float" : "n integer") + " attribute";
-  return fallback;
-}
-
-// Input data through GetTensorMutableData (API 1): the headers' GetTensorRawData() calls
-// GetTensorData, which runtimes before 1.23 do not have.
-const void* InputData(const Ort::ConstValue& value) {
-  void* data = nullptr;
-  Ort::ThrowOnError(Ort::GetApi().GetTensorMutableData(const_cast<OrtValue*>(static_cast<const OrtValue*>(value)), &data));
-  return data;
-}
-
 OrtStatusPtr Error(const std::string& message) {
   return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, ("SparseAttention: " + message).c_str());
-}
-
-const char* TypeName(ONNXTensorElementDataType type) {
-  switch (type) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return "bool";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
-    default: return "an unsupported type";
-  }
 }
 
 }  // namespace
@@ -69,13 +21,7 @@ const char* TypeName(ONNXTensorElementDataType type) {
 SparseAttentionKernel::SparseAttentionKernel(const OrtApi& api, const OrtKernelInfo* info, Provider where)
     : provider(where) {
   std::string type_error;
-  const Attributes defaults;
-  for (const AttributeRule& rule : kAttributeRules) {  // in the order the checks report errors
-    if (rule.is_float)
-      rule.Set(attributes, ReadAttribute(api, info, rule.name, rule.Get<float>(defaults), type_error));
-    else
-      rule.Set(attributes, ReadAttribute(api, info, rule.name, rule.Get<int64_t>(defaults), type_error));
-  }
+  ReadFields(api, info, kAttributeRules, attributes, type_error);
   attribute_error = type_error.empty() ? CheckAttributes(attributes) : type_error;
   const char* selection_only_env = std::getenv("TFSA_SELECTION_ONLY");
   selection_only = selection_only_env != nullptr && std::string(selection_only_env) == "1";

@@ -53,6 +53,7 @@ class Match:
     # mask (relative positions, ALiBi), never analysed as a mask, so nothing in them is dropped.
     bias: Callable[[Builder], ir.Value] | None = None
     is_causal: bool = False
+    sliding_window: int | None = None  # keys before p - W + 1 hidden (proven from the mask)
     key_perm: list[int] | None = None
     # Where the query and key lengths are in `query` and `key` (for the square-mask proof).
     length_axes: tuple[int, int] = (2, 2)
@@ -109,7 +110,7 @@ class Site:
     causal: bool = False
     replaced: bool = False
     reason: str = ""
-    window: int | None = None  # a proven sliding window, kept in the mask
+    window: int | None = None  # a proven sliding window: the op's sliding_window
     notes: list[str] = field(default_factory=list)  # what the mask analysis kept, and why
     mask_constants: list[int] = field(default_factory=list, repr=False)  # windows and the like
     node: ir.Node | None = field(default=None, repr=False)
@@ -345,6 +346,8 @@ def sparse_attention_node(
         head_dim = static_int((dims(inputs.query) or [None])[-1]) or match.head_dim
         scale = 1.0 / math.sqrt(head_dim) if head_dim else 0.0
     attributes: dict[str, Any] = {"scale": float(scale), "is_causal": int(match.is_causal)}
+    if match.sliding_window:
+        attributes["sliding_window"] = int(match.sliding_window)
     for key, val in tunables.items():
         attributes[key] = float(val) if isinstance(val, float) else int(val)
     if bias is not None and mask is None:

@@ -188,6 +188,22 @@ def _remap(x: Grid | Cond, shape: tuple[Dim, ...], source: list[int | None]) -> 
     return Cond(shape, _map_atoms(x.formula, lambda a: ("atom", coefs(a[1]), a[2], a[3])))
 
 
+def _uniform(x: Abstract) -> bool:
+    """One value everywhere (a filler such as an all-ones padding mask)."""
+    if isinstance(x, Grid):
+        return not any(x.coefs)
+    if isinstance(x, Cond):
+        return all(not any(a[1]) for a in _atoms(x.formula))
+    return False
+
+
+def _refill(x: Grid | Cond, shape: tuple[Dim, ...]) -> Grid | Cond:
+    """The uniform x at another shape."""
+    if isinstance(x, Grid):
+        return Grid(shape, x.offset, (0,) * len(shape))
+    return Cond(shape, _map_atoms(x.formula, lambda a: ("atom", (0,) * len(shape), a[2], a[3])))
+
+
 def _broadcast_shape(*shapes: tuple[Dim, ...]) -> tuple[Dim, ...]:
     rank = max(len(s) for s in shapes)
     out = []
@@ -488,6 +504,11 @@ class MaskAlgebra:
         if isinstance(x, Arr) and all(d.is_const for d in target):
             return Arr(x.values.reshape([int(d.const) for d in target]))
         x = _layout(x)
+        if _uniform(x):  # a filler keeps its value however its elements are arranged
+            name = node.outputs[0].name
+            return _refill(
+                x, tuple(Dim.symbol(f"{name}[{a}]") if d == Dim(-1) else d for a, d in enumerate(target))
+            )
         # Only reshapes that add or remove axes of size 1 keep the elements' indices.
         kept = [a for a, d in enumerate(x.shape) if d != ONE]
         slots = [a for a, d in enumerate(target) if d != ONE]
@@ -500,6 +521,18 @@ class MaskAlgebra:
             source[new] = old
         return _remap(x, tuple(target), source)
 
+    def _op_Flatten(self, node, inputs):
+        x = _layout(self._in(node, 0))
+        if not _uniform(x):
+            raise Unknown("Flatten of an index tensor")
+        axis = attr(node, "axis", 1) % (len(x.shape) + 1)
+        name = node.outputs[0].name
+        sizes = [ONE, ONE]
+        for a, d in enumerate(x.shape):
+            side = int(a >= axis)
+            sizes[side] = _size_op("Mul", sizes[side], d, f"{name}[{side}]")
+        return _refill(x, tuple(sizes))
+
     def _op_Concat(self, node, inputs):
         parts = [self.eval(i) for i in inputs]
         if not all(isinstance(p, Arr) for p in parts):
@@ -507,7 +540,12 @@ class MaskAlgebra:
         return Arr(np.concatenate([p.values.astype(object) for p in parts], axis=attr(node, "axis")))
 
     def _op_Gather(self, node, inputs):
-        data, idx = self._in(node, 0), self._ints_arr(node, 1)
+        data = self._in(node, 0)
+        if not isinstance(data, Arr) and _uniform(data):  # any element of a filler is the filler
+            axis = attr(node, "axis", 0) % len(data.shape)
+            shape = (*data.shape[:axis], *self.shape_of(inputs[1]), *data.shape[axis + 1 :])
+            return _refill(_layout(data), shape)
+        idx = self._ints_arr(node, 1)
         if not isinstance(data, Arr):
             raise Unknown("Gather from an index tensor")
         return Arr(np.take(data.values, idx, axis=attr(node, "axis", 0)))
@@ -784,21 +822,23 @@ def _decide(x: Arr | Cond, square: bool) -> Term:
         return _decide_concrete(x.values)
     rank = len(x.shape)
     formula = _map_atoms(x.formula, _settle_one_index)
-    x = Cond(x.shape, formula)
     atoms = list(_atoms(formula))
-    diagonal = []
-    for _, coefs, offset, _rel in atoms:
-        if any(coefs[:-2]) or not offset.is_const:
-            return Term("other")
-        cq, ck = (0, 0, *coefs)[-2:]
-        if cq != -ck:
-            return Term("other")
-        diagonal.append((ck, offset.const))
+    diagonal = _diagonal(atoms, Dim(0))
+    shifted = diagonal is None and rank >= 2 and ONE not in x.shape[-2:]
+    if shifted:
+        # Offsets in the sizes: t = j - i against the bottom-right diagonal t = Sk - Sq of the
+        # mask's own [Sq, Sk] axes (a KV cache: queries at positions past .. past + Sq - 1).
+        shift = x.shape[-1] - x.shape[-2]
+        diagonal = _diagonal(atoms, shift)
+        formula = _map_atoms(formula, lambda a: ("atom", a[1], a[2] + shift.scaled(a[1][-1]), a[3]))
+    if diagonal is None:
+        return Term("other")
+    x = Cond(x.shape, formula)
     points = _candidates(diagonal)
     truth = {t: _holds(x.formula, t) for t in points}
     if all(truth.values()):
         return Term("all")
-    if rank < 2 or ONE in x.shape[-2:] or (x.shape[-1] != x.shape[-2] and not square):
+    if rank < 2 or ONE in x.shape[-2:] or (not shifted and x.shape[-1] != x.shape[-2] and not square):
         return Term("other")
     if all(truth[t] == (t <= 0) for t in points):
         return Term("causal")
@@ -809,6 +849,21 @@ def _decide(x: Arr | Cond, square: bool) -> Term:
     if all(_holds(x.formula, t) == (low <= t <= 0) for t in checks):
         return Term("band", window=1 - low)
     return Term("other")
+
+
+def _diagonal(atoms: list[Formula], shift: Dim) -> list[tuple[Scalar, Scalar]] | None:
+    """(coefficient of t, constant) of each atom as a condition on t = j - i - shift; None when an
+    atom depends on more than t or its constant is symbolic."""
+    out = []
+    for _, coefs, offset, _rel in atoms:
+        if any(coefs[:-2]):
+            return None
+        cq, ck = (0, 0, *coefs)[-2:]
+        offset = offset + shift.scaled(ck)
+        if cq != -ck or not offset.is_const:
+            return None
+        out.append((ck, offset.const))
+    return out
 
 
 def _settle_one_index(atom: Formula) -> Formula:

@@ -62,6 +62,7 @@ _SHAPE_FROM_SHAPES = {
     "Min",
     "IsNaN",
     "Concat",
+    "Constant",  # no inputs: its shape is its own
 }
 # Ops whose output shape follows from input 0's shape and the other inputs' values.
 _SHAPE_FROM_VALUES = {
@@ -181,10 +182,13 @@ def _probe_input(value: ir.Value, n: int) -> np.ndarray:
 
 
 def _is_lower_triangle(results: list[np.ndarray], additive: bool) -> bool:
+    """Causal at each probe length: the lower triangle aligned bottom-right (queries at the last
+    Sq of Sk positions, as after a KV cache)."""
     for n, arr in zip(PROBE_LENGTHS, results, strict=False):
-        if arr.ndim < 2 or arr.shape[-1] != n or arr.shape[-2] != n:
+        if arr.ndim < 2 or arr.shape[-2] != n or arr.shape[-1] < n:
             return False
-        tri = np.tril(np.ones((n, n), dtype=bool))
+        sq, sk = arr.shape[-2:]
+        tri = np.tril(np.ones((sq, sk), dtype=bool), k=sk - sq)
         allowed = (arr > NEG_LIMIT) if additive else arr.astype(bool)
         if additive and not np.all(np.where(tri, arr, 0) == 0):
             return False
@@ -220,7 +224,7 @@ class MaskSplit:
 
     kept: Kept | None  # what is left for the op's mask input; None = nothing
     causal: bool = False
-    window: int | None = None  # a proven sliding window (keys i - window < j <= i), kept in the mask
+    window: int | None = None  # a proven sliding window (keys p - window < j <= p): the op's sliding_window
     notes: list[str] = field(default_factory=list)
     square: bool = False  # the attention's query and key lengths are provably equal
     constants: list[int] = field(default_factory=list)  # integers the mask computes with (windows...)
@@ -332,10 +336,9 @@ class MaskAnalyzer:
             return None, False
         if term.kind == "causal":
             return None, True
-        if term.kind == "band":  # a band lies inside the causal triangle: is_causal stays exact
+        if term.kind == "band":  # is_causal and sliding_window express the band exactly
             out.window = term.window if out.window is None else min(out.window, term.window)
-            out.notes.append(f"sliding window of {term.window} keys kept in the mask")
-            return Kept(value), True
+            return None, True
         out.notes.append(f"kept mask term {value.name}: not provably causal or all-true at every length")
         return Kept(value), False
 

@@ -21,7 +21,9 @@ from tfsa_onnx.rewrite.common import (
     merge_heads,
     optional_input,
     outputs_unused,
+    producer,
     rank,
+    same_dim,
     split_heads,
 )
 
@@ -49,7 +51,7 @@ class OrtAttentionRule:
         sizes = list(attr(node, "qkv_hidden_sizes") or [w[1] // 3] * 3)
         heads = attr(node, "num_heads")
         key_mask, attention_bias = optional_input(node, 3), optional_input(node, 5)
-        _check_mask(key_mask, attention_bias)
+        _check_mask(key_mask, attention_bias, x)
 
         def inputs(builder: Builder) -> Inputs:
             qkv = builder.op("MatMul", [x, weights])
@@ -84,7 +86,7 @@ class OrtMultiHeadAttentionRule:
         heads = attr(node, "num_heads")
         parts = _packed_bias(bias) if bias is not None else None
         key_mask, attention_bias = optional_input(node, 4), optional_input(node, 5)
-        _check_mask(key_mask, attention_bias)
+        _check_mask(key_mask, attention_bias, q)
 
         def inputs(builder: Builder) -> Inputs:
             qkv = (q, k, v)
@@ -106,7 +108,8 @@ def _match(node: ir.Node, q, k, key_mask: ir.Value | None, attention_bias: ir.Va
     padding mask becomes the op's bool mask in the rewrite step. q, k: the packed [B, S, H*D]
     inputs where the op has them (their length axis is 1)."""
     scale = attr(node, "scale", 0.0)
-    keys = k if k is not None else node.inputs[0]  # Attention's keys are as long as its input
+    x = node.inputs[0]
+    keys = k if k is not None else x  # Attention's keys are as long as its input
     return Match(
         query=q,
         key=k,
@@ -117,7 +120,7 @@ def _match(node: ir.Node, q, k, key_mask: ir.Value | None, attention_bias: ir.Va
         mask_additive=True,
         is_causal=bool(attr(node, "unidirectional", 0)),
         length_axes=(1, 1),
-        implied_mask=None if key_mask is None else (lambda builder: _key_padding(builder, key_mask, keys)),
+        implied_mask=None if key_mask is None else (lambda builder: _key_padding(builder, key_mask, x, keys)),
         finish=merge_heads,
         dtype=dtype,
     )
@@ -131,26 +134,37 @@ def _packed_bias(bias: ir.Value) -> list[np.ndarray]:
     return np.split(b, 3)
 
 
-def _mask_rank(key_mask: ir.Value) -> int | None:
+def _mask_kind(key_mask: ir.Value, x: ir.Value) -> str | None:
+    """ "raw" for a [B, S] 0/1 mask, "lengths" for a [B] mask_index (end positions: keys at and
+    past it are masked), None for the other mask_index forms ([2B] or [3B + 2] start/end
+    positions, 3-D / 4-D masks). `x`: the op's [B, S, ...] input, for the batch size."""
     r = rank(key_mask)
-    return 1 if r is None and _is_lengths(key_mask) else r
+    if r == 2:
+        return "raw"
+    if r in (1, None) and _is_lengths(key_mask, x):
+        return "lengths"
+    return None
 
 
-def _check_mask(key_mask: ir.Value | None, bias: ir.Value | None) -> None:
-    """GiveUp unless _mask can take this key-padding mask and/or attention_bias."""
+def _check_mask(key_mask: ir.Value | None, bias: ir.Value | None, x: ir.Value) -> None:
+    """GiveUp unless _key_padding can take this key-padding mask and/or attention_bias."""
     if key_mask is not None and bias is not None:
         raise GiveUp("both a key padding mask and attention_bias: not supported")
     if key_mask is None or bias is not None:
         return
-    r = _mask_rank(key_mask)
-    if r != 2 and not (r == 1 and _is_lengths(key_mask)):
-        raise GiveUp(f"mask_index of rank {r} is not supported (only [B] lengths or [B, S] 0/1)")
+    if _mask_kind(key_mask, x) is None:
+        r = rank(key_mask)
+        raise GiveUp(
+            f"mask_index of rank {r} is not supported (only [B] lengths or [B, S] 0/1)"
+            if r != 1
+            else "mask_index of rank 1 is not provably [B] lengths (start/end positions are not supported)"
+        )
 
 
-def _key_padding(builder: Builder, key_mask: ir.Value, keys: ir.Value) -> ir.Value:
+def _key_padding(builder: Builder, key_mask: ir.Value, x: ir.Value, keys: ir.Value) -> ir.Value:
     """The op's bool [B, 1, 1, S] mask from a key-padding mask _check_mask accepted.
     `keys`: a [B, S, ...] value as long as the keys."""
-    if _mask_rank(key_mask) == 2:  # raw [B, S] 0/1 mask
+    if _mask_kind(key_mask, x) == "raw":
         zero = builder.const(np.zeros((), key_mask.dtype.numpy()), "zero")
         allowed = builder.op("Not", [builder.op("Equal", [key_mask, zero])])
         return builder.op("Unsqueeze", [allowed, builder.ints([1, 2], "axes")])
@@ -170,10 +184,25 @@ def _is_3d(value: ir.Value) -> bool:
     return node is not None and node.op_type in ("MatMul", "Add") and rank(node.inputs[1]) in (1, 2)
 
 
-def _is_lengths(mask: ir.Value) -> bool:
-    """mask_index [B] (valid lengths, right padding): EmbedLayerNormalization makes one."""
+def _is_lengths(mask: ir.Value, x: ir.Value) -> bool:
+    """mask_index has B elements (so it holds end positions, not [2B] start and end): it is
+    EmbedLayerNormalization's, its shape is x's batch, or it is ReduceSum(keepdims=0) over axis 1
+    of a [B, S] mask (onnxruntime's fusion of attention_mask without EmbedLayerNormalization)."""
     node = mask.producer()
-    return node is not None and node.op_type == "EmbedLayerNormalization" and mask is node.outputs[1]
+    if node is not None and node.op_type == "EmbedLayerNormalization" and mask is node.outputs[1]:
+        return True
+    m, batch = dims(mask), (dims(x) or [None])[0]
+    if m is not None and len(m) == 1 and batch is not None and same_dim(m[0], batch):
+        return True
+    if node is not None and node.op_type == "Cast":
+        node = producer(node.inputs[0])
+    if node is None or node.op_type != "ReduceSum" or attr(node, "keepdims", 1) != 0:
+        return False
+    axes = attr(node, "axes")
+    if axes is None and len(node.inputs) > 1:
+        found = const_array(node.inputs[1])
+        axes = None if found is None else [int(a) for a in found.reshape(-1)]
+    return rank(node.inputs[0]) == 2 and axes in ([1], [-1])
 
 
 def _scalar(builder: Builder, x: int) -> ir.Value:

@@ -360,6 +360,87 @@ def _infer_shapes(model: ir.Model) -> None:
         ShapeInferencePass(strict_mode=False)(model)
     except Exception:  # noqa: BLE001 - matchers still work with unknown shapes, just prove less
         pass
+    if any(n.domain not in ("", "ai.onnx", DOMAIN) for n in model.graph):
+        _infer_contrib_shapes(model)
+
+
+# Contrib ops whose first output has the shape of their first input (normalisations, activations):
+# standing in for them with Identity lets ONNX's own inference go on past them.
+_SAME_SHAPE_CONTRIB = {
+    "BiasGelu",
+    "FastGelu",
+    "Gelu",
+    "QuickGelu",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "SimplifiedLayerNormalization",
+}
+
+
+def _infer_contrib_shapes(model: ir.Model) -> None:
+    """Graphs with contrib ops (onnxruntime's optimizer, optimum -O1..O4) lose their shapes past
+    the first op ONNX's inference does not know. onnxruntime's symbolic shape inference knows
+    them; where it fails, ONNX's inference runs with shape-preserving contrib ops replaced by
+    Identity. Both run on a copy without the large weights (graph inputs of the same shape
+    instead) and only fill shapes the graph lacks."""
+    proto = _weightless_proto(model)
+    inferred = _symbolic_shapes(proto)
+    if inferred is None:
+        for node in proto.graph.node:
+            if node.domain in ("com.microsoft", "") and node.op_type in _SAME_SHAPE_CONTRIB:
+                x, y = node.input[0], node.output[0]
+                node.Clear()
+                node.op_type = "Identity"
+                node.input.append(x)
+                node.output.append(y)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        except Exception:  # noqa: BLE001 - keep what the first inference found
+            return
+    found = {v.name: v for v in inferred.graph.value_info}
+    for node in model.graph.all_nodes():
+        for out in node.outputs:
+            info = found.get(out.name)
+            if info is None or out.shape is not None or not info.type.tensor_type.HasField("shape"):
+                continue
+            t = info.type.tensor_type
+            out.shape = ir.Shape(
+                [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+            )
+            if out.dtype is None and t.elem_type:
+                out.dtype = ir.DataType(t.elem_type)
+
+
+def _weightless_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto whose weights over 1 MB are graph inputs of the same type and shape."""
+    graph = model.graph
+    large = [
+        v for v in graph.initializers.values() if v.const_value is not None and v.const_value.nbytes > 1 << 20
+    ]
+    inputs = list(graph.inputs)
+    try:
+        for v in large:
+            graph.initializers.pop(v.name)
+            graph.inputs.append(v)
+        return ir.serde.serialize_model(model)
+    finally:
+        graph.inputs.clear()
+        graph.inputs.extend(inputs)
+        for v in large:
+            graph.register_initializer(v)
+
+
+def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+    except Exception:  # noqa: BLE001 - an op or a pattern it cannot infer
+        return None
 
 
 def _match(node: ir.Node, rule: Rule, report: Report) -> Site | None:
@@ -458,6 +539,7 @@ def _resolve_mask(site: Site, analyzer: MaskAnalyzer) -> None:
         square = analyzer.same_length(match.query, match.key, match.length_axes)
         split = analyzer.split(match.mask, match.mask_additive, square)
         match.is_causal = match.is_causal or split.causal
+        match.sliding_window = split.window
         site.mask_split = split
         site.window = split.window
         site.notes = list(split.notes)

@@ -34,6 +34,10 @@ typedef struct TfsaAttributes {
   float threshold TFSA_DEFAULT(0.95f);
   float max_density TFSA_DEFAULT(1.0f);
   int64_t min_seq_len TFSA_DEFAULT(1024);
+  /* W > 0: a query at position p attends no key before p - W + 1 (the W keys up to its own
+   * when causal), as a sliding-window mask would; 0: no window. Unlike local_window, a rule
+   * of the math, not of the selection. */
+  int64_t sliding_window TFSA_DEFAULT(0);
 } TfsaAttributes;
 
 /* The sizes of one call: query [B, Hq, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv]. */
@@ -45,19 +49,34 @@ typedef struct TfsaDims {
   int64_t bias_stride[4] TFSA_DEFAULT({0, 0, 0, 0});
 } TfsaDims;
 
+/* The attributes of ai.tfsa::SparseGroupQueryAttention that com.microsoft.GroupQueryAttention
+ * defines (its sparsity attributes are a TfsaAttributes; scale is there too). The order is the
+ * order of tfsa_onnx/reference.py GroupQueryAttentionAttributes' fields. num_heads and
+ * kv_num_heads have no default: 0 stands for absent. */
+typedef struct TfsaGqaAttributes {
+  int64_t num_heads TFSA_DEFAULT(0);
+  int64_t kv_num_heads TFSA_DEFAULT(0);
+  int64_t local_window_size TFSA_DEFAULT(-1); /* query at p sees the w keys (p - w, p]; -1: all */
+  int64_t do_rotary TFSA_DEFAULT(0);
+  int64_t rotary_interleaved TFSA_DEFAULT(0);
+  float softcap TFSA_DEFAULT(0.0f); /* only 0: no capping */
+} TfsaGqaAttributes;
+
 /* One attribute as the library checks it: a value v is allowed when low <= v <= high (low < v
  * when low_open) and, for floats, finite. */
 typedef struct TfsaAttributeInfo {
   const char* name;
   int32_t is_float; /* float, else int64 */
   int32_t low_open;
-  size_t offset; /* of the field in TfsaAttributes */
+  size_t offset; /* of the field in its struct: TfsaAttributes, or TfsaGqaAttributes */
   double default_value, low, high;
 } TfsaAttributeInfo;
 
 /* Fills `info` with attribute `index` (in the order the checks run) when `info` is not NULL;
  * returns how many attributes there are. Exported by every library of this project. */
 int32_t tfsa_attribute_info(int32_t index, TfsaAttributeInfo* info);
+/* The same for the TfsaGqaAttributes of SparseGroupQueryAttention. */
+int32_t tfsa_gqa_attribute_info(int32_t index, TfsaAttributeInfo* info);
 
 #ifdef __cplusplus
 }  // extern "C"
@@ -79,16 +98,22 @@ namespace tfsa {
 
 inline constexpr const char* kDomain = "ai.tfsa";
 inline constexpr const char* kOpName = "SparseAttention";
+inline constexpr const char* kGqaOpName = "SparseGroupQueryAttention";
 
 using Attributes = TfsaAttributes;
+using GqaAttributes = TfsaGqaAttributes;
 using Dims = TfsaDims;
 
 // The attributes' bounds. Inside them no index arithmetic of a call overflows int64.
 inline constexpr int64_t kBlockSizeMax = 1048576;  // block_size in [1, kBlockSizeMax]
-inline constexpr int64_t kTokensMax = 2147483647;  // global_tokens, local_window, min_seq_len in [0, kTokensMax]
+// global_tokens, local_window, min_seq_len, sliding_window in [0, kTokensMax]
+inline constexpr int64_t kTokensMax = 2147483647;
+inline constexpr int64_t kHeadsMax = 65536;        // num_heads, kv_num_heads in [1, kHeadsMax]
 
-// One attribute: its name, where it lives in Attributes, its bounds, and what its error adds.
-struct AttributeRule {
+// One attribute: its name, where it lives in its struct S (Attributes or GqaAttributes), its
+// bounds, and what its error adds.
+template <class S>
+struct FieldRule {
   const char* name;
   bool is_float;
   size_t offset;
@@ -97,16 +122,16 @@ struct AttributeRule {
   const char* note;  // appended to the range in the error message
 
   template <class V>  // float for float attributes, int64_t for integers
-  V Get(const Attributes& a) const {
+  V Get(const S& a) const {
     V value;
     std::memcpy(&value, reinterpret_cast<const unsigned char*>(&a) + offset, sizeof value);
     return value;
   }
-  double GetAsDouble(const Attributes& a) const {
+  double GetAsDouble(const S& a) const {
     return is_float ? Get<float>(a) : static_cast<double>(Get<int64_t>(a));
   }
   template <class V>
-  void Set(Attributes& a, V value) const {
+  void Set(S& a, V value) const {
     unsigned char* field = reinterpret_cast<unsigned char*>(&a) + offset;
     if (is_float) {
       const float as_float = static_cast<float>(value);
@@ -118,6 +143,9 @@ struct AttributeRule {
   }
 };
 
+using AttributeRule = FieldRule<Attributes>;
+using GqaAttributeRule = FieldRule<GqaAttributes>;
+
 // Every attribute, integers first: the order CheckAttributes reports the first bad one in.
 inline constexpr double kUnbounded = std::numeric_limits<double>::infinity();
 inline constexpr AttributeRule kAttributeRules[] = {
@@ -125,23 +153,37 @@ inline constexpr AttributeRule kAttributeRules[] = {
     {"global_tokens", false, offsetof(Attributes, global_tokens), 0, kTokensMax, false, ""},
     {"local_window", false, offsetof(Attributes, local_window), 0, kTokensMax, false, ""},
     {"min_seq_len", false, offsetof(Attributes, min_seq_len), 0, kTokensMax, false, ""},
+    {"sliding_window", false, offsetof(Attributes, sliding_window), 0, kTokensMax, false, " (0: none)"},
     {"is_causal", false, offsetof(Attributes, is_causal), 0, 1, false, ""},
     {"threshold", true, offsetof(Attributes, threshold), 0, 1, false, ""},
     {"max_density", true, offsetof(Attributes, max_density), 0, 1, true, ""},
     {"scale", true, offsetof(Attributes, scale), 0, kUnbounded, false, " (0 means 1/sqrt(head_dim))"},
 };
 
-// Empty string when the attributes are within their bounds, else the first one that is not:
-// its name, its value and the allowed range.
-inline std::string CheckAttributes(const Attributes& a) {
+// SparseGroupQueryAttention's own attributes; the sparsity ones are kAttributeRules' (all but
+// is_causal: the op is always causal).
+inline constexpr GqaAttributeRule kGqaAttributeRules[] = {
+    {"num_heads", false, offsetof(GqaAttributes, num_heads), 1, kHeadsMax, false, ""},
+    {"kv_num_heads", false, offsetof(GqaAttributes, kv_num_heads), 1, kHeadsMax, false, ""},
+    {"local_window_size", false, offsetof(GqaAttributes, local_window_size), -1, kTokensMax, false,
+     " (-1: no window)"},
+    {"do_rotary", false, offsetof(GqaAttributes, do_rotary), 0, 1, false, ""},
+    {"rotary_interleaved", false, offsetof(GqaAttributes, rotary_interleaved), 0, 1, false, ""},
+    {"softcap", true, offsetof(GqaAttributes, softcap), 0, 0, false, " (softcap is not supported)"},
+};
+
+// Empty string when the fields are within their rules' bounds, else the first one that is
+// not: its name, its value and the allowed range.
+template <class S, size_t N>
+std::string CheckFields(const S& a, const FieldRule<S> (&rules)[N]) {
   std::ostringstream err;
-  for (const AttributeRule& r : kAttributeRules) {
+  for (const FieldRule<S>& r : rules) {
     if (!r.is_float) {
-      const int64_t value = r.Get<int64_t>(a), low = static_cast<int64_t>(r.low), high = static_cast<int64_t>(r.high);
+      const int64_t value = r.template Get<int64_t>(a), low = static_cast<int64_t>(r.low), high = static_cast<int64_t>(r.high);
       if (value >= low && value <= high) continue;
       err << r.name << " must be an integer in [" << low << ", " << high << "], got " << value;
     } else {
-      const float value = r.Get<float>(a);
+      const float value = r.template Get<float>(a);
       if ((r.low_open ? value > r.low : value >= r.low) && value <= r.high && std::isfinite(value)) continue;
       const bool unbounded = std::isinf(r.high);
       err << r.name << " must be a " << (unbounded ? "finite " : "") << "float in " << (r.low_open ? "(" : "[")
@@ -152,6 +194,9 @@ inline std::string CheckAttributes(const Attributes& a) {
   return "";
 }
 
+inline std::string CheckAttributes(const Attributes& a) { return CheckFields(a, kAttributeRules); }
+inline std::string CheckGqaAttributes(const GqaAttributes& a) { return CheckFields(a, kGqaAttributeRules); }
+
 // Whether a call ranks blocks by the estimate; else every allowed block is computed (short
 // inputs, or threshold and max_density both 1: dense attention through the same code).
 inline bool UsesEstimate(const Attributes& a, int64_t kv_len) {
@@ -161,10 +206,10 @@ inline bool UsesEstimate(const Attributes& a, int64_t kv_len) {
 // The attributes a call with these sizes computes with; everything that sizes memory, indexes
 // blocks or scales scores uses these, never the raw attributes:
 //  - scale: 0 becomes 1/sqrt(head_dim) (1 without a head dim);
-//  - block_size, global_tokens and local_window cut to what the sequences can use, which
-//    changes no result. A block_size of at least both lengths is one query block and one key
-//    block however large it is; global tokens beyond both lengths cover every query and key
-//    either way; a window of the longer length already reaches every key from every query
+//  - block_size, global_tokens, local_window and sliding_window cut to what the sequences can
+//    use, which changes no result. A block_size of at least both lengths is one query block and
+//    one key block however large it is; global tokens beyond both lengths cover every query and
+//    key either way; a window of the longer length already reaches every key from every query
 //    position (positions lie in [kv - q, kv - 1]).
 inline Attributes Effective(const Attributes& a, const Dims& d) {
   Attributes e = a;
@@ -173,12 +218,15 @@ inline Attributes Effective(const Attributes& a, const Dims& d) {
   e.block_size = std::min(a.block_size, longest);
   e.global_tokens = std::min(a.global_tokens, longest);
   e.local_window = std::min(a.local_window, longest);
+  e.sliding_window = std::min(a.sliding_window, longest);
   return e;
 }
 
 // The block grid of a call, from its effective attributes.
 inline BlockGrid GridOf(const Attributes& effective, const Dims& d) {
-  return BlockGrid(effective.block_size, d.q_len, d.kv_len, effective.is_causal != 0);
+  BlockGrid grid(effective.block_size, d.q_len, d.kv_len, effective.is_causal != 0);
+  grid.window = effective.sliding_window > 0 ? effective.sliding_window - 1 : -1;
+  return grid;
 }
 
 using Shape = std::vector<int64_t>;

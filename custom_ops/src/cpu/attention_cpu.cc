@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "block_math.h"
+#include "exact_rows.h"
 #include "selection.h"
 #include "tile_walk.h"
 #include "tfsa/ort_api.h"
@@ -43,10 +44,10 @@ void KeyBlockMeans(const Problem& p, const T* k_head, float* means_t, int64_t me
 
 // Keys transposed and values padded into blocks, plus the key block means, of one (b, kv head).
 template <class T>
-void PackHead(const Problem& p, const T* key, const T* value, int64_t bk, PackedKeysValues& out) {
+void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, int64_t bk, PackedKeysValues& out) {
   const Dims& d = p.dims;
-  const T* k_head = key + bk * d.kv_len * d.head_dim;
-  const T* v_head = value + bk * d.kv_len * d.v_head_dim;
+  const T* k_head = key + bk * kv_rows * d.head_dim;
+  const T* v_head = value + bk * kv_rows * d.v_head_dim;
   KeyBlockMeans(p, k_head, out.k_means.data() + bk * d.head_dim * out.means_pad, out.means_pad);
   if (p.selection_only) return;
   for (int64_t kb = 0; kb < out.k_blocks; ++kb) {
@@ -157,7 +158,8 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
   kv.v_nonfinite.assign(heads * kv.k_blocks, 0);
   const T* key = static_cast<const T*>(t.key);
   const T* value = static_cast<const T*>(t.value);
-  parallel_for(heads, [&](size_t bk) { PackHead<T>(p, key, value, static_cast<int64_t>(bk), kv); });
+  const int64_t kv_rows = t.kv_rows > 0 ? t.kv_rows : d.kv_len;
+  parallel_for(heads, [&](size_t bk) { PackHead<T>(p, key, value, kv_rows, static_cast<int64_t>(bk), kv); });
 
   MaskBlocks mask_blocks;
   Problem with_mask = p;
@@ -202,6 +204,10 @@ void RunSparseAttention(const Problem& problem, const Tensors& tensors, Workspac
     const size_t n = static_cast<size_t>(d.batch * d.q_heads * d.q_len * d.v_head_dim);
     std::memset(tensors.output, 0, n * (tensors.type == Tensors::Type::kFloat ? 4 : 2));
     if (tensors.density) std::fill(tensors.density, tensors.density + d.batch * d.q_heads, 1.0f);
+    return;
+  }
+  if (UsesExactRows(problem)) {
+    RunExactRows(problem, tensors, parallel_for);
     return;
   }
   std::unique_ptr<Workspace> workspace = workspaces.Take();

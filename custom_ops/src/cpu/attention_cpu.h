@@ -15,8 +15,9 @@ namespace tfsa::cpu {
 
 struct Tensors {
   const void* query = nullptr;  // [B, Hq, Sq, D]
-  const void* key = nullptr;    // [B, Hkv, Sk, D]
-  const void* value = nullptr;  // [B, Hkv, Sk, Dv]
+  const void* key = nullptr;    // [B, Hkv, kv_rows, D], rows past Sk unread
+  const void* value = nullptr;  // [B, Hkv, kv_rows, Dv]
+  int64_t kv_rows = 0;          // rows per (batch, kv head) of key/value: a cache longer than Sk; 0: Sk
   void* output = nullptr;       // [B, Hq, Sq, Dv]
   float* density = nullptr;     // [B, Hq] or null
   enum class Type { kFloat, kHalf, kBFloat16 } type = Type::kFloat;  // of query/key/value/output

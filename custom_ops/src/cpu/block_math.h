@@ -31,6 +31,11 @@ struct BlockMath {
   void (*softmax_step)(float* s, int rows, int keys, int width, float* m, float* l, float* o, int v_pad);
   // o += s[:, :keys] . v[:keys, :], s with row stride s_stride
   void (*accumulate)(const float* s, int rows, int keys, int s_stride, const float* v, int v_pad, float* o);
+  // The few-rows path (exact_rows.h), on rows as a KV cache holds them, unpacked:
+  // s[j] = q . k[j] for n key rows k[j] = k + j * head_dim;
+  void (*row_scores)(const float* q, int head_dim, const float* k, int n, float* s);
+  // o[:n] += w * v[:n].
+  void (*axpy)(float w, const float* v, int n, float* o);
 };
 
 const BlockMath& BlockMathAvx512();

@@ -5,7 +5,7 @@
 
 namespace tfsa::cpu {
 const BlockMath& BlockMathAvx2() {
-  static const BlockMath math{"avx2", 2 * TFSA_LANES, Scores, SoftmaxStep, Accumulate};
+  static const BlockMath math{"avx2", 2 * TFSA_LANES, Scores, SoftmaxStep, Accumulate, RowScores, Axpy};
   return math;
 }
 }  // namespace tfsa::cpu

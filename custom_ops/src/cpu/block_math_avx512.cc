@@ -5,7 +5,7 @@
 
 namespace tfsa::cpu {
 const BlockMath& BlockMathAvx512() {
-  static const BlockMath math{"avx512", 2 * TFSA_LANES, Scores, SoftmaxStep, Accumulate};
+  static const BlockMath math{"avx512", 2 * TFSA_LANES, Scores, SoftmaxStep, Accumulate, RowScores, Axpy};
   return math;
 }
 }  // namespace tfsa::cpu

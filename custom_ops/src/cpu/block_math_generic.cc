@@ -5,7 +5,7 @@
 
 namespace tfsa::cpu {
 const BlockMath& BlockMathGeneric() {
-  static const BlockMath math{"generic", 2 * TFSA_LANES, Scores, SoftmaxStep, Accumulate};
+  static const BlockMath math{"generic", 2 * TFSA_LANES, Scores, SoftmaxStep, Accumulate, RowScores, Axpy};
   return math;
 }
 }  // namespace tfsa::cpu

@@ -7,7 +7,7 @@
 
 namespace tfsa::cpu {
 const BlockMath& BlockMathWide() {
-  static const BlockMath math{"wide", 2 * TFSA_LANES, Scores, SoftmaxStep, Accumulate};
+  static const BlockMath math{"wide", 2 * TFSA_LANES, Scores, SoftmaxStep, Accumulate, RowScores, Axpy};
   return math;
 }
 }  // namespace tfsa::cpu

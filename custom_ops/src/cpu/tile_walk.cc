@@ -5,16 +5,17 @@
 namespace tfsa::cpu {
 namespace {
 
-// Adds the mask and the bias and removes future keys inside one (query block, key block)
-// score tile. A pair the mask hides, or whose mask + bias is -inf, becomes -inf whatever its
-// score was (a NaN key it does not see stays out); the bias of a masked pair is not read.
+// Adds the mask and the bias and removes future keys and keys before the window inside one
+// (query block, key block) score tile. A pair the mask hides, or whose mask + bias is -inf,
+// becomes -inf whatever its score was (a NaN key it does not see stays out); the bias of a
+// masked pair is not read.
 void ApplyMaskAndCausality(const Problem& p, int64_t b, int64_t h, int64_t qb, int64_t kb, int rows, int keys,
                            int s_stride, float* s) {
   const int64_t q_begin = p.grid.QueryBegin(qb), k_begin = p.grid.KeyBegin(kb);
-  const bool causal_cut = p.grid.CrossesCausalEdge(qb, kb);
+  const bool causal_cut = p.grid.CrossesCausalEdge(qb, kb), window_cut = p.grid.CrossesWindowEdge(qb, kb);
   const MaskBlocks* mb = p.mask_blocks;
   const bool add_mask = mb && mb->At(b, h, qb, kb) != kMaskOpen, add_bias = p.bias.present();
-  if (!add_mask && !add_bias && !causal_cut) return;
+  if (!add_mask && !add_bias && !causal_cut && !window_cut) return;
   for (int r = 0; r < rows; ++r) {
     float* row = s + static_cast<size_t>(r) * s_stride;
     const int64_t i = q_begin + r;
@@ -37,6 +38,8 @@ void ApplyMaskAndCausality(const Problem& p, int64_t b, int64_t h, int64_t qb, i
     if (causal_cut)
       for (int64_t j = std::max<int64_t>(0, p.grid.LastVisibleKey(i) + 1 - k_begin); j < keys; ++j)
         row[j] = kNegInf;
+    if (window_cut)
+      for (int64_t j = 0; j < std::min<int64_t>(keys, p.grid.FirstVisibleKey(i) - k_begin); ++j) row[j] = kNegInf;
   }
 }
 

@@ -1,0 +1,289 @@
+#include "gqa_op.h"
+
+#include <algorithm>
+#include <new>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/gqa_cache.h"
+#include "op_common.h"
+
+namespace tfsa {
+namespace {
+
+OrtStatusPtr Error(const std::string& message) {
+  return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, ("SparseGroupQueryAttention: " + message).c_str());
+}
+
+// Input `index`, or a null value when the node leaves it out.
+Ort::ConstValue OptionalInput(Ort::KernelContext& context, size_t index) {
+  if (index >= context.GetInputCount()) return Ort::ConstValue{nullptr};
+  return context.GetInput(index);
+}
+
+Shape ShapeOf(const Ort::ConstValue& value) { return value.GetTensorTypeAndShapeInfo().GetShape(); }
+
+// One call's inputs as read and checked: the layout, the data, total_sequence_length.
+struct GqaCall {
+  cpu::GqaLayout layout;
+  cpu::GqaInputs in;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  int64_t total_sequence_length = 0;
+};
+
+// The types of every present T input must be query's.
+std::string CheckTypes(Ort::KernelContext& context, GqaCall& call) {
+  call.type = context.GetInput(0).GetTensorTypeAndShapeInfo().GetElementType();
+  if (call.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && call.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+    return std::string("query must be float32 or float16, got ") + TypeName(call.type);
+  const char* names[] = {"query", "key", "value", "past_key", "past_value", "", "", "cos_cache", "sin_cache"};
+  for (size_t i : {1, 2, 3, 4, 7, 8}) {
+    auto input = OptionalInput(context, i);
+    if (input && input.GetTensorTypeAndShapeInfo().GetElementType() != call.type)
+      return std::string(names[i]) + " must have query's type " + TypeName(call.type) + ", got " +
+             TypeName(input.GetTensorTypeAndShapeInfo().GetElementType());
+  }
+  return "";
+}
+
+// query (packed or not), key and value: batch, sequence, heads and head size.
+std::string CheckQkv(Ort::KernelContext& context, const GqaAttributes& a, GqaCall& call) {
+  cpu::GqaLayout& l = call.layout;
+  auto query = context.GetInput(0), key = OptionalInput(context, 1), value = OptionalInput(context, 2);
+  const Shape q = ShapeOf(query);
+  if (q.size() != 3) return "query must be 3-D [batch, sequence, hidden], got " + ToString(q);
+  if (static_cast<bool>(key) != static_cast<bool>(value))
+    return "key and value must be both given, or both absent (query is then packed QKV)";
+  l.batch = q[0];
+  l.seq = q[1];
+  l.q_heads = a.num_heads;
+  l.kv_heads = a.kv_num_heads;
+  l.packed = !key;
+  const int64_t token_heads = l.packed ? l.q_heads + 2 * l.kv_heads : l.q_heads;
+  if (q[2] % token_heads != 0 || q[2] == 0)
+    return "query hidden size " + std::to_string(q[2]) + " is not a positive multiple of " +
+           (l.packed ? "num_heads + 2 * kv_num_heads = " : "num_heads = ") + std::to_string(token_heads);
+  l.head_dim = q[2] / token_heads;
+  call.in.query = InputData(query);
+  if (l.packed) return "";
+  const Shape expected = {l.batch, l.seq, l.kv_heads * l.head_dim};
+  if (ShapeOf(key) != expected || ShapeOf(value) != expected)
+    return "key and value must be [batch, sequence, kv_num_heads * head_size] = " + ToString(expected) +
+           ", got key " + ToString(ShapeOf(key)) + " and value " + ToString(ShapeOf(value));
+  call.in.key = InputData(key);
+  call.in.value = InputData(value);
+  return "";
+}
+
+// past_key/past_value, seqlens_k, total_sequence_length, cos_cache/sin_cache.
+std::string CheckCacheInputs(Ort::KernelContext& context, const GqaAttributes& a, GqaCall& call) {
+  cpu::GqaLayout& l = call.layout;
+  auto past_key = OptionalInput(context, 3), past_value = OptionalInput(context, 4);
+  if (static_cast<bool>(past_key) != static_cast<bool>(past_value))
+    return "past_key and past_value must be both given or both absent";
+  if (past_key) {
+    const Shape pk = ShapeOf(past_key), pv = ShapeOf(past_value);
+    if (pk.size() != 4 || pk != pv || pk[0] != l.batch || pk[1] != l.kv_heads || pk[3] != l.head_dim)
+      return "past_key and past_value must be [batch, kv_num_heads, past_length, head_size] = [" +
+             std::to_string(l.batch) + ", " + std::to_string(l.kv_heads) + ", P, " + std::to_string(l.head_dim) +
+             "], got " + ToString(pk) + " and " + ToString(pv);
+    l.past_rows = pk[2];
+    call.in.past_key = InputData(past_key);
+    call.in.past_value = InputData(past_value);
+  }
+  auto seqlens = context.GetInput(5), total = context.GetInput(6);
+  if (ShapeOf(seqlens) != Shape{l.batch}) return "seqlens_k must be [batch] = [" + std::to_string(l.batch) + "], got " + ToString(ShapeOf(seqlens));
+  if (total.GetTensorTypeAndShapeInfo().GetElementCount() != 1)
+    return "total_sequence_length must hold one value, got shape " + ToString(ShapeOf(total));
+  call.in.seqlens_k = static_cast<const int32_t*>(InputData(seqlens));
+  call.total_sequence_length = *static_cast<const int32_t*>(InputData(total));
+  if (call.total_sequence_length < 0)
+    return "total_sequence_length must be >= 0, got " + std::to_string(call.total_sequence_length);
+  l.present_rows = std::max(call.total_sequence_length, l.past_rows);
+  l.first_prompt = l.seq == call.total_sequence_length;
+  if (a.do_rotary == 0) return "";
+  auto cos = OptionalInput(context, 7), sin = OptionalInput(context, 8);
+  if (!cos || !sin) return "do_rotary=1 needs cos_cache and sin_cache";
+  const Shape c = ShapeOf(cos), s = ShapeOf(sin);
+  if (c.size() != 2 || c != s || c[1] < 1 || 2 * c[1] > l.head_dim)
+    return "cos_cache and sin_cache must be one shape [positions, rotary_dim / 2] with 1 <= rotary_dim <= head_size = " +
+           std::to_string(l.head_dim) + ", got " + ToString(c) + " and " + ToString(s);
+  l.rotary_half = c[1];
+  l.interleaved = a.rotary_interleaved != 0;
+  call.in.cos = InputData(cos);
+  call.in.sin = InputData(sin);
+  return "";
+}
+
+// Every batch row's seqlens_k against the cache sizes; `positions` is cos_cache's row count.
+std::string CheckRows(const GqaCall& call, int64_t positions) {
+  const cpu::GqaLayout& l = call.layout;
+  for (int64_t b = 0; b < l.batch; ++b) {
+    const int64_t seqlen_k = call.in.seqlens_k[b], past = cpu::PastLength(l, call.in.seqlens_k[b]);
+    std::ostringstream err;
+    err << "seqlens_k[" << b << "] = " << seqlen_k << " ";
+    if (seqlen_k < 0) return err.str() + "is negative";
+    if (l.first_prompt && seqlen_k >= l.seq)
+      return err.str() + "exceeds sequence length - 1 = " + std::to_string(l.seq - 1) +
+             " on a prompt (sequence length = total_sequence_length)";
+    if (past < 0)
+      return err.str() + "is less than sequence length - 1 = " + std::to_string(l.seq - 1) + ": the new rows need a place";
+    if (past + l.seq > l.present_rows)
+      return err.str() + "does not fit the present cache of " + std::to_string(l.present_rows) +
+             " rows (max(total_sequence_length, past length))";
+    if (past > 0 && l.past_rows == 0) return err.str() + "needs past rows, and past_key is absent";
+    if (past > l.past_rows) return err.str() + "needs " + std::to_string(past) + " past rows, past_key has " + std::to_string(l.past_rows);
+    if (l.rotary_half > 0 && past + l.seq > positions)
+      return err.str() + "needs rotary positions up to " + std::to_string(past + l.seq - 1) + ", cos_cache has " +
+             std::to_string(positions) + " rows";
+  }
+  return "";
+}
+
+cpu::ParallelFor OrtParallelFor(Ort::KernelContext& context) {
+  return [&context](size_t n, const std::function<void(size_t)>& fn) {
+    context.ParallelFor([](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); },
+                        n, 0, const_cast<std::function<void(size_t)>*>(&fn));
+  };
+}
+
+// Attention of query rows [row_begin, row_begin + rows) of batch row b over the first kv_len
+// rows of its present cache, the first row at key position `offset`, written to `output`.
+struct RowsCall {
+  int64_t b, row_begin, rows, kv_len, offset;
+  bool dense;
+};
+
+template <class T>
+void AttendRows(const GqaKernel& k, const GqaCall& call, const RowsCall& r, void* output, cpu::WorkspacePool& pool,
+                const cpu::ParallelFor& parallel_for) {
+  const cpu::GqaLayout& l = call.layout;
+  const int64_t D = l.head_dim, Hq = l.q_heads;
+  std::vector<T> q(static_cast<size_t>(Hq * r.rows * D)), o(q.size());
+  cpu::GatherQuery<T>(l, call.in, r.b, r.row_begin, r.rows, q.data(), parallel_for);
+
+  cpu::Problem p;
+  p.dims = Dims{1, Hq, l.kv_heads, r.rows, r.kv_len, D, D, {0, 0, 0, 0}};
+  Attributes a = k.sparsity;
+  a.is_causal = 1;
+  if (r.dense) a.threshold = a.max_density = 1.0f;  // exact over the cache
+  p.attrs = Effective(a, p.dims);
+  p.grid = GridOf(p.attrs, p.dims);
+  p.grid.offset = r.offset;
+  p.grid.global_query_offset = r.offset;  // global tokens count absolute positions
+  // local_window_size w: the w keys up to the query's own, as in ORT 1.32.
+  p.grid.window = k.gqa.local_window_size > 0 ? k.gqa.local_window_size - 1 : -1;
+
+  cpu::Tensors t;
+  t.query = q.data();
+  const int64_t cache_offset = r.b * l.kv_heads * l.present_rows * D;
+  t.key = static_cast<const T*>(call.in.present_key) + cache_offset;
+  t.value = static_cast<const T*>(call.in.present_value) + cache_offset;
+  t.kv_rows = l.present_rows;
+  t.output = o.data();
+  t.type = std::is_same_v<T, float> ? cpu::Tensors::Type::kFloat : cpu::Tensors::Type::kHalf;
+  cpu::RunSparseAttention(p, t, pool, parallel_for);
+
+  T* out = static_cast<T*>(output);  // [B, S, Hq * D] from [Hq, rows, D]
+  for (int64_t row = 0; row < r.rows; ++row)
+    for (int64_t h = 0; h < Hq; ++h)
+      std::copy_n(o.data() + (h * r.rows + row) * D, D, out + ((r.b * l.seq + r.row_begin + row) * Hq + h) * D);
+}
+
+// Per batch row: its new rows over its cache. On a prompt, rows past the row's length (right
+// padding) see all of its keys, as in ORT's GroupQueryAttention.
+template <class T>
+void Attend(GqaKernel& k, const GqaCall& call, void* output, const cpu::ParallelFor& parallel_for) {
+  const cpu::GqaLayout& l = call.layout;
+  if (k.gqa.local_window_size == 0) {  // a window of no key: every row attends nothing (zeros, as ORT)
+    std::fill_n(static_cast<T*>(output), l.batch * l.seq * l.q_heads * l.head_dim, T(0.0f));
+    return;
+  }
+  const bool dense = l.seq == 1 || l.seq < k.sparsity.min_seq_len;  // decode steps are exact
+  for (int64_t b = 0; b < l.batch; ++b) {
+    const int64_t total = static_cast<int64_t>(call.in.seqlens_k[b]) + 1;
+    if (l.first_prompt) {
+      AttendRows<T>(k, call, {b, 0, total, total, 0, dense}, output, k.workspaces, parallel_for);
+      if (total < l.seq)
+        AttendRows<T>(k, call, {b, total, l.seq - total, total, total, true}, output, k.workspaces, parallel_for);
+    } else {
+      AttendRows<T>(k, call, {b, 0, l.seq, total, total - l.seq, dense}, output, k.workspaces, parallel_for);
+    }
+  }
+}
+
+}  // namespace
+
+GqaKernel::GqaKernel(const OrtApi& api, const OrtKernelInfo* info) {
+  std::string type_error;
+  ReadFields(api, info, kGqaAttributeRules, gqa, type_error);
+  // always causal; its window is local_window_size
+  ReadFields(api, info, kAttributeRules, sparsity, type_error, {"is_causal", "sliding_window"});
+  sparsity.is_causal = 1;
+  if (!type_error.empty()) attribute_error = type_error;
+  else if (gqa.num_heads == 0 || gqa.kv_num_heads == 0) attribute_error = "num_heads and kv_num_heads are required";
+  else attribute_error = CheckGqaAttributes(gqa);
+  if (attribute_error.empty()) attribute_error = CheckAttributes(sparsity);
+  if (attribute_error.empty() && gqa.num_heads % gqa.kv_num_heads != 0)
+    attribute_error = "num_heads = " + std::to_string(gqa.num_heads) + " must be a multiple of kv_num_heads = " +
+                      std::to_string(gqa.kv_num_heads);
+}
+
+OrtStatusPtr GqaKernel::ComputeV2(OrtKernelContext* raw_context) {
+  try {
+    Ort::KernelContext context(raw_context);
+    if (!attribute_error.empty()) return Error(attribute_error);
+    GqaCall call;
+    std::string error = CheckTypes(context, call);
+    if (error.empty()) error = CheckQkv(context, gqa, call);
+    if (error.empty()) error = CheckCacheInputs(context, gqa, call);
+    const int64_t positions = call.layout.rotary_half > 0 ? ShapeOf(OptionalInput(context, 7))[0] : 0;
+    if (error.empty()) error = CheckRows(call, positions);
+    if (!error.empty()) return Error(error);
+
+    const cpu::GqaLayout& l = call.layout;
+    void* output = context.GetOutput(0, {l.batch, l.seq, l.q_heads * l.head_dim}).GetTensorMutableRawData();
+    const Shape present = {l.batch, l.kv_heads, l.present_rows, l.head_dim};
+    call.in.present_key = context.GetOutput(1, present).GetTensorMutableRawData();
+    call.in.present_value = context.GetOutput(2, present).GetTensorMutableRawData();
+    // genai binds one buffer as past and present: then the past rows are already in place.
+    const bool key_shared = call.in.past_key != nullptr && call.in.past_key == call.in.present_key;
+    const bool value_shared = call.in.past_value != nullptr && call.in.past_value == call.in.present_value;
+    if (key_shared != value_shared) return Error("past and present must share both buffers (key and value) or neither");
+    call.layout.shared_buffer = key_shared;
+
+    const cpu::ParallelFor parallel_for = OrtParallelFor(context);
+    if (call.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      cpu::WritePresent<float>(call.layout, call.in, parallel_for);
+      Attend<float>(*this, call, output, parallel_for);
+    } else {
+      cpu::WritePresent<Ort::Float16_t>(call.layout, call.in, parallel_for);
+      Attend<Ort::Float16_t>(*this, call, output, parallel_for);
+    }
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::bad_alloc&) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, "SparseGroupQueryAttention: out of memory");
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("SparseGroupQueryAttention: ") + e.what()).c_str());
+  }
+}
+
+GqaOp::GqaOp(ONNXTensorElementDataType type) : type_(type) {
+  // Announce the oldest API we use, not the headers' newest, so older runtimes accept the op.
+  OrtCustomOp::version = kMinOrtApiVersion;
+}
+
+OrtStatusPtr GqaOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+  try {
+    *kernel = new GqaKernel(api, info);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return api.CreateStatus(ORT_FAIL, e.what());
+  }
+}
+
+}  // namespace tfsa
