@@ -217,3 +217,13 @@ def test_bias_is_read_only_inside_the_computed_blocks():
     assert np.isfinite(y).all()
     np.testing.assert_allclose(density, (4 + 3) / 16)
     np.testing.assert_allclose(y, sparse_attention(q, k, v, None, bias, **attrs)[0], atol=2e-5)
+
+
+@pytest.mark.parametrize("sq", [1, 3])
+def test_few_query_rows_with_bias(sq):
+    # Up to 4 rows, dense, no mask: the few-rows path, which a bias turns off (it adds none).
+    rng = np.random.default_rng(16 + sq)
+    q, k, v = qkv(rng, 2, 4, 2, sq, 50, 16, 8)
+    bias = (3 * rng.standard_normal((2, 4, 1, 50))).astype(np.float32)
+    y, _ = run_op(q, k, v, None, bias, block_size=16, **DENSE)
+    np.testing.assert_allclose(y, plain_attention(q, k, v, bias), atol=2e-5)
