@@ -165,6 +165,63 @@ def _sliding(config_class: str, model_class: str, layers: int, window: int, **ex
     return build
 
 
+def _mpnet(attn: str):
+    import transformers as T
+
+    config = T.MPNetConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=1100,
+        attn_implementation=attn,
+    )
+    return T.MPNetModel(config, add_pooling_layer=False)
+
+
+def _t5_encoder(attn: str):
+    import transformers as T
+
+    config = T.T5Config(
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        vocab_size=VOCAB,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        attn_implementation=attn,
+    )
+    return T.T5EncoderModel(config)
+
+
+def _bloom(attn: str):
+    import transformers as T
+
+    config = T.BloomConfig(hidden_size=32, n_layer=2, n_head=2, vocab_size=VOCAB, attn_implementation=attn)
+    return T.BloomModel(config)
+
+
+def _deberta_v2(attn: str):
+    import transformers as T
+
+    config = T.DebertaV2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=1100,
+        relative_attention=True,
+        position_buckets=16,
+        pos_att_type=["p2c", "c2p"],
+        attn_implementation=attn,
+    )
+    return T.DebertaV2Model(config)
+
+
 BUILDERS = {
     "bert": _bert,
     "vit": _vit,
@@ -185,6 +242,10 @@ BUILDERS = {
     ),
     # Gemma 3's pattern: five sliding-window layers, then one global layer.
     "gemma3": _sliding("Gemma3TextConfig", "Gemma3TextModel", 6, 512),
+    "mpnet": _mpnet,
+    "t5-encoder": _t5_encoder,
+    "bloom": _bloom,
+    "deberta-v2": _deberta_v2,
 }
 
 

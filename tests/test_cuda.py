@@ -51,7 +51,9 @@ class Emulated:
             return bfloat16.from_bits(x)
         return x.astype(np.float32)
 
-    def run(self, q, k, v, mask=None, dtype="float32", selection_only=False, **attrs):
+    def run(
+        self, q, k, v, mask=None, dtype="float32", selection_only=False, bias=None, bias_dtype=None, **attrs
+    ):
         q_h, k_h, v_h = (self._host(t, dtype) for t in (q, k, v))
         b, hq, sq, _ = q.shape
         sk, dv = k.shape[2], v.shape[3]
@@ -61,8 +63,23 @@ class Emulated:
             mask_h = mask if mask.dtype == np.bool_ else self._host(mask, dtype)
             full = np.broadcast_to(mask_h.reshape((1,) * (4 - mask.ndim) + mask.shape), (b, hq, sq, sk))
             strides = tuple(s // mask_h.itemsize for s in full.strides)
-        call = cuda.make_args((q.shape, k.shape, v.shape), DTYPES[dtype], kind, strides, **attrs)
+        bias_dtype = bias_dtype or dtype
+        bias_h, bias_strides = None, (0, 0, 0, 0)
+        if bias is not None:
+            bias_h = self._host(bias, bias_dtype)
+            full = np.broadcast_to(bias_h.reshape((1,) * (4 - bias.ndim) + bias.shape), (b, hq, sq, sk))
+            bias_strides = tuple(s // bias_h.itemsize for s in full.strides)
+        call = cuda.make_args(
+            (q.shape, k.shape, v.shape),
+            DTYPES[dtype],
+            kind,
+            strides,
+            DTYPES[bias_dtype],
+            bias_strides,
+            **attrs,
+        )
         call.selection_only = int(selection_only)
+        call.bias = bias_h.ctypes.data if bias_h is not None else None
         workspace = np.zeros(max(1, cuda.workspace_bytes(call, self.lib)), np.uint8)
         out = np.zeros((b, hq, sq, dv), q_h.dtype)
         density = np.full((b, hq), -1.0, np.float32)
@@ -81,7 +98,9 @@ class Gpu:
 
     name = "gpu"
 
-    def run(self, q, k, v, mask=None, dtype="float32", selection_only=False, **attrs):
+    def run(
+        self, q, k, v, mask=None, dtype="float32", selection_only=False, bias=None, bias_dtype=None, **attrs
+    ):
         import torch
 
         torch_dtype = getattr(torch, dtype)
@@ -90,8 +109,13 @@ class Gpu:
         if mask is not None:
             mask_d = torch.from_numpy(np.ascontiguousarray(mask)).to("cuda")
             mask_d = mask_d if mask.dtype == np.bool_ else mask_d.to(torch_dtype)
+        bias_d = None
+        if bias is not None:
+            bias_d = torch.from_numpy(np.ascontiguousarray(bias)).to(
+                "cuda", getattr(torch, bias_dtype or dtype)
+            )
         prepared = cuda.Prepared(
-            q_d, k_d, v_d, mask_d, selection_only=selection_only, return_selected=True, **attrs
+            q_d, k_d, v_d, mask_d, bias_d, selection_only=selection_only, return_selected=True, **attrs
         )
         prepared.run()
         torch.cuda.synchronize()
@@ -139,31 +163,34 @@ def backend(request, emulated_library):
 TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 
-def _inputs(rng, b, hq, hkv, sq, sk, d, dv, dtype):
-    q, k, v = (
-        rng.standard_normal(s).astype(np.float32) for s in ((b, hq, sq, d), (b, hkv, sk, d), (b, hkv, sk, dv))
-    )
+def _rounded(t: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values that `dtype` holds exactly."""
     if dtype == "float16":
-        q, k, v = (t.astype(np.float16).astype(np.float32) for t in (q, k, v))
+        return t.astype(np.float16).astype(np.float32)
     if dtype == "bfloat16":
-        q, k, v = (bfloat16.rounded(t) for t in (q, k, v))
-    return q, k, v
+        return bfloat16.rounded(t)
+    return t
 
 
-def _check(backend, q, k, v, mask=None, dtype="float32", **attrs):
-    y, density, selected = backend.run(q, k, v, mask, dtype, **attrs)
-    y_ref, density_ref = sparse_attention(q, k, v, mask, **attrs)
+def _inputs(rng, b, hq, hkv, sq, sk, d, dv, dtype):
+    shapes = ((b, hq, sq, d), (b, hkv, sk, d), (b, hkv, sk, dv))
+    return tuple(_rounded(rng.standard_normal(s).astype(np.float32), dtype) for s in shapes)
+
+
+def _check(backend, q, k, v, mask=None, dtype="float32", bias=None, bias_dtype=None, **attrs):
+    y, density, selected = backend.run(q, k, v, mask, dtype, bias=bias, bias_dtype=bias_dtype, **attrs)
+    y_ref, density_ref = sparse_attention(q, k, v, mask, bias, **attrs)
     a = SparseAttentionAttributes(**attrs)
     shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     _, may_attend = _attendable(mask, shape, bool(a.is_causal), a.sliding_window)
-    selected_ref = select_blocks(q, k, _block_any(may_attend, a.block_size), a)
+    selected_ref = select_blocks(q, k, _block_any(may_attend, a.block_size), a, attn_bias=bias)
     # Pooled scores are summed in another order than the reference's: a block on the
     # threshold's edge may flip; anything more is a bug. The math is checked on the
     # kernel's own choice of blocks.
     flips = int((selected != selected_ref).sum())
     assert flips <= max(2, 0.01 * selected.size), (flips, selected.sum(), selected_ref.sum())
     if not np.array_equal(selected, selected_ref):
-        y_ref, density_ref = sparse_attention(q, k, v, mask, selected=selected, **attrs)
+        y_ref, density_ref = sparse_attention(q, k, v, mask, bias, selected=selected, **attrs)
     np.testing.assert_allclose(y, y_ref, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
     np.testing.assert_allclose(density, density_ref, rtol=1e-6)
     return y, density, selected
@@ -293,6 +320,36 @@ def test_masks(backend, dtype, mask_kind):
     )
 
 
+# bias shape, dtype, bias dtype, mask, causal: per head, per batch, one row for all queries
+# (ALiBi), broadcast over batch and heads; float32 biases beside float16 queries.
+BIAS_CASES = [
+    ((1, 2, 75, 75), "float32", "float32", None, 0),
+    ((2, 1, 75, 75), "float16", "float16", "padding", 1),
+    ((2, 2, 1, 75), "float16", "float32", "padding", 0),
+    ((1, 1, 75, 75), "bfloat16", "bfloat16", None, 1),
+    ((2, 2, 75, 75), "float32", "float32", "per-query", 1),
+]
+
+
+@pytest.mark.parametrize("bias_shape,dtype,bias_dtype,mask_kind,causal", BIAS_CASES, ids=str)
+def test_bias(backend, bias_shape, dtype, bias_dtype, mask_kind, causal):
+    rng = np.random.default_rng(sum(bias_shape))
+    b, h, s, d = 2, 2, 75, 64
+    q, k, v = _inputs(rng, b, h, h, s, s, d, d, dtype)
+    bias = _rounded(rng.standard_normal(bias_shape).astype(np.float32) * 4, bias_dtype)
+    bias[..., :3] -= np.inf if bias_shape[2] == 1 else 0.0  # a -inf bias hides without closing
+    mask = None
+    if mask_kind == "padding":
+        mask = np.ones((b, 1, 1, s), bool)
+        mask[1, ..., 40:] = False
+    elif mask_kind == "per-query":
+        mask = np.where(rng.random((b, 1, s, s)) < 0.2, -np.inf, 0.0).astype(np.float32)
+    attrs = dict(
+        block_size=16, threshold=0.8, global_tokens=0, local_window=16, min_seq_len=0, is_causal=causal
+    )
+    _check(backend, q, k, v, mask, dtype, bias=bias, bias_dtype=bias_dtype, **attrs)
+
+
 def test_dense_settings_select_every_allowed_block(backend):
     rng = np.random.default_rng(5)
     q, k, v = _inputs(rng, 1, 2, 1, 96, 96, 64, 64, "float16")
@@ -347,6 +404,10 @@ def test_bad_calls_are_errors_that_say_what_is_wrong(emulated_library):
         cuda.run(cuda.make_args(((1, 1, 8, 16),) * 3, mask_kind=cuda.MASK_BOOL), 0, lib)
     with pytest.raises(RuntimeError, match="the workspace has 0 bytes, the call needs"):
         cuda.run(cuda.make_args(((1, 1, 8, 16),) * 3), 0, lib)
+    call = cuda.make_args(((1, 1, 8, 16),) * 3, bias_dtype=cuda.FLOAT16)  # float32 query
+    call.bias = 16  # never read: the call is refused first
+    with pytest.raises(RuntimeError, match="bias_dtype must be float32 or the query's dtype"):
+        cuda.run(call, 0, lib)
     with pytest.raises(RuntimeError, match="too many key blocks"):
         cuda.run(cuda.make_args(((1, 1, 8, 16), (1, 1, 10**6, 16), (1, 1, 10**6, 16)), block_size=16), 0, lib)
     assert cuda.workspace_bytes(cuda.make_args(shapes), lib) == 0

@@ -35,6 +35,7 @@ class Dims(ctypes.Structure):
         ("head_dim", ctypes.c_int64),
         ("v_head_dim", ctypes.c_int64),
         ("mask_stride", ctypes.c_int64 * 4),
+        ("bias_stride", ctypes.c_int64 * 4),
     ]
 
 
@@ -44,10 +45,11 @@ class CudaArgs(ctypes.Structure):
     _fields_ = [
         ("dtype", ctypes.c_int32),
         ("mask_kind", ctypes.c_int32),
+        ("bias_dtype", ctypes.c_int32),
         ("dims", Dims),
         ("attributes", Attributes),
         ("selection_only", ctypes.c_int32),
-        *[(name, ctypes.c_void_p) for name in ("query", "key", "value", "mask", "output")],
+        *[(name, ctypes.c_void_p) for name in ("query", "key", "value", "mask", "bias", "output")],
         ("density", ctypes.c_void_p),
         ("selected", ctypes.c_void_p),
         ("workspace", ctypes.c_void_p),
@@ -88,14 +90,18 @@ def make_args(
     dtype: int = FLOAT32,
     mask_kind: int = MASK_NONE,
     mask_strides: tuple[int, int, int, int] = (0, 0, 0, 0),
+    bias_dtype: int = FLOAT32,
+    bias_strides: tuple[int, int, int, int] = (0, 0, 0, 0),
     **attributes: Any,
 ) -> CudaArgs:
-    """The arguments for query/key/value shapes and attributes (pointers left unset)."""
+    """The arguments for query/key/value shapes and attributes (pointers left unset; the bias's
+    dtype and strides apply once `bias` is set)."""
     (b, hq, sq, d), (_, hkv, sk, _), (_, _, _, dv) = shapes
     dims = Dims(batch=b, q_heads=hq, kv_heads=hkv, q_len=sq, kv_len=sk, head_dim=d, v_head_dim=dv)
     dims.mask_stride[:] = list(mask_strides)
+    dims.bias_stride[:] = list(bias_strides)
     attrs = Attributes(**SparseAttentionAttributes(**attributes).as_dict())
-    return CudaArgs(dtype=dtype, mask_kind=mask_kind, dims=dims, attributes=attrs)
+    return CudaArgs(dtype=dtype, mask_kind=mask_kind, bias_dtype=bias_dtype, dims=dims, attributes=attrs)
 
 
 def workspace_bytes(call: CudaArgs, lib: ctypes.CDLL | None = None) -> int:
@@ -119,7 +125,16 @@ class Prepared:
     """A call on torch CUDA tensors with its outputs and workspace allocated: run() enqueues it."""
 
     def __init__(
-        self, query, key, value, attn_mask=None, *, selection_only=False, return_selected=False, **attributes
+        self,
+        query,
+        key,
+        value,
+        attn_mask=None,
+        attn_bias=None,
+        *,
+        selection_only=False,
+        return_selected=False,
+        **attributes,
     ):
         import torch
 
@@ -135,8 +150,17 @@ class Prepared:
             mask = full.expand(b, hq, sq, sk)  # broadcast axes get stride 0
             strides = tuple(mask.stride())
             self.inputs.append(mask)
+        bias, bias_strides = None, (0, 0, 0, 0)
+        if attn_bias is not None:
+            full = attn_bias.contiguous().reshape((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
+            bias = full.expand(b, hq, sq, sk)
+            bias_strides = tuple(bias.stride())
+            self.inputs.append(bias)
         shapes = (tuple(query.shape), tuple(key.shape), tuple(value.shape))
-        self.call = make_args(shapes, dtypes[query.dtype], mask_kind, strides, **attributes)
+        bias_dtype = dtypes[attn_bias.dtype] if attn_bias is not None else FLOAT32
+        self.call = make_args(
+            shapes, dtypes[query.dtype], mask_kind, strides, bias_dtype, bias_strides, **attributes
+        )
         self.call.selection_only = int(selection_only)
         size = workspace_bytes(self.call)
         if size == 0:
@@ -152,6 +176,7 @@ class Prepared:
         c = self.call
         c.query, c.key, c.value = query.data_ptr(), key.data_ptr(), value.data_ptr()
         c.mask = mask.data_ptr() if mask is not None else None
+        c.bias = bias.data_ptr() if bias is not None else None
         c.output, c.density = self.output.data_ptr(), self.density.data_ptr()
         c.selected = self.selected.data_ptr() if self.selected is not None else None
         c.workspace, c.workspace_size = self.workspace.data_ptr(), size
@@ -161,9 +186,13 @@ class Prepared:
         run(self.call, self.stream)
 
 
-def sparse_attention(query, key, value, attn_mask=None, *, return_selected: bool = False, **attributes: Any):
+def sparse_attention(
+    query, key, value, attn_mask=None, attn_bias=None, *, return_selected: bool = False, **attributes: Any
+):
     """SparseAttention on torch CUDA tensors [B, H, S, D]: (Y, density[, selected [B, Hq, nQ, nK]])."""
-    prepared = Prepared(query, key, value, attn_mask, return_selected=return_selected, **attributes)
+    prepared = Prepared(
+        query, key, value, attn_mask, attn_bias, return_selected=return_selected, **attributes
+    )
     prepared.run()
     if return_selected:
         return prepared.output, prepared.density, prepared.selected.bool()

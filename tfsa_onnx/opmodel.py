@@ -24,15 +24,21 @@ def sparse_attention_model(
     mask_dtype: int | None = None,
     mask_rank: int = 4,
     density_output: bool = True,
+    bias_dtype: int | None = None,
+    bias_rank: int = 4,
     **attributes,
 ) -> onnx.ModelProto:
-    """query/key/value (+ attn_mask) -> SparseAttention -> Y (+ density), symbolic dims."""
+    """query/key/value (+ attn_mask) (+ attn_bias) -> SparseAttention -> Y (+ density), symbolic dims."""
     inputs = [helper.make_tensor_value_info(n, dtype, dims) for n, dims in _DIMS.items()]
     names = list(_DIMS)
     if mask_dtype is not None:
         dims = [f"mask_{i}" for i in range(mask_rank)]
         inputs.append(helper.make_tensor_value_info("attn_mask", mask_dtype, dims))
         names.append("attn_mask")
+    if bias_dtype is not None:
+        dims = [f"bias_{i}" for i in range(bias_rank)]
+        inputs.append(helper.make_tensor_value_info("attn_bias", bias_dtype, dims))
+        names += ([] if mask_dtype is not None else [""]) + ["attn_bias"]
     outputs = [helper.make_tensor_value_info("Y", dtype, ["batch", "q_heads", "q_len", "v_head_dim"])]
     if density_output:
         outputs.append(helper.make_tensor_value_info("density", TensorProto.FLOAT, ["batch", "q_heads"]))

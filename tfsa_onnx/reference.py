@@ -14,7 +14,9 @@ Selection (which key blocks a query block computes), per (batch, head, query blo
      reaches ceil(max_density * allowed) (forced blocks count against the cap, but are kept
      even when they alone exceed it). The mass, by `estimate` (ESTIMATES):
        0 "mean":  softmax over the candidates of scale * mean(Q block) . mean(K block)
-                  + log(keys in block);
+                  + log(keys in block) + the attn_bias at the block pair's centre element
+                  (row (first + last) // 2 of the query block, the same of the key block;
+                  non-finite as 0);
        1 "antidiagonal": exact probabilities of 1 pair in `estimate_stride`: the pairs
                   (i, j) with (i + j + 1) % estimate_stride == 0 (the antidiagonals of
                   stride x stride tiles, as XAttention scores them), in allowed blocks and
@@ -23,11 +25,19 @@ Selection (which key blocks a query block computes), per (batch, head, query blo
                   share of the candidates' total (equal shares when it is 0);
        2 "token": each query row's softmax over the candidates of scale * q_i . mean(K block)
                   + log(keys in block), averaged over the block's rows.
+     (The token and antidiagonal estimates do not read attn_bias.)
   Below min_seq_len keys, every allowed block is computed.
-Math: exactly softmax(scale * Q K^T + mask) V over the selected blocks, the rest -inf, where
-causality (key j <= p for the query at position p = i + Sk - Sq) and the sliding window
-(j > p - sliding_window when it is > 0) hide pairs as the mask does;
+Math: exactly softmax(scale * Q K^T + mask + attn_bias) V over the selected blocks, the rest
+-inf, where causality (key j <= p for the query at position p = i + Sk - Sq) and the sliding
+window (j > p - sliding_window when it is > 0) hide pairs as the mask does;
 rows with nothing to attend give zeros.
+
+attn_bias (optional, [B|1, H|1, Sq, Sk] broadcast like the mask, float32 or the query's type):
+an additive score bias (relative position, ALiBi) kept apart from the mask. It is read only
+inside the blocks computed (and at one element per block pair, for the estimate): it never
+decides which blocks are allowed and is not in the density's denominator. Mask and bias add up
+in float32; a pair whose sum is -inf is hidden like a masked pair (its score -inf whatever its
+dot), so a -inf in the bias hides a pair without closing its block.
 
 Attribute bounds (contract.h enforces the same; out of range is an error): block_size in
 [1, BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len, sliding_window in
@@ -37,16 +47,17 @@ leaves the max_density cap alone (blocks of zero estimated mass are taken too). 
 global_tokens, local_window and sliding_window are cut to the longer sequence (`effective`),
 which changes no result: the kernels never size memory or index blocks by the raw values.
 
-NaN and infinity. A pair (i, j) counts for row i when its block is selected and causality and
-the mask let i see j (a NaN or +inf mask value lets it: only -inf / false hide a pair). Its
-score is scale * q_i . k_j + mask_ij; every other pair has score -inf. A pair whose score is
--inf carries no weight and is never read: neither its key nor its value nor its mask value can
-reach row i. So NaN in q_i, or in the key, value or mask value of a pair that counts (and +inf
-scores, through inf - inf), makes row i NaN, as dense attention would; nothing else does. The
-selection is not steered by them: non-finite query and key elements count as 0 in the block
-means and in the rows and keys the other estimates read, a NaN score ranks below every other
-candidate with zero mass, and when the largest score (of a block, of a row for "token" and
-"antidiagonal") is not finite the candidates (the row's sampled pairs) weigh the same.
+NaN and infinity. A pair (i, j) counts for row i when its block is selected, causality and
+the mask let i see j (a NaN or +inf mask value lets it: only -inf / false hide a pair), and
+mask + bias is not -inf. Its score is scale * q_i . k_j + mask_ij + bias_ij; every other pair
+has score -inf. A pair whose score is -inf carries no weight and is never read: neither its
+key nor its value nor its mask or bias value can reach row i. So NaN in q_i, or in the key,
+value, mask or bias value of a pair that counts (and +inf scores, through inf - inf), makes
+row i NaN, as dense attention would; nothing else does. The selection is not steered by them:
+non-finite query and key elements count as 0 in the block means and in the rows and keys the
+other estimates read, a NaN score ranks below every other candidate with zero mass, and when
+the largest score (of a block, of a row for "token" and "antidiagonal") is not finite the
+candidates (the row's sampled pairs) weigh the same.
 """
 
 from __future__ import annotations
@@ -145,7 +156,7 @@ def effective(a: SparseAttentionAttributes, sq: int, sk: int) -> SparseAttention
 
 
 def _attendable(mask, shape, is_causal: bool, window: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Additive bias [B,H,Sq,Sk] (float64) and the boolean 'may attend' of each pair (query i
+    """Additive mask [B,H,Sq,Sk] (float64) and the boolean 'may attend' of each pair (query i
     at position p = i + Sk - Sq; a window W > 0 hides keys before p - W + 1)."""
     b, h, sq, sk = shape
     if mask is None:
@@ -239,9 +250,9 @@ def _antidiagonal_mass(q_rows, first_row, keys, allowed, a, scale, sq) -> np.nda
     return padded.reshape(allowed.size, a.block_size).sum(axis=1)
 
 
-def _candidate_mass(q, k, k_mean, idx, allowed, candidates, a, scale) -> np.ndarray:
+def _candidate_mass(q, k, k_mean, idx, allowed, candidates, a, scale, centre) -> np.ndarray:
     """[candidates] estimated share of the mass (sums to 1) for query block idx = (b, h, qb).
-    q and k are finite (non-finite elements as 0)."""
+    q and k are finite (non-finite elements as 0); centre [nK]: the bias the mean estimate adds."""
     bs, sq = a.block_size, q.shape[2]
     rows = q[idx[0], idx[1], idx[2] * bs : (idx[2] + 1) * bs]
     sk = k.shape[2]
@@ -249,7 +260,7 @@ def _candidate_mass(q, k, k_mean, idx, allowed, candidates, a, scale) -> np.ndar
     means = k_mean[idx[0], idx[1] // (q.shape[1] // k.shape[1]), candidates]
     name = ESTIMATES[a.estimate]
     if name == "mean":
-        return _softmax(scale * rows.mean(axis=0) @ means.T + log_keys)
+        return _softmax(scale * rows.mean(axis=0) @ means.T + log_keys + centre[candidates])
     if name == "token":
         return _softmax(scale * rows @ means.T + log_keys).mean(axis=0)
     keys = k[idx[0], idx[1] // (q.shape[1] // k.shape[1])]
@@ -258,8 +269,25 @@ def _candidate_mass(q, k, k_mean, idx, allowed, candidates, a, scale) -> np.ndar
     return mass / total if total > 0 else np.full(candidates.size, 1.0 / candidates.size)
 
 
+def _block_centre_bias(attn_bias: np.ndarray | None, shape, bs: int) -> np.ndarray:
+    """[B|1, H|1, nQ, nK]: attn_bias at each block pair's centre element (non-finite as 0)."""
+    if attn_bias is None:
+        return np.zeros((1, 1, 1, 1))
+    *_, sq, sk = shape
+    rows = [(i + min(i + bs, sq) - 1) // 2 for i in range(0, sq, bs)]
+    cols = [(j + min(j + bs, sk) - 1) // 2 for j in range(0, sk, bs)]
+    full = np.broadcast_to(attn_bias.reshape((1,) * (4 - attn_bias.ndim) + attn_bias.shape), shape)
+    centre = full[:, :, rows][:, :, :, cols].astype(np.float64)
+    return np.where(np.isfinite(centre), centre, 0.0)
+
+
 def select_blocks(
-    q: np.ndarray, k: np.ndarray, allowed: np.ndarray, a: SparseAttentionAttributes, query_offset: int = 0
+    q: np.ndarray,
+    k: np.ndarray,
+    allowed: np.ndarray,
+    a: SparseAttentionAttributes,
+    query_offset: int = 0,
+    attn_bias: np.ndarray | None = None,
 ) -> np.ndarray:
     """[B, Hq, nQ, nK] bool: the key blocks each query block computes."""
     sq, sk = q.shape[2], k.shape[2]
@@ -269,6 +297,7 @@ def select_blocks(
     q = np.where(np.isfinite(q), q, 0.0).astype(np.float64)
     k = np.where(np.isfinite(k), k, 0.0).astype(np.float64)
     k_mean = _block_means(k, a.block_size)
+    centre = np.broadcast_to(_block_centre_bias(attn_bias, (*q.shape[:3], sk), a.block_size), allowed.shape)
     forced = _forced_blocks(sq, sk, a, query_offset) & allowed
     selected = forced.copy()
     threshold = float(np.float32(a.threshold))  # an ONNX float attribute, as the kernels read it
@@ -276,7 +305,7 @@ def select_blocks(
         candidates = np.flatnonzero(allowed[idx] & ~forced[idx])
         if candidates.size == 0:
             continue
-        mass = _candidate_mass(q, k, k_mean, idx, allowed[idx], candidates, a, scale)
+        mass = _candidate_mass(q, k, k_mean, idx, allowed[idx], candidates, a, scale, centre[idx])
         # the tolerance keeps float32 attribute rounding from adding a block (0.1 * 30)
         cap = max(1, math.ceil(a.max_density * allowed[idx].sum() - 1e-4))
         budget = cap - forced[idx].sum()
@@ -305,6 +334,8 @@ def sparse_attention(
     key: np.ndarray,
     value: np.ndarray,
     attn_mask: np.ndarray | None = None,
+    attn_bias: np.ndarray | None = None,
+    *,
     selected: np.ndarray | None = None,
     query_offset: int = 0,
     **attributes,
@@ -321,14 +352,19 @@ def sparse_attention(
     bias, may_attend = _attendable(attn_mask, (b, hq, sq, sk), bool(a.is_causal), a.sliding_window)
     allowed = _block_any(may_attend, a.block_size)
     if selected is None:
-        selected = select_blocks(query, key, allowed, a, query_offset)
+        selected = select_blocks(query, key, allowed, a, query_offset, attn_bias)
+    if attn_bias is not None:  # summed in float32, as the kernels do
+        with np.errstate(invalid="ignore", over="ignore"):
+            bias = (
+                bias.astype(np.float32) + np.broadcast_to(attn_bias, bias.shape).astype(np.float32)
+            ).astype(np.float64)
 
     bs = a.block_size
     in_selected = np.repeat(np.repeat(selected, bs, axis=2), bs, axis=3)[:, :, :sq, :sk]
     scale = a.scale or 1.0 / math.sqrt(d)
     k = np.repeat(key.astype(np.float64), hq // hkv, axis=1)
     v = np.repeat(value.astype(np.float64), hq // hkv, axis=1)
-    counts = in_selected & may_attend  # the pairs that count; the others are never read
+    counts = in_selected & may_attend & (bias != -np.inf)  # the pairs that count; the others are never read
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         scores = np.where(counts, scale * query.astype(np.float64) @ np.swapaxes(k, -1, -2) + bias, -np.inf)
         row_max = scores.max(axis=-1, keepdims=True)

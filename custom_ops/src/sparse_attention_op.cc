@@ -33,8 +33,9 @@ namespace {
 std::string ReadInputs(Ort::KernelContext& context, OpTensors& call) {
   const size_t n_inputs = context.GetInputCount();
   auto query = context.GetInput(0), key = context.GetInput(1), value = context.GetInput(2);
-  Ort::ConstValue mask{nullptr};
+  Ort::ConstValue mask{nullptr}, bias{nullptr};
   if (n_inputs > 3) mask = context.GetInput(3);
+  if (n_inputs > 4) bias = context.GetInput(4);
 
   const auto q_info = query.GetTensorTypeAndShapeInfo(), k_info = key.GetTensorTypeAndShapeInfo();
   const auto v_info = value.GetTensorTypeAndShapeInfo();
@@ -55,8 +56,18 @@ std::string ReadInputs(Ort::KernelContext& context, OpTensors& call) {
              TypeName(call.mask_type);
     call.mask = InputData(mask);
   }
+  Shape bias_shape;
+  if (bias) {
+    const auto b_info = bias.GetTensorTypeAndShapeInfo();
+    bias_shape = b_info.GetShape();
+    call.bias_type = b_info.GetElementType();
+    if (call.bias_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && call.bias_type != type)
+      return std::string("attn_bias must be float32 or ") + TypeName(type) + " like query, got " +
+             TypeName(call.bias_type);
+    call.bias = InputData(bias);
+  }
   const std::string shape_error = CheckShapes(q_info.GetShape(), k_info.GetShape(), v_info.GetShape(),
-                                              mask ? &mask_shape : nullptr, call.dims);
+                                              mask ? &mask_shape : nullptr, call.dims, bias ? &bias_shape : nullptr);
   if (!shape_error.empty()) return shape_error;
   call.query = InputData(query);
   call.key = InputData(key);
@@ -92,16 +103,29 @@ OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
   }
 }
 
-void SparseAttentionKernel::RunCpu(Ort::KernelContext& context, const OpTensors& call) {
+namespace {
+
+// The CPU kernel's view of an optional additive input (attn_mask or attn_bias).
+cpu::MaskView ViewOf(const void* data, ONNXTensorElementDataType type, const int64_t stride[4]) {
   using Kind = cpu::MaskView::Kind;
+  cpu::MaskView view;
+  view.data = data;
+  if (data == nullptr) view.kind = Kind::kNone;
+  else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) view.kind = Kind::kBool;
+  else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) view.kind = Kind::kFloat;
+  else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) view.kind = Kind::kHalf;
+  else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) view.kind = Kind::kBFloat16;
+  for (int i = 0; i < 4; ++i) view.stride[i] = stride[i];
+  return view;
+}
+
+}  // namespace
+
+void SparseAttentionKernel::RunCpu(Ort::KernelContext& context, const OpTensors& call) {
   cpu::Problem problem;
   problem.dims = call.dims;
-  problem.mask.data = call.mask;
-  if (call.mask_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) problem.mask.kind = Kind::kBool;
-  else if (call.mask_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) problem.mask.kind = Kind::kFloat;
-  else if (call.mask_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) problem.mask.kind = Kind::kHalf;
-  else if (call.mask_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) problem.mask.kind = Kind::kBFloat16;
-  for (int i = 0; i < 4; ++i) problem.mask.stride[i] = call.dims.mask_stride[i];
+  problem.mask = ViewOf(call.mask, call.mask_type, call.dims.mask_stride);
+  problem.bias = ViewOf(call.bias, call.bias_type, call.dims.bias_stride);
   problem.attrs = Effective(attributes, call.dims);
   problem.selection_only = selection_only;
   problem.grid = GridOf(problem.attrs, call.dims);
@@ -197,7 +221,7 @@ OrtStatusPtr SparseAttentionOp::CreateKernelV2(const OrtApi& api, const OrtKerne
 }
 
 OrtCustomOpInputOutputCharacteristic SparseAttentionOp::GetInputCharacteristic(size_t index) const {
-  return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  return index >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 
 ONNXTensorElementDataType SparseAttentionOp::GetOutputType(size_t index) const {

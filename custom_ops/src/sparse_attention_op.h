@@ -21,7 +21,8 @@ struct OpTensors {
   Dims dims;
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   ONNXTensorElementDataType mask_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // none, bool or `type`
-  const void *query = nullptr, *key = nullptr, *value = nullptr, *mask = nullptr;
+  ONNXTensorElementDataType bias_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // none, float32 or `type`
+  const void *query = nullptr, *key = nullptr, *value = nullptr, *mask = nullptr, *bias = nullptr;
   const OrtMemoryInfo* memory = nullptr;  // where query lives
   void* output = nullptr;
   float* density = nullptr;
@@ -47,7 +48,8 @@ struct SparseAttentionKernel {
 // One registration per element type T of query/key/value/Y (float32, float16, bfloat16),
 // all named SparseAttention: ORT picks the kernel by the node's types. Outputs have fixed
 // types, which is what lets onnxruntime 1.17+ load the op (older runtimes refuse a dynamically
-// typed output unless exactly one input is dynamic). The mask (T or bool) stays dynamic.
+// typed output unless exactly one input is dynamic). The mask (T or bool) and the bias (T or
+// float32) stay dynamic.
 struct SparseAttentionOp : Ort::CustomOpBase<SparseAttentionOp, SparseAttentionKernel, true> {
   SparseAttentionOp(ONNXTensorElementDataType type, Provider provider);
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
@@ -55,9 +57,9 @@ struct SparseAttentionOp : Ort::CustomOpBase<SparseAttentionOp, SparseAttentionK
   const char* GetExecutionProviderType() const {
     return provider_ == Provider::kCuda ? "CUDAExecutionProvider" : nullptr;  // nullptr: CPU
   }
-  size_t GetInputTypeCount() const { return 4; }
+  size_t GetInputTypeCount() const { return 5; }  // query, key, value, attn_mask, attn_bias
   ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : type_;
+    return index >= 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : type_;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
   size_t GetOutputTypeCount() const { return 2; }

@@ -49,6 +49,9 @@ class Match:
     mask: ir.Value | None = None  # as found in the graph: the mask analysis splits it
     mask_additive: bool = True
     mask_scale: float = 1.0  # the graph scales the scores by this after adding the mask
+    # Builds the op's attn_bias in the rewrite step: the additive score terms that are not a
+    # mask (relative positions, ALiBi), never analysed as a mask, so nothing in them is dropped.
+    bias: Callable[[Builder], ir.Value] | None = None
     is_causal: bool = False
     sliding_window: int | None = None  # keys before p - W + 1 hidden (proven from the mask)
     key_perm: list[int] | None = None
@@ -138,6 +141,15 @@ def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
     if op_types and node.op_type not in op_types:
         return None
     return node
+
+
+def strip_expand(value: ir.Value) -> ir.Value:
+    """What an Expand chain broadcasts: masks and biases are broadcast by the op itself."""
+    node = producer(value, "Expand")
+    while node is not None:
+        value = node.inputs[0]
+        node = producer(value, "Expand")
+    return value
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -329,6 +341,7 @@ def sparse_attention_node(
     mask: ir.Value | None,
     tunables: dict[str, Any],
     name: str,
+    bias: ir.Value | None = None,
 ) -> ir.Value:
     """Insert the ai.tfsa::SparseAttention node for `match` and return its Y output."""
     scale = match.scale
@@ -340,10 +353,15 @@ def sparse_attention_node(
         attributes["sliding_window"] = int(match.sliding_window)
     for key, val in tunables.items():
         attributes[key] = float(val) if isinstance(val, float) else int(val)
+    if bias is not None and mask is None:
+        # onnxruntime 1.17 crashes creating a session whose custom op has an empty optional
+        # input before a given one: a one-element true mask instead (it changes nothing).
+        mask = builder.const(np.ones(1, dtype=bool), "no_mask")
+    optional = [mask, bias] if bias is not None else [mask] if mask is not None else []
     node = ir.Node(
         DOMAIN,
         OP_TYPE,
-        [inputs.query, inputs.key, inputs.value, *([mask] if mask is not None else [])],
+        [inputs.query, inputs.key, inputs.value, *optional],
         attributes=ir.convenience.convert_attributes(attributes),
         num_outputs=1,
         name=name,

@@ -344,12 +344,17 @@ class MaskAlgebra:
                 for d in target:
                     if d in (ONE, Dim(-1)):
                         continue
-                    if d not in rest:
+                    if d in rest:
+                        rest.remove(d)
+                        continue
+                    pair = _factors(rest, d)  # two source axes merged into one (B*H)
+                    if pair is None:
                         raise Unknown("a Reshape that merges axes")
-                    rest.remove(d)
-                if len(rest) > 1:
-                    raise Unknown("a Reshape that merges axes")
-                target[target.index(Dim(-1))] = rest[0] if rest else ONE
+                    rest = [x for k, x in enumerate(rest) if k not in pair]
+                size = ONE
+                for d in rest:  # -1 takes what is left: a product (one factor at most symbolic)
+                    size = size * d
+                target[target.index(Dim(-1))] = size
             return tuple(target)
         raise Unknown(f"no shape rule for {node.op_type}")
 
@@ -668,6 +673,17 @@ def _is_numbers(x: Abstract) -> bool:
     return isinstance(x, Arr) and x.values.dtype != bool
 
 
+def _factors(sizes: list[Dim], product: Dim) -> tuple[int, int] | None:
+    """Positions of two adjacent sizes whose product is `product` (one of them constant)."""
+    for k in range(len(sizes) - 1):
+        try:
+            if sizes[k] * sizes[k + 1] == product:
+                return k, k + 1
+        except Unknown:
+            continue
+    return None
+
+
 def _size_op(op: str, p: Any, q: Any, name: str) -> Dim:
     """p op q on sizes; a result outside the affine algebra becomes a symbol of its own."""
     p, q = Dim.of(p), Dim.of(q)
@@ -681,6 +697,10 @@ def _size_op(op: str, p: Any, q: Any, name: str) -> Dim:
         if p.is_const and q.is_const and q.const != 0:
             integers = isinstance(p.const, int) and isinstance(q.const, int)
             return Dim.of(int(p.const / q.const) if integers else p.const / q.const)
+        if q.is_const and isinstance(q.const, int) and q.const != 0 and isinstance(p.const, int):
+            # (k * x) / k: exact for every x when k divides every coefficient (BLOOM's B*H / H)
+            if p.const % q.const == 0 and all(c % q.const == 0 for _, c in p.terms):
+                return Dim(p.const // q.const, tuple((n, c // q.const) for n, c in p.terms))
     except Unknown:
         pass
     return Dim.symbol(name)

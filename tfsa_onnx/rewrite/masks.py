@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from tfsa_onnx.rewrite.common import NEG_LIMIT, Builder, const_scalar, producer
+from tfsa_onnx.rewrite.common import NEG_LIMIT, Builder, const_scalar, producer, strip_expand
 from tfsa_onnx.rewrite.mask_proof import MaskAlgebra, Term, Unknown, classify, mask_constants
 
 PROBE_LENGTHS = (1, 2, 5, 16, 33)
@@ -272,7 +272,7 @@ class MaskAnalyzer:
 
     def _split(self, mask: ir.Value, additive: bool, out: MaskSplit) -> tuple[Kept | None, bool]:
         if not additive:
-            return self._split_bool(_strip_expand(mask), out)
+            return self._split_bool(strip_expand(mask), out)
         if _value_independent(mask) is not None:
             term = self._term(mask, True, out)
             if term is not None:
@@ -283,7 +283,7 @@ class MaskAnalyzer:
         cond, zero, neg = where.inputs
         if const_scalar(zero) != 0.0 or (const_scalar(neg) or 0.0) > NEG_LIMIT:
             return Kept(mask), False
-        cond = _strip_expand(cond)
+        cond = strip_expand(cond)
         new_cond, causal = self._split_bool(cond, out)
         if new_cond is None:
             return None, causal
@@ -351,20 +351,18 @@ def _probe_agrees(results: list[np.ndarray], term: Term, additive: bool) -> bool
     return _all_true(results)
 
 
-def _strip_expand(value: ir.Value) -> ir.Value:
-    """Expand only broadcasts; the op broadcasts the mask itself."""
-    node = producer(value, "Expand")
-    while node is not None:
-        value = node.inputs[0]
-        node = producer(value, "Expand")
-    return value
-
-
 def mask_dtype_fix(builder: Builder, mask: ir.Value, query_dtype: Any) -> ir.Value:
     """Additive masks must have the query's type; bool stays bool."""
     if mask.dtype in (None, ir.DataType.BOOL, query_dtype):
         return mask
     return builder.op("Cast", [mask], to=query_dtype)
+
+
+def bias_dtype_fix(builder: Builder, bias: ir.Value, query_dtype: Any) -> ir.Value:
+    """The op takes a bias of the query's type or float32; anything else becomes the query's."""
+    if bias.dtype in (None, ir.DataType.FLOAT, query_dtype):
+        return bias
+    return builder.op("Cast", [bias], to=query_dtype)
 
 
 def _has_subgraph(node: ir.Node) -> bool:

@@ -8,11 +8,14 @@ Reshape(Transpose(Reshape 3-D)), and key/value heads repeated by Unsqueeze-Expan
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
+from tfsa_onnx.rewrite import merged_heads
 from tfsa_onnx.rewrite.common import (
     FLOAT_TYPES,
     NEG_LIMIT,
+    Builder,
     GiveUp,
     Match,
     NotAttention,
@@ -25,15 +28,21 @@ from tfsa_onnx.rewrite.common import (
     rank,
     same_dim,
     single_consumer,
+    strip_expand,
 )
+from tfsa_onnx.rewrite.mask_proof import MaskAlgebra
 
 _SWAP_LAST = [0, 1, 3, 2]
 
 
 class MatMulSoftmaxRule:
-    """Anchor: a Softmax over the last axis whose input comes from a 4-D MatMul."""
+    """Anchor: a Softmax over the last axis whose input comes from a 4-D MatMul (or a 3-D one
+    on merged batch and heads, merged_heads.py)."""
 
     family = "matmul-softmax"
+
+    def __init__(self) -> None:
+        self.algebra = MaskAlgebra()  # shapes, for the merged-heads proofs; one per model
 
     def is_anchor(self, node: ir.Node) -> bool:
         return node.op_type == "Softmax" and node.domain in ("", "ai.onnx")
@@ -44,23 +53,24 @@ class MatMulSoftmaxRule:
         if r is not None and axis not in (-1, r - 1):
             raise GiveUp(f"Softmax over axis {axis}, not the key axis")
         try:
-            pv = _probs_to_matmul(softmax.outputs[0])
+            pv, merge_probs = _probs_to_matmul(softmax.outputs[0])
         except GiveUp as e:
             if not (_leads_to_matmul(softmax.inputs[0]) and _feeds_matmul(softmax.outputs[0])):
                 raise NotAttention(str(e)) from None
             raise
-        scores, post_scale, masks = _scores_chain(softmax.inputs[0])
+        scores, post_scale, masks, split = _scores_chain(softmax.inputs[0])
         qk = producer(scores, "MatMul")
         if qk is None:
             raise NotAttention("the Softmax input does not come from a MatMul")
-        q, k_t = qk.inputs
+        q, q_scale = _strip_scalar_mul(qk.inputs[0])
+        k_t, k_scale = _strip_scalar_mul(qk.inputs[1])
+        scale = q_scale * k_scale * post_scale
+        if split is not None or merge_probs is not None:
+            return self._merged(q, k_t, split, merge_probs, pv, masks, scale)
         for name, v in (("Q", q), ("K^T", k_t), ("V", pv.inputs[1])):
             if rank(v) != 4:
                 raise GiveUp(f"{name} is not a 4-D [batch, heads, seq, dim] tensor (rank {rank(v)})")
-        q, q_scale = _strip_scalar_mul(q)
-        k_t, k_scale = _strip_scalar_mul(k_t)
-        if len(masks) > 1:
-            raise GiveUp(f"{len(masks)} masks applied to the scores; only one is supported")
+        masks, biases = _split_terms([t[:3] for t in masks])
         mask, additive, mask_scale = masks[0] if masks else (None, True, 1.0)
         if additive and mask is not None and not mask_scale > 0.0:
             raise GiveUp(f"the scores are scaled by {mask_scale} after the mask is added")
@@ -75,19 +85,53 @@ class MatMulSoftmaxRule:
             key=key,
             value=value,
             output=pv.outputs[0],
-            scale=q_scale * k_scale * post_scale,
+            scale=scale,
             mask=mask,
             mask_additive=additive,
             mask_scale=mask_scale,
             key_perm=perm,
             length_axes=(2, 2 if perm is None else perm[2]),
+            bias=_bias_builder(biases),
+        )
+
+    def _merged(self, q3, k3_t, split, merge_probs, pv, terms, scale) -> Match:
+        """Attention on [B*H, S, D] (BLOOM): Q, K, V, output and the merged terms made 4-D."""
+        if split is None or merge_probs is None:
+            raise GiveUp("batch and heads are merged on one side of the Softmax only")
+        heads = merged_heads.prove(self.algebra, q3, k3_t, split, merge_probs, pv)
+        masks, biases = _split_terms([t[:3] for t in terms])
+        merged = {id(t[0]) for t in terms if t[3]}
+        if any(id(m[0]) in merged for m in masks):
+            raise GiveUp("a mask is added to the scores while batch and heads are merged")
+        mask, additive, mask_scale = masks[0] if masks else (None, True, 1.0)
+        if additive and mask is not None and not mask_scale > 0.0:
+            raise GiveUp(f"the scores are scaled by {mask_scale} after the mask is added")
+        unmerge = []
+        for value, _, _ in biases:
+            if id(value) in merged:
+                merged_heads.check_term(self.algebra, value, heads)
+                unmerge.append(merged_heads.unmerge_plan(self.algebra, value, heads, q3))
+            else:
+                unmerge.append(None)
+        return Match(
+            query=heads.query,
+            key=heads.key,
+            value=heads.value,
+            output=heads.output,
+            finish=None if heads.split_output else merged_heads.merge_output,
+            scale=scale,
+            mask=mask,
+            mask_additive=additive,
+            mask_scale=mask_scale,
+            bias=_bias_builder(biases, unmerge),
         )
 
 
-def _probs_to_matmul(probs: ir.Value) -> ir.Node:
-    """Follow the probabilities through Cast / Dropout / Where(IsNaN) to the PV MatMul."""
-    value = probs
-    for _ in range(6):
+def _probs_to_matmul(probs: ir.Value) -> tuple[ir.Node, ir.Node | None]:
+    """Follow the probabilities through Cast / Dropout / Where(IsNaN) to the PV MatMul; also
+    the one Reshape that merges batch and heads on the way, if any (merged_heads.py)."""
+    value, merge = probs, None
+    for _ in range(7):
         users = [n for n, _ in value.uses()]
         if value.is_graph_output():
             raise GiveUp("attention probabilities are a graph output")
@@ -99,7 +143,10 @@ def _probs_to_matmul(probs: ir.Value) -> ir.Node:
             raise GiveUp("attention probabilities have other consumers (e.g. output_attentions)")
         node = users[0]
         if node.op_type == "MatMul" and node.inputs[0] is value:
-            return node
+            return node, merge
+        if node.op_type == "Reshape" and node.inputs[0] is value and merge is None:
+            merge, value = node, node.outputs[0]
+            continue
         if node.op_type in ("Cast", "Identity", "Dropout") and node.inputs[0] is value:
             if node.op_type == "Cast" and node.outputs[0].dtype not in FLOAT_TYPES:
                 raise GiveUp("attention probabilities are cast to a non-float type")
@@ -138,17 +185,19 @@ def _isnan_where(value: ir.Value, users: list[ir.Node]) -> ir.Node | None:
     return where
 
 
-def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple[ir.Value, bool, float]]]:
-    """Walk back from the Softmax input: (QK scores, scale applied after QK, masks).
+def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple], ir.Node | None]:
+    """Walk back from the Softmax input: (QK scores, scale applied after QK, masks, the Reshape
+    that splits merged batch and heads, if any).
 
-    Each mask is (value, additive, scale applied after it was added).
+    Each mask is (value, additive, scale applied after it was added, added while merged).
     """
     scale = 1.0
-    masks: list[tuple[ir.Value, bool, float]] = []
+    masks: list[tuple[ir.Value, bool, float, bool]] = []
+    split = None
     for _ in range(12):
         node = producer(value)
         if node is None or node.op_type == "MatMul":
-            return value, scale, masks
+            return value, scale, masks, split
         if node.op_type in ("Cast", "Identity"):
             if node.inputs[0].dtype not in FLOAT_TYPES:
                 raise GiveUp("the scores are cast from a non-float type")
@@ -163,6 +212,8 @@ def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple[ir.Value
                 raise GiveUp("the scores are divided by zero")
             scale *= c
             value = other
+        elif node.op_type == "Reshape" and split is None and _leads_to_matmul(node.inputs[0]):
+            split, value = node, node.inputs[0]
         elif node.op_type == "Add":
             a, b = node.inputs
             if _leads_to_matmul(a):
@@ -171,14 +222,18 @@ def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple[ir.Value
                 value, mask = b, a
             else:
                 raise GiveUp("cannot tell the scores from the mask in an Add before the Softmax")
-            masks.append((mask, True, scale))
+            masks.append((mask, True, scale, split is not None))
         elif node.op_type == "Where":
             cond, x, y = node.inputs
             if (const_scalar(y) or 0.0) <= NEG_LIMIT and const_scalar(y) is not None:
-                masks.append((cond, False, scale))
+                masks.append((cond, False, scale, split is not None))
                 value = x
             elif (const_scalar(x) or 0.0) <= NEG_LIMIT and const_scalar(x) is not None:
-                raise GiveUp("Where(mask, -inf, scores): inverted boolean masks are not supported")
+                inverted = producer(cond, "Not")  # masked_fill(~mask, min): DeBERTa
+                if inverted is None:
+                    raise GiveUp("Where(mask, -inf, scores) with a mask that is not a Not")
+                masks.append((inverted.inputs[0], False, scale, split is not None))
+                value = y
             else:
                 raise GiveUp("a Where before the Softmax that does not fill with a large negative")
         else:
@@ -202,6 +257,8 @@ def _leads_to_matmul(value: ir.Value, depth: int = 8) -> bool:
             return any(_leads_to_matmul(i, depth - 1) for i in node.inputs)
         elif node.op_type == "Where":
             return _leads_to_matmul(node.inputs[1], depth - 1)
+        elif node.op_type == "Reshape":  # merged batch and heads split back (merged_heads.py)
+            node = producer(node.inputs[0])
         else:
             return False
     return False
@@ -261,3 +318,56 @@ def _reshape_transpose_reshape(k_t: ir.Value) -> ir.Value | None:
     ok = same_dim(flat[1], kd[2]) and same_dim(flat[2], kd[3])
     ok = ok and same_dim(out[0], kd[0]) and same_dim(out[1], kd[1])
     return k if ok else None
+
+
+def _split_terms(terms: list[tuple[ir.Value, bool, float]]) -> tuple[list, list]:
+    """The terms added to the scores as (masks, biases). A boolean term, an additive one that
+    computes with a large negative constant ("never attend"), or a graph input (a mask the
+    caller feeds) is a mask: the mask analysis may prove it causal or padding, and the kernel
+    skips the blocks it closes. Every other additive term (a relative position bias, ALiBi) is
+    a bias, passed to the op as it is. Either way each term reaches the scores: the split
+    decides how the op reads it, never whether."""
+    masks = [t for t in terms if not t[1] or t[0].is_graph_input() or _computes_with_large_negative(t[0])]
+    if len(masks) > 1:
+        raise GiveUp(f"{len(masks)} masks applied to the scores; only one is supported")
+    return masks, [t for t in terms if not any(t is m for m in masks)]
+
+
+def _computes_with_large_negative(value: ir.Value, limit: int = 300) -> bool:
+    """Whether a float constant <= NEG_LIMIT feeds `value` (not through a Shape: sizes only)."""
+    stack, seen = [value], set()
+    while stack and len(seen) < limit:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        c = const_array(v)
+        if c is not None:
+            if c.dtype.kind == "f" and c.size and float(np.min(c)) <= NEG_LIMIT:
+                return True
+            continue
+        node = v.producer()
+        if node is not None and node.op_type not in ("Shape", "Size"):
+            stack.extend(node.inputs)
+    return False
+
+
+def _bias_builder(biases: list[tuple[ir.Value, bool, float]], unmerge: list | None = None):
+    """What builds the op's attn_bias in the rewrite step: the bias terms made 4-D (`unmerge`,
+    merged_heads.py), without the Expands the op's broadcast makes unnecessary, pre-scaled
+    (softmax(s * (qk + b)): the op adds the bias after scaling) and summed. None: no bias."""
+    if not biases:
+        return None
+    plans = unmerge or [None] * len(biases)
+
+    def build(builder: Builder) -> ir.Value:
+        total = None
+        for (value, _, scale_after), plan in zip(biases, plans, strict=True):
+            term = plan(builder) if plan is not None else strip_expand(value)
+            if scale_after != 1.0:
+                factor = np.asarray(scale_after, dtype=(term.dtype or ir.DataType.FLOAT).numpy())
+                term = builder.op("Mul", [term, builder.const(factor, "bias_scale")])
+            total = term if total is None else builder.op("Add", [total, term])
+        return total
+
+    return build

@@ -38,7 +38,7 @@ from tfsa_onnx.rewrite.common import (
     static_int,
 )
 from tfsa_onnx.rewrite.gqa import GroupQueryAttentionRule
-from tfsa_onnx.rewrite.masks import MaskAnalyzer, mask_dtype_fix
+from tfsa_onnx.rewrite.masks import MaskAnalyzer, bias_dtype_fix, mask_dtype_fix
 from tfsa_onnx.rewrite.matmul_softmax import MatMulSoftmaxRule
 from tfsa_onnx.rewrite.onnx_attention import OnnxAttentionRule
 from tfsa_onnx.rewrite.ort_contrib import OrtAttentionRule, OrtMultiHeadAttentionRule
@@ -531,7 +531,8 @@ def _replace(graph: ir.Graph, site: Site, tunables: dict[str, Any]) -> None:
         return
     builder = Builder(graph, match.output.producer(), site.name)
     inputs = match.build_inputs(builder)
-    y = sparse_attention_node(builder, match, inputs, _op_mask(builder, site), tunables, site.name)
+    bias = bias_dtype_fix(builder, match.bias(builder), match.element_type()) if match.bias else None
+    y = sparse_attention_node(builder, match, inputs, _op_mask(builder, site), tunables, site.name, bias)
     _set_y_type(y, match, inputs)
     result = match.finish(builder, y) if match.finish else y
     if match.finish is None and y.dtype is not None:
@@ -579,6 +580,8 @@ def _resolve_mask(site: Site, analyzer: MaskAnalyzer) -> None:
     site.causal = match.is_causal
     kept = site.mask_split is not None and site.mask_split.kept is not None
     site.masked = kept or match.implied_mask is not None
+    if match.bias is not None:
+        site.notes.append("score bias (relative positions or ALiBi) passed as attn_bias")
 
 
 def _set_y_type(y: ir.Value, match: Match, inputs: Inputs) -> None:

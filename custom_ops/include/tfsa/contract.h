@@ -55,8 +55,9 @@ enum TfsaEstimate {
 typedef struct TfsaDims {
   int64_t batch TFSA_DEFAULT(0), q_heads TFSA_DEFAULT(0), kv_heads TFSA_DEFAULT(0), q_len TFSA_DEFAULT(0),
       kv_len TFSA_DEFAULT(0), head_dim TFSA_DEFAULT(0), v_head_dim TFSA_DEFAULT(0);
-  /* element strides of the mask over [B, Hq, Sq, Sk]; 0 where it broadcasts */
+  /* element strides of the mask and of the bias over [B, Hq, Sq, Sk]; 0 where they broadcast */
   int64_t mask_stride[4] TFSA_DEFAULT({0, 0, 0, 0});
+  int64_t bias_stride[4] TFSA_DEFAULT({0, 0, 0, 0});
 } TfsaDims;
 
 /* The attributes of ai.tfsa::SparseGroupQueryAttention that com.microsoft.GroupQueryAttention
@@ -255,12 +256,30 @@ inline std::string ToString(const Shape& s) {
   return out.str();
 }
 
-// Checks query/key/value/mask shapes; fills `dims` and returns "" when they fit together.
-inline std::string CheckShapes(const Shape& q, const Shape& k, const Shape& v, const Shape* mask, Dims& dims) {
+// The element strides over [B, Hq, Sq, Sk] of a tensor of shape `s` broadcast to it (0 on
+// broadcast axes), or false when it does not broadcast.
+inline bool BroadcastStrides(const Shape& s, const Dims& d, int64_t stride_out[4]) {
+  if (s.size() > 4) return false;
+  const int64_t full[4] = {d.batch, d.q_heads, d.q_len, d.kv_len};
+  int64_t stride = 1;
+  for (int axis = 3; axis >= 0; --axis) {
+    const int64_t s_axis = axis - (4 - static_cast<int64_t>(s.size()));
+    const int64_t extent = s_axis >= 0 ? s[s_axis] : 1;
+    if (extent != 1 && extent != full[axis]) return false;
+    stride_out[axis] = (extent == 1) ? 0 : stride;
+    stride *= extent;
+  }
+  return true;
+}
+
+// Checks query/key/value/mask/bias shapes; fills `dims` and returns "" when they fit together.
+inline std::string CheckShapes(const Shape& q, const Shape& k, const Shape& v, const Shape* mask, Dims& dims,
+                               const Shape* bias = nullptr) {
   std::ostringstream err;
   auto shapes = [&] {
     return " (query " + ToString(q) + ", key " + ToString(k) + ", value " + ToString(v) +
-           (mask ? ", attn_mask " + ToString(*mask) : std::string()) + ")";
+           (mask ? ", attn_mask " + ToString(*mask) : std::string()) +
+           (bias ? ", attn_bias " + ToString(*bias) : std::string()) + ")";
   };
   if (q.size() != 4 || k.size() != 4 || v.size() != 4) {
     err << "query, key and value must be 4-D [batch, heads, seq, head_dim]" << shapes();
@@ -273,20 +292,17 @@ inline std::string CheckShapes(const Shape& q, const Shape& k, const Shape& v, c
   if (k[3] != q[3]) return "key head_dim (dim 3) must equal query's" + shapes();
   if (v[1] != k[1] || v[2] != k[2]) return "value heads and seq (dims 1, 2) must equal key's" + shapes();
   if (k[1] == 0 || q[1] % k[1] != 0) return "query heads must be a multiple of key/value heads" + shapes();
-  dims = Dims{q[0], q[1], k[1], q[2], k[2], q[3], v[3], {0, 0, 0, 0}};
+  dims = Dims{q[0], q[1], k[1], q[2], k[2], q[3], v[3], {0, 0, 0, 0}, {0, 0, 0, 0}};
+  const std::string full = ToString({dims.batch, dims.q_heads, dims.q_len, dims.kv_len});
   if (mask) {
     if (mask->size() > 4) return "attn_mask must have rank <= 4" + shapes();
-    const int64_t full[4] = {dims.batch, dims.q_heads, dims.q_len, dims.kv_len};
-    int64_t stride = 1;
-    for (int axis = 3; axis >= 0; --axis) {
-      const int64_t m_axis = axis - (4 - static_cast<int64_t>(mask->size()));
-      const int64_t extent = m_axis >= 0 ? (*mask)[m_axis] : 1;
-      if (extent != 1 && extent != full[axis])
-        return "attn_mask does not broadcast to [batch, q_heads, q_seq, kv_seq] = " +
-               ToString({full[0], full[1], full[2], full[3]}) + shapes();
-      dims.mask_stride[axis] = (extent == 1) ? 0 : stride;
-      stride *= extent;
-    }
+    if (!BroadcastStrides(*mask, dims, dims.mask_stride))
+      return "attn_mask does not broadcast to [batch, q_heads, q_seq, kv_seq] = " + full + shapes();
+  }
+  if (bias) {
+    if (bias->size() > 4) return "attn_bias must have rank <= 4" + shapes();
+    if (!BroadcastStrides(*bias, dims, dims.bias_stride))
+      return "attn_bias does not broadcast to [batch, q_heads, q_seq, kv_seq] = " + full + shapes();
   }
   return "";
 }

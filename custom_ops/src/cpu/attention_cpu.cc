@@ -99,6 +99,16 @@ const float* FiniteRows(const std::vector<float>& q, bool nonfinite, std::vector
   return out.data();
 }
 
+// The estimate's share of the bias: attn_bias at the centre element of each block pair of
+// query block qb, added to its pooled scores (non-finite values count as 0; reference.py).
+void AddCentreBias(const Problem& p, int64_t b, int64_t h, int64_t qb, float* pooled_scores) {
+  const int64_t i = (p.grid.QueryBegin(qb) + p.grid.QueryEnd(qb) - 1) / 2;
+  for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb) {
+    const float bias = p.bias.Bias(p.bias.Offset(b, h, i, (p.grid.KeyBegin(kb) + p.grid.KeyEnd(kb) - 1) / 2));
+    if (std::isfinite(bias)) pooled_scores[kb] += bias;
+  }
+}
+
 // Per-thread buffers of a task, reused between query blocks.
 struct Scratch {
   std::vector<float> q, q_mean, q_finite, scores;
@@ -146,6 +156,8 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
     sc.scores.resize(static_cast<size_t>(score_rows) * means_pad);
     const float* estimate_q = score_rows == 1 ? sc.q_mean.data() : FiniteRows(sc.q, q_nonfinite, sc.q_finite);
     math.scores(estimate_q, score_rows, head_dim, kv.KMeansT(bk), means_pad, sc.scores.data(), means_pad);
+    // the mean estimate adds the bias at each block pair's centre (the others do not read it)
+    if (p.bias.present() && p.attrs.estimate == TFSA_ESTIMATE_MEAN) AddCentreBias(p, b, h, qb, sc.scores.data());
   }
   ChooseKeyBlocks(p, math, qb, sc.scores.data(), score_rows, means_pad, sc.selection, sc.chosen);
   counts[2 * task] = static_cast<int64_t>(sc.chosen.size());

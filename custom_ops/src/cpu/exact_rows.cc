@@ -90,7 +90,8 @@ void Run(const Problem& p, const Tensors& t, const ParallelFor& parallel_for) {
 }  // namespace
 
 bool UsesExactRows(const Problem& p) {
-  return p.dims.q_len <= kExactRowsMax && !UsesEstimate(p) && !p.mask.present() && !p.selection_only;
+  return p.dims.q_len <= kExactRowsMax && !UsesEstimate(p) && !p.mask.present() && !p.bias.present() &&
+         !p.selection_only;
 }
 
 void RunExactRows(const Problem& p, const Tensors& t, const ParallelFor& parallel_for) {

@@ -12,7 +12,7 @@ namespace tfsa::cpu {
 
 constexpr int64_t kExactRowsMax = 4;  // query rows per call up to which the path is taken
 
-// Whether a call takes the path: few rows, dense (no estimate), no mask, computing.
+// Whether a call takes the path: few rows, dense (no estimate), no mask or bias, computing.
 bool UsesExactRows(const Problem& p);
 
 // Runs the call; its density is 1 (every allowed block computed).

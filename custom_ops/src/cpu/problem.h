@@ -18,7 +18,7 @@ using tfsa::BlockGrid;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Read access to the optional attn_mask, broadcast to [B, Hq, Sq, Sk] by strides.
+// Read access to the optional attn_mask or attn_bias, broadcast to [B, Hq, Sq, Sk] by strides.
 struct MaskView {
   enum class Kind { kNone, kBool, kFloat, kHalf, kBFloat16 } kind = Kind::kNone;
   const void* data = nullptr;
@@ -57,6 +57,7 @@ struct Problem {
   Attributes attrs;  // effective (contract.h): scale resolved, sizes cut to the sequences
   BlockGrid grid;
   MaskView mask;
+  MaskView bias;  // attn_bias (float kinds only): read inside the computed blocks alone
   const MaskBlocks* mask_blocks = nullptr;  // set when a mask is present
   bool selection_only = false;  // profiling: pick blocks, compute nothing (outputs zeros)
 };

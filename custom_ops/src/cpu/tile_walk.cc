@@ -5,23 +5,34 @@
 namespace tfsa::cpu {
 namespace {
 
-// Adds the mask and removes future keys and keys before the window inside one (query block,
-// key block) score tile. A hidden pair becomes -inf whatever its score was (a NaN key it does not see stays out).
+// Adds the mask and the bias and removes future keys and keys before the window inside one
+// (query block, key block) score tile. A pair the mask hides, or whose mask + bias is -inf,
+// becomes -inf whatever its score was (a NaN key it does not see stays out); the bias of a
+// masked pair is not read.
 void ApplyMaskAndCausality(const Problem& p, int64_t b, int64_t h, int64_t qb, int64_t kb, int rows, int keys,
                            int s_stride, float* s) {
   const int64_t q_begin = p.grid.QueryBegin(qb), k_begin = p.grid.KeyBegin(kb);
   const bool causal_cut = p.grid.CrossesCausalEdge(qb, kb), window_cut = p.grid.CrossesWindowEdge(qb, kb);
   const MaskBlocks* mb = p.mask_blocks;
-  const bool add_mask = mb && mb->At(b, h, qb, kb) != kMaskOpen;
-  if (!add_mask && !causal_cut && !window_cut) return;
+  const bool add_mask = mb && mb->At(b, h, qb, kb) != kMaskOpen, add_bias = p.bias.present();
+  if (!add_mask && !add_bias && !causal_cut && !window_cut) return;
   for (int r = 0; r < rows; ++r) {
     float* row = s + static_cast<size_t>(r) * s_stride;
     const int64_t i = q_begin + r;
-    if (add_mask) {
+    if (add_mask && add_bias) {
       const int64_t base = p.mask.Offset(b, h, i, k_begin), step = p.mask.stride[3];
+      const int64_t bias_base = p.bias.Offset(b, h, i, k_begin), bias_step = p.bias.stride[3];
       for (int j = 0; j < keys; ++j) {
-        const float bias = p.mask.Bias(base + j * step);
-        row[j] = bias == kNegInf ? kNegInf : row[j] + bias;
+        float add = p.mask.Bias(base + j * step);
+        if (add != kNegInf) add += p.bias.Bias(bias_base + j * bias_step);
+        row[j] = add == kNegInf ? kNegInf : row[j] + add;
+      }
+    } else if (add_mask || add_bias) {
+      const MaskView& view = add_mask ? p.mask : p.bias;
+      const int64_t base = view.Offset(b, h, i, k_begin), step = view.stride[3];
+      for (int j = 0; j < keys; ++j) {
+        const float add = view.Bias(base + j * step);
+        row[j] = add == kNegInf ? kNegInf : row[j] + add;
       }
     }
     if (causal_cut)

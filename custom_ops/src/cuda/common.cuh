@@ -33,7 +33,7 @@ template <> __device__ __forceinline__ float FromFloat<float>(float x) { return 
 template <> __device__ __forceinline__ __half FromFloat<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// The optional attn_mask, broadcast to [B, Hq, Sq, Sk] by strides.
+// The optional attn_mask or attn_bias (kind TFSA_MASK_T), broadcast to [B, Hq, Sq, Sk] by strides.
 struct Mask {
   int32_t kind = TFSA_MASK_NONE;
   int32_t dtype = TFSA_FLOAT32;  // element type when kind is TFSA_MASK_T
@@ -60,6 +60,7 @@ struct Geometry {
   BlockGrid grid;
   bool uses_estimate = false;  // false: every allowed block is computed
   Mask mask;
+  Mask bias;  // attn_bias: read inside the computed blocks, and at block centres for the estimate
   MaskBlockLayout mask_blocks;  // where the mask block states live (block_rules.h)
 
   __device__ int64_t KvHead(int64_t h) const { return h / (dims.q_heads / dims.kv_heads); }

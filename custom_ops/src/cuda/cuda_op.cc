@@ -25,7 +25,8 @@ TfsaCudaArgs ToCudaArgs(const OpTensors& tensors, const Attributes& attributes, 
   c.dims = tensors.dims;
   c.attributes = attributes;
   c.selection_only = selection_only;
-  c.query = tensors.query, c.key = tensors.key, c.value = tensors.value, c.mask = tensors.mask;
+  c.bias_dtype = DType(tensors.bias_type);
+  c.query = tensors.query, c.key = tensors.key, c.value = tensors.value, c.mask = tensors.mask, c.bias = tensors.bias;
   c.output = tensors.output, c.density = tensors.density;
   return c;
 }

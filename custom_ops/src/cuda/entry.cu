@@ -26,6 +26,8 @@ Geometry MakeGeometry(const TfsaCudaArgs& c) {
   g.uses_estimate = UsesEstimate(g.attrs, c.dims.kv_len);
   g.mask.kind = c.mask_kind, g.mask.dtype = c.dtype, g.mask.data = c.mask;
   for (int i = 0; i < 4; ++i) g.mask.stride[i] = c.dims.mask_stride[i];
+  g.bias.kind = c.bias != nullptr ? TFSA_MASK_T : TFSA_MASK_NONE, g.bias.dtype = c.bias_dtype, g.bias.data = c.bias;
+  for (int i = 0; i < 4; ++i) g.bias.stride[i] = c.dims.bias_stride[i];
   if (c.mask_kind != TFSA_MASK_NONE) g.mask_blocks = MaskBlockLayoutOf(g.grid, c.dims.mask_stride, c.dims.q_heads);
   return g;
 }
@@ -57,6 +59,8 @@ std::string CheckCall(const TfsaCudaArgs& c) {
   const Dims& d = c.dims;
   if (c.dtype < TFSA_FLOAT32 || c.dtype > TFSA_BFLOAT16) return "dtype must be float32, float16 or bfloat16";
   if (c.mask_kind < TFSA_MASK_NONE || c.mask_kind > TFSA_MASK_T) return "unknown mask kind";
+  if (c.bias != nullptr && c.bias_dtype != TFSA_FLOAT32 && c.bias_dtype != c.dtype)
+    return "bias_dtype must be float32 or the query's dtype";
   if (d.batch < 0 || d.q_heads < 0 || d.kv_heads <= 0 || d.q_len < 0 || d.kv_len < 0 || d.head_dim < 0 ||
       d.v_head_dim < 0 || d.q_heads % d.kv_heads != 0)
     return "sizes must be >= 0 with query heads a multiple of key/value heads (> 0)";

@@ -22,6 +22,7 @@ enum TfsaMaskKind { TFSA_MASK_NONE = 0, TFSA_MASK_BOOL = 1, TFSA_MASK_T = 2 };
 typedef struct TfsaCudaArgs {
   int32_t dtype;             /* TfsaDType of query, key, value and output */
   int32_t mask_kind;         /* TfsaMaskKind */
+  int32_t bias_dtype;        /* TfsaDType of the bias (float32 or dtype), when bias is not NULL */
   TfsaDims dims;             /* of query, key and value (contiguous) and the mask's strides */
   TfsaAttributes attributes; /* the node's, as given (scale 0 means 1/sqrt(D)) */
   int32_t selection_only;    /* profiling: choose blocks, write zeros */
@@ -29,6 +30,7 @@ typedef struct TfsaCudaArgs {
   const void* key;
   const void* value;
   const void* mask;      /* NULL when mask_kind is TFSA_MASK_NONE */
+  const void* bias;      /* attn_bias, strides dims.bias_stride, or NULL */
   void* output;          /* [B, Hq, Sq, Dv] */
   float* density;        /* [B, Hq] or NULL */
   uint8_t* selected;     /* [B, Hq, nQ, nK] chosen blocks (1/0) or NULL: for tests */

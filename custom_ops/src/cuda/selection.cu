@@ -230,10 +230,18 @@ __global__ void __launch_bounds__(kChooseThreads)
   }
 }
 
-// The estimate of candidate kb (block_rules.h) from the block means.
-__device__ double EstimateOf(const Geometry& g, const float* q_mean, const float* k_mean, int64_t kb) {
+// The estimate of candidate kb of (b, h, qb) (block_rules.h) from the block means, plus the
+// bias at the block pair's centre element (non-finite: 0), as in the reference.
+__device__ double EstimateOf(const Geometry& g, const float* q_mean, const float* k_mean, int64_t b, int64_t h,
+                             int64_t qb, int64_t kb) {
   float dot = 0.0f;
   for (int64_t x = 0; x < g.dims.head_dim; ++x) dot += q_mean[x] * k_mean[kb * g.dims.head_dim + x];
+  if (g.bias.kind != TFSA_MASK_NONE) {
+    const int64_t i = (g.grid.QueryBegin(qb) + g.grid.QueryEnd(qb) - 1) / 2;
+    const int64_t j = (g.grid.KeyBegin(kb) + g.grid.KeyEnd(kb) - 1) / 2;
+    const float bias = g.bias.Bias(g.bias.Offset(b, h, i, j));
+    if (isfinite(bias)) dot += bias;
+  }
   return Estimate(g.grid, kb, dot);
 }
 
@@ -311,7 +319,7 @@ __global__ void __launch_bounds__(kChooseThreads)
     else if (f && grid.Forced(qb, kb, g.attrs.global_tokens, g.attrs.local_window)) f |= kForced | kTake;
     else if (f) {
       f |= kCandidate;
-      mass[kb] = s.block_mass ? s.block_mass[row * nk + kb] : EstimateOf(g, q_mean, k_means, kb);
+      mass[kb] = s.block_mass ? s.block_mass[row * nk + kb] : EstimateOf(g, q_mean, k_means, b, h, qb, kb);
     }
     flags[kb] = f;
     n_allowed += (f & kAllowed) != 0;
