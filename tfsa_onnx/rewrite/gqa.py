@@ -15,19 +15,12 @@ from typing import Any
 import onnx_ir as ir
 
 from tfsa_onnx import DOMAIN, GQA_OP_TYPE, OP_VERSION
+from tfsa_onnx.opmodel import GQA_INPUTS, GQA_OUTPUTS
 from tfsa_onnx.rewrite.common import FLOAT_TYPES, GiveUp, Match, attr, dims, optional_input
 
 # GroupQueryAttention's inputs as ORT 1.32 defines them; the new op takes the first nine.
 INPUTS = (
-    "query",
-    "key",
-    "value",
-    "past_key",
-    "past_value",
-    "seqlens_k",
-    "total_sequence_length",
-    "cos_cache",
-    "sin_cache",
+    *GQA_INPUTS,
     "position_ids",
     "attention_bias",
     "head_sink",
@@ -37,9 +30,9 @@ INPUTS = (
     "k_norm_weight",
     "query_seqlens",
 )
-SUPPORTED_INPUTS = 9
+SUPPORTED_INPUTS = len(GQA_INPUTS)
 TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)  # the op's kernels (custom_ops/src/register.cc)
-OUTPUTS = ("output", "present_key", "present_value")  # output_qk (the 4th) is not supported
+OUTPUTS = GQA_OUTPUTS  # output_qk (the 4th) is not supported
 # Attributes carried over unchanged, and those accepted only at the value that changes nothing
 # (GQA's default). Any other attribute (one a later ORT adds) is refused by name.
 KEPT = (

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "block_math.h"
+#include "convert.h"
 #include "exact_rows.h"
 #include "selection.h"
 #include "tile_walk.h"
@@ -14,9 +15,6 @@
 namespace tfsa::cpu {
 namespace {
 
-inline float ToFloat(float x) { return x; }
-inline float ToFloat(Ort::Float16_t x) { return x.ToFloat(); }
-inline float ToFloat(Ort::BFloat16_t x) { return x.ToFloat(); }
 template <class T>
 inline T FromFloat(float x) {
   return T(x);  // Float16_t / BFloat16_t have explicit float constructors

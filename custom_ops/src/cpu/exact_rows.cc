@@ -5,14 +5,11 @@
 #include <vector>
 
 #include "block_math.h"
+#include "convert.h"
 #include "selection.h"
 
 namespace tfsa::cpu {
 namespace {
-
-inline float ToFloat(float x) { return x; }
-inline float ToFloat(Ort::Float16_t x) { return x.ToFloat(); }
-inline float ToFloat(Ort::BFloat16_t x) { return x.ToFloat(); }
 
 // Rows [first, first + n) of a [rows, width] tensor as float32: the rows themselves for float,
 // else converted into `buffer`.

@@ -3,13 +3,11 @@
 #include <cmath>
 #include <cstring>
 
+#include "convert.h"
 #include "tfsa/ort_api.h"
 
 namespace tfsa::cpu {
 namespace {
-
-inline float ToFloat(float x) { return x; }
-inline float ToFloat(Ort::Float16_t x) { return x.ToFloat(); }
 
 // Element offset of head h's D values for token (b, s): `first_head` counts the heads before
 // this tensor's in a packed query (0, Hq for keys, Hq + Hkv for values).
