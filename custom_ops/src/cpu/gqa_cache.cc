@@ -48,14 +48,15 @@ void WritePresent(const GqaLayout& l, const GqaInputs& in, const ParallelFor& pa
     const int64_t past = PastLength(l, in.seqlens_k[b]), row = l.head_dim;
     T* k_out = static_cast<T*>(in.present_key) + static_cast<int64_t>(task) * l.present_rows * row;
     T* v_out = static_cast<T*>(in.present_value) + static_cast<int64_t>(task) * l.present_rows * row;
-    if (!l.shared_buffer) {  // as ORT: zeros, then the past rows this row has
-      std::memset(static_cast<void*>(k_out), 0, sizeof(T) * l.present_rows * row);
-      std::memset(static_cast<void*>(v_out), 0, sizeof(T) * l.present_rows * row);
+    if (!l.shared_buffer) {  // as ORT: the past rows this row has, zeros after them
       if (past > 0) {
         const int64_t from = static_cast<int64_t>(task) * l.past_rows * row;
         std::memcpy(static_cast<void*>(k_out), static_cast<const T*>(in.past_key) + from, sizeof(T) * past * row);
         std::memcpy(static_cast<void*>(v_out), static_cast<const T*>(in.past_value) + from, sizeof(T) * past * row);
       }
+      const size_t rest = sizeof(T) * (l.present_rows - past) * row;  // each byte written once
+      std::memset(static_cast<void*>(k_out + past * row), 0, rest);
+      std::memset(static_cast<void*>(v_out + past * row), 0, rest);
     }
     for (int64_t s = 0; s < l.seq; ++s) {
       RotateRow(l, in, key + TokenHead(l, l.kv_heads, l.q_heads, b, s, h), past + s, k_out + (past + s) * row);
