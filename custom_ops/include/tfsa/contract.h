@@ -1,12 +1,11 @@
-// The contract of ai.tfsa::SparseAttention version 1, shared by the CPU and CUDA kernels:
-// attribute names and defaults, and the shape checks that turn bad input into one clear
-// message. tfsa_onnx/reference.py (SparseAttentionAttributes) holds the same defaults.
-// The contract of ai.tfsa::SparseAttention version 1, shared by the ONNX Runtime glue, the CPU
-// kernel, the CUDA entry point and its ctypes mirror (tfsa_onnx/cuda.py): the attributes (one
-// struct, one table of names and bounds, one function for what a call derives from them), the
-// sizes of a call, and the shape checks that turn bad input into one clear message.
-// tfsa_onnx/reference.py (SparseAttentionAttributes, ATTRIBUTE_BOUNDS) mirrors the attributes;
-// tests/test_contract.py checks the two agree through tfsa_attribute_info.
+// The contract of ai.tfsa::SparseAttention and SparseGroupQueryAttention version 1, shared by
+// the ONNX Runtime glue, the CPU kernel, the CUDA entry point and its ctypes mirror
+// (tfsa_onnx/cuda.py): the attributes (one struct per op face, one table of names and bounds,
+// one function for what a call derives from them), the sizes of a call, and the shape checks
+// that turn bad input into one clear message. tfsa_onnx/reference.py (SparseAttentionAttributes,
+// ATTRIBUTE_BOUNDS; GroupQueryAttentionAttributes, GQA_ATTRIBUTE_BOUNDS) mirrors the attributes;
+// tests/test_kernel.py and tests/test_gqa_op.py check that they agree through
+// tfsa_attribute_info and tfsa_gqa_attribute_info.
 //
 // Adding an attribute: a field of TfsaAttributes, a row of kAttributeRules, the same field in
 // SparseAttentionAttributes (and ATTRIBUTE_BOUNDS), and the kernels that use it.
