@@ -12,19 +12,24 @@ VOCAB = 100
 VISION = ("vit", "clip-vision", "dinov2", "dinov2-registers", "siglip-vision")
 
 
-def _bert(attn: str):
-    import transformers as T
+def _text_encoder(config_class: str, model_class: str):
+    """A tiny BERT-style encoder of the given transformers classes (padding mask, no pooler)."""
 
-    config = T.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=1100,
-        attn_implementation=attn,
-    )
-    return T.BertModel(config, add_pooling_layer=False)
+    def build(attn: str):
+        import transformers as T
+
+        config = getattr(T, config_class)(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=VOCAB,
+            max_position_embeddings=1100,
+            attn_implementation=attn,
+        )
+        return getattr(T, model_class)(config, add_pooling_layer=False)
+
+    return build
 
 
 def _vit(attn: str):
@@ -165,21 +170,6 @@ def _sliding(config_class: str, model_class: str, layers: int, window: int, **ex
     return build
 
 
-def _mpnet(attn: str):
-    import transformers as T
-
-    config = T.MPNetConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=1100,
-        attn_implementation=attn,
-    )
-    return T.MPNetModel(config, add_pooling_layer=False)
-
-
 def _t5_encoder(attn: str):
     import transformers as T
 
@@ -223,7 +213,7 @@ def _deberta_v2(attn: str):
 
 
 BUILDERS = {
-    "bert": _bert,
+    "bert": _text_encoder("BertConfig", "BertModel"),
     "vit": _vit,
     "gpt2": _gpt2,
     "bart": _bart,
@@ -242,7 +232,7 @@ BUILDERS = {
     ),
     # Gemma 3's pattern: five sliding-window layers, then one global layer.
     "gemma3": _sliding("Gemma3TextConfig", "Gemma3TextModel", 6, 512),
-    "mpnet": _mpnet,
+    "mpnet": _text_encoder("MPNetConfig", "MPNetModel"),
     "t5-encoder": _t5_encoder,
     "bloom": _bloom,
     "deberta-v2": _deberta_v2,
