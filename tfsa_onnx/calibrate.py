@@ -16,7 +16,6 @@ layer the cumulative threshold already gives each head the number of blocks it n
 
 from __future__ import annotations
 
-import gc
 import math
 import re
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from tfsa_onnx import runtime
 from tfsa_onnx.config import TUNABLE, SparsityConfig
 from tfsa_onnx.inputs import Feed
 from tfsa_onnx.table import format_table
@@ -249,7 +249,7 @@ class _Capture:
                 start += count
             self.count = i + 1
         del session
-        gc.collect()
+        runtime.release_memory()
         return reference
 
 
@@ -345,7 +345,7 @@ class _Search:
             densities.append([float(d.mean()) for d in dens])
             del out
         del session  # released before the next trial's session is made
-        gc.collect()
+        runtime.release_memory()
         score = _combine(scores, self.target)
         trial = {"eps": eps, "choice": choice, "score": score, "densities": list(np.mean(densities, axis=0))}
         self.trials.append({"eps": eps, "score": score, "density": float(np.mean(trial["densities"]))})

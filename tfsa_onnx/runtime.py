@@ -29,6 +29,20 @@ def selection_only(on: bool) -> Iterator[None]:
             os.environ[SELECTION_ONLY_ENV] = previous
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise), so that a
+    model's weights or a released session's arena do not count toward the next phase's peak."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
+
+
 def uses_our_domain(model: Any) -> bool:
     from tfsa_onnx import DOMAIN
 
