@@ -266,6 +266,7 @@ CASES = [
     (1, 2, 1, 100, 130, 16, 16, "float32", dict(block_size=16, threshold=0.8, global_tokens=8, estimate=2)),
     (1, 4, 2, 90, 90, 64, 64, "float16", dict(block_size=16, threshold=0.7, is_causal=1, estimate=2)),
     (1, 2, 2, 33, 65, 32, 48, "float32", dict(block_size=8, threshold=1.0, max_density=0.4, estimate=2)),
+    (1, 4, 2, 3, 130, 16, 16, "float32", dict(block_size=16, threshold=0.5, is_causal=1, query_positions=1)),
 ]
 
 

@@ -87,6 +87,7 @@ def cases(draw, max_len: int = 300, max_heads: int = 3):
         scale=draw(st.sampled_from([0.0, 0.0, 0.3])),
         estimate=draw(st.integers(0, 2)),
         estimate_stride=draw(st.sampled_from([1, 2, 8, 16, 1000])),
+        query_positions=draw(st.integers(0, 1)),
     )
     return q, k, v, mask, attrs
 

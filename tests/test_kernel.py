@@ -816,3 +816,24 @@ def test_sliding_window_matches_reference(case):
     if not extra:  # dense: the same as the band given as a mask
         y_band, _ = sparse_attention(q, k, v, band, **attrs)
         np.testing.assert_allclose(y_ref, y_band, atol=1e-6)
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 300), (5, 300), (40, 130), (70, 70)])
+@pytest.mark.parametrize("positions", [0, 1])
+def test_query_positions_count_the_kv_cache_offset_for_global_queries(sq, sk, positions):
+    """query_positions 1: the queries are the last Sq key positions, so only a query at a
+    position below global_tokens takes every block; 0 (version 1's rule): the call's first rows.
+    Equal to the reference either way; a decode row past the global tokens is sparse with 1."""
+    rng = np.random.default_rng(sq * 7 + sk + positions)
+    q, k, v = random_qkv(rng, 1, 4, 2, sq, sk, 16, 16)
+    attrs = dict(block_size=16, global_tokens=16, local_window=16, threshold=0.5, min_seq_len=0)
+    attrs |= dict(is_causal=1, query_positions=positions)
+    y, density = run_op(q, k, v, **attrs)
+    y_ref, density_ref = sparse_attention(q, k, v, **attrs)
+    np.testing.assert_allclose(density, density_ref, atol=1e-6)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-4)
+    if sq == 1:  # the decode row is global by its index, not by its position
+        assert (density == 1.0).all() if positions == 0 else (density < 1.0).all()
+    if sq == sk:  # no cache: the two rules agree
+        other = sparse_attention(q, k, v, **{**attrs, "query_positions": 1 - positions})[0]
+        np.testing.assert_array_equal(y_ref, other)

@@ -111,3 +111,29 @@ def test_kv_cache_export_prefill_and_decode(with_past) -> None:
         past = {
             n.replace("present", "past_key_values"): x for n, x in zip(names[1:], expected[1:], strict=True)
         }
+
+
+def test_decode_steps_count_absolute_positions(with_past) -> None:
+    """The rewritten nodes say their queries are the last key positions (query_positions 1), so
+    a decode step past the global tokens is chosen by the estimate instead of taking every block."""
+    from tfsa_onnx import DOMAIN
+    from tfsa_onnx.config import SparsityConfig
+    from tfsa_onnx.validation import expose_density, make_session
+
+    sparse = SparsityConfig(
+        defaults=dict(block_size=16, global_tokens=16, local_window=16, threshold=0.5, min_seq_len=0)
+    )
+    optimized, _ = optimize(with_past, sparse)
+    nodes = [n for n in optimized.graph.node if n.domain == DOMAIN]
+    assert nodes and all(onnx.helper.get_node_attr_value(n, "query_positions") == 1 for n in nodes)
+    model, density_names = expose_density(optimized)
+    session = make_session(model)
+    rng = np.random.default_rng(1)
+    past = {
+        f"past_key_values.{i}.{kv}": rng.standard_normal((1, KV_HEADS, 120, HEAD_DIM)).astype(np.float32)
+        for i in range(LAYERS)
+        for kv in ("key", "value")
+    }
+    feed = {"input_ids": np.array([[3]], np.int64), "attention_mask": np.ones((1, 121), np.int64), **past}
+    densities = session.run(density_names, feed)
+    assert all(float(d.max()) < 1.0 for d in densities), [d.tolist() for d in densities]

@@ -8,7 +8,9 @@ Selection (which key blocks a query block computes), per (batch, head, query blo
      the mask let some query of the block see.
   2. forced: allowed blocks holding a global token (key index < global_tokens) or
      touching the local window (|key - query position| <= local_window, W > 0).
-     Query blocks holding a global query (index < global_tokens) take every allowed block.
+     Query blocks holding a global query (index < global_tokens) take every allowed block;
+     with query_positions 1 the queries are the last Sq key positions (a KV-cache call) and a
+     query's position i + Sk - Sq is what is compared.
   3. estimate: the other allowed blocks (candidates) get an estimated mass, and are added
      heaviest first until their cumulative mass reaches `threshold` or the block count
      reaches ceil(max_density * allowed) (forced blocks count against the cap, but are kept
@@ -42,7 +44,7 @@ dot), so a -inf in the bias hides a pair without closing its block.
 Attribute bounds (contract.h enforces the same; out of range is an error): block_size in
 [1, BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len, sliding_window in
 [0, TOKENS_MAX]; threshold in [0, 1]; max_density in (0, 1]; scale finite and >= 0; is_causal
-0 or 1; estimate an index of ESTIMATES; estimate_stride in [1, ESTIMATE_STRIDE_MAX]. threshold 1
+0 or 1; query_positions 0 or 1; estimate an index of ESTIMATES; estimate_stride in [1, ESTIMATE_STRIDE_MAX]. threshold 1
 leaves the max_density cap alone (blocks of zero estimated mass are taken too). block_size,
 global_tokens, local_window and sliding_window are cut to the longer sequence (`effective`),
 which changes no result: the kernels never size memory or index blocks by the raw values.
@@ -90,6 +92,7 @@ class SparseAttentionAttributes:
     sliding_window: int = 0  # W > 0: no key before position p - W + 1 (a mask rule, not selection)
     estimate: int = 0  # an index of ESTIMATES
     estimate_stride: int = 16  # the antidiagonal estimate samples 1 pair in this many
+    query_positions: int = 0  # 1: queries are the last Sq key positions (global rule counts them)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -136,6 +139,7 @@ ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "sliding_window": (0, TOKENS_MAX, False),
     "estimate": (0, len(ESTIMATES) - 1, False),
     "estimate_stride": (1, ESTIMATE_STRIDE_MAX, False),
+    "query_positions": (0, 1, False),
 }
 
 
@@ -352,7 +356,8 @@ def sparse_attention(
     bias, may_attend = _attendable(attn_mask, (b, hq, sq, sk), bool(a.is_causal), a.sliding_window)
     allowed = _block_any(may_attend, a.block_size)
     if selected is None:
-        selected = select_blocks(query, key, allowed, a, query_offset, attn_bias)
+        offset = query_offset + (sk - sq if a.query_positions else 0)
+        selected = select_blocks(query, key, allowed, a, offset, attn_bias)
     if attn_bias is not None:  # summed in float32, as the kernels do
         with np.errstate(invalid="ignore", over="ignore"):
             bias = (

@@ -349,6 +349,8 @@ def sparse_attention_node(
         head_dim = static_int((dims(inputs.query) or [None])[-1]) or match.head_dim
         scale = 1.0 / math.sqrt(head_dim) if head_dim else 0.0
     attributes: dict[str, Any] = {"scale": float(scale), "is_causal": int(match.is_causal)}
+    if match.is_causal:  # bottom-right causal: the queries are the last positions (a KV cache)
+        attributes["query_positions"] = 1
     if match.sliding_window:
         attributes["sliding_window"] = int(match.sliding_window)
     for key, val in tunables.items():

@@ -20,8 +20,8 @@ struct BlockGrid {
   // A sliding window: query i sees no key before position i + offset - window; -1: none.
   int64_t window = -1;
   // Added to a query's index before the global-token rule (queries at positions below
-  // global_tokens take every block): 0 for SparseAttention, whose rule counts query indices;
-  // the past length for GroupQueryAttention, whose rule counts absolute positions.
+  // global_tokens take every block): 0 where the rule counts query indices (SparseAttention
+  // with query_positions 0), kv - q or the past length where it counts absolute positions.
   int64_t global_query_offset = 0;
 
   BlockGrid() = default;

@@ -39,6 +39,9 @@ typedef struct TfsaAttributes {
   int64_t sliding_window TFSA_DEFAULT(0);
   int64_t estimate TFSA_DEFAULT(0);         /* a TfsaEstimate: how candidate blocks are ranked */
   int64_t estimate_stride TFSA_DEFAULT(16); /* the antidiagonal estimate samples 1 pair in this many */
+  /* 1: the queries are the last q_len of the kv_len positions (a call with a KV cache), and the
+   * global-token rule counts those absolute positions; 0: query i counts as position i. */
+  int64_t query_positions TFSA_DEFAULT(0);
 } TfsaAttributes;
 
 /* The block-mass estimates (attribute `estimate`); tfsa_onnx/reference.py ESTIMATES names them
@@ -171,6 +174,8 @@ inline constexpr AttributeRule kAttributeRules[] = {
     {"estimate", false, offsetof(Attributes, estimate), 0, TFSA_ESTIMATE_COUNT - 1, false,
      " (0 mean-pooled, 1 antidiagonal, 2 token-level queries)"},
     {"estimate_stride", false, offsetof(Attributes, estimate_stride), 1, kEstimateStrideMax, false, ""},
+    {"query_positions", false, offsetof(Attributes, query_positions), 0, 1, false,
+     " (0 from the first key, 1 the last keys)"},
     {"threshold", true, offsetof(Attributes, threshold), 0, 1, false, ""},
     {"max_density", true, offsetof(Attributes, max_density), 0, 1, true, ""},
     {"scale", true, offsetof(Attributes, scale), 0, kUnbounded, false, " (0 means 1/sqrt(head_dim))"},
@@ -242,6 +247,7 @@ inline Attributes Effective(const Attributes& a, const Dims& d) {
 inline BlockGrid GridOf(const Attributes& effective, const Dims& d) {
   BlockGrid grid(effective.block_size, d.q_len, d.kv_len, effective.is_causal != 0);
   grid.window = effective.sliding_window > 0 ? effective.sliding_window - 1 : -1;
+  if (effective.query_positions != 0) grid.global_query_offset = d.kv_len - d.q_len;
   return grid;
 }
 
