@@ -232,6 +232,9 @@ BUILDERS = {
     ),
     # Gemma 3's pattern: five sliding-window layers, then one global layer.
     "gemma3": _sliding("Gemma3TextConfig", "Gemma3TextModel", 6, 512),
+    # Gemma 2: sliding and global layers alternate, scores capped by softcap * tanh(s / softcap)
+    # (a small cap, so that it bites on random weights)
+    "gemma2": _sliding("Gemma2Config", "Gemma2Model", 2, 300, attn_logit_softcapping=0.05),
     "mpnet": _text_encoder("MPNetConfig", "MPNetModel"),
     "t5-encoder": _t5_encoder,
     "bloom": _bloom,
