@@ -187,6 +187,25 @@ def _t5_encoder(attn: str):
     return T.T5EncoderModel(config)
 
 
+def _t5(attn: str):
+    """The whole T5 (encoder, causal decoder with its own position bias, cross-attention)."""
+    import transformers as T
+
+    config = T.T5Config(
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        vocab_size=VOCAB,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        decoder_start_token_id=0,
+        attn_implementation=attn,
+    )
+    return T.T5Model(config)
+
+
 def _bloom(attn: str):
     import transformers as T
 
@@ -232,8 +251,12 @@ BUILDERS = {
     ),
     # Gemma 3's pattern: five sliding-window layers, then one global layer.
     "gemma3": _sliding("Gemma3TextConfig", "Gemma3TextModel", 6, 512),
+    # Gemma 2: sliding and global layers alternate, scores capped by softcap * tanh(s / softcap)
+    # (a small cap, so that it bites on random weights)
+    "gemma2": _sliding("Gemma2Config", "Gemma2Model", 2, 300, attn_logit_softcapping=0.05),
     "mpnet": _text_encoder("MPNetConfig", "MPNetModel"),
     "t5-encoder": _t5_encoder,
+    "t5": _t5,
     "bloom": _bloom,
     "deberta-v2": _deberta_v2,
 }
@@ -249,7 +272,7 @@ def example_inputs(family: str) -> dict:
     ids = torch.randint(0, VOCAB, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 6:] = 0
-    if family == "bart":
+    if family in ("bart", "t5"):
         return {
             "input_ids": ids,
             "attention_mask": mask,

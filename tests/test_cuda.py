@@ -351,6 +351,35 @@ def test_bias(backend, bias_shape, dtype, bias_dtype, mask_kind, causal):
     _check(backend, q, k, v, mask, dtype, bias=bias, bias_dtype=bias_dtype, **attrs)
 
 
+# dtype, head dim, estimate, threshold, mask: both tile kinds (float32 SIMT, float16 tensor
+# cores at D = 64), the three estimates, dense and sparse, with a padding mask.
+SOFTCAP_CASES = [
+    ("float32", 16, 0, 1.0, None),
+    ("float16", 64, 0, 0.8, "padding"),
+    ("float32", 32, 1, 0.8, None),
+    ("float16", 64, 2, 0.8, "padding"),
+    ("bfloat16", 64, 0, 0.7, None),
+]
+
+
+@pytest.mark.parametrize("dtype,d,estimate,threshold,mask_kind", SOFTCAP_CASES, ids=str)
+def test_softcap(backend, dtype, d, estimate, threshold, mask_kind):
+    """softcap * tanh(score / softcap) before the mask, in the tiles and the estimates."""
+    rng = np.random.default_rng(d + estimate)
+    b, h, s = 2, 2, 90
+    q, k, v = _inputs(rng, b, h, 1, s, s, d, d, dtype)
+    q = _rounded(q * 4.0, dtype)  # scores past the cap
+    mask = None
+    if mask_kind == "padding":
+        mask = np.ones((b, 1, 1, s), bool)
+        mask[1, ..., 50:] = False
+    attrs = dict(block_size=16, threshold=threshold, global_tokens=0, local_window=16, min_seq_len=0)
+    attrs |= dict(is_causal=1, estimate=estimate, softcap=2.5)
+    y, _, _ = _check(backend, q, k, v, mask, dtype, **attrs)
+    uncapped, _ = sparse_attention(q, k, v, mask, **(attrs | {"softcap": 0.0}))
+    assert np.abs(y - uncapped).max() > 0.05, "the cap should change these scores"
+
+
 def test_dense_settings_select_every_allowed_block(backend):
     rng = np.random.default_rng(5)
     q, k, v = _inputs(rng, 1, 2, 1, 96, 96, 64, 64, "float16")

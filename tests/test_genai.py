@@ -182,24 +182,50 @@ def _with_attribute(src: Path, dst: Path, layers: list[int], name: str, value) -
     shutil.copytree(src, dst)
     model = onnx.load(str(dst / "model.onnx"), load_external_data=False)
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
-    for layer in layers:
-        gqa[layer].attribute.append(onnx.helper.make_attribute(name, value))
+    for layer in layers:  # replaces the builder's own value (it writes softcap 0)
+        kept = [a for a in gqa[layer].attribute if a.name != name]
+        del gqa[layer].attribute[:]
+        gqa[layer].attribute.extend([*kept, onnx.helper.make_attribute(name, value)])
     onnx.save(model, str(dst / "model.onnx"))
     return dst
 
 
 def test_unsupported_gqa_settings_are_left_alone_with_the_reason(folders, root):
-    one = _with_attribute(folders["llama-fp32"], root / "softcap-one", [1], "softcap", 30.0)
-    result = optimize_folder(one, root / "softcap-one.tfsa", DENSE)
+    one = _with_attribute(folders["llama-fp32"], root / "smooth-one", [1], "smooth_softmax", 1)
+    result = optimize_folder(one, root / "smooth-one.tfsa", DENSE)
     sites = result.report.sites
     assert [s.replaced for s in sites] == [True, False]
-    assert "softcap" in sites[1].reason
-    ops = [n.op_type for n in _model(root / "softcap-one.tfsa").graph.node]
+    assert "smooth_softmax" in sites[1].reason
+    ops = [n.op_type for n in _model(root / "smooth-one.tfsa").graph.node]
     assert ops.count("GroupQueryAttention") == 1 and ops.count(GQA_OP_TYPE) == 1
-    every = _with_attribute(folders["llama-fp32"], root / "softcap-all", [0, 1], "softcap", 30.0)
-    line = _refused(["optimize", str(every), "-o", str(root / "softcap-all.tfsa")], [every])
-    assert "softcap" in line and "nothing was written" in line
-    assert not (root / "softcap-all.tfsa").exists()
+    every = _with_attribute(folders["llama-fp32"], root / "smooth-all", [0, 1], "smooth_softmax", 1)
+    line = _refused(["optimize", str(every), "-o", str(root / "smooth-all.tfsa")], [every])
+    assert "smooth_softmax" in line and "nothing was written" in line
+    assert not (root / "smooth-all.tfsa").exists()
+
+
+def test_softcap_nodes_are_replaced_and_equal_the_original(folders, root):
+    # Gemma 2's setting on every GroupQueryAttention node: carried over, the same logits and
+    # present K/V as ORT's node with it (and not those of the folder without it).
+    from tfsa_onnx.genai import read_config
+    from tfsa_onnx.genai_eval import decoder_session, prompt_outputs
+
+    capped = _with_attribute(folders["llama-fp32"], root / "softcap", [0, 1], "softcap", 0.05)
+    result = optimize_folder(capped, root / "softcap.tfsa", DENSE)
+    assert all(s.replaced for s in result.report.sites)
+    nodes = [n for n in _model(root / "softcap.tfsa").graph.node if n.op_type == GQA_OP_TYPE]
+    assert [_attributes(n)["softcap"] for n in nodes] == [np.float32(0.05)] * 2
+    config = read_config(capped)
+    ids = np.stack([PROMPTS[1], PROMPTS[1][::-1]]).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :9] = 0
+    ref, out, plain = (
+        prompt_outputs(decoder_session(f, 1), config, ids, mask)
+        for f in (capped, root / "softcap.tfsa", folders["llama-fp32"])
+    )
+    for key in ref:
+        np.testing.assert_allclose(out[key], ref[key], atol=1e-4, rtol=0, err_msg=key)
+    assert np.abs(ref["logits"] - plain["logits"]).max() > 1e-3, "the cap should change the logits"
 
 
 @pytest.mark.parametrize(
@@ -212,7 +238,9 @@ def test_unsupported_gqa_settings_are_left_alone_with_the_reason(folders, root):
         ("kv_cache_bit_width", 8, "quantized KV cache"),
         ("sliding_window_cache", 1, "window-sized KV cache"),
         ("some_future_attribute", 1, "attribute some_future_attribute"),
+        ("softcap", -1.0, "softcap=-1.0"),
         ("softcap", 0.0, None),  # GQA's defaults change nothing: the node is replaced
+        ("softcap", 50.0, None),  # carried over: the op caps the scores
         ("smooth_softmax", 0, None),
     ],
 )

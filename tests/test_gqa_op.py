@@ -162,6 +162,12 @@ DENSE_CASES = {
     "fp16_prompt_interleaved_packed": Case(dtype=np.float16, interleaved=True, packed=True),
     "fp16_decode_ragged_shared": Case(dtype=np.float16, seq=1, past=(30, 12), cache=40, shared=True),
     "fp16_chunk_window": Case(dtype=np.float16, seq=23, past=(41,), attrs={"local_window_size": 30}),
+    # Gemma 2's logit softcap (scores capped to c * tanh(s / c) before the causal and window masks)
+    "prompt_softcap": Case(attrs={"softcap": 1.0}),
+    "prompt_ragged_softcap_scale": Case(past=(0, 0), lengths=(20, 13), attrs={"softcap": 0.7, "scale": 0.5}),
+    "decode_softcap_shared": Case(seq=1, past=(33,), cache=64, shared=True, attrs={"softcap": 1.0}),
+    "chunk_softcap_window": Case(seq=23, past=(41,), attrs={"softcap": 1.5, "local_window_size": 30}),
+    "fp16_prompt_softcap_packed": Case(dtype=np.float16, packed=True, attrs={"softcap": 1.0}),
 }
 
 
@@ -180,6 +186,7 @@ SPARSE_CASES = {
     "prompt_capped": Case(seq=150, interleaved=True, attrs=SPARSE | {"max_density": 0.3, "threshold": 1.0}),
     "chunk_shared": Case(seq=70, past=(100,), cache=200, shared=True, attrs=SPARSE),
     "chunk_global_past": Case(seq=130, past=(24,), attrs=SPARSE | {"global_tokens": 40}),
+    "prompt_softcap": Case(seq=150, attrs=SPARSE | {"softcap": 1.0}),
 }
 
 
@@ -234,8 +241,10 @@ def test_attributes_agree_with_the_cpp_contract():
         assert (info.low, info.high, bool(info.low_open)) == GQA_ATTRIBUTE_BOUNDS[name], name
     assert set(GQA_ATTRIBUTE_BOUNDS) == set(GroupQueryAttentionAttributes.names())
     assert GQA_ATTRIBUTE_BOUNDS["num_heads"][1] == HEADS_MAX
-    # The sparsity attributes are SparseAttention's, is_causal aside.
-    assert not set(GroupQueryAttentionAttributes.names()) & set(SparseAttentionAttributes.names())
+    # The sparsity attributes are SparseAttention's, is_causal aside; GroupQueryAttention's
+    # softcap is the same field of the engine (gqa_op.cc copies it).
+    shared = set(GroupQueryAttentionAttributes.names()) & set(SparseAttentionAttributes.names())
+    assert shared == {"softcap"}
 
 
 # Bad input in a child process: each case must give an error that names the problem, never a
@@ -289,7 +298,7 @@ BAD_INPUTS = [
     ((False, False, True), {"kv_num_heads": 2, "do_rotary": 1}, _feeds(), "num_heads"),
     ((False, False, True), HEADS | {"num_heads": 3}, _feeds(hq=3), "multiple of kv_num_heads"),
     ((False, False, True), HEADS | {"num_heads": 2**40}, _feeds(), "num_heads"),
-    ((False, False, True), HEADS | {"softcap": 30.0}, _feeds(), "softcap"),
+    ((False, False, True), HEADS | {"softcap": -1.0}, _feeds(), "softcap must be a finite float in [0, inf)"),
     ((False, False, True), HEADS | {"local_window_size": -2}, _feeds(), "local_window_size"),
     ((False, False, True), HEADS | {"do_rotary": 2}, _feeds(), "do_rotary"),
     ((False, False, True), HEADS | {"block_size": 0}, _feeds(), "block_size"),

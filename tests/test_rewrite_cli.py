@@ -155,3 +155,6 @@ def test_bad_inputs(case: str, bert: Path, tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert expected in result.output and result.output.count("\n") == 1, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    if case == "no-attention":  # the Softmax looked at, and why it is not attention
+        assert "Not taken as attention:" in result.output and "graph output" in result.output
+        assert "graph output" in run("inspect", path).output

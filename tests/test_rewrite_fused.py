@@ -14,7 +14,7 @@ from test_rewrite_families import DENSE, check_structure
 from tfsa_onnx.rewrite import optimize
 
 
-def attention_3d_model(causal: int = 0) -> onnx.ModelProto:
+def attention_3d_model(causal: int = 0, **extra) -> onnx.ModelProto:
     """x [B, S, 32] -> Q (4 heads) and K, V (2 heads) projections -> Attention(3-D), opset 23."""
     rng = np.random.default_rng(0)
     hidden, hq, hkv, d = 32, 4, 2, 8
@@ -40,6 +40,7 @@ def attention_3d_model(causal: int = 0) -> onnx.ModelProto:
                 kv_num_heads=hkv,
                 is_causal=causal,
                 name=f"layer{i}/Attention",
+                **extra,
             )
         )
         layer_in = f"y{i}"
@@ -57,22 +58,30 @@ def attention_3d_model(causal: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
 
 
-@pytest.mark.parametrize("causal", [0, 1])
-def test_onnx_attention_3d(causal: int) -> None:
-    original = attention_3d_model(causal)
+@pytest.mark.parametrize("causal,softcap", [(0, 0.0), (1, 0.0), (0, 0.5), (1, 0.5)])
+def test_onnx_attention_3d(causal: int, softcap: float) -> None:
+    original = attention_3d_model(causal, **({"softcap": softcap} if softcap else {}))
     onnx.checker.check_model(original, full_check=True)
     optimized, report = optimize(original, DENSE)
     check_structure(original, optimized, layers=2)
     assert [(s.family, s.heads, s.kv_heads, s.head_dim, s.causal) for s in report.sites] == [
         ("onnx-attention", 4, 2, 8, bool(causal))
     ] * 2
+    ops = [n for n in optimized.graph.node if n.op_type == "SparseAttention"]
+    assert {a.f for n in ops for a in n.attribute if a.name == "softcap"} == (
+        {np.float32(softcap)} if softcap else set()
+    )
     a, b = sessions(original, optimized)
+    plain, _ = sessions(attention_3d_model(causal), optimized)
     rng = np.random.default_rng(1)
     for seq in (5, 33):
         mask = np.ones((2, 1, seq, seq), bool)  # onnxruntime wants the query axis in full
         mask[1, ..., seq // 2 :] = False
         x = {"x": rng.standard_normal((2, seq, 32)).astype(np.float32), "mask": mask}
-        np.testing.assert_allclose(b.run(None, x)[0], a.run(None, x)[0], atol=1e-4, rtol=0)
+        expected = a.run(None, x)[0]
+        np.testing.assert_allclose(b.run(None, x)[0], expected, atol=1e-4, rtol=0)
+        if softcap:  # ONNX caps the scores before the mask, as the op does; the cap bites here
+            assert np.abs(plain.run(None, x)[0] - expected).max() > 1e-2
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["Attention", "MultiHeadAttention"])

@@ -263,3 +263,44 @@ def test_validate_checks_a_length_past_the_window(exports, tmp_path, monkeypatch
     failed = CliRunner().invoke(main, [*args[:2], str(bad), *args[2:]])
     assert failed.exit_code == 1
     assert "FAIL at 320 tokens" in failed.output and "FAIL at 64 tokens" not in failed.output
+
+
+def test_sizes_through_a_split_axis_a_matmul_and_a_square_root() -> None:
+    # DeBERTa's TorchScript scale: sqrt(head_dim * 3), head_dim the -1 of [B, S, 32] -> [B, S, 2, -1];
+    # and a batched MatMul's shape from its inputs' shapes.
+    mk = helper.make_node
+    nodes = [
+        mk("Reshape", ["x", "heads"], ["x4"]),
+        mk("Shape", ["x4"], ["s"]),
+        mk("Gather", ["s", "three"], ["d"]),
+        mk("Cast", ["d"], ["df"], to=TensorProto.FLOAT),
+        mk("Mul", ["df", "factor"], ["d3"]),
+        mk("Sqrt", ["d3"], ["scale"]),
+        mk("Transpose", ["x4"], ["xt"], perm=[0, 2, 1, 3]),
+        mk("Transpose", ["x4"], ["xtt"], perm=[0, 2, 3, 1]),
+        mk("MatMul", ["xt", "xtt"], ["scores"]),
+    ]
+    inits = [
+        helper.make_tensor("heads", TensorProto.INT64, [4], [0, 0, 2, -1]),
+        helper.make_tensor("three", TensorProto.INT64, [], [3]),
+        helper.make_tensor("factor", TensorProto.FLOAT, [], [3.0]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sizes",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 32])],
+        [
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, None),
+        ],
+        initializer=inits,
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    for v in values.values():
+        v.shape = None  # as the TorchScript export leaves them: the algebra alone decides
+    algebra = MaskAlgebra()
+    (scale,) = algebra.eval(values["scale"]).values.reshape(-1)
+    assert scale.is_const and scale.const == pytest.approx(np.sqrt(48.0))
+    b, s = Dim.symbol("b"), Dim.symbol("s")
+    assert algebra.shape_of(values["scores"]) == (b, Dim(2), s, s)

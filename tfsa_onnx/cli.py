@@ -429,7 +429,7 @@ def inspect_cmd(model) -> None:
     except (OptimizeError, GenaiError) as e:
         raise click.ClickException(str(e)) from None
     if not report.sites:
-        raise click.ClickException("no attention block was found in the model.")
+        raise click.ClickException(report.no_sites_message())
     click.echo(report.table())
     for note in report.notes():
         click.echo(f"note: {note}", err=True)

@@ -27,12 +27,18 @@ Selection (which key blocks a query block computes), per (batch, head, query blo
                   share of the candidates' total (equal shares when it is 0);
        2 "token": each query row's softmax over the candidates of scale * q_i . mean(K block)
                   + log(keys in block), averaged over the block's rows.
-     (The token and antidiagonal estimates do not read attn_bias.)
+     (The token and antidiagonal estimates do not read attn_bias.) With softcap c > 0 every
+     estimate caps its scores as the math does, before anything is added: the mean and token
+     estimates' scale * mean(Q block) . mean(K block) and scale * q_i . mean(K block) become
+     c * tanh(. / c) before the log(keys) and centre-bias terms, and the antidiagonal's sampled
+     pairs are exact capped probabilities.
   Below min_seq_len keys, every allowed block is computed.
-Math: exactly softmax(scale * Q K^T + mask + attn_bias) V over the selected blocks, the rest
--inf, where causality (key j <= p for the query at position p = i + Sk - Sq) and the sliding
-window (j > p - sliding_window when it is > 0) hide pairs as the mask does;
-rows with nothing to attend give zeros.
+Math: exactly softmax(cap(scale * Q K^T) + mask + attn_bias) V over the selected blocks, the
+rest -inf, where cap(x) = softcap * tanh(x / softcap) when softcap > 0 (Gemma 2's logit
+softcapping, on the scaled scores, before mask and bias) and x itself when it is 0; causality
+(key j <= p for the query at position p = i + Sk - Sq) and the sliding window (j > p -
+sliding_window when it is > 0) hide pairs as the mask does; rows with nothing to attend give
+zeros.
 
 attn_bias (optional, [B|1, H|1, Sq, Sk] broadcast like the mask, float32 or the query's type):
 an additive score bias (relative position, ALiBi) kept apart from the mask. It is read only
@@ -41,26 +47,26 @@ decides which blocks are allowed and is not in the density's denominator. Mask a
 in float32; a pair whose sum is -inf is hidden like a masked pair (its score -inf whatever its
 dot), so a -inf in the bias hides a pair without closing its block.
 
-Attribute bounds (contract.h enforces the same; out of range is an error): block_size in
-[1, BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len, sliding_window in
-[0, TOKENS_MAX]; threshold in [0, 1]; max_density in (0, 1]; scale finite and >= 0; is_causal
-and query_positions 0 or 1; estimate an index of ESTIMATES; estimate_stride in
-[1, ESTIMATE_STRIDE_MAX]. threshold 1 leaves the max_density cap alone (blocks of zero
-estimated mass are taken too). block_size,
+Attribute bounds (contract.h enforces the same; out of range is an error): block_size in [1,
+BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len, sliding_window in [0, TOKENS_MAX];
+threshold in [0, 1]; max_density in (0, 1]; scale and softcap finite and >= 0; is_causal and
+query_positions 0 or 1; estimate an index of ESTIMATES; estimate_stride in [1, ESTIMATE_STRIDE_MAX]. threshold 1
+leaves the max_density cap alone (blocks of zero estimated mass are taken too). block_size,
 global_tokens, local_window and sliding_window are cut to the longer sequence (`effective`),
 which changes no result: the kernels never size memory or index blocks by the raw values.
 
-NaN and infinity. A pair (i, j) counts for row i when its block is selected, causality and
-the mask let i see j (a NaN or +inf mask value lets it: only -inf / false hide a pair), and
-mask + bias is not -inf. Its score is scale * q_i . k_j + mask_ij + bias_ij; every other pair
-has score -inf. A pair whose score is -inf carries no weight and is never read: neither its
-key nor its value nor its mask or bias value can reach row i. So NaN in q_i, or in the key,
-value, mask or bias value of a pair that counts (and +inf scores, through inf - inf), makes
-row i NaN, as dense attention would; nothing else does. The selection is not steered by them:
-non-finite query and key elements count as 0 in the block means and in the rows and keys the
-other estimates read, a NaN score ranks below every other candidate with zero mass, and when
-the largest score (of a block, of a row for "token" and "antidiagonal") is not finite the
-candidates (the row's sampled pairs) weigh the same.
+NaN and infinity. A pair (i, j) counts for row i when its block is selected, causality and the
+mask let i see j (a NaN or +inf mask value lets it: only -inf / false hide a pair), and mask +
+bias is not -inf. Its score is cap(scale * q_i . k_j) + mask_ij + bias_ij (an infinite product
+capped to +-softcap when softcap > 0); every other pair has score -inf. A pair whose score is
+-inf carries no weight and is never read: neither its key nor its value nor its mask or bias
+value can reach row i. So NaN in q_i, or in the key, value, mask or bias value of a pair that
+counts (and +inf scores, through inf - inf), makes row i NaN, as dense attention would;
+nothing else does. The selection is not steered by them: non-finite query and key elements
+count as 0 in the block means and in the rows and keys the other estimates read, a NaN score
+ranks below every other candidate with zero mass, and when the largest score (of a block, of a
+row for "token" and "antidiagonal") is not finite the candidates (the row's sampled pairs)
+weigh the same.
 """
 
 from __future__ import annotations
@@ -94,6 +100,8 @@ class SparseAttentionAttributes:
     estimate: int = 0  # an index of ESTIMATES
     estimate_stride: int = 16  # the antidiagonal estimate samples 1 pair in this many
     query_positions: int = 0  # 1: queries are the last Sq key positions (global rule counts them)
+    # c > 0: scores scale * q . k become c * tanh(score / c) before mask and bias (Gemma 2); 0: none
+    softcap: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -141,6 +149,7 @@ ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "estimate": (0, len(ESTIMATES) - 1, False),
     "estimate_stride": (1, ESTIMATE_STRIDE_MAX, False),
     "query_positions": (0, 1, False),
+    "softcap": (0.0, math.inf, False),
 }
 
 
@@ -217,6 +226,11 @@ def _forced_blocks(sq: int, sk: int, a: SparseAttentionAttributes, query_offset:
     return forced
 
 
+def _capped(score: np.ndarray, softcap: float) -> np.ndarray:
+    """softcap * tanh(score / softcap) when softcap > 0 (NaN stays NaN, +-inf gives +-softcap)."""
+    return softcap * np.tanh(score / softcap) if softcap > 0 else score
+
+
 def _softmax(score: np.ndarray) -> np.ndarray:
     """Softmax over the last axis; NaN weighs 0; equal weights where the largest is not finite."""
     score = np.where(np.isnan(score), -np.inf, score)
@@ -249,7 +263,7 @@ def _antidiagonal_mass(q_rows, first_row, keys, allowed, a, scale, sq) -> np.nda
     if a.is_causal:
         keep &= j <= i + (sk - sq)
     with np.errstate(invalid="ignore", over="ignore"):
-        weight = _sampled_softmax(scale * q_rows @ keys.T, keep).sum(axis=0)
+        weight = _sampled_softmax(_capped(scale * q_rows @ keys.T, a.softcap), keep).sum(axis=0)
     padded = np.zeros(allowed.size * a.block_size)
     padded[:sk] = weight
     return padded.reshape(allowed.size, a.block_size).sum(axis=1)
@@ -265,9 +279,10 @@ def _candidate_mass(q, k, k_mean, idx, allowed, candidates, a, scale, centre) ->
     means = k_mean[idx[0], idx[1] // (q.shape[1] // k.shape[1]), candidates]
     name = ESTIMATES[a.estimate]
     if name == "mean":
-        return _softmax(scale * rows.mean(axis=0) @ means.T + log_keys + centre[candidates])
+        pooled = _capped(scale * rows.mean(axis=0) @ means.T, a.softcap)
+        return _softmax(pooled + log_keys + centre[candidates])
     if name == "token":
-        return _softmax(scale * rows @ means.T + log_keys).mean(axis=0)
+        return _softmax(_capped(scale * rows @ means.T, a.softcap) + log_keys).mean(axis=0)
     keys = k[idx[0], idx[1] // (q.shape[1] // k.shape[1])]
     mass = _antidiagonal_mass(rows, idx[2] * bs, keys, allowed, a, scale, sq)[candidates]
     total = mass.sum()
@@ -372,7 +387,8 @@ def sparse_attention(
     v = np.repeat(value.astype(np.float64), hq // hkv, axis=1)
     counts = in_selected & may_attend & (bias != -np.inf)  # the pairs that count; the others are never read
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        scores = np.where(counts, scale * query.astype(np.float64) @ np.swapaxes(k, -1, -2) + bias, -np.inf)
+        dots = _capped(scale * query.astype(np.float64) @ np.swapaxes(k, -1, -2), a.softcap)
+        scores = np.where(counts, dots + bias, -np.inf)
         row_max = scores.max(axis=-1, keepdims=True)
         row_max = np.where(np.isneginf(row_max), 0.0, row_max)
         weights = np.exp(scores - row_max)
@@ -402,7 +418,7 @@ class GroupQueryAttentionAttributes:
     local_window_size: int = -1  # a query at position p sees the w keys (p - w, p]; -1: all
     do_rotary: int = 0
     rotary_interleaved: int = 0
-    softcap: float = 0.0  # only 0
+    softcap: float = 0.0  # c > 0: SparseAttention's softcap (scores capped to c * tanh(s / c))
 
     @classmethod
     def names(cls) -> list[str]:
@@ -415,7 +431,7 @@ GQA_ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "local_window_size": (-1, TOKENS_MAX, False),
     "do_rotary": (0, 1, False),
     "rotary_interleaved": (0, 1, False),
-    "softcap": (0.0, 0.0, False),
+    "softcap": (0.0, math.inf, False),
 }
 
 
@@ -465,7 +481,8 @@ def group_query_attention(
     fewer than min_seq_len are dense."""
     names = GroupQueryAttentionAttributes.names()
     g = GroupQueryAttentionAttributes(**{k: v for k, v in attributes.items() if k in names})
-    sparsity = {k: v for k, v in attributes.items() if k not in names} | {"is_causal": 1}
+    sparsity = {k: v for k, v in attributes.items() if k not in names}
+    sparsity |= {"is_causal": 1, "softcap": g.softcap}
     b, s, hidden = query.shape
     hq, hkv = g.num_heads, g.kv_num_heads
     d = hidden // (hq + (2 * hkv if key is None else 0))

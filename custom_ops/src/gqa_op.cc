@@ -222,9 +222,10 @@ void Attend(GqaKernel& k, const GqaCall& call, void* output, const cpu::Parallel
 GqaKernel::GqaKernel(const OrtApi& api, const OrtKernelInfo* info) {
   std::string type_error;
   ReadFields(api, info, kGqaAttributeRules, gqa, type_error);
-  // always causal; its window is local_window_size
-  ReadFields(api, info, kAttributeRules, sparsity, type_error, {"is_causal", "sliding_window"});
+  // always causal; its window is local_window_size; softcap is GroupQueryAttention's own
+  ReadFields(api, info, kAttributeRules, sparsity, type_error, {"is_causal", "sliding_window", "softcap"});
   sparsity.is_causal = 1;
+  sparsity.softcap = gqa.softcap;
   if (!type_error.empty()) attribute_error = type_error;
   else if (gqa.num_heads == 0 || gqa.kv_num_heads == 0) attribute_error = "num_heads and kv_num_heads are required";
   else attribute_error = CheckGqaAttributes(gqa);

@@ -54,6 +54,7 @@ class Match:
     bias: Callable[[Builder], ir.Value] | None = None
     is_causal: bool = False
     sliding_window: int | None = None  # keys before p - W + 1 hidden (proven from the mask)
+    softcap: float | None = None  # scores c * tanh(scale * qk / c) before the terms (Gemma 2)
     key_perm: list[int] | None = None
     # Where the query and key lengths are in `query` and `key` (for the square-mask proof).
     length_axes: tuple[int, int] = (2, 2)
@@ -353,6 +354,8 @@ def sparse_attention_node(
         attributes["query_positions"] = 1
     if match.sliding_window:
         attributes["sliding_window"] = int(match.sliding_window)
+    if match.softcap:
+        attributes["softcap"] = float(match.softcap)
     for key, val in tunables.items():
         attributes[key] = float(val) if isinstance(val, float) else int(val)
     if bias is not None and mask is None:

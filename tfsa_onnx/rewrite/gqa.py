@@ -10,6 +10,7 @@ is). Rewrite: one new node with the node's own values.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import onnx_ir as ir
@@ -45,7 +46,6 @@ KEPT = (
     "softcap",
 )
 NEUTRAL: dict[str, Any] = {
-    "softcap": 0.0,
     "smooth_softmax": 0,
     "qk_output": 0,
     "causal": 1,
@@ -56,7 +56,6 @@ NEUTRAL: dict[str, Any] = {
 # Only read with q_norm_weight/k_norm_weight, which are refused: dropping them changes nothing.
 IGNORED = ("qk_norm_epsilon", "q_norm_epsilon", "k_norm_epsilon")
 WHY = {
-    "softcap": "softcap (attention logit capping) is not supported",
     "smooth_softmax": "smooth_softmax is not supported",
     "qk_output": "qk_output (the QK matrix as an output) is not supported",
     "causal": "non-causal (causal=0) GroupQueryAttention is not supported",
@@ -120,6 +119,9 @@ def check(node: ir.Node) -> None:
             raise GiveUp(f"{what} ({INPUTS[i]} is {value.dtype.name}) is not supported")
     if attr(node, "num_heads") is None or attr(node, "kv_num_heads") is None:
         raise GiveUp("num_heads and kv_num_heads are required")
+    softcap = attr(node, "softcap", 0.0)  # carried over: the op caps the scores as ORT does
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise GiveUp(f"softcap={softcap!r} is not a finite value >= 0")
 
 
 def rewrite(graph: ir.Graph, node: ir.Node, tunables: dict[str, Any]) -> ir.Node:

@@ -334,6 +334,11 @@ class MaskAlgebra:
             data, idx = self.shape_of(inputs[0]), self.shape_of(inputs[1])
             axis = attr(node, "axis", 0) % len(data)
             return data[:axis] + idx + data[axis + 1 :]
+        if node.op_type == "MatMul" and len(inputs) == 2:  # [.., n, k] @ [.., k, m]: [.., n, m]
+            a, b = self.shape_of(inputs[0]), self.shape_of(inputs[1])
+            if len(a) < 2 or len(b) < 2 or a[-1] != b[-2]:
+                raise Unknown("a MatMul of unproven inner sizes")
+            return (*_broadcast_shape(a[:-2], b[:-2]), a[-2], b[-1])
         if node.op_type == "Reshape":
             source = self.shape_of(inputs[0])
             target = [Dim.of(d) for d in self._in(node, 1).values.reshape(-1)]
@@ -346,6 +351,10 @@ class MaskAlgebra:
                         continue
                     if d in rest:
                         rest.remove(d)
+                        continue
+                    k = _divisible(rest, d)  # a known axis split ([B, S, 32] -> [B, S, 2, -1])
+                    if k is not None:
+                        rest[k] = Dim(rest[k].const // d.const)
                         continue
                     pair = _factors(rest, d)  # two source axes merged into one (B*H)
                     if pair is None:
@@ -423,6 +432,12 @@ class MaskAlgebra:
                 raise Unknown("a fractional index cast to an integer")
             return x
         raise Unknown("a condition cast to a number")
+
+    def _op_Sqrt(self, node, inputs):  # of a known size: DeBERTa's scale sqrt(head_dim * 3)
+        x = self._in(node, 0)
+        if not isinstance(x, Arr) or x.values.dtype == bool:
+            raise Unknown("Sqrt of an index tensor or a condition")
+        return Arr(np.vectorize(lambda d: Dim.of(math.sqrt(_const_of(d))), otypes=[object])(x.values))
 
     # index tensors
 
@@ -681,6 +696,16 @@ def _factors(sizes: list[Dim], product: Dim) -> tuple[int, int] | None:
                 return k, k + 1
         except Unknown:
             continue
+    return None
+
+
+def _divisible(sizes: list[Dim], d: Dim) -> int | None:
+    """The index of the first known size that a known d > 1 divides, if any."""
+    if not d.is_const or not isinstance(d.const, int) or d.const <= 1:
+        return None
+    for k, x in enumerate(sizes):
+        if x.is_const and isinstance(x.const, int) and x.const % d.const == 0:
+            return k
     return None
 
 

@@ -8,6 +8,8 @@ Reshape(Transpose(Reshape 3-D)), and key/value heads repeated by Unsqueeze-Expan
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 
@@ -30,7 +32,7 @@ from tfsa_onnx.rewrite.common import (
     single_consumer,
     strip_expand,
 )
-from tfsa_onnx.rewrite.mask_proof import MaskAlgebra
+from tfsa_onnx.rewrite.mask_proof import Arr, Dim, MaskAlgebra, Unknown
 
 _SWAP_LAST = [0, 1, 3, 2]
 
@@ -58,14 +60,17 @@ class MatMulSoftmaxRule:
             if not (_leads_to_matmul(softmax.inputs[0]) and _feeds_matmul(softmax.outputs[0])):
                 raise NotAttention(str(e)) from None
             raise
-        scores, post_scale, masks, split = _scores_chain(softmax.inputs[0])
+        scores, post_scale, masks, split, softcap = _scores_chain(softmax.inputs[0])
         qk = producer(scores, "MatMul")
         if qk is None:
             raise NotAttention("the Softmax input does not come from a MatMul")
-        q, q_scale = _strip_scalar_mul(qk.inputs[0])
-        k_t, k_scale = _strip_scalar_mul(qk.inputs[1])
-        scale = q_scale * k_scale * post_scale
+        q, q_scale = _strip_scalar_mul(qk.inputs[0], self.algebra)
+        k_t, k_scale = _strip_scalar_mul(qk.inputs[1], self.algebra)
+        # with a cap c: c * tanh(post * qk) = c * tanh(scale * qk / c), scale = post * c
+        scale = q_scale * k_scale * post_scale * (softcap or 1.0)
         if split is not None or merge_probs is not None:
+            if softcap:
+                raise GiveUp("a softcap while batch and heads are merged")
             return self._merged(q, k_t, split, merge_probs, pv, masks, scale)
         for name, v in (("Q", q), ("K^T", k_t), ("V", pv.inputs[1])):
             if rank(v) != 4:
@@ -92,6 +97,7 @@ class MatMulSoftmaxRule:
             key_perm=perm,
             length_axes=(2, 2 if perm is None else perm[2]),
             bias=_bias_builder(biases),
+            softcap=softcap,
         )
 
     def _merged(self, q3, k3_t, split, merge_probs, pv, terms, scale) -> Match:
@@ -139,6 +145,8 @@ def _probs_to_matmul(probs: ir.Value) -> tuple[ir.Node, ir.Node | None]:
         if nan_where is not None:
             value = nan_where.outputs[0]
             continue
+        if merge is None and len(users) > 1:  # DeBERTa's TorchScript: the merge reads P's shape
+            users = _unless_only_sizing_the_merge(users)
         if len(users) != 1:
             raise GiveUp("attention probabilities have other consumers (e.g. output_attentions)")
         node = users[0]
@@ -157,6 +165,34 @@ def _probs_to_matmul(probs: ir.Value) -> tuple[ir.Node, ir.Node | None]:
             continue
         raise GiveUp(f"unexpected {node.op_type} between the Softmax and the value MatMul")
     raise GiveUp("no value MatMul after the Softmax")
+
+
+def _unless_only_sizing_the_merge(users: list[ir.Node]) -> list[ir.Node]:
+    """The probabilities' users without their Shape nodes when those only compute the target
+    shape of the one other user, a Reshape (probs.view(-1, probs.size(-2), probs.size(-1))):
+    they then go with that Reshape, as the rest of the block does. Else `users` as they are."""
+    shapes = [n for n in users if n.op_type == "Shape"]
+    others = [n for n in users if n.op_type != "Shape"]
+    if not shapes or len(others) != 1 or others[0].op_type != "Reshape":
+        return users
+    reshape = others[0]
+    if reshape.inputs[0] is not shapes[0].inputs[0]:
+        return users
+    return others if all(_only_feeds(n, reshape, 1) for n in shapes) else users
+
+
+def _only_feeds(node: ir.Node, target: ir.Node, index: int, depth: int = 8) -> bool:
+    """Whether every use of node's outputs leads (within `depth` ops) to target.inputs[index]
+    and nowhere else (no graph output)."""
+    for out in node.outputs:
+        if out.is_graph_output():
+            return False
+        for user, i in out.uses():
+            if user is target and i == index:
+                continue
+            if user is target or depth == 0 or not _only_feeds(user, target, index, depth - 1):
+                return False
+    return True
 
 
 def _feeds_matmul(value: ir.Value, depth: int = 4) -> bool:
@@ -185,19 +221,21 @@ def _isnan_where(value: ir.Value, users: list[ir.Node]) -> ir.Node | None:
     return where
 
 
-def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple], ir.Node | None]:
+def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple], ir.Node | None, float | None]:
     """Walk back from the Softmax input: (QK scores, scale applied after QK, masks, the Reshape
-    that splits merged batch and heads, if any).
+    that splits merged batch and heads, if any, the softcap c of c * tanh(...) or None).
 
-    Each mask is (value, additive, scale applied after it was added, added while merged).
+    Each mask is (value, additive, scale applied after it was added, added while merged). With
+    a Tanh (Gemma 2's logit softcapping) the scale after it is the cap, and the returned scale
+    is the one inside it: scores = c * tanh(scale * qk) + terms.
     """
     scale = 1.0
     masks: list[tuple[ir.Value, bool, float, bool]] = []
-    split = None
-    for _ in range(12):
+    split, softcap = None, None
+    for _ in range(14):
         node = producer(value)
         if node is None or node.op_type == "MatMul":
-            return value, scale, masks, split
+            return value, scale, masks, split, softcap
         if node.op_type in ("Cast", "Identity"):
             if node.inputs[0].dtype not in FLOAT_TYPES:
                 raise GiveUp("the scores are cast from a non-float type")
@@ -212,8 +250,13 @@ def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple], ir.Nod
                 raise GiveUp("the scores are divided by zero")
             scale *= c
             value = other
+        elif node.op_type == "Tanh":
+            softcap, scale = _softcap(softcap, scale, masks), 1.0
+            value = node.inputs[0]
         elif node.op_type == "Reshape" and split is None and _leads_to_matmul(node.inputs[0]):
             split, value = node, node.inputs[0]
+        elif node.op_type in ("Add", "Where") and softcap is not None:
+            raise GiveUp("a term is added to the scores inside the softcap's Tanh")
         elif node.op_type == "Add":
             a, b = node.inputs
             if _leads_to_matmul(a):
@@ -229,7 +272,7 @@ def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple], ir.Nod
                 masks.append((cond, False, scale, split is not None))
                 value = x
             elif (const_scalar(x) or 0.0) <= NEG_LIMIT and const_scalar(x) is not None:
-                inverted = producer(cond, "Not")  # masked_fill(~mask, min): DeBERTa
+                inverted = producer(_bool_cast_of_bool(cond), "Not")  # masked_fill(~mask, min): DeBERTa
                 if inverted is None:
                     raise GiveUp("Where(mask, -inf, scores) with a mask that is not a Not")
                 masks.append((inverted.inputs[0], False, scale, split is not None))
@@ -238,7 +281,26 @@ def _scores_chain(value: ir.Value) -> tuple[ir.Value, float, list[tuple], ir.Nod
                 raise GiveUp("a Where before the Softmax that does not fill with a large negative")
         else:
             raise GiveUp(f"unexpected {node.op_type} between the QK MatMul and the Softmax")
-    raise GiveUp("no QK MatMul within 12 ops before the Softmax")
+    raise GiveUp("no QK MatMul within 14 ops before the Softmax")
+
+
+def _softcap(softcap: float | None, scale_after: float, masks: list[tuple]) -> float:
+    """The cap c of c * tanh(s) from the scale applied after the Tanh; the op caps the raw
+    scores only, so every term must be added after the Tanh, and only one Tanh may occur."""
+    if softcap is not None:
+        raise GiveUp("two Tanh between the QK MatMul and the Softmax")
+    if not (math.isfinite(scale_after) and scale_after > 0.0):
+        raise GiveUp(f"a Tanh on the scores scaled by {scale_after} after it (not a softcap)")
+    return scale_after
+
+
+def _bool_cast_of_bool(value: ir.Value) -> ir.Value:
+    """What a Cast to bool of a bool (a Not's output: TorchScript's DeBERTa) casts: the same
+    values. Anything else as it is."""
+    cast = producer(value, "Cast")
+    if cast is not None and attr(cast, "to") == ir.DataType.BOOL and producer(cast.inputs[0], "Not"):
+        return cast.inputs[0]
+    return value
 
 
 def _leads_to_matmul(value: ir.Value, depth: int = 8) -> bool:
@@ -248,15 +310,15 @@ def _leads_to_matmul(value: ir.Value, depth: int = 8) -> bool:
             return False
         if node.op_type == "MatMul":
             return True
-        if node.op_type in ("Mul", "Div", "Cast", "Identity"):
+        if node.op_type in ("Mul", "Div", "Cast", "Identity", "Tanh"):
             nxt = [i for i in node.inputs if const_array(i) is None]
             if len(nxt) != 1:
                 return False
             node = producer(nxt[0])
         elif node.op_type == "Add":
             return any(_leads_to_matmul(i, depth - 1) for i in node.inputs)
-        elif node.op_type == "Where":
-            return _leads_to_matmul(node.inputs[1], depth - 1)
+        elif node.op_type == "Where":  # the scores in either branch (DeBERTa: Where(~mask, min, s))
+            return any(_leads_to_matmul(i, depth - 1) for i in node.inputs[1:])
         elif node.op_type == "Reshape":  # merged batch and heads split back (merged_heads.py)
             node = producer(node.inputs[0])
         else:
@@ -264,26 +326,44 @@ def _leads_to_matmul(value: ir.Value, depth: int = 8) -> bool:
     return False
 
 
-def _scalar_operand(node: ir.Node) -> tuple[float | None, ir.Value]:
+def _scalar_operand(node: ir.Node, algebra: MaskAlgebra | None = None) -> tuple[float | None, ir.Value]:
+    """(c, x) of x * c, c * x or x / c with c a one-element constant, or (with `algebra`) a
+    number the shapes alone decide; (None, first input) otherwise."""
     a, b = node.inputs
-    cb = const_scalar(b)
+    cb = _known_scalar(b, algebra)
     if cb is not None:
         return cb, a
     if node.op_type == "Mul":
-        ca = const_scalar(a)
+        ca = _known_scalar(a, algebra)
         if ca is not None:
             return ca, b
     return None, a
 
 
-def _strip_scalar_mul(value: ir.Value) -> tuple[ir.Value, float]:
-    """Q or K^T multiplied by sqrt(scale) (SDPA exports): return the unscaled tensor and the factor."""
+def _known_scalar(value: ir.Value, algebra: MaskAlgebra | None) -> float | None:
+    """A one-element constant, or one computed from static sizes (proven by the algebra)."""
+    c = const_scalar(value)
+    if c is not None or algebra is None or value.producer() is None:
+        return c
+    try:
+        x = algebra.eval(value)
+    except Unknown:
+        return None
+    if not isinstance(x, Arr) or x.values.size != 1 or x.values.dtype == bool:
+        return None
+    d = x.values.reshape(-1)[0]
+    return float(d.const) if isinstance(d, Dim) and d.is_const else None
+
+
+def _strip_scalar_mul(value: ir.Value, algebra: MaskAlgebra | None = None) -> tuple[ir.Value, float]:
+    """Q or K^T multiplied by sqrt(scale) (SDPA exports), or divided by a scale the sizes give
+    (DeBERTa's TorchScript export): the unscaled tensor and the factor."""
     scale = 1.0
     while True:
         node = producer(value, "Mul", "Div")
         if node is None:
             return value, scale
-        c, other = _scalar_operand(node)
+        c, other = _scalar_operand(node, algebra)
         if c is None or c == 0.0:
             return value, scale
         scale *= c if node.op_type == "Mul" else 1.0 / c

@@ -1,11 +1,14 @@
 """The standard ONNX Attention op (opset 23): 4-D inputs, or 3-D with q_num_heads/kv_num_heads.
 
-Same math as SparseAttention (bool masks: true = attend). Past key/value, softcap and
+Same math as SparseAttention (bool masks: true = attend; softcap capping the scaled scores
+before the mask, as ONNX's specification and onnxruntime 1.32's kernel do). Past key/value and
 extra outputs are not supported. ONNX aligns is_causal top-left while the op aligns it
 bottom-right, so is_causal is only taken over when Sq == Sk is provable.
 """
 
 from __future__ import annotations
+
+import math
 
 import onnx_ir as ir
 
@@ -51,6 +54,7 @@ class OnnxAttentionRule:
             mask=mask,
             mask_additive=mask is not None and mask.dtype != ir.DataType.BOOL,
             is_causal=is_causal,
+            softcap=attr(node, "softcap", 0.0) or None,
         )
         if r == 4:
             folded_k, folded_v = fold_repeat(k), fold_repeat(v)
@@ -74,7 +78,8 @@ def _check_supported(node: ir.Node) -> None:
         raise GiveUp("past key/value inputs (KV cache) are not supported")
     if optional_input(node, 6) is not None:
         raise GiveUp("nonpad_kv_seqlen is not supported")
-    if attr(node, "softcap", 0.0):
-        raise GiveUp("softcap is not supported")
+    softcap = attr(node, "softcap", 0.0)
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise GiveUp(f"softcap={softcap!r} is not a finite value >= 0")
     if not outputs_unused(node, 1):
         raise GiveUp("present key/value or QK outputs are used")

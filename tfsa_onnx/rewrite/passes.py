@@ -104,6 +104,16 @@ class Report:
         """What the mask analysis kept and why, one line per site and note."""
         return [f"layer {s.layer} ({s.name}): {note}" for s in self.sites for note in s.notes]
 
+    def no_sites_message(self) -> str:
+        """Why nothing was found: the sentence, and the anchors that were looked at with the
+        reason each is not attention (the first few)."""
+        message = "no attention block was found in the model."
+        if self.ignored:
+            shown = "; ".join(f"{name}: {why}" for name, why in self.ignored[:3])
+            more = f" (and {len(self.ignored) - 3} more)" if len(self.ignored) > 3 else ""
+            message += f" Not taken as attention: {shown}{more}."
+        return message
+
 
 # ---------------------------------------------------------------- loading / saving
 
@@ -256,7 +266,7 @@ def optimize_ir(
         config = SparsityConfig.from_dict(config)
     report = _run(model, config, apply=True, reapply=reapply)
     if not report.sites:
-        raise OptimizeError("no attention block was found in the model.")
+        raise OptimizeError(report.no_sites_message())
     report.warnings += config.unmatched([(s.layer, s.name) for s in report.sites])
     return report
 

@@ -89,6 +89,11 @@ TFSA_HOST_DEVICE inline double CandidateWeight(double estimate, double best) {
   return isfinite(best) ? exp(estimate - best) : 1.0;
 }
 
+// A score (scale * q . k, or the estimate's pooled or sampled one) under the softcap
+// attribute: cap * tanh(score / cap) when cap > 0 (Gemma 2), else the score itself. NaN stays
+// NaN; +-inf becomes +-cap.
+TFSA_HOST_DEVICE inline float Capped(float score, float cap) { return cap > 0.0f ? cap * tanhf(score / cap) : score; }
+
 // The ranking: heavier first, ties by the lower block index (the reference's stable argsort).
 TFSA_HOST_DEVICE inline bool Heavier(double mass_x, int64_t x, double mass_y, int64_t y) {
   return mass_x > mass_y || (mass_x == mass_y && x < y);

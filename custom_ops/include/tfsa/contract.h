@@ -42,6 +42,9 @@ typedef struct TfsaAttributes {
   /* 1: the queries are the last q_len of the kv_len positions (a call with a KV cache), and the
    * global-token rule counts those absolute positions; 0: query i counts as position i. */
   int64_t query_positions TFSA_DEFAULT(0);
+  /* c > 0: every score scale * q . k becomes c * tanh(score / c) before the mask and the bias
+   * are added (Gemma 2's logit softcapping), in the attention and in the estimate; 0: none. */
+  float softcap TFSA_DEFAULT(0.0f);
 } TfsaAttributes;
 
 /* The block-mass estimates (attribute `estimate`); tfsa_onnx/reference.py ESTIMATES names them
@@ -72,7 +75,7 @@ typedef struct TfsaGqaAttributes {
   int64_t local_window_size TFSA_DEFAULT(-1); /* query at p sees the w keys (p - w, p]; -1: all */
   int64_t do_rotary TFSA_DEFAULT(0);
   int64_t rotary_interleaved TFSA_DEFAULT(0);
-  float softcap TFSA_DEFAULT(0.0f); /* only 0: no capping */
+  float softcap TFSA_DEFAULT(0.0f); /* c > 0: scores capped to c * tanh(score / c); 0: none */
 } TfsaGqaAttributes;
 
 /* One attribute as the library checks it: a value v is allowed when low <= v <= high (low < v
@@ -179,6 +182,7 @@ inline constexpr AttributeRule kAttributeRules[] = {
     {"threshold", true, offsetof(Attributes, threshold), 0, 1, false, ""},
     {"max_density", true, offsetof(Attributes, max_density), 0, 1, true, ""},
     {"scale", true, offsetof(Attributes, scale), 0, kUnbounded, false, " (0 means 1/sqrt(head_dim))"},
+    {"softcap", true, offsetof(Attributes, softcap), 0, kUnbounded, false, " (0: none)"},
 };
 
 // SparseGroupQueryAttention's own attributes; the sparsity ones are kAttributeRules' (all but
@@ -190,7 +194,7 @@ inline constexpr GqaAttributeRule kGqaAttributeRules[] = {
      " (-1: no window)"},
     {"do_rotary", false, offsetof(GqaAttributes, do_rotary), 0, 1, false, ""},
     {"rotary_interleaved", false, offsetof(GqaAttributes, rotary_interleaved), 0, 1, false, ""},
-    {"softcap", true, offsetof(GqaAttributes, softcap), 0, 0, false, " (softcap is not supported)"},
+    {"softcap", true, offsetof(GqaAttributes, softcap), 0, kUnbounded, false, " (0: none)"},
 };
 
 // Empty string when the fields are within their rules' bounds, else the first one that is

@@ -154,6 +154,7 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
     sc.scores.resize(static_cast<size_t>(score_rows) * means_pad);
     const float* estimate_q = score_rows == 1 ? sc.q_mean.data() : FiniteRows(sc.q, q_nonfinite, sc.q_finite);
     math.scores(estimate_q, score_rows, head_dim, kv.KMeansT(bk), means_pad, sc.scores.data(), means_pad);
+    CapScores(p.attrs.softcap, score_rows, p.grid.k_blocks, means_pad, sc.scores.data());  // before the bias
     // the mean estimate adds the bias at each block pair's centre (the others do not read it)
     if (p.bias.present() && p.attrs.estimate == TFSA_ESTIMATE_MEAN) AddCentreBias(p, b, h, qb, sc.scores.data());
   }

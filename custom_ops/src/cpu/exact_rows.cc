@@ -44,6 +44,7 @@ void Row(const Problem& p, const BlockMath& math, const T* q_row, const T* k_hea
   sc.scores.resize(width);
   math.row_scores(sc.q.data(), head_dim, AsFloat(k_head, first, n, d.head_dim, sc.k), static_cast<int>(n),
                   sc.scores.data());
+  CapScores(p.attrs.softcap, 1, n, width, sc.scores.data());
   bool any_nan = false, any_hidden = false;
   for (int64_t j = 0; j < n; ++j) {
     any_nan = any_nan || std::isnan(sc.scores[j]);

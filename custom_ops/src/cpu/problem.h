@@ -62,4 +62,12 @@ struct Problem {
   bool selection_only = false;  // profiling: pick blocks, compute nothing (outputs zeros)
 };
 
+// The softcap attribute on `rows` rows of `keys` scores, row stride `stride` (block_rules.h
+// Capped): before the mask and bias are added, in the attention and in the estimates alike.
+inline void CapScores(float cap, int64_t rows, int64_t keys, int64_t stride, float* s) {
+  if (!(cap > 0.0f)) return;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < keys; ++j) s[r * stride + j] = Capped(s[r * stride + j], cap);
+}
+
 }  // namespace tfsa::cpu

@@ -133,6 +133,7 @@ int ResidueScores(const Problem& p, const BlockMath& math, const PackedKeysValue
   for (int64_t c = 0; c < needed; ++c)
     math.scores(s.group_q.data(), n, dim, kv.SampledKt(bk, r, c), static_cast<int>(kv.chunk),
                 s.group_scores.data() + c * kv.chunk, width);
+  CapScores(p.attrs.softcap, n, width, width, s.group_scores.data());
   return width;
 }
 

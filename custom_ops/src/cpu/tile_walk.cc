@@ -79,6 +79,7 @@ void WalkTiles(const Problem& p, const BlockMath& math, const PackedKeysValues& 
     for (size_t i = first; i < end; ++i) {
       float* s = sc.s.data() + (i - first) * key_pad;
       math.scores(q, rows, head_dim, kv.Kt(bk, chosen[i]), key_pad, s, width);
+      CapScores(p.attrs.softcap, rows, keys_of(chosen[i]), width, s);
       ApplyMaskAndCausality(p, b, h, qb, chosen[i], rows, keys_of(chosen[i]), width, s);
     }
     const int valid = width - key_pad + keys_of(chosen[end - 1]);

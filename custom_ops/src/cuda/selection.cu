@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(kChooseThreads) TokenMassKernel(Geometry g, co
       if (!candidate(kb)) continue;
       float dot = 0.0f;
       for (int64_t x = 0; x < dim; ++x) dot += q_row[x] * k_means[kb * dim + x];
-      score[kb] = static_cast<float>(Estimate(grid, kb, dot));
+      score[kb] = static_cast<float>(Estimate(grid, kb, Capped(dot, g.attrs.softcap)));
       best = fmaxf(best, score[kb]);
     }
     best = BlockReduce(best, MaxFloat, scratch);
@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(kChooseThreads)
       const float k = ToFloat(k_head[j * dim + x]);
       sum += q_row[x] * (isfinite(k) ? k : 0.0f);
     }
-    return sum;
+    return Capped(sum, g.attrs.softcap);
   };
   for (int64_t i = grid.QueryBegin(qb); i < grid.QueryEnd(qb); ++i) {
     for (int64_t x = threadIdx.x; x < dim; x += blockDim.x) {
@@ -236,6 +236,7 @@ __device__ double EstimateOf(const Geometry& g, const float* q_mean, const float
                              int64_t qb, int64_t kb) {
   float dot = 0.0f;
   for (int64_t x = 0; x < g.dims.head_dim; ++x) dot += q_mean[x] * k_mean[kb * g.dims.head_dim + x];
+  dot = Capped(dot, g.attrs.softcap);  // before the bias, as in the attention
   if (g.bias.kind != TFSA_MASK_NONE) {
     const int64_t i = (g.grid.QueryBegin(qb) + g.grid.QueryEnd(qb) - 1) / 2;
     const int64_t j = (g.grid.KeyBegin(kb) + g.grid.KeyEnd(kb) - 1) / 2;

@@ -7,14 +7,14 @@
 
 namespace tfsa::cuda {
 
-// The scaled score of (query i, key j) with causality, the mask and the bias applied. A pair
+// The scaled (and softcapped) score of (query i, key j) with causality, the mask and the bias applied. A pair
 // hidden by causality or the mask, or whose mask + bias is -inf, is -inf whatever its dot, so
 // a NaN key it does not see stays out, as in the reference.
 __device__ __forceinline__ float Score(const Geometry& g, int64_t b, int64_t h, int64_t i, int64_t j, float dot) {
   float bias = j <= g.grid.LastVisibleKey(i) && j >= g.grid.FirstVisibleKey(i) ? 0.0f : kNegInf;
   if (g.mask.kind != TFSA_MASK_NONE && bias == 0.0f) bias = g.mask.Bias(g.mask.Offset(b, h, i, j));
   if (g.bias.kind != TFSA_MASK_NONE && bias != kNegInf) bias += g.bias.Bias(g.bias.Offset(b, h, i, j));
-  return bias == kNegInf ? kNegInf : dot * g.attrs.scale + bias;
+  return bias == kNegInf ? kNegInf : Capped(dot * g.attrs.scale, g.attrs.softcap) + bias;
 }
 
 // Reductions over the `width` consecutive lanes holding a row:
