@@ -50,8 +50,9 @@ dot), so a -inf in the bias hides a pair without closing its block.
 Attribute bounds (contract.h enforces the same; out of range is an error): block_size in [1,
 BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len, sliding_window in [0, TOKENS_MAX];
 threshold in [0, 1]; max_density in (0, 1]; scale and softcap finite and >= 0; is_causal and
-query_positions 0 or 1; estimate an index of ESTIMATES; estimate_stride in [1, ESTIMATE_STRIDE_MAX]. threshold 1
-leaves the max_density cap alone (blocks of zero estimated mass are taken too). block_size,
+query_positions 0 or 1; estimate an index of ESTIMATES; estimate_stride in [1,
+ESTIMATE_STRIDE_MAX]. threshold 1 leaves the max_density cap alone (blocks of zero estimated
+mass are taken too). block_size,
 global_tokens, local_window and sliding_window are cut to the longer sequence (`effective`),
 which changes no result: the kernels never size memory or index blocks by the raw values.
 

@@ -271,6 +271,9 @@ class MaskAlgebra:
 
     def __init__(self) -> None:
         self.cache: dict[int, Abstract | Unknown] = {}
+        # shape_of's answers: its rules recurse through every input, and a residual stream
+        # reaches each earlier layer along many paths (exponential without this).
+        self.shapes: dict[int, tuple[Dim, ...] | Unknown] = {}
 
     def eval(self, value: ir.Value) -> Abstract:
         key = id(value)
@@ -295,6 +298,18 @@ class MaskAlgebra:
         return result
 
     def shape_of(self, value: ir.Value) -> tuple[Dim, ...]:
+        key = id(value)
+        if key not in self.shapes:
+            try:
+                self.shapes[key] = self._shape_of(value)
+            except Unknown as e:
+                self.shapes[key] = e
+        result = self.shapes[key]
+        if isinstance(result, Unknown):
+            raise result
+        return result
+
+    def _shape_of(self, value: ir.Value) -> tuple[Dim, ...]:
         node = value.producer()
         if node is not None or value.const_value is not None:
             try:
