@@ -255,3 +255,24 @@ def test_sessions_run_without_a_memory_pattern():
 
     session = make_session(tiny_model())
     assert session.get_session_options().enable_mem_pattern is False
+
+
+def test_every_validate_run_shrinks_the_arena(monkeypatch):
+    """Each run hands back what it grew the CPU arena by, so later runs do not pile up."""
+    from tfsa_onnx import validation
+
+    seen = []
+    real = validation.make_session
+
+    class Recording:
+        def __init__(self, session) -> None:
+            self.session = session
+
+        def run(self, names, feed, options=None):
+            seen.append(options and options.get_run_config_entry("memory.enable_memory_arena_shrinkage"))
+            return self.session.run(names, feed, options)
+
+    monkeypatch.setattr(validation, "make_session", lambda *a, **k: Recording(real(*a, **k)))
+    model = tiny_model()
+    validate(model, model, tiny_feeds(2, 20), warmup=1, progress=False)
+    assert seen == ["cpu:0"] * 6  # warmup + 2 samples, each model

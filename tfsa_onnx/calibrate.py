@@ -219,7 +219,7 @@ class _Capture:
         per_node = None  # bytes captured per node, from the first run
         for i, feed in enumerate(tqdm(feeds, desc="dense run", unit="sample", disable=not progress)):
             if i >= curve_samples:
-                out = session.run([self.out_name], feed)[0]
+                out = runtime.run_shrinking(session, [self.out_name], feed)[0]
                 reference.append(_reference(out, feed, self.target, self.spool, i))
                 continue
             done: set[str] = set()
@@ -229,7 +229,7 @@ class _Capture:
                 names = [x for ws in wanted[start : start + group] for x in ws if x not in done]
                 names = [x for x in dict.fromkeys(names) if x != self.out_name]
                 first = start == 0
-                values = session.run([self.out_name, *names], feed) if first else []
+                values = runtime.run_shrinking(session, [self.out_name, *names], feed) if first else []
                 if first:
                     out = values.pop(0)
                     if any(self.out_name in ws for ws in wanted):
@@ -237,7 +237,7 @@ class _Capture:
                     reference.append(_reference(out, feed, self.target, self.spool, i))
                     del out
                 elif names:
-                    values = session.run(names, feed)
+                    values = runtime.run_shrinking(session, names, feed)
                 size = 0
                 for name, value in zip(names, values, strict=True):
                     self.spool.put((i, name), value)
@@ -340,7 +340,7 @@ class _Search:
         names = [self.out_name] + self.density_names
         scores, densities = [], []
         for feed, ref in zip(self.feeds, self.reference, strict=True):
-            out, *dens = session.run(names, feed)
+            out, *dens = runtime.run_shrinking(session, names, feed)
             scores.append(_score(out, ref, feed, self.target, self.spool))
             densities.append([float(d.mean()) for d in dens])
             del out

@@ -43,6 +43,17 @@ def release_memory() -> None:
         trim(0)
 
 
+def run_shrinking(session: Any, names: list[str] | None, feed: dict[str, Any]) -> list[Any]:
+    """session.run, after which the CPU arena hands back what the run grew it by: validate and
+    calibrate run big models several times, and a kept arena grows from run to run (SmolLM2 at
+    4,096 tokens, 3 runs: 4.21 GB peak kept, 3.77 GB shrunk, the same run times)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return session.run(names, feed, options)
+
+
 def uses_our_domain(model: Any) -> bool:
     from tfsa_onnx import DOMAIN
 

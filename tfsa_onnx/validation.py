@@ -106,7 +106,7 @@ def make_session(model: onnx.ModelProto | str | Path, threads: int | None = None
 
 def timed_run(session, feed: Feed, names: list[str] | None = None) -> tuple[list[np.ndarray], float]:
     start = time.perf_counter()
-    out = session.run(names, feed)
+    out = runtime.run_shrinking(session, names, feed)
     return out, time.perf_counter() - start
 
 
@@ -514,7 +514,7 @@ def _timed_phase(new_session, names, use, label, *, feeds, warmup, progress) -> 
 
     session = new_session()
     for _ in range(warmup if feeds else 0):
-        session.run(names, feeds[0])
+        runtime.run_shrinking(session, names, feeds[0])
     times = []
     bar = tqdm(feeds, desc=f"validate: {label}", unit="sample", disable=not progress or len(feeds) < 2)
     for i, feed in enumerate(bar):
