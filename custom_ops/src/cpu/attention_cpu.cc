@@ -20,29 +20,27 @@ inline T FromFloat(float x) {
   return T(x);  // Float16_t / BFloat16_t have explicit float constructors
 }
 
-// std::isfinite as a comparison the compiler vectorises: x - x is 0 unless x is NaN or +-inf.
-inline bool Finite(float x) { return x - x == 0.0f; }
+// std::isfinite as an integer test the compiler vectorises (a float comparison in a select
+// is not if-converted, as it may trap): the exponent bits are all ones only for NaN and +-inf.
+inline bool Finite(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits & 0x7f800000u) != 0x7f800000u;
+}
 
 // Adds each column's mean over `rows` rows, non-finite elements as 0, to mean (when `pooled`);
 // returns whether an element is not finite. Branch-free over restrict pointers, so that it
-// vectorises: probe[x] sums x - x, which stays 0 unless an element is NaN or +-inf.
+// vectorises.
 bool FiniteMean(const float* __restrict q, int rows, int dim, bool pooled, float* __restrict mean) {
-  thread_local std::vector<float> probe_buffer;
-  probe_buffer.assign(dim, 0.0f);
-  float* __restrict probe = probe_buffer.data();
+  int nonfinite = 0;
   const float n = static_cast<float>(rows);
   for (int r = 0; r < rows; ++r) {
     const float* __restrict row = q + static_cast<size_t>(r) * dim;
-    for (int x = 0; x < dim; ++x) probe[x] += row[x] - row[x];
+    for (int x = 0; x < dim; ++x) nonfinite |= !Finite(row[x]);
     if (!pooled) continue;
-    for (int x = 0; x < dim; ++x) {
-      const float share = row[x] / n;  // unconditional: a conditional division does not vectorise
-      mean[x] += Finite(row[x]) ? share : 0.0f;
-    }
+    for (int x = 0; x < dim; ++x) mean[x] += (Finite(row[x]) ? row[x] : 0.0f) / n;
   }
-  for (int x = 0; x < dim; ++x)
-    if (probe[x] != 0.0f) return true;
-  return false;
+  return nonfinite != 0;
 }
 
 // Key block means (for the estimate), transposed: means_t[x, kb]. Non-finite elements count
@@ -66,8 +64,9 @@ void KeyBlockMeans(const Problem& p, const T* k_head, float* means_t, int64_t me
 }
 
 // The antidiagonal estimate's sampled keys of one kv head (packed.h SampledKt). Each chunk's
-// rows are gathered first and then transposed, both in cache, rather than written with a
-// chunk-sized stride straight from the strided rows.
+// rows are gathered first and then transposed in cache, rather than written with a
+// chunk-sized stride straight from the strided rows (measured: slower, as is reading the
+// keys in order and scattering them to their residues).
 template <class T>
 void PackSampledKeys(const Problem& p, const T* k_head, int64_t bk, PackedKeysValues& out) {
   const int64_t stride = p.attrs.estimate_stride, dim = p.dims.head_dim;
@@ -157,7 +156,7 @@ void FiniteScaledRows(const Problem& p, const Tensors& t, int64_t bh, int64_t qb
   out.resize((end - begin) * dim);
   for (int64_t e = 0; e < (end - begin) * dim; ++e) {
     const float value = p.attrs.scale * ToFloat(rows[e]);
-    out[e] = std::isfinite(value) ? value : 0.0f;
+    out[e] = Finite(value) ? value : 0.0f;
   }
 }
 

@@ -238,6 +238,11 @@ void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysV
   mass.assign(blocks * nk, 0.0);
   GroupAllowed(p, b, h, qb_begin, qb_end, s);
   thread_local std::vector<int64_t> block_of;  // each row's query block, from qb_begin
+  // When stride divides the block, sample m of every residue lies in key block m / (block /
+  // stride): the residues' sampled mass adds up per sample, and is summed into blocks once.
+  const bool aligned = g.block % stride == 0;
+  const int all_columns = static_cast<int>((g.kv_len + stride - 1) / stride);
+  if (aligned) s.column_mass.assign(blocks * all_columns, 0.0f);
   for (int64_t r = 0; r < kv.residues; ++r) {
     // Rows i with (i + r + 1) % stride == 0 sample keys r, r + stride, ...: one product.
     const int64_t first = row_begin + ((stride - 1 - r) - row_begin % stride + stride) % stride;
@@ -256,13 +261,16 @@ void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysV
       columns = std::max(columns, s.visible[t]);
     }
     if (columns == 0) continue;
-    s.column_mass.assign(blocks * columns, 0.0f);
+    if (!aligned) s.column_mass.assign(blocks * columns, 0.0f);
+    const int row_columns = aligned ? all_columns : columns;
     // Tiles of the Scores kernel's height: each scores the keys its own rows may see.
     for (int t = 0; t < n; t += kTileRows)
-      ResidueTile(p, math, kv, bk, r, t, std::min(n, t + kTileRows), block_of, columns, s);
-    for (int64_t x = 0; x < blocks; ++x)
+      ResidueTile(p, math, kv, bk, r, t, std::min(n, t + kTileRows), block_of, row_columns, s);
+    for (int64_t x = 0; x < blocks && !aligned; ++x)
       AddBlockMass(p, kv, r, s.column_mass.data() + x * columns, columns, mass.data() + x * nk);
   }
+  for (int64_t x = 0; x < blocks && aligned; ++x)  // residue 0's sample starts: every residue's
+    AddBlockMass(p, kv, 0, s.column_mass.data() + x * all_columns, all_columns, mass.data() + x * nk);
 }
 
 bool UsesEstimate(const Problem& p) { return tfsa::UsesEstimate(p.attrs, p.grid.kv_len); }
