@@ -155,6 +155,26 @@ def test_other_estimates_match_reference(shape, attrs, estimate):
     np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("stride", [16, 24])
+def test_antidiagonal_groups_of_query_blocks_match_reference(stride):
+    # The CPU kernel scores the antidiagonal estimate for 16 query blocks at once here (block 32,
+    # stride 16): 35 blocks make two full groups and a ragged one. A mask closes some blocks
+    # below the causal edge (their samples are hidden row by row), and stride 24 does not
+    # divide the block (samples summed into blocks residue by residue).
+    rng = np.random.default_rng(stride)
+    q, k, v = random_qkv(rng, 1, 4, 2, 1100, 1100, 32, 16)
+    k += 3 * rng.standard_normal((1, 2, 35, 32)).repeat(32, axis=2)[:, :, :1100].astype(np.float32)
+    open_blocks = rng.random((1, 4, 35, 35)) < 0.8
+    mask = open_blocks.repeat(32, axis=2).repeat(32, axis=3)[:, :, :1100, :1100]
+    mask[..., 0] = True  # every row keeps a key
+    attrs = dict(SPARSE_OFF, block_size=32, is_causal=1, threshold=0.7, estimate=1, estimate_stride=stride)
+    y, density = run_op(q, k, v, mask, **attrs)
+    y_ref, density_ref = sparse_attention(q, k, v, mask, **attrs)
+    np.testing.assert_allclose(density, density_ref, atol=1e-6)
+    assert density.max() < 1.0
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-4)
+
+
 def test_the_estimate_attribute_chooses_the_kernels_estimate():
     # A case where the two estimates pick different blocks for the last query block (one of
     # its rows aimed at key block 5): the kernel follows the reference under each.

@@ -16,9 +16,10 @@ Estimates (cost: the share of the QK^T products each computes):
                   _all: the softmax over the forced blocks too
   antidiag8/16    XAttention: each stride x stride tile scored by its antidiagonal's mean q.k,
                   a softmax per tile row, summed into blocks (1/stride)
-  antidiag8_exp/16_exp  the same pairs, but each query row's softmax over its own sampled
-                  pairs (exact probabilities of 1/stride of the pairs); the operator's
-                  estimate=1 (antidiagonal)
+  antidiag8_exp/16_exp/32_exp/64_exp  the same pairs, but each query row's softmax over its
+                  own sampled pairs (exact probabilities of 1/stride of the pairs); the
+                  operator's estimate=1 (antidiagonal)
+  antidiagS_exp_rowsR  the same, rows of one stride-row tile in R only (1/(S R))
   sampled4        exact probabilities of 4 query rows per block (4/block_size)
   oracle          the true block mass
 """
@@ -96,10 +97,11 @@ def _antidiagonal(q: np.ndarray, k: np.ndarray, stride: int) -> np.ndarray:
     return _softmax_rows(scores).reshape(s // BLOCK, per, s // BLOCK, per).sum((1, 3))
 
 
-def _antidiagonal_exp(q: np.ndarray, k: np.ndarray, stride: int) -> np.ndarray:
+def _antidiagonal_exp(q: np.ndarray, k: np.ndarray, stride: int, every: int = 1) -> np.ndarray:
     """The same sampled pairs (each query row against one key in every `stride` keys, the
     tile's antidiagonal), but a softmax over each query row's sampled keys: the exact
-    probabilities of 1/stride of the pairs, summed into blocks."""
+    probabilities of 1/stride of the pairs, summed into blocks. every > 1: only the rows of
+    one stride-row tile in `every` take part (1/(stride * every) of the pairs)."""
     s, d = q.shape
     n = s // stride
     rows = np.arange(s)
@@ -108,6 +110,7 @@ def _antidiagonal_exp(q: np.ndarray, k: np.ndarray, stride: int) -> np.ndarray:
     for c in range(stride):  # rows c, c + stride, ... sample keys stride - 1 - c, 2 stride - 1 - c, ...
         scores[c::stride] = q[c::stride] @ k[stride - 1 - c :: stride].T / np.sqrt(d)
     scores = np.where(keys <= rows[:, None], scores, -np.inf)
+    scores[(rows // stride) % every != 0] = -np.inf  # rows left out weigh nothing
     return _softmax_rows(scores).reshape(s // BLOCK, BLOCK, s // BLOCK, BLOCK // stride).sum((1, 3))
 
 
@@ -139,6 +142,11 @@ def _estimates(
         "antidiag16": _antidiagonal(q, k, 16),
         "antidiag8_exp": _antidiagonal_exp(q, k, 8),
         "antidiag16_exp": _antidiagonal_exp(q, k, 16),
+        "antidiag32_exp": _antidiagonal_exp(q, k, 32),
+        "antidiag64_exp": _antidiagonal_exp(q, k, 64),
+        "antidiag8_exp_rows4": _antidiagonal_exp(q, k, 8, every=4),
+        "antidiag16_exp_rows2": _antidiagonal_exp(q, k, 16, every=2),
+        "antidiag16_exp_rows4": _antidiagonal_exp(q, k, 16, every=4),
         "sampled4": per_row[:, [15, 31, 47, 63], :].sum(1),
         "oracle": per_row.sum(1),
     }

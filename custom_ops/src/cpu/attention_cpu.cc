@@ -20,6 +20,29 @@ inline T FromFloat(float x) {
   return T(x);  // Float16_t / BFloat16_t have explicit float constructors
 }
 
+// std::isfinite as an integer test the compiler vectorises (a float comparison in a select
+// is not if-converted, as it may trap): the exponent bits are all ones only for NaN and +-inf.
+inline bool Finite(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits & 0x7f800000u) != 0x7f800000u;
+}
+
+// Adds each column's mean over `rows` rows, non-finite elements as 0, to mean (when `pooled`);
+// returns whether an element is not finite. Branch-free over restrict pointers, so that it
+// vectorises.
+bool FiniteMean(const float* __restrict q, int rows, int dim, bool pooled, float* __restrict mean) {
+  int nonfinite = 0;
+  const float n = static_cast<float>(rows);
+  for (int r = 0; r < rows; ++r) {
+    const float* __restrict row = q + static_cast<size_t>(r) * dim;
+    for (int x = 0; x < dim; ++x) nonfinite |= !Finite(row[x]);
+    if (!pooled) continue;
+    for (int x = 0; x < dim; ++x) mean[x] += (Finite(row[x]) ? row[x] : 0.0f) / n;
+  }
+  return nonfinite != 0;
+}
+
 // Key block means (for the estimate), transposed: means_t[x, kb]. Non-finite elements count
 // as 0, so that a NaN key does not steer the selection (reference.py).
 template <class T>
@@ -32,7 +55,7 @@ void KeyBlockMeans(const Problem& p, const T* k_head, float* means_t, int64_t me
     for (int64_t j = 0; j < keys; ++j)
       for (int64_t x = 0; x < d.head_dim; ++x) {
         const float value = ToFloat(k_head[(k_begin + j) * d.head_dim + x]);
-        sum[x] += std::isfinite(value) ? value : 0.0f;
+        sum[x] += Finite(value) ? value : 0.0f;
       }
     for (int64_t x = 0; x < d.head_dim; ++x) means_t[x * means_pad + kb] = sum[x] / static_cast<float>(keys);
   }
@@ -40,20 +63,27 @@ void KeyBlockMeans(const Problem& p, const T* k_head, float* means_t, int64_t me
     std::fill(means_t + x * means_pad + p.grid.k_blocks, means_t + (x + 1) * means_pad, 0.0f);
 }
 
-// The antidiagonal estimate's sampled keys of one kv head (packed.h SampledKt).
+// The antidiagonal estimate's sampled keys of one kv head (packed.h SampledKt). Each chunk's
+// rows are gathered first and then transposed in cache, rather than written with a
+// chunk-sized stride straight from the strided rows (measured: slower, as is reading the
+// keys in order and scattering them to their residues).
 template <class T>
 void PackSampledKeys(const Problem& p, const T* k_head, int64_t bk, PackedKeysValues& out) {
   const int64_t stride = p.attrs.estimate_stride, dim = p.dims.head_dim;
+  thread_local std::vector<float> rows;
+  rows.resize(out.chunk * dim);
   for (int64_t r = 0; r < out.residues; ++r)
     for (int64_t c = 0; c < out.chunks; ++c) {
-      float* kt = out.sampled->data() + ((bk * out.residues + r) * out.chunks + c) * dim * out.chunk;
       for (int64_t m = 0; m < out.chunk; ++m) {
         const int64_t j = r + (c * out.chunk + m) * stride;
         for (int64_t x = 0; x < dim; ++x) {
           const float value = j < p.grid.kv_len ? ToFloat(k_head[j * dim + x]) : 0.0f;
-          kt[x * out.chunk + m] = std::isfinite(value) ? value : 0.0f;
+          rows[m * dim + x] = Finite(value) ? value : 0.0f;
         }
       }
+      float* kt = out.sampled->data() + ((bk * out.residues + r) * out.chunks + c) * dim * out.chunk;
+      for (int64_t x = 0; x < dim; ++x)
+        for (int64_t m = 0; m < out.chunk; ++m) kt[x * out.chunk + m] = rows[m * dim + x];
     }
 }
 
@@ -63,8 +93,8 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, i
   const Dims& d = p.dims;
   const T* k_head = key + bk * kv_rows * d.head_dim;
   const T* v_head = value + bk * kv_rows * d.v_head_dim;
-  KeyBlockMeans(p, k_head, out.k_means.data() + bk * d.head_dim * out.means_pad, out.means_pad);
-  if (out.residues > 0) PackSampledKeys(p, k_head, bk, out);
+  if (out.residues > 0) PackSampledKeys(p, k_head, bk, out);  // the antidiagonal estimate: no means
+  else KeyBlockMeans(p, k_head, out.k_means.data() + bk * d.head_dim * out.means_pad, out.means_pad);
   if (p.selection_only) return;
   for (int64_t kb = 0; kb < out.k_blocks; ++kb) {
     const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
@@ -116,11 +146,26 @@ struct Scratch {
   RowsState rows;
 };
 
-// One task: query block qb of one (batch, head). Scales the queries, selects the key blocks,
-// walks them (tile_walk.h) and writes the normalised rows.
+// The scaled query rows of query blocks [qb_begin, qb_end) of (batch, head) bh, non-finite as
+// 0 (the antidiagonal estimate's view, as QueryBlock and FiniteRows make it).
+template <class T>
+void FiniteScaledRows(const Problem& p, const Tensors& t, int64_t bh, int64_t qb_begin, int64_t qb_end,
+                      std::vector<float>& out) {
+  const int64_t begin = p.grid.QueryBegin(qb_begin), end = p.grid.QueryEnd(qb_end - 1), dim = p.dims.head_dim;
+  const T* rows = static_cast<const T*>(t.query) + (bh * p.dims.q_len + begin) * dim;
+  out.resize((end - begin) * dim);
+  for (int64_t e = 0; e < (end - begin) * dim; ++e) {
+    const float value = p.attrs.scale * ToFloat(rows[e]);
+    out[e] = Finite(value) ? value : 0.0f;
+  }
+}
+
+// One task: query block qb of one (batch, head). Scales the queries, selects the key blocks
+// (antidiagonal_mass: the block's antidiagonal estimate, computed for its group), walks them
+// (tile_walk.h) and writes the normalised rows.
 template <class T>
 void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, const Tensors& t,
-                size_t task, int64_t* counts) {
+                size_t task, int64_t* counts, const double* antidiagonal_mass) {
   const Dims& d = p.dims;
   const int64_t qb = task % p.grid.q_blocks, bh = task / p.grid.q_blocks;
   const int64_t b = bh / d.q_heads, h = bh % d.q_heads;
@@ -135,21 +180,16 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   const T* q_rows = static_cast<const T*>(t.query) + (bh * d.q_len + q_begin) * d.head_dim;
   sc.q.resize(static_cast<size_t>(rows) * head_dim);
   sc.q_mean.assign(head_dim, 0.0f);
-  bool q_nonfinite = false;
   for (size_t r = 0; r < static_cast<size_t>(rows); ++r)
-    for (int x = 0; x < head_dim; ++x) {
-      const float value = p.attrs.scale * ToFloat(q_rows[r * head_dim + x]);
-      sc.q[r * head_dim + x] = value;
-      if (std::isfinite(value)) sc.q_mean[x] += value / static_cast<float>(rows);  // non-finite: 0
-      else q_nonfinite = true;
-    }
+    for (int x = 0; x < head_dim; ++x) sc.q[r * head_dim + x] = p.attrs.scale * ToFloat(q_rows[r * head_dim + x]);
+  // the antidiagonal estimate reads no mean
+  const bool q_nonfinite = FiniteMean(sc.q.data(), rows, head_dim, antidiagonal_mass == nullptr, sc.q_mean.data());
 
   counts[2 * task + 1] = AllowedKeyBlocks(p, b, h, qb, sc.selection.allowed);
   const int means_pad = static_cast<int>(kv.means_pad);
   const int score_rows = ScoresEveryRow(p) ? rows : 1;
-  if (UsesEstimate(p) && p.attrs.estimate == TFSA_ESTIMATE_ANTIDIAGONAL) {
-    const float* finite_q = FiniteRows(sc.q, q_nonfinite, sc.q_finite);
-    AntidiagonalMass(p, math, kv, bk, qb, finite_q, rows, sc.selection);
+  if (antidiagonal_mass != nullptr) {
+    sc.selection.block_mass.assign(antidiagonal_mass, antidiagonal_mass + p.grid.k_blocks);
   } else if (UsesEstimate(p)) {
     sc.scores.resize(static_cast<size_t>(score_rows) * means_pad);
     const float* estimate_q = score_rows == 1 ? sc.q_mean.data() : FiniteRows(sc.q, q_nonfinite, sc.q_finite);
@@ -179,10 +219,11 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
   const BlockMath& math = SelectBlockMath();
   PackedKeysValues kv{0, 0, 0, 0, 0, 0, 0, workspace.kt, workspace.v, workspace.k_means, workspace.v_nonfinite};
   if (UsesEstimate(p) && p.attrs.estimate == TFSA_ESTIMATE_ANTIDIAGONAL) {
-    // Residue r holds ceil((kv_len - r) / stride) keys; chunks of up to 64 of them.
+    // Residue r holds ceil((kv_len - r) / stride) keys; chunks of `pad` of them (the Scores
+    // kernel's width: a row scores little past the keys it may see).
     const int64_t stride = p.attrs.estimate_stride, most = (p.grid.kv_len + stride - 1) / stride;
     kv.residues = std::min(stride, p.grid.kv_len);
-    kv.chunk = RoundUp(std::min<int64_t>(64, most), math.pad);
+    kv.chunk = math.pad;
     kv.chunks = (most + kv.chunk - 1) / kv.chunk;
     kv.sampled = &workspace.sampled;
     workspace.sampled.resize(d.batch * d.kv_heads * kv.residues * kv.chunks * d.head_dim * kv.chunk);
@@ -217,8 +258,26 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
     with_mask.mask_blocks = &mask_blocks;
   }
   const size_t tasks = static_cast<size_t>(d.batch * d.q_heads * p.grid.q_blocks);
-  std::vector<int64_t> counts(2 * tasks, 0);  // per task: computed blocks, allowed blocks
-  parallel_for(tasks, [&](size_t task) { QueryBlock<T>(with_mask, math, kv, t, task, counts.data()); });
+  std::vector<int64_t> counts(2 * tasks, 0);  // per query block: computed blocks, allowed blocks
+  // Tasks of `group` query blocks, so that the antidiagonal estimate scores them together.
+  const int64_t group = AntidiagonalBlocks(p), groups = (p.grid.q_blocks + group - 1) / group;
+  const bool antidiagonal = kv.residues > 0;
+  parallel_for(d.batch * d.q_heads * groups, [&](size_t task) {
+    const int64_t bh = task / groups, qb_begin = task % groups * group;
+    const int64_t qb_end = std::min(qb_begin + group, p.grid.q_blocks);
+    thread_local std::vector<float> rows;
+    thread_local std::vector<double> mass;
+    thread_local SelectionScratch selection;
+    if (antidiagonal) {
+      const int64_t b = bh / d.q_heads, h = bh % d.q_heads, bk = b * d.kv_heads + h / (d.q_heads / d.kv_heads);
+      FiniteScaledRows<T>(p, t, bh, qb_begin, qb_end, rows);
+      AntidiagonalMass(with_mask, math, kv, b, h, bk, qb_begin, qb_end, rows.data(), selection, mass);
+    }
+    for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
+      const double* block_mass = antidiagonal ? mass.data() + (qb - qb_begin) * p.grid.k_blocks : nullptr;
+      QueryBlock<T>(with_mask, math, kv, t, bh * p.grid.q_blocks + qb, counts.data(), block_mass);
+    }
+  });
 
   if (t.density == nullptr) return;
   for (int64_t bh = 0; bh < d.batch * d.q_heads; ++bh) {

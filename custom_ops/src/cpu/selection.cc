@@ -44,6 +44,8 @@ int64_t AllowedKeyBlocks(const Problem& p, int64_t b, int64_t h, int64_t qb, std
 
 namespace {
 
+constexpr int kTileRows = 8;  // the antidiagonal estimate's rows per product (a register tile)
+
 // Global-token and local-window blocks (only among the allowed ones).
 int64_t ForcedKeyBlocks(const Problem& p, int64_t qb, const std::vector<uint8_t>& allowed,
                         std::vector<uint8_t>& forced) {
@@ -122,71 +124,154 @@ void NanOrInfinityRow(float* row, int visible) {
     for (int m = 0; m < visible; ++m) row[m] = row[m] == kNegInf ? kNegInf : 0.0f;
 }
 
-// One residue's rows (they sample the same keys): scores of the sampled keys up to the last
-// one any of them may see, in s.group_scores [n, width]; returns width (0: none).
-int ResidueScores(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t bk, int64_t r,
-                  int64_t last_key, int n, SelectionScratch& s) {
-  if (r >= kv.residues || last_key < r) return 0;
-  const int64_t stride = p.attrs.estimate_stride, needed = (last_key - r) / stride / kv.chunk + 1;
-  const int width = static_cast<int>(needed * kv.chunk), dim = static_cast<int>(p.dims.head_dim);
+// Scores of n rows (s.group_q) against the first `chunks` chunks of residue r's sampled keys,
+// into out [n, chunks * kv.chunk].
+void SampledScores(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t bk, int64_t r,
+                   const float* q, int n, int64_t chunks, float* out) {
+  const int width = static_cast<int>(chunks * kv.chunk), dim = static_cast<int>(p.dims.head_dim);
+  for (int64_t c = 0; c < chunks; ++c)
+    math.scores(q, n, dim, kv.SampledKt(bk, r, c), static_cast<int>(kv.chunk), out + c * kv.chunk, width);
+  CapScores(p.attrs.softcap, n, width, width, out);
+}
+
+// Per query block of the group: its allowed key blocks, the last key they hold, and whether a
+// block below that key is not allowed (a mask or window: its samples must be hidden per row).
+void GroupAllowed(const Problem& p, int64_t b, int64_t h, int64_t qb_begin, int64_t qb_end, SelectionScratch& s) {
+  const BlockGrid& g = p.grid;
+  const int64_t nk = g.k_blocks, blocks = qb_end - qb_begin;
+  s.group_allowed.resize(blocks * nk);
+  s.group_last_key.assign(blocks, -1);
+  s.group_holes.assign(blocks, 0);
+  for (int64_t x = 0; x < blocks; ++x) {
+    AllowedKeyBlocks(p, b, h, qb_begin + x, s.allowed);
+    std::copy(s.allowed.begin(), s.allowed.end(), s.group_allowed.begin() + x * nk);
+    int64_t last = -1;
+    for (int64_t kb = nk - 1; kb >= 0 && last < 0; --kb) last = s.allowed[kb] ? kb : -1;
+    s.group_last_key[x] = last < 0 ? -1 : g.KeyEnd(last) - 1;
+    for (int64_t kb = 0; kb < last; ++kb) s.group_holes[x] |= !s.allowed[kb];
+  }
+}
+
+// Hides what row `row` of query block x (of the group) may not sample: keys past `visible`,
+// and the samples in key blocks that are not allowed.
+void HideUnsampled(const Problem& p, const PackedKeysValues& kv, int64_t r, int64_t x, int visible, int width,
+                   const SelectionScratch& s, float* row) {
+  std::fill(row + visible, row + width, kNegInf);
+  if (!s.group_holes[x]) return;
+  const int* starts = kv.SampleStarts(r);
+  const uint8_t* allowed = s.group_allowed.data() + x * p.grid.k_blocks;
+  for (int64_t kb = 0; kb < p.grid.k_blocks && starts[kb] < visible; ++kb)
+    if (!allowed[kb]) std::fill(row + starts[kb], row + std::min(starts[kb + 1], visible), kNegInf);
+}
+
+// Adds row t's probabilities (its first `visible` samples; the row sums to row_sum) to its
+// query block's sampled mass, column (s.column_mass: [blocks, columns]) x.
+void AddRowMass(const float* row, float row_sum, int visible, float* column) {
+  if (!(row_sum > 0.0f)) return;  // a row with no sampled key weighs nothing
+  const float inv = 1.0f / row_sum;
+  for (int m = 0; m < visible; ++m) column[m] += row[m] * inv;
+}
+
+// One query block's sampled mass (residue r, `width` samples) summed into its key blocks.
+void AddBlockMass(const Problem& p, const PackedKeysValues& kv, int64_t r, const float* column, int width,
+                  double* mass) {
+  const int* starts = kv.SampleStarts(r);
+  for (int64_t kb = 0; kb < p.grid.k_blocks && starts[kb] < width; ++kb) {
+    double sum = 0.0;
+    for (int m = starts[kb]; m < std::min(starts[kb + 1], width); ++m) sum += column[m];
+    mass[kb] += sum;
+  }
+}
+
+// Rows [t_begin, t_end) of residue r (in s.group_q; s.visible: the samples each may see): their
+// scores up to the tile's widest row, softmax per row, added to their blocks' s.column_mass.
+void ResidueTile(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t bk, int64_t r,
+                 int t_begin, int t_end, const std::vector<int64_t>& block_of, int columns, SelectionScratch& s) {
+  const int n = t_end - t_begin, dim = static_cast<int>(p.dims.head_dim);
+  int needed = 0;
+  for (int t = t_begin; t < t_end; ++t) needed = std::max(needed, s.visible[t]);
+  if (needed == 0) return;
+  const int64_t chunks = (needed + kv.chunk - 1) / kv.chunk;
+  const int width = static_cast<int>(chunks * kv.chunk);
   s.group_scores.resize(static_cast<size_t>(n) * width);
-  for (int64_t c = 0; c < needed; ++c)
-    math.scores(s.group_q.data(), n, dim, kv.SampledKt(bk, r, c), static_cast<int>(kv.chunk),
-                s.group_scores.data() + c * kv.chunk, width);
-  CapScores(p.attrs.softcap, n, width, width, s.group_scores.data());
-  return width;
+  const float* q = s.group_q.data() + static_cast<size_t>(t_begin) * dim;
+  SampledScores(p, math, kv, bk, r, q, n, chunks, s.group_scores.data());
+  for (int t = 0; t < n; ++t)
+    HideUnsampled(p, kv, r, block_of[t_begin + t], s.visible[t_begin + t], width, s,
+                  s.group_scores.data() + static_cast<size_t>(t) * width);
+  s.row_max.assign(n, kNegInf);
+  s.row_sum.assign(n, 0.0f);
+  float unused = 0.0f;
+  math.softmax_step(s.group_scores.data(), n, width, width, s.row_max.data(), s.row_sum.data(), &unused, 0);
+  for (int t = 0; t < n; ++t) {
+    float* row = s.group_scores.data() + static_cast<size_t>(t) * width;
+    const int visible = s.visible[t_begin + t];
+    if (std::isnan(s.row_sum[t])) {
+      // A NaN or +inf score (overflowing products) makes the row's sum NaN: that row again,
+      // by the reference's rule (NaN weighs nothing; the +inf keys share the weight).
+      SampledScores(p, math, kv, bk, r, q + static_cast<size_t>(t) * dim, 1, chunks, row);
+      HideUnsampled(p, kv, r, block_of[t_begin + t], visible, width, s, row);
+      NanOrInfinityRow(row, visible);
+      s.row_max[t] = kNegInf;
+      s.row_sum[t] = 0.0f;
+      math.softmax_step(row, 1, width, width, &s.row_max[t], &s.row_sum[t], &unused, 0);
+    }
+    AddRowMass(row, s.row_sum[t], visible, s.column_mass.data() + block_of[t_begin + t] * columns);
+  }
 }
 
 }  // namespace
 
-void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t bk, int64_t qb,
-                      const float* q, int rows, SelectionScratch& s) {
+int64_t AntidiagonalBlocks(const Problem& p) {
+  if (!tfsa::UsesEstimate(p.attrs, p.grid.kv_len) || p.attrs.estimate != TFSA_ESTIMATE_ANTIDIAGONAL) return 1;
+  // About 32 rows per residue: 4 register tiles of the widest kernel; more only adds causal
+  // waste (the group's first rows score the keys its last rows see) and coarser tasks.
+  const int64_t per_block = std::max<int64_t>(1, p.grid.block / p.attrs.estimate_stride);
+  return std::clamp<int64_t>(32 / per_block, 1, std::max<int64_t>(p.grid.q_blocks, 1));
+}
+
+void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t b, int64_t h,
+                      int64_t bk, int64_t qb_begin, int64_t qb_end, const float* q, SelectionScratch& s,
+                      std::vector<double>& mass) {
   const BlockGrid& g = p.grid;
-  const int64_t stride = p.attrs.estimate_stride, dim = p.dims.head_dim, q_begin = g.QueryBegin(qb);
-  s.block_mass.assign(g.k_blocks, 0.0);
-  int64_t last_key = -1;  // the end of the last allowed block
-  for (int64_t kb = 0; kb < g.k_blocks; ++kb)
-    if (s.allowed[kb]) last_key = g.KeyEnd(kb) - 1;
-  for (int64_t first = 0; first < std::min<int64_t>(stride, rows); ++first) {
-    // Rows first, first + stride, ...: i % stride is the same, so they sample the same keys.
-    const int n = static_cast<int>((rows - first + stride - 1) / stride);
-    const int64_t r = (stride - 1 - (q_begin + first) % stride) % stride;
-    const int64_t group_last = std::min(last_key, g.LastVisibleKey(q_begin + first + (n - 1) * stride));
+  const int64_t stride = p.attrs.estimate_stride, dim = p.dims.head_dim, nk = g.k_blocks, blocks = qb_end - qb_begin;
+  const int64_t row_begin = g.QueryBegin(qb_begin), row_end = g.QueryEnd(qb_end - 1);
+  mass.assign(blocks * nk, 0.0);
+  GroupAllowed(p, b, h, qb_begin, qb_end, s);
+  thread_local std::vector<int64_t> block_of;  // each row's query block, from qb_begin
+  // When stride divides the block, sample m of every residue lies in key block m / (block /
+  // stride): the residues' sampled mass adds up per sample, and is summed into blocks once.
+  const bool aligned = g.block % stride == 0;
+  const int all_columns = static_cast<int>((g.kv_len + stride - 1) / stride);
+  if (aligned) s.column_mass.assign(blocks * all_columns, 0.0f);
+  for (int64_t r = 0; r < kv.residues; ++r) {
+    // Rows i with (i + r + 1) % stride == 0 sample keys r, r + stride, ...: one product.
+    const int64_t first = row_begin + ((stride - 1 - r) - row_begin % stride + stride) % stride;
+    if (first >= row_end) continue;
+    const int n = static_cast<int>((row_end - first + stride - 1) / stride);
     s.group_q.resize(static_cast<size_t>(n) * dim);
-    for (int t = 0; t < n; ++t) std::copy_n(q + (first + t * stride) * dim, dim, s.group_q.data() + t * dim);
-    const int width = ResidueScores(p, math, kv, bk, r, group_last, n, s);
-    if (width == 0) continue;
-    // Sample m (key r + m * stride) of key block kb: m in [start(kb), start(kb + 1)).
-    const int* starts = kv.SampleStarts(r);
-    const auto start = [&](int64_t kb) { return std::min(starts[kb], width); };
-    for (int t = 0; t < n; ++t) {  // unsampled or hidden: -inf
-      const int64_t row_last = std::min(last_key, g.LastVisibleKey(q_begin + first + t * stride));
-      const int visible = row_last < r ? 0 : static_cast<int>(std::min<int64_t>((row_last - r) / stride + 1, width));
-      float* row = s.group_scores.data() + static_cast<size_t>(t) * width;
-      for (int64_t kb = 0; kb < g.k_blocks; ++kb)
-        if (!s.allowed[kb]) std::fill(row + start(kb), row + start(kb + 1), kNegInf);
-      std::fill(row + visible, row + width, kNegInf);
-      int unusual = 0;  // a NaN or +inf score (overflowing products): the reference's rule below
-      for (int m = 0; m < visible; ++m) unusual |= !(row[m] < INFINITY);
-      if (unusual) NanOrInfinityRow(row, visible);
-    }
-    s.row_max.assign(n, kNegInf);
-    s.row_sum.assign(n, 0.0f);
-    float unused = 0.0f;
-    math.softmax_step(s.group_scores.data(), n, width, width, s.row_max.data(), s.row_sum.data(), &unused, 0);
-    s.column_mass.assign(width, 0.0f);  // the rows' probabilities, summed per sample
+    s.visible.resize(n);
+    block_of.resize(n);
+    int columns = 0;  // samples the widest row may see
     for (int t = 0; t < n; ++t) {
-      if (!(s.row_sum[t] > 0.0f)) continue;  // a row with no sampled key weighs nothing
-      const float* row = s.group_scores.data() + static_cast<size_t>(t) * width;
-      const float inv = 1.0f / s.row_sum[t];
-      for (int m = 0; m < width; ++m) s.column_mass[m] += row[m] * inv;
+      const int64_t i = first + t * stride;
+      block_of[t] = i / g.block - qb_begin;
+      std::copy_n(q + (i - row_begin) * dim, dim, s.group_q.data() + t * dim);
+      const int64_t last = std::min(s.group_last_key[block_of[t]], g.LastVisibleKey(i));
+      s.visible[t] = last < r ? 0 : static_cast<int>((last - r) / stride + 1);
+      columns = std::max(columns, s.visible[t]);
     }
-    for (int64_t kb = 0; kb < g.k_blocks; ++kb) {
-      double sum = 0.0;
-      for (int m = start(kb); m < start(kb + 1); ++m) sum += s.column_mass[m];
-      s.block_mass[kb] += sum;
-    }
+    if (columns == 0) continue;
+    if (!aligned) s.column_mass.assign(blocks * columns, 0.0f);
+    const int row_columns = aligned ? all_columns : columns;
+    // Tiles of the Scores kernel's height: each scores the keys its own rows may see.
+    for (int t = 0; t < n; t += kTileRows)
+      ResidueTile(p, math, kv, bk, r, t, std::min(n, t + kTileRows), block_of, row_columns, s);
+    for (int64_t x = 0; x < blocks && !aligned; ++x)
+      AddBlockMass(p, kv, r, s.column_mass.data() + x * columns, columns, mass.data() + x * nk);
   }
+  for (int64_t x = 0; x < blocks && aligned; ++x)  // residue 0's sample starts: every residue's
+    AddBlockMass(p, kv, 0, s.column_mass.data() + x * all_columns, all_columns, mass.data() + x * nk);
 }
 
 bool UsesEstimate(const Problem& p) { return tfsa::UsesEstimate(p.attrs, p.grid.kv_len); }

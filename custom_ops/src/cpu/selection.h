@@ -21,6 +21,11 @@ struct SelectionScratch {
   std::vector<float> group_q, group_scores;  // the antidiagonal estimate's rows of one residue
   std::vector<double> block_mass;            // the antidiagonal estimate's mass per key block
   std::vector<float> column_mass;            // one residue's probabilities summed over its rows
+  // The antidiagonal estimate over several query blocks: per block its allowed key blocks
+  // (k_blocks each), the last key they hold (-1: none) and whether one below it is not allowed.
+  std::vector<uint8_t> group_allowed, group_holes;
+  std::vector<int64_t> group_last_key;
+  std::vector<int> visible;  // the antidiagonal estimate: samples each row of a residue may see
 };
 
 // Fills `out` from the mask (p.mask must be present); parallel over (batch, head, query block).
@@ -34,11 +39,18 @@ int64_t AllowedKeyBlocks(const Problem& p, int64_t b, int64_t h, int64_t qb, std
 // Whether ChooseKeyBlocks reads the estimate (else every allowed block is computed).
 bool UsesEstimate(const Problem& p);
 
-// The antidiagonal estimate of query block qb (reference.py): each row's softmax over its
-// sampled keys (packed.h SampledKt) in allowed blocks and, when causal, visible, summed per
-// key block into scratch.block_mass. q: the block's scaled query rows, non-finite as 0.
-void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t bk, int64_t qb,
-                      const float* q, int rows, SelectionScratch& scratch);
+// The antidiagonal estimate is computed for AntidiagonalBlocks(p) query blocks at once (1 for
+// the other estimates): their rows of one residue sample the same keys, so they make one
+// product of that many more rows, which the register-blocked Scores kernel runs faster.
+int64_t AntidiagonalBlocks(const Problem& p);
+
+// The antidiagonal estimate (reference.py) of query blocks [qb_begin, qb_end) of (b, q head h,
+// kv head bk): each row's softmax over its sampled keys (packed.h SampledKt) in allowed blocks
+// and, when causal, visible, summed per key block into mass[(qb - qb_begin) * k_blocks + kb].
+// q: the blocks' scaled query rows, from QueryBegin(qb_begin), non-finite as 0.
+void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t b, int64_t h,
+                      int64_t bk, int64_t qb_begin, int64_t qb_end, const float* q, SelectionScratch& scratch,
+                      std::vector<double>& mass);
 
 // Whether the estimate scores every query row (the token estimate) or the block's mean query.
 bool ScoresEveryRow(const Problem& p);

@@ -1,0 +1,113 @@
+"""A retrieval probe on real attention inputs: does the selection find the one key a late query needs?
+
+    python -m tfsa_onnx.eval.retrieval --tensors /tmp/smollm2-4096.npz \\
+        --run mean=samples/configs/smollm2-135m-4096-ppl1.json \\
+        --run antidiagonal:16=samples/configs/smollm2-135m-4096-ppl1-antidiagonal.json
+
+Perplexity averages over every token and hides the one a sparse selection loses. Each trial
+draws, on SmolLM2's captured attention inputs (tfsa_onnx.eval.estimators --tensors), a layer,
+a query head, a late query row i (the last eighth of the window) and a needle key j before
+i's global and local-window blocks. Key j of the head's KV group is moved along q_i so that, in
+dense attention, row i gives it `--share` of its probability (the other keys keep their
+proportions), and value j gets a large random direction (10x the largest value norm) that
+no other key carries. The operator (the real kernel, the layer's attributes from a calibrated
+config, its estimate as given) then runs on the modified inputs. A trial succeeds when row i's
+output is within half the needle's contribution (share x its value norm) of dense attention's:
+the needle's block was computed. Dense attention succeeds by construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from tfsa_onnx.config import SparsityConfig
+from tfsa_onnx.opmodel import sparse_attention_model
+from tfsa_onnx.reference import ESTIMATES, SparseAttentionAttributes
+from tfsa_onnx.runtime import make_session
+
+
+def _attributes(config: SparsityConfig, layer: int, estimate: str) -> dict:
+    """The layer's SparseAttention attributes from the config, causal, with `estimate` (name:stride)."""
+    name, _, stride = estimate.partition(":")
+    values = dict(config.for_site(layer, "") or {})  # a skipped layer: the defaults
+    values |= {"estimate": ESTIMATES.index(name), "estimate_stride": int(stride or 16), "is_causal": 1}
+    return SparseAttentionAttributes(**values).as_dict()
+
+
+def _needle(q, k, v, head: int, row: int, key: int, share: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """k, v with key `key` of head's KV group moved so that `row` gives it `share` of its mass."""
+    group = q.shape[0] // k.shape[0]
+    g, scale = head // group, 1.0 / np.sqrt(q.shape[-1])
+    k, v = k.copy(), v.copy()
+    qi = q[head, row].astype(np.float64)
+    scores = scale * (k[g, : row + 1].astype(np.float64) @ qi)
+    others = np.delete(scores, key)
+    best = others.max()
+    target = best + np.log(np.exp(others - best).sum()) + np.log(share / (1 - share))
+    k[g, key] += ((target - scores[key]) / scale * qi / (qi @ qi)).astype(np.float32)
+    direction = rng.standard_normal(v.shape[-1])
+    v[g, key] = 10 * np.linalg.norm(v[g], axis=-1).max() * direction / np.linalg.norm(direction)
+    return k, v
+
+
+def _dense_row(q, k, v, head: int, row: int) -> np.ndarray:
+    g = head // (q.shape[0] // k.shape[0])
+    scores = (k[g, : row + 1].astype(np.float64) @ q[head, row]) / np.sqrt(q.shape[-1])
+    weights = np.exp(scores - scores.max())
+    return (weights / weights.sum()) @ v[g, : row + 1].astype(np.float64)
+
+
+def probe(
+    tensors, runs: dict[str, tuple[str, SparsityConfig]], trials: int, share: float, seed: int = 0
+) -> dict[str, int]:
+    """Per run (label -> (estimate, config)): the number of trials whose needle was found."""
+    rng = np.random.default_rng(seed)
+    layers = sorted(int(name[1:]) for name in tensors.files if name.startswith("q"))
+    found = dict.fromkeys(runs, 0)
+    for _ in range(trials):
+        layer = int(rng.choice(layers))
+        q, k, v = (tensors[f"{x}{layer}"] for x in "qkv")
+        s = q.shape[1]
+        head, row = int(rng.integers(q.shape[0])), int(rng.integers(s - s // 8, s))
+        key = int(rng.integers(64, (row // 64) * 64 - 192))  # before the global + local blocks
+        k2, v2 = _needle(q, k, v, head, row, key, share, rng)
+        dense = _dense_row(q, k2, v2, head, row)
+        room = 0.5 * share * np.linalg.norm(v2[head // (q.shape[0] // k.shape[0]), key])
+        for label, (estimate, config) in runs.items():
+            model = sparse_attention_model(**_attributes(config, layer, estimate))
+            session = make_session(model, 2)
+            y = session.run(["Y"], {"query": q[None], "key": k2[None], "value": v2[None]})[0]
+            found[label] += bool(np.linalg.norm(y[0, head, row] - dense) < room)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tensors", required=True, help="captured tensors (tfsa_onnx.eval.estimators)")
+    parser.add_argument(
+        "--run", action="append", required=True, help="ESTIMATE[:STRIDE]=CONFIG.json (repeatable)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--share", type=float, default=0.5, help="the needle's share of its row's mass")
+    args = parser.parse_args()
+    runs = {}
+    for item in args.run:
+        estimate, _, path = item.partition("=")
+        runs[f"{estimate} ({Path(path).stem})"] = (estimate, SparsityConfig.load(path))
+    with np.load(args.tensors) as tensors:
+        found = probe(tensors, runs, args.trials, args.share, args.seed)
+    print(f"| estimate | needle found (share {args.share}) |")
+    print("|---|---:|")
+    print(f"| dense | {args.trials}/{args.trials} |")
+    for name, count in found.items():
+        print(f"| {name} | {count}/{args.trials} |")
+
+
+if __name__ == "__main__":
+    main()
