@@ -10,11 +10,12 @@ import textwrap
 from click.testing import CliRunner
 
 from tfsa_onnx.bench import bench_kernel
+from tfsa_onnx.bench.timing import KernelCase
 from tfsa_onnx.cli import main
 
 
 def test_bench_kernel_reports_all_three_and_the_density_reached():
-    result = bench_kernel(512, heads=2, head_dim=32, max_density=0.25, repeat=2, threads=1)
+    result = bench_kernel(KernelCase(512, heads=2, head_dim=32, max_density=0.25), repeat=2, threads=1)
     assert abs(result.density - 0.25) < 1e-6
     assert result.sparse_ms > 0 and result.ort_mha_ms > 0 and result.unfused_ms > 0
     assert result.speedup_vs_ort_mha == result.ort_mha_ms / result.sparse_ms

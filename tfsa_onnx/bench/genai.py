@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
+from tfsa_onnx.bench.output import Row
+
+COLUMNS = (
+    "prompt_len decode_tokens threads original_ttft_ms optimized_ttft_ms ttft_speedup "
+    "original_decode_tok_s optimized_decode_tok_s decode_ratio"
+)
+
 
 @dataclass
-class GenaiResult:
+class GenaiResult(Row):
     prompt_len: int
     decode_tokens: int
     threads: int
@@ -26,9 +33,6 @@ class GenaiResult:
     original_decode_tok_s: float
     optimized_decode_tok_s: float
     decode_ratio: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _one_generation(model, prompt: np.ndarray, decode_tokens: int) -> tuple[float, float]:
