@@ -313,25 +313,14 @@ def optimize_cmd(model, output, config_path, report_path, reapply, **attributes)
         report = optimize_ir(ir_model, config, reapply=reapply)
     except OptimizeError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(report.table())
-    for note in report.notes():
-        click.echo(f"note: {note}", err=True)
-    for line in report.warnings:
-        click.echo(f"Warning: {line}", err=True)
+    _echo_report(report, notes=True)
     try:
         save_ir(ir_model, out, source)
         if report_path:
             report.save(report_path)
     except (OptimizeError, OutputError) as e:
         raise click.ClickException(str(e)) from None
-    already = sum(s.family == "tfsa" for s in report.sites)
-    click.echo(
-        f"{len(report.sites)} attention sites, {report.replaced - already} replaced"
-        + (f", {already} already SparseAttention" if already else "")
-        + f"; wrote {out}"
-    )
-    click.echo(_settings_line(config, report.replaced - already, already, reapply))
-    click.echo(f"check it: tfsa-onnx validate {source} {out}")
+    _echo_done(report, config, reapply, (source, out), ("SparseAttention", str(out)))
 
 
 def _optimize_folder(source, output, config, reapply: bool, report_path) -> None:
@@ -346,15 +335,29 @@ def _optimize_folder(source, output, config, reapply: bool, report_path) -> None
         result = optimize_folder(source, out, config, reapply=reapply, report_path=report_path)
     except GenaiError as e:
         raise click.ClickException(str(e)) from None
-    report = result.report
+    _echo_report(result.report, notes=False)
+    written = f"{out} ({result.model.name}, {result.library}, {len(result.copied) + 1} other files)"
+    _echo_done(result.report, config, reapply, (source, out), ("sparse", written))
+
+
+def _echo_report(report, notes: bool) -> None:
+    """The site table, then its notes (when asked) and warnings on stderr."""
     click.echo(report.table())
+    for note in report.notes() if notes else ():
+        click.echo(f"note: {note}", err=True)
     for line in report.warnings:
         click.echo(f"Warning: {line}", err=True)
+
+
+def _echo_done(report, config, reapply: bool, paths: tuple, wrote: tuple[str, str]) -> None:
+    """optimize's last lines: what was replaced and written (wrote: what an already optimized
+    site is called, what was written), the settings, and the command that checks it."""
+    (source, out), (sparse_name, written) = paths, wrote
     already = sum(s.family == "tfsa" for s in report.sites)
     click.echo(
         f"{len(report.sites)} attention sites, {report.replaced - already} replaced"
-        + (f", {already} already sparse" if already else "")
-        + f"; wrote {out} ({result.model.name}, {result.library}, {len(result.copied) + 1} other files)"
+        + (f", {already} already {sparse_name}" if already else "")
+        + f"; wrote {written}"
     )
     click.echo(_settings_line(config, report.replaced - already, already, reapply))
     click.echo(f"check it: tfsa-onnx validate {source} {out}")
