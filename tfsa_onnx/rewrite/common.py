@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -174,6 +174,31 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if name in ("value_int", "value_ints"):
         return np.array(a.value, dtype=np.int64)
     return None
+
+
+def feeding_constants(
+    value: ir.Value, domains: tuple[str, ...] | None = None, limit: int | None = None
+) -> Iterator[np.ndarray]:
+    """The constants `value` is computed from: a walk up the producers through nodes of
+    `domains` (None: any domain), visiting at most `limit` values (None: all). Never through
+    Shape or Size: only sizes flow out of them, not the constants behind their inputs."""
+    stack, seen = [value], set()
+    while stack and (limit is None or len(seen) < limit):
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        arr = const_array(v)
+        if arr is not None:
+            yield arr
+            continue
+        node = v.producer()
+        if (
+            node is not None
+            and (domains is None or node.domain in domains)
+            and node.op_type not in ("Shape", "Size")
+        ):
+            stack.extend(node.inputs)
 
 
 def const_scalar(value: ir.Value | None) -> float | None:

@@ -23,6 +23,7 @@ from tfsa_onnx.rewrite.common import (
     const_array,
     const_scalar,
     dims,
+    feeding_constants,
     fold_repeat,
     producer,
     rank,
@@ -335,21 +336,8 @@ def _split_terms(terms: list[tuple[ir.Value, bool, float]]) -> tuple[list, list]
 
 def _computes_with_large_negative(value: ir.Value, limit: int = 300) -> bool:
     """Whether a float constant <= NEG_LIMIT feeds `value` (not through a Shape: sizes only)."""
-    stack, seen = [value], set()
-    while stack and len(seen) < limit:
-        v = stack.pop()
-        if v is None or id(v) in seen:
-            continue
-        seen.add(id(v))
-        c = const_array(v)
-        if c is not None:
-            if c.dtype.kind == "f" and c.size and float(np.min(c)) <= NEG_LIMIT:
-                return True
-            continue
-        node = v.producer()
-        if node is not None and node.op_type not in ("Shape", "Size"):
-            stack.extend(node.inputs)
-    return False
+    constants = feeding_constants(value, limit=limit)
+    return any(c.dtype.kind == "f" and c.size and float(np.min(c)) <= NEG_LIMIT for c in constants)
 
 
 def _bias_builder(biases: list[tuple[ir.Value, bool, float]], unmerge: list | None = None):
