@@ -84,6 +84,12 @@ class Match:
         return Inputs(self.query, key, self.value)
 
 
+def op_match(node: ir.Node, query, key, value, **fields: Any) -> Match:
+    """The Match of an attention op node (query, key, value as found): the op's first output is
+    what it replaces, and its `scale` attribute (0 or absent: 1/sqrt(head_dim)) its scale."""
+    return Match(query, key, value, node.outputs[0], attr(node, "scale") or None, **fields)
+
+
 class Rule(Protocol):
     """One attention family's matcher.
 
@@ -97,6 +103,16 @@ class Rule(Protocol):
     def is_anchor(self, node: ir.Node) -> bool: ...
 
     def match(self, anchor: ir.Node) -> Match: ...
+
+
+class OpRule:
+    """A Rule's anchor test when the anchor is one op type in some domains (every rule here)."""
+
+    anchor_op: str
+    anchor_domains: tuple[str, ...] = ("", "ai.onnx")
+
+    def is_anchor(self, node: ir.Node) -> bool:
+        return node.op_type == self.anchor_op and node.domain in self.anchor_domains
 
 
 @dataclass

@@ -19,6 +19,7 @@ from tfsa_onnx.rewrite.common import (
     GiveUp,
     Match,
     NotAttention,
+    OpRule,
     attr,
     const_array,
     const_scalar,
@@ -36,17 +37,15 @@ from tfsa_onnx.rewrite.mask_proof import MaskAlgebra
 _SWAP_LAST = [0, 1, 3, 2]
 
 
-class MatMulSoftmaxRule:
+class MatMulSoftmaxRule(OpRule):
     """Anchor: a Softmax over the last axis whose input comes from a 4-D MatMul (or a 3-D one
     on merged batch and heads, merged_heads.py)."""
 
     family = "matmul-softmax"
+    anchor_op = "Softmax"
 
     def __init__(self) -> None:
         self.algebra = MaskAlgebra()  # shapes, for the merged-heads proofs; one per model
-
-    def is_anchor(self, node: ir.Node) -> bool:
-        return node.op_type == "Softmax" and node.domain in ("", "ai.onnx")
 
     def match(self, softmax: ir.Node) -> Match:
         r = rank(softmax.outputs[0])
