@@ -285,12 +285,7 @@ GqaOp::GqaOp(ONNXTensorElementDataType type) : type_(type) {
 }
 
 OrtStatusPtr GqaOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-  try {
-    *kernel = new GqaKernel(api, info);
-    return nullptr;
-  } catch (const std::exception& e) {
-    return api.CreateStatus(ORT_FAIL, e.what());
-  }
+  return NewKernel(api, kernel, [&] { return new GqaKernel(api, info); });
 }
 
 }  // namespace tfsa

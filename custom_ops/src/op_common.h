@@ -1,9 +1,10 @@
-// What the ONNX Runtime glue of both ops shares: reading attributes strictly, input data,
-// type names.
+// What the ONNX Runtime glue of both ops shares: reading attributes strictly, creating a
+// kernel, input data, type names.
 #pragma once
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <initializer_list>
 #include <string>
 #include <type_traits>
@@ -63,6 +64,17 @@ inline const void* InputData(const Ort::ConstValue& value) {
   void* data = nullptr;
   Ort::ThrowOnError(Ort::GetApi().GetTensorMutableData(const_cast<OrtValue*>(static_cast<const OrtValue*>(value)), &data));
   return data;
+}
+
+// CreateKernelV2's body: *kernel = make(), or the exception it threw as an ORT status.
+template <class Make>
+OrtStatusPtr NewKernel(const OrtApi& api, void** kernel, Make make) {
+  try {
+    *kernel = make();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return api.CreateStatus(ORT_FAIL, e.what());
+  }
 }
 
 inline const char* TypeName(ONNXTensorElementDataType type) {
