@@ -270,12 +270,8 @@ OrtStatusPtr GqaKernel::ComputeV2(OrtKernelContext* raw_context) {
       Attend<Ort::Float16_t>(*this, call, output, parallel_for);
     }
     return nullptr;
-  } catch (const Ort::Exception& e) {
-    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-  } catch (const std::bad_alloc&) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, "SparseGroupQueryAttention: out of memory");
-  } catch (const std::exception& e) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("SparseGroupQueryAttention: ") + e.what()).c_str());
+  } catch (...) {
+    return ComputeErrorStatus("SparseGroupQueryAttention");
   }
 }
 

@@ -97,12 +97,8 @@ OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
     if (provider == Provider::kCuda) RunCuda(context, call);
     else RunCpu(context, call);
     return nullptr;
-  } catch (const Ort::Exception& e) {
-    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-  } catch (const std::bad_alloc&) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, "SparseAttention: out of memory");
-  } catch (const std::exception& e) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("SparseAttention: ") + e.what()).c_str());
+  } catch (...) {
+    return ComputeErrorStatus("SparseAttention");
   }
 }
 
