@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ def test_bad_config_fails_with_exit_1(models):
     result = CliRunner().invoke(main, [*args, "--cos-min", "0.99"])
     assert result.exit_code == 1, result.output
     assert "FAIL hidden: mean cosine" in result.output
-    assert "density                0.06" in result.output
+    assert re.search(r"^density +0\.06", result.output, re.M)
 
 
 def test_mismatched_inputs_is_a_clear_error_before_any_run(models, tmp_path):
