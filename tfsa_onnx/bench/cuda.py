@@ -155,26 +155,24 @@ def _direct_op(q, k, v, attributes: dict, selection_only: bool = False) -> _Op:
 
 def _ort_cuda_session(model, device, ours: bool, selection_only: bool = False):
     """A session on CUDAExecutionProvider that runs on torch's current stream, no CPU fallback."""
-    import onnxruntime as ort
     import torch
 
     import tfsa_onnx
-    from tfsa_onnx.runtime import selection_only as selection_only_switch
+    from tfsa_onnx.runtime import make_session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")  # every node on the GPU
-    if ours:
-        so.register_custom_ops_library(tfsa_onnx.get_library_path("cuda"))
     # One stream for torch and ORT, so the events bracket ORT's kernels (0 is refused: no default stream).
     options = {
         "device_id": str(device.index or 0),
         "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream),
     }
-    with selection_only_switch(selection_only):
-        return ort.InferenceSession(
-            model.SerializeToString(), so, providers=[("CUDAExecutionProvider", options)]
-        )
+    return make_session(
+        model,
+        register=ours,
+        library=tfsa_onnx.get_library_path("cuda") if ours else None,
+        selection_only_run=selection_only,
+        providers=[("CUDAExecutionProvider", options)],
+        config={"session.disable_cpu_ep_fallback": "1"},  # every node on the GPU
+    )
 
 
 def _bind(binding, kind: str, name: str, tensor) -> None:

@@ -11,9 +11,11 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from tfsa_onnx.bench.output import Row
+
+R = TypeVar("R")
 
 
 class Timer(Protocol):
@@ -37,18 +39,24 @@ class WallTimer:
         pass
 
 
+def rounds(runs: Mapping[str, Callable[[], R]], repeat: int) -> dict[str, list[R]]:
+    """What each run returns over `repeat` rounds, each round running every one once in turn."""
+    results: dict[str, list[R]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            results[name].append(run())
+    return results
+
+
 def interleaved_medians(
     runs: Mapping[str, Callable[[], object]], timer: Timer, warmup: int, repeat: int
 ) -> dict[str, float]:
-    """Median ms of each run over `repeat` rounds, each round running every one once in turn."""
+    """Median ms of each run over `repeat` rounds (after `warmup` untimed ones)."""
     for _ in range(warmup):
         for run in runs.values():
             run()
     timer.sync()
-    pending: dict[str, list[Callable[[], float]]] = {name: [] for name in runs}
-    for _ in range(repeat):
-        for name, run in runs.items():
-            pending[name].append(timer.time(run))
+    pending = rounds({name: (lambda run=run: timer.time(run)) for name, run in runs.items()}, repeat)
     timer.sync()
     return {name: statistics.median(read() for read in reads) for name, reads in pending.items()}
 
