@@ -16,7 +16,7 @@ SELECTION_ONLY_ENV = "TFSA_SELECTION_ONLY"
 @contextlib.contextmanager
 def selection_only(on: bool) -> Iterator[None]:
     """The kernel reads TFSA_SELECTION_ONLY when its session is created: block selection (and key
-    packing) alone, no attention computed, to time the schedule's share. Off restores what was set."""
+    packing) alone, no attention computed, to time the selection's share. Off restores what was set."""
     previous = os.environ.pop(SELECTION_ONLY_ENV, None)
     if on:
         os.environ[SELECTION_ONLY_ENV] = "1"
