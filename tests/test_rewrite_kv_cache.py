@@ -29,7 +29,7 @@ def _export(path) -> None:
         "num_key_value_heads": KV_HEADS,
         "intermediate_size": 128,
     }
-    config = T.LlamaConfig(**sizes, max_position_embeddings=1100, attn_implementation="sdpa")
+    config = T.LlamaConfig(**{**sizes, "max_position_embeddings": 1100}, attn_implementation="sdpa")
     model = T.LlamaForCausalLM(config).eval()
 
     class WithPast(torch.nn.Module):
