@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from tfsa_onnx.eval.models import bbc_texts, minilm_dir
+from tfsa_onnx.table import format_table
 
 OUT = Path(__file__).resolve().parents[1] / "build" / "demo"
 SEQ_LEN = "512"
@@ -46,7 +47,7 @@ def summary(sites_json: Path, validate_json: Path) -> str:
         ("latency ratio", f"{result['speedup']:.2f}x  ({original_ms:.1f} ms -> {optimized_ms:.1f} ms)"),
     ]
     title = f"all-MiniLM-L6-v2, held-out BBC News, {SEQ_LEN} tokens, {result['samples']} samples"
-    return "\n".join([title, *(f"  {name:<26}{value}" for name, value in rows)])
+    return f"{title}\n{format_table(('figure', 'value'), rows)}"
 
 
 def main() -> None:

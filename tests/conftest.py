@@ -12,253 +12,92 @@ VOCAB = 100
 VISION = ("vit", "clip-vision", "dinov2", "dinov2-registers", "siglip-vision")
 
 
-def _text_encoder(config_class: str, model_class: str):
-    """A tiny BERT-style encoder of the given transformers classes (padding mask, no pooler)."""
+# The sizes the tiny models share, in transformers' config names: 32-wide encoders with 2 heads,
+# 64-wide decoders with 4 query heads, encoder-decoders; two layers each.
+ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+TEXT = {**ENCODER, "vocab_size": VOCAB, "max_position_embeddings": 1100}
+IMAGE = {**ENCODER, "image_size": 32, "patch_size": 8}  # 16 patches + class/register tokens
+DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+DECODER |= dict(vocab_size=VOCAB, max_position_embeddings=2048)
+WINDOWED = {**DECODER, "num_key_value_heads": 2, "head_dim": 16}  # windows beyond short inputs
+SEQ2SEQ = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64)
+SEQ2SEQ |= dict(encoder_attention_heads=2, decoder_attention_heads=2)
+# Whisper's audio encoder: no mask, a fixed number of frames (here 64 after the convolutions).
+WHISPER = {**SEQ2SEQ, "num_mel_bins": 16, "max_source_positions": 64, "max_target_positions": 64}
+WHISPER |= dict(vocab_size=VOCAB, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+T5 = dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, vocab_size=VOCAB)
+NO_POOLER = {"add_pooling_layer": False}
+
+
+def _tiny(
+    config_class: str, model_class: str, sizes: dict, model_args: dict | None = None, part=None, **extra
+):
+    """A builder of a tiny random model of transformers' classes: sizes and extra settings, the
+    attention implementation given at build time; part: the method giving the part to keep."""
 
     def build(attn: str):
         import transformers as T
 
-        config = getattr(T, config_class)(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            vocab_size=VOCAB,
-            max_position_embeddings=1100,
-            attn_implementation=attn,
-        )
-        return getattr(T, model_class)(config, add_pooling_layer=False)
+        config = getattr(T, config_class)(**{**sizes, **extra}, attn_implementation=attn)
+        model = getattr(T, model_class)(config, **(model_args or {}))
+        return getattr(model, part)() if part else model
 
     return build
-
-
-def _vit(attn: str):
-    import transformers as T
-
-    config = T.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        attn_implementation=attn,
-    )
-    return T.ViTModel(config, add_pooling_layer=False)
-
-
-def _vision(config_class: str, model_class: str, **extra):
-    """A tiny vision encoder (32x32 images, 8x8 patches: 16 patches + class/register tokens)."""
-
-    def build(attn: str):
-        import transformers as T
-
-        config = getattr(T, config_class)(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            attn_implementation=attn,
-            **extra,
-        )
-        return getattr(T, model_class)(config)
-
-    return build
-
-
-def _gpt2(attn: str):
-    import transformers as T
-
-    config = T.GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=1100, attn_implementation=attn
-    )
-    return T.GPT2Model(config)
-
-
-def _bart(attn: str):
-    """An encoder-decoder: encoder self-attention, causal decoder self-attention, cross-attention."""
-    import transformers as T
-
-    config = T.BartConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=1100,
-        attn_implementation=attn,
-    )
-    return T.BartModel(config)
-
-
-def _whisper_encoder(attn: str):
-    """Whisper's audio encoder: no mask, a fixed number of frames (here 64 after the convolutions)."""
-    import transformers as T
-
-    config = T.WhisperConfig(
-        vocab_size=VOCAB,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=0,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        num_mel_bins=16,
-        max_source_positions=64,
-        max_target_positions=64,
-        attn_implementation=attn,
-    )
-    return T.WhisperModel(config).get_encoder()
-
-
-def _decoder(config_class: str, model_class: str, kv_heads: int):
-    """A tiny Llama-style decoder (grouped-query attention) of the given transformers classes."""
-
-    def build(attn: str):
-        import transformers as T
-
-        config = getattr(T, config_class)(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=kv_heads,
-            intermediate_size=64,
-            vocab_size=VOCAB,
-            max_position_embeddings=2048,
-            attn_implementation=attn,
-        )
-        return getattr(T, model_class)(config)
-
-    return build
-
-
-_llama = _decoder("LlamaConfig", "LlamaModel", kv_heads=2)
-_qwen2 = _decoder("Qwen2Config", "Qwen2Model", kv_heads=1)
-
-
-def _sliding(config_class: str, model_class: str, layers: int, window: int, **extra):
-    """A tiny decoder whose layers attend through a sliding window longer than short test inputs."""
-
-    def build(attn: str):
-        import transformers as T
-
-        config = getattr(T, config_class)(
-            hidden_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            intermediate_size=64,
-            vocab_size=VOCAB,
-            max_position_embeddings=2048,
-            sliding_window=window,
-            attn_implementation=attn,
-            **extra,
-        )
-        return getattr(T, model_class)(config)
-
-    return build
-
-
-def _t5_encoder(attn: str):
-    import transformers as T
-
-    config = T.T5Config(
-        d_model=32,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        vocab_size=VOCAB,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=20,
-        attn_implementation=attn,
-    )
-    return T.T5EncoderModel(config)
-
-
-def _t5(attn: str):
-    """The whole T5 (encoder, causal decoder with its own position bias, cross-attention)."""
-    import transformers as T
-
-    config = T.T5Config(
-        d_model=32,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        vocab_size=VOCAB,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=20,
-        decoder_start_token_id=0,
-        attn_implementation=attn,
-    )
-    return T.T5Model(config)
-
-
-def _bloom(attn: str):
-    import transformers as T
-
-    config = T.BloomConfig(hidden_size=32, n_layer=2, n_head=2, vocab_size=VOCAB, attn_implementation=attn)
-    return T.BloomModel(config)
-
-
-def _deberta_v2(attn: str):
-    import transformers as T
-
-    config = T.DebertaV2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=1100,
-        relative_attention=True,
-        position_buckets=16,
-        pos_att_type=["p2c", "c2p"],
-        attn_implementation=attn,
-    )
-    return T.DebertaV2Model(config)
 
 
 BUILDERS = {
-    "bert": _text_encoder("BertConfig", "BertModel"),
-    "vit": _vit,
-    "gpt2": _gpt2,
-    "bart": _bart,
-    "clip-vision": _vision("CLIPVisionConfig", "CLIPVisionModel"),
-    "dinov2": _vision("Dinov2Config", "Dinov2Model"),
-    "dinov2-registers": _vision(
-        "Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", num_register_tokens=4
+    "bert": _tiny("BertConfig", "BertModel", TEXT, NO_POOLER),
+    "vit": _tiny("ViTConfig", "ViTModel", IMAGE, NO_POOLER),
+    "gpt2": _tiny(
+        "GPT2Config", "GPT2Model", dict(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=1100)
     ),
-    "siglip-vision": _vision("SiglipVisionConfig", "SiglipVisionModel"),
-    "whisper-encoder": _whisper_encoder,
-    "llama": _llama,
-    "qwen2": _qwen2,
-    "mistral-window": _sliding("MistralConfig", "MistralModel", 2, 300),
-    "qwen2-window": _sliding(
-        "Qwen2Config", "Qwen2Model", 2, 300, use_sliding_window=True, max_window_layers=0
+    # An encoder-decoder: encoder self-attention, causal decoder self-attention, cross-attention.
+    "bart": _tiny("BartConfig", "BartModel", SEQ2SEQ, vocab_size=VOCAB, max_position_embeddings=1100),
+    "clip-vision": _tiny("CLIPVisionConfig", "CLIPVisionModel", IMAGE),
+    "dinov2": _tiny("Dinov2Config", "Dinov2Model", IMAGE),
+    "dinov2-registers": _tiny(
+        "Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", IMAGE, num_register_tokens=4
+    ),
+    "siglip-vision": _tiny("SiglipVisionConfig", "SiglipVisionModel", IMAGE),
+    "whisper-encoder": _tiny("WhisperConfig", "WhisperModel", WHISPER, part="get_encoder"),
+    "llama": _tiny("LlamaConfig", "LlamaModel", DECODER, num_key_value_heads=2),
+    "qwen2": _tiny("Qwen2Config", "Qwen2Model", DECODER, num_key_value_heads=1),
+    "mistral-window": _tiny("MistralConfig", "MistralModel", WINDOWED, sliding_window=300),
+    "qwen2-window": _tiny(
+        "Qwen2Config",
+        "Qwen2Model",
+        WINDOWED,
+        sliding_window=300,
+        use_sliding_window=True,
+        max_window_layers=0,
     ),
     # Gemma 3's pattern: five sliding-window layers, then one global layer.
-    "gemma3": _sliding("Gemma3TextConfig", "Gemma3TextModel", 6, 512),
+    "gemma3": _tiny("Gemma3TextConfig", "Gemma3TextModel", WINDOWED, num_hidden_layers=6, sliding_window=512),
     # Gemma 2: sliding and global layers alternate, scores capped by softcap * tanh(s / softcap)
     # (a small cap, so that it bites on random weights)
-    "gemma2": _sliding("Gemma2Config", "Gemma2Model", 2, 300, attn_logit_softcapping=0.05),
-    "mpnet": _text_encoder("MPNetConfig", "MPNetModel"),
-    "t5-encoder": _t5_encoder,
-    "t5": _t5,
-    "bloom": _bloom,
-    "deberta-v2": _deberta_v2,
+    "gemma2": _tiny("Gemma2Config", "Gemma2Model", WINDOWED, sliding_window=300, attn_logit_softcapping=0.05),
+    "mpnet": _tiny("MPNetConfig", "MPNetModel", TEXT, NO_POOLER),
+    "t5-encoder": _tiny(
+        "T5Config", "T5EncoderModel", T5, relative_attention_num_buckets=8, relative_attention_max_distance=20
+    ),
+    # The whole T5: encoder, causal decoder with its own position bias, cross-attention.
+    "t5": _tiny(
+        "T5Config",
+        "T5Model",
+        T5,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        decoder_start_token_id=0,
+    ),
+    "bloom": _tiny("BloomConfig", "BloomModel", dict(hidden_size=32, n_layer=2, n_head=2, vocab_size=VOCAB)),
+    "deberta-v2": _tiny(
+        "DebertaV2Config",
+        "DebertaV2Model",
+        TEXT,
+        relative_attention=True,
+        position_buckets=16,
+        pos_att_type=["p2c", "c2p"],
+    ),
 }
 
 

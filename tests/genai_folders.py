@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import DECODER
+
 KINDS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
 SPECIAL = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: unk, bos, eos (= pad)
 TEXT = (
@@ -48,20 +50,16 @@ def save_hf_model(folder: Path, kind: str, vocab: int, tokenizer: Path, **config
     import transformers
 
     config_class, model_class = KINDS[kind]
-    settings = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        initializer_range=0.2,  # larger than the default so that greedy tokens vary
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
+    settings = {
+        **DECODER,
+        "intermediate_size": 128,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+    }
+    settings |= dict(
+        vocab_size=vocab, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2
     )
+    settings["initializer_range"] = 0.2  # larger than the default so that greedy tokens vary
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(getattr(transformers, config_class)(**{**settings, **config}))
     model.save_pretrained(folder)

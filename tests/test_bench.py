@@ -10,11 +10,12 @@ import textwrap
 from click.testing import CliRunner
 
 from tfsa_onnx.bench import bench_kernel
+from tfsa_onnx.bench.timing import KernelCase
 from tfsa_onnx.cli import main
 
 
 def test_bench_kernel_reports_all_three_and_the_density_reached():
-    result = bench_kernel(512, heads=2, head_dim=32, max_density=0.25, repeat=2, threads=1)
+    result = bench_kernel(KernelCase(512, heads=2, head_dim=32, max_density=0.25), repeat=2, threads=1)
     assert abs(result.density - 0.25) < 1e-6
     assert result.sparse_ms > 0 and result.ort_mha_ms > 0 and result.unfused_ms > 0
     assert result.speedup_vs_ort_mha == result.ort_mha_ms / result.sparse_ms
@@ -22,27 +23,8 @@ def test_bench_kernel_reports_all_three_and_the_density_reached():
 
 def test_bench_kernel_cli_writes_json_and_plot(tmp_path):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    args = [
-        "bench",
-        "kernel",
-        "--seq-len",
-        "128,256",
-        "--heads",
-        "2",
-        "--head-dim",
-        "16",
-        "--max-density",
-        "0.5",
-        "--causal",
-        "--threads",
-        "1",
-        "--repeat",
-        "1",
-        "--json",
-        str(out),
-        "--plot",
-        str(plot),
-    ]
+    options = "--seq-len 128,256 --heads 2 --head-dim 16 --max-density 0.5 --causal --threads 1 --repeat 1"
+    args = ["bench", "kernel", *options.split(), "--json", str(out), "--plot", str(plot)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
@@ -90,20 +72,8 @@ def test_bench_model_compares_with_the_ort_fused_original(exports, tmp_path):
 
     onnx.save(optimized_model, optimized)
     out = tmp_path / "model.json"
-    args = [
-        "bench",
-        "model",
-        str(original),
-        str(optimized),
-        "--seq-len",
-        "64",
-        "--threads",
-        "1",
-        "--repeat",
-        "1",
-        "--json",
-        str(out),
-    ]
+    args = ["bench", "model", str(original), str(optimized), *"--seq-len 64 --threads 1 --repeat 1".split()]
+    args += ["--json", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     (row,) = json.loads(out.read_text())

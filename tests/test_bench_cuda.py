@@ -203,17 +203,19 @@ def test_rows_assemble_from_the_measurements(cpu_stand_ins, tmp_path, capsys):
 
 
 def test_dense_mode_reuses_ours_at_max_density_1(cpu_stand_ins):
-    r = bench_cuda.bench_kernel_cuda(128, heads=2, head_dim=16, max_density=1.0, repeat=1, warmup=0)
+    r = bench_cuda.bench_kernel_cuda(
+        timing.KernelCase(128, heads=2, head_dim=16, max_density=1.0), repeat=1, warmup=0
+    )
     assert r.ours_dense_ms == r.ours_ms and r.dense_mode_ratio == pytest.approx(r.sdpa_flash_ms / r.ours_ms)
 
 
 def test_a_failing_length_is_reported_and_the_next_still_runs(cpu_stand_ins, monkeypatch):
     real = bench_cuda.bench_kernel_cuda
 
-    def flaky(seq_len, **options):
-        if seq_len == 128:
+    def flaky(case, **options):
+        if case.seq_len == 128:
             raise RuntimeError("CUDA out of memory.\nmore detail")
-        return real(seq_len, **options)
+        return real(case, **options)
 
     monkeypatch.setattr(bench_cuda, "bench_kernel_cuda", flaky)
     result = CliRunner().invoke(

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 from click.testing import CliRunner
-from tiny_attention import tiny_feeds, tiny_model
+from tiny_attention import SessionWatch, tiny_feeds, tiny_model
 
 from tfsa_onnx.calibrate import CalibrationError, Target, calibrate
 from tfsa_onnx.cli import main
@@ -148,22 +148,11 @@ def test_smollm2_2048_calibrated_keeps_perplexity():
 def test_calibrate_holds_one_session_at_a_time(monkeypatch, target, output):
     """Dense run, layer curves and every end-to-end trial: no session is made while another lives;
     the captured tensors and dense outputs come back from disk as they were."""
-    import weakref
-
     import numpy as np
 
     from tfsa_onnx import calibrate as cal
 
-    live: list[weakref.ref] = []
-    overlaps = []
-    real = cal.make_session
-
-    def counting(model, threads=None):
-        overlaps.append(sum(r() is not None for r in live))
-        session = real(model, threads)
-        live.append(weakref.ref(session))
-        return session
-
+    watch = SessionWatch(monkeypatch, cal)
     captured = []
     real_curve = cal._curve
 
@@ -171,13 +160,12 @@ def test_calibrate_holds_one_session_at_a_time(monkeypatch, target, output):
         captured.append(samples)
         return real_curve(index, node, samples, thresholds, threads)
 
-    monkeypatch.setattr(cal, "make_session", counting)
     monkeypatch.setattr(cal, "_curve", keep)
     monkeypatch.setattr(cal, "CAPTURE_BYTES", 1)
     feeds = tiny_feeds(3, 256)
     result = calibrate(tiny_model(), feeds, target, base=BASE, output=output, progress=False)
-    assert len(overlaps) > 10 and overlaps == [0] * len(overlaps)
-    assert all(r() is None for r in live)
+    assert len(watch.overlaps) > 10 and watch.overlaps == [0] * len(watch.overlaps)
+    assert watch.all_released()
     assert target != "cos>=0.99" or result.score >= 0.99
     assert target != "ppl<=+1%" or result.score <= 0.01
     # the first captured sample equals the dense model's q, k, v and attention output
@@ -187,7 +175,7 @@ def test_calibrate_holds_one_session_at_a_time(monkeypatch, target, output):
     node = next(n for n in dense.graph.node if n.op_type == "SparseAttention")
     names = [x for x in list(node.input)[:3]] + [node.output[0]]
     dense.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    want = real(dense).run(names, feeds[0])
+    want = watch.real(dense).run(names, feeds[0])
     (samples,) = captured
     assert len(samples) == 2
     got = [samples[0][0], samples[0][1], samples[0][2], samples[0][4]]

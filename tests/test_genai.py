@@ -331,19 +331,7 @@ def test_prompt_logits_and_present_kv_equal(folders, optimized, name):
 def test_validate_and_bench_cli_on_folders(folders, optimized, root):
     src, out = str(folders["llama-fp32"]), str(optimized["llama-fp32"])
     report = root / "validate.json"
-    args = [
-        "validate",
-        src,
-        out,
-        "--seq-len",
-        "48",
-        "--samples",
-        "2",
-        "--new-tokens",
-        "8",
-        "--json",
-        str(report),
-    ]
+    args = ["validate", src, out, *"--seq-len 48 --samples 2 --new-tokens 8 --json".split(), str(report)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())

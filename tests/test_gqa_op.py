@@ -5,7 +5,6 @@ batches, local windows, both rotary layouts, packed and separate QKV."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import subprocess
@@ -15,8 +14,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnxruntime as ort
 import pytest
+from contract_rows import check_mirror, library_rows
 from onnx import TensorProto
-from test_kernel import AttributeInfo  # noqa: E402  (TfsaAttributeInfo's ctypes mirror)
 
 import tfsa_onnx
 from tfsa_onnx.opmodel import group_query_attention_model
@@ -222,24 +221,7 @@ def test_decode_is_exact_with_a_sparse_config(past):
 def test_attributes_agree_with_the_cpp_contract():
     # contract.h's kGqaAttributeRules (tfsa_gqa_attribute_info) and the Python mirror: the same
     # names in the struct's order, defaults and bounds.
-    lib = ctypes.CDLL(tfsa_onnx.get_library_path())
-    lib.tfsa_gqa_attribute_info.argtypes = [ctypes.c_int32, ctypes.POINTER(AttributeInfo)]
-    lib.tfsa_gqa_attribute_info.restype = ctypes.c_int32
-    rows = []
-    for index in range(lib.tfsa_gqa_attribute_info(0, None)):
-        info = AttributeInfo()
-        lib.tfsa_gqa_attribute_info(index, ctypes.byref(info))
-        rows.append(info)
-    assert [
-        i.name.decode() for i in sorted(rows, key=lambda i: i.offset)
-    ] == GroupQueryAttentionAttributes.names()
-    defaults = GroupQueryAttentionAttributes()
-    for info in rows:
-        name = info.name.decode()
-        assert bool(info.is_float) == isinstance(getattr(defaults, name), float), name
-        assert info.default_value == getattr(defaults, name), name
-        assert (info.low, info.high, bool(info.low_open)) == GQA_ATTRIBUTE_BOUNDS[name], name
-    assert set(GQA_ATTRIBUTE_BOUNDS) == set(GroupQueryAttentionAttributes.names())
+    check_mirror(library_rows("tfsa_gqa_attribute_info"), GroupQueryAttentionAttributes, GQA_ATTRIBUTE_BOUNDS)
     assert GQA_ATTRIBUTE_BOUNDS["num_heads"][1] == HEADS_MAX
     # The sparsity attributes are SparseAttention's, is_causal aside; GroupQueryAttention's
     # softcap is the same field of the engine (gqa_op.cc copies it).

@@ -10,6 +10,7 @@ import bfloat16
 import numpy as np
 import onnxruntime as ort
 import pytest
+from contract_rows import check_mirror, library_rows
 from onnx import TensorProto
 
 import tfsa_onnx
@@ -337,45 +338,22 @@ def test_default_attributes_are_the_references():
 def test_attributes_agree_with_the_cpp_contract():
     # The library reports contract.h's attribute table (tfsa_attribute_info): the Python mirror
     # must have the same names in the struct's order, the same defaults and the same bounds,
-    # and the ctypes struct the same field offsets.
-    lib = ctypes.CDLL(tfsa_onnx.get_library_path())
-    lib.tfsa_attribute_info.argtypes = [ctypes.c_int32, ctypes.POINTER(AttributeInfo)]
-    lib.tfsa_attribute_info.restype = ctypes.c_int32
-    rows = []
-    for index in range(lib.tfsa_attribute_info(0, None)):
-        info = AttributeInfo()
-        lib.tfsa_attribute_info(index, ctypes.byref(info))
-        rows.append(info)
-    by_offset = sorted(rows, key=lambda info: info.offset)
-    assert [info.name.decode() for info in by_offset] == SparseAttentionAttributes.names()
-    defaults = SparseAttentionAttributes()
+    # and the ctypes struct the same field offsets. The CUDA library exports the same table.
+    rows = library_rows("tfsa_attribute_info")
+    check_mirror(rows, SparseAttentionAttributes, ATTRIBUTE_BOUNDS)
+    if (Path(tfsa_onnx.__file__).parent / "libtfsa_ops_cuda.so").is_file():
+        cuda_rows = library_rows("tfsa_attribute_info", tfsa_onnx.get_library_path("cuda"))
+        assert [(i.name, i.offset, i.default_value) for i in cuda_rows] == [
+            (i.name, i.offset, i.default_value) for i in rows
+        ]
     for info in rows:
-        name = info.name.decode()
-        assert info.offset == getattr(cuda.Attributes, name).offset, name
-        assert bool(info.is_float) == isinstance(getattr(defaults, name), float), name
-        assert info.default_value == np.float32(getattr(defaults, name)), name
-        assert (info.low, info.high, bool(info.low_open)) == ATTRIBUTE_BOUNDS[name], name
+        assert info.offset == getattr(cuda.Attributes, info.name.decode()).offset, info.name
     assert ctypes.sizeof(cuda.Attributes) == max(info.offset for info in rows) + 8
-    assert set(ATTRIBUTE_BOUNDS) == set(SparseAttentionAttributes.names())
     assert ATTRIBUTE_BOUNDS["block_size"][1] == BLOCK_SIZE_MAX
     assert ATTRIBUTE_BOUNDS["global_tokens"][1] == TOKENS_MAX
     assert ATTRIBUTE_BOUNDS["estimate_stride"][1] == ESTIMATE_STRIDE_MAX
     for name, bounds in BOUNDS.items():  # the config's checks agree too
         assert bounds == ATTRIBUTE_BOUNDS[name], name
-
-
-class AttributeInfo(ctypes.Structure):
-    """TfsaAttributeInfo of contract.h."""
-
-    _fields_ = [
-        ("name", ctypes.c_char_p),
-        ("is_float", ctypes.c_int32),
-        ("low_open", ctypes.c_int32),
-        ("offset", ctypes.c_size_t),
-        ("default_value", ctypes.c_double),
-        ("low", ctypes.c_double),
-        ("high", ctypes.c_double),
-    ]
 
 
 # --- bad input: an ONNX Runtime error naming what is wrong, never a crash ---------------

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from conftest import VOCAB, sessions
+from conftest import DECODER, VOCAB, sessions
 from test_rewrite_families import DENSE, check_structure
 
 from tfsa_onnx.rewrite import optimize
@@ -23,16 +23,13 @@ def _export(path) -> None:
     import transformers as T
 
     torch.manual_seed(0)
-    config = T.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=KV_HEADS,
-        vocab_size=VOCAB,
-        max_position_embeddings=1100,
-        attn_implementation="sdpa",
-    )
+    sizes = {
+        **DECODER,
+        "num_hidden_layers": LAYERS,
+        "num_key_value_heads": KV_HEADS,
+        "intermediate_size": 128,
+    }
+    config = T.LlamaConfig(**{**sizes, "max_position_embeddings": 1100}, attn_implementation="sdpa")
     model = T.LlamaForCausalLM(config).eval()
 
     class WithPast(torch.nn.Module):

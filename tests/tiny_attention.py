@@ -114,3 +114,26 @@ def tiny_feeds(samples: int, seq_len: int, batch: int = 1, seed: int = 0) -> lis
         ids = rng.integers(0, VOCAB, size=(batch, seq_len))
         feeds.append({"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, dtype=np.int64)})
     return feeds
+
+
+class SessionWatch:
+    """Stands in for a module's make_session: records how many of its sessions were alive as
+    each one was made (overlaps) and keeps a weak reference to each (all_released)."""
+
+    def __init__(self, monkeypatch, module) -> None:
+        import weakref
+
+        self.real = module.make_session
+        self.overlaps: list[int] = []
+        self.live: list[weakref.ref] = []
+        self._ref = weakref.ref
+        monkeypatch.setattr(module, "make_session", self._make)
+
+    def _make(self, model, threads=None):
+        self.overlaps.append(sum(r() is not None for r in self.live))
+        session = self.real(model, threads)
+        self.live.append(self._ref(session))
+        return session
+
+    def all_released(self) -> bool:
+        return all(r() is None for r in self.live)

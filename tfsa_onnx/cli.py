@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import click
 
 from tfsa_onnx import __version__
@@ -94,57 +96,23 @@ def _setting(ctx, param, value):
     show_default=True,
     help="Element type; --provider cuda only (cpu runs float32).",
 )
-def bench_kernel_cmd(
-    seq_len,
-    heads,
-    head_dim,
-    batch,
-    max_density,
-    block_size,
-    estimate,
-    estimate_stride,
-    causal,
-    threads,
-    repeat,
-    no_unfused,
-    json_path,
-    plot_path,
-    provider,
-    dtype,
-) -> None:
+def bench_kernel_cmd(seq_len, no_unfused, json_path, plot_path, provider, **options) -> None:
     """SparseAttention vs com.microsoft.MultiHeadAttention vs the unfused graph, interleaved."""
-    if provider == "cuda":
-        shape = dict(heads=heads, head_dim=head_dim, batch=batch, block_size=block_size)
-        run = dict(max_density=max_density, causal=causal, repeat=repeat, dtype=dtype)
-        return _bench_kernel_cuda(seq_len, json_path, plot_path, **shape, **run)
+    from tfsa_onnx.bench.timing import KernelCase
 
-    from tfsa_onnx.bench import bench_kernel, plot_kernel_results
+    if provider == "cuda":
+        for cpu_only in ("estimate", "estimate_stride", "threads"):
+            options.pop(cpu_only)
+        return _bench_kernel_cuda(seq_len, json_path, plot_path, **options)
+
+    from tfsa_onnx.bench.cpu import KERNEL_COLUMNS, bench_kernel, plot_kernel_results
 
     _check_writable(json_path, plot_path)
-
-    table = _table(
-        "seq_len heads head_dim threads density sparse_ms selection_share ort_mha_ms unfused_ms "
-        "speedup_vs_ort_mha speedup_vs_unfused sparse_gflops ort_mha_gflops unfused_gflops"
+    options.pop("dtype")
+    cases = KernelCase.each(seq_len, options)
+    results = _rows(
+        KERNEL_COLUMNS, json_path, (bench_kernel(c, unfused=not no_unfused, **options) for c in cases)
     )
-    results = []
-    for s in seq_len:
-        result = bench_kernel(
-            s,
-            heads=heads,
-            head_dim=head_dim,
-            batch=batch,
-            max_density=max_density,
-            causal=causal,
-            threads=threads,
-            repeat=repeat,
-            block_size=block_size,
-            unfused=not no_unfused,
-            estimate=estimate,
-            estimate_stride=estimate_stride,
-        )
-        results.append(result)
-        table.row(result.as_dict())
-    _write_json(json_path, [r.as_dict() for r in results])
     if plot_path:
         try:
             plot_kernel_results(results, plot_path)
@@ -177,27 +145,19 @@ def _bench_kernel_cuda(seq_len: list[int], json_path, plot_path, **options) -> N
 @click.option("--repeat", default=3, show_default=True, help="Timed rounds (median reported).")
 @click.option("--no-fuse", is_flag=True, help="Skip the onnxruntime.transformers.optimizer baseline.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
-def bench_model_cmd(original, optimized, seq_len, batch, threads, repeat, no_fuse, json_path) -> None:
+def bench_model_cmd(original, optimized, seq_len, no_fuse, json_path, **options) -> None:
     """ORIGINAL vs its ORT-fused form (when fusion applies) vs OPTIMIZED, generated inputs."""
-
-    from tfsa_onnx.bench import bench_model
+    from tfsa_onnx.bench.cpu import MODEL_COLUMNS, bench_model
     from tfsa_onnx.inputs import InputError
 
-    table = _table(
-        "seq_len batch threads density original_ms ort_fused_ms optimized_ms best_dense "
-        "speedup_vs_original speedup_vs_best_dense"
-    )
-    results = []
-    for s in seq_len:
-        try:
-            result = bench_model(
-                original, optimized, s, batch=batch, threads=threads, repeat=repeat, fuse=not no_fuse
-            )
-        except InputError as e:
-            raise click.ClickException(str(e)) from None
-        results.append(result)
-        table.row(result.as_dict())
-    _write_json(json_path, [r.as_dict() for r in results])
+    try:
+        _rows(
+            MODEL_COLUMNS,
+            json_path,
+            (bench_model(original, optimized, s, fuse=not no_fuse, **options) for s in seq_len),
+        )
+    except InputError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @bench.command("genai")
@@ -209,41 +169,46 @@ def bench_model_cmd(original, optimized, seq_len, batch, threads, repeat, no_fus
 @click.option("--threads", default=2, show_default=True, help="intra_op_num_threads of both decoders.")
 @click.option("--repeat", default=3, show_default=True, help="Timed rounds (median reported).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
-def bench_genai_cmd(original, optimized, prompt_len, decode_tokens, text, threads, repeat, json_path) -> None:
+def bench_genai_cmd(original, optimized, prompt_len, text, json_path, **options) -> None:
     """Two onnxruntime-genai folders through og.Generator: time to first token, decode tokens/s."""
+    from tfsa_onnx.bench.genai import COLUMNS, bench_genai
+    from tfsa_onnx.genai import GenaiError
+
+    _check_writable(json_path)
+    try:
+        prompts = _genai_prompts(original, optimized, prompt_len, options["decode_tokens"], text)
+        _rows(COLUMNS, json_path, (bench_genai(original, optimized, p, **options) for p in prompts))
+    except GenaiError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _genai_prompts(original, optimized, lengths: list[int], decode_tokens: int, text):
+    """A prompt per length (token ids, of --text or random), each checked to fit the context."""
     from pathlib import Path
 
-    from tfsa_onnx.bench.genai import bench_genai
     from tfsa_onnx.genai import GenaiError, read_config
     from tfsa_onnx.genai_eval import random_prompts, text_prompts
 
-    _check_writable(json_path)
-    table = _table(
-        "prompt_len decode_tokens threads original_ttft_ms optimized_ttft_ms ttft_speedup "
-        "original_decode_tok_s optimized_decode_tok_s decode_ratio"
-    )
-    results = []
-    try:
-        context = min(_context_length(read_config(original)), _context_length(read_config(optimized)))
-        for n in prompt_len:
-            if n + decode_tokens > context:
-                raise GenaiError(
-                    f"--prompt-len {n} + --decode-tokens {decode_tokens} is past the folders' context "
-                    f"length of {context} tokens (genai_config.json); use at most {context - decode_tokens}."
-                )
-            prompt = (
-                text_prompts(original, Path(text).read_text(), n, 1)
-                if text
-                else random_prompts(original, n, 1)
-            )[0]
-            result = bench_genai(
-                original, optimized, prompt, decode_tokens=decode_tokens, threads=threads, repeat=repeat
+    context = min(_context_length(read_config(original)), _context_length(read_config(optimized)))
+    for n in lengths:
+        if n + decode_tokens > context:
+            raise GenaiError(
+                f"--prompt-len {n} + --decode-tokens {decode_tokens} is past the folders' context "
+                f"length of {context} tokens (genai_config.json); use at most {context - decode_tokens}."
             )
-            results.append(result)
-            table.row(result.as_dict())
-    except GenaiError as e:
-        raise click.ClickException(str(e)) from None
-    _write_json(json_path, [r.as_dict() for r in results])
+        yield (
+            text_prompts(original, Path(text).read_text(), n, 1) if text else random_prompts(original, n, 1)
+        )[0]
+
+
+def _rows(columns: str, json_path: str | None, results: Iterable) -> list:
+    """Each benchmark result as a table row as soon as it is measured, then all of them as JSON."""
+    table, done = _table(columns), []
+    for result in results:
+        done.append(result)
+        table.row(result.as_dict())
+    _write_json(json_path, [r.as_dict() for r in done])
+    return done
 
 
 def _context_length(config: dict) -> int:
@@ -348,25 +313,14 @@ def optimize_cmd(model, output, config_path, report_path, reapply, **attributes)
         report = optimize_ir(ir_model, config, reapply=reapply)
     except OptimizeError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(report.table())
-    for note in report.notes():
-        click.echo(f"note: {note}", err=True)
-    for line in report.warnings:
-        click.echo(f"Warning: {line}", err=True)
+    _echo_report(report, notes=True)
     try:
         save_ir(ir_model, out, source)
         if report_path:
             report.save(report_path)
     except (OptimizeError, OutputError) as e:
         raise click.ClickException(str(e)) from None
-    already = sum(s.family == "tfsa" for s in report.sites)
-    click.echo(
-        f"{len(report.sites)} attention sites, {report.replaced - already} replaced"
-        + (f", {already} already SparseAttention" if already else "")
-        + f"; wrote {out}"
-    )
-    click.echo(_settings_line(config, report.replaced - already, already, reapply))
-    click.echo(f"check it: tfsa-onnx validate {source} {out}")
+    _echo_done(report, config, reapply, (source, out), ("SparseAttention", str(out)))
 
 
 def _optimize_folder(source, output, config, reapply: bool, report_path) -> None:
@@ -381,15 +335,29 @@ def _optimize_folder(source, output, config, reapply: bool, report_path) -> None
         result = optimize_folder(source, out, config, reapply=reapply, report_path=report_path)
     except GenaiError as e:
         raise click.ClickException(str(e)) from None
-    report = result.report
+    _echo_report(result.report, notes=False)
+    written = f"{out} ({result.model.name}, {result.library}, {len(result.copied) + 1} other files)"
+    _echo_done(result.report, config, reapply, (source, out), ("sparse", written))
+
+
+def _echo_report(report, notes: bool) -> None:
+    """The site table, then its notes (when asked) and warnings on stderr."""
     click.echo(report.table())
+    for note in report.notes() if notes else ():
+        click.echo(f"note: {note}", err=True)
     for line in report.warnings:
         click.echo(f"Warning: {line}", err=True)
+
+
+def _echo_done(report, config, reapply: bool, paths: tuple, wrote: tuple[str, str]) -> None:
+    """optimize's last lines: what was replaced and written (wrote: what an already optimized
+    site is called, what was written), the settings, and the command that checks it."""
+    (source, out), (sparse_name, written) = paths, wrote
     already = sum(s.family == "tfsa" for s in report.sites)
     click.echo(
         f"{len(report.sites)} attention sites, {report.replaced - already} replaced"
-        + (f", {already} already sparse" if already else "")
-        + f"; wrote {out} ({result.model.name}, {result.library}, {len(result.copied) + 1} other files)"
+        + (f", {already} already {sparse_name}" if already else "")
+        + f"; wrote {written}"
     )
     click.echo(_settings_line(config, report.replaced - already, already, reapply))
     click.echo(f"check it: tfsa-onnx validate {source} {out}")

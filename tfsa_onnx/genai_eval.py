@@ -70,17 +70,12 @@ def greedy(model, prompts: np.ndarray, new_tokens: int) -> tuple[np.ndarray, lis
 def decoder_session(folder: str | os.PathLike, threads: int | None = None):
     """An ORT CPU session on the folder's decoder, with the library its config names (the copy in
     the folder, as genai loads it)."""
-    import onnxruntime as ort
+    from tfsa_onnx.runtime import make_session
 
     config = read_config(folder)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
     library = custom_ops_library(config)
-    if library is not None:
-        so.register_custom_ops_library(str(Path(folder) / library))
-    return ort.InferenceSession(str(decoder_path(folder, config)), so, providers=["CPUExecutionProvider"])
+    copy = None if library is None else Path(folder) / library
+    return make_session(decoder_path(folder, config), threads, register=copy is not None, library=copy)
 
 
 def prompt_feeds(session, config: dict[str, Any], ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:

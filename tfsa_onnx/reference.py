@@ -112,27 +112,12 @@ class SparseAttentionAttributes:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def capped(
-        cls,
-        max_density: float,
-        is_causal: int = 0,
-        block_size: int = 64,
-        estimate: int = 0,
-        estimate_stride: int = 16,
-    ) -> SparseAttentionAttributes:
+    def capped(cls, max_density: float, **settings: int) -> SparseAttentionAttributes:
         """Blocks chosen by the estimate under the max_density cap alone (no global, local,
-        threshold or min_seq_len): the setting the kernel benchmarks time."""
-        return cls(
-            is_causal=is_causal,
-            block_size=block_size,
-            global_tokens=0,
-            local_window=0,
-            threshold=1.0,
-            max_density=max_density,
-            min_seq_len=0,
-            estimate=estimate,
-            estimate_stride=estimate_stride,
-        )
+        threshold or min_seq_len), the other settings (is_causal, block_size, estimate, ...)
+        as given: the setting the kernel benchmarks time."""
+        alone = dict(global_tokens=0, local_window=0, threshold=1.0, min_seq_len=0)
+        return cls(**alone, max_density=max_density, **settings)
 
 
 # Each attribute's bounds as contract.h checks them: name -> (low, high, low excluded); floats

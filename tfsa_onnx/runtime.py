@@ -1,7 +1,6 @@
-"""The one place that makes an ONNX Runtime CPU session for the package's own runs.
-
-`make_session(model, threads)` takes the arguments of validation.make_session and behaves
-the same with them, so either can call the other.
+"""The one place that makes an ONNX Runtime session for the package's own runs (validate,
+calibrate, the benchmarks, the mask probe, export's check, genai folders' decoders), and the
+kernel's selection-only switch.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ SELECTION_ONLY_ENV = "TFSA_SELECTION_ONLY"
 @contextlib.contextmanager
 def selection_only(on: bool) -> Iterator[None]:
     """The kernel reads TFSA_SELECTION_ONLY when its session is created: block selection (and key
-    packing) alone, no attention computed, to time the schedule's share. Off restores what was set."""
+    packing) alone, no attention computed, to time the selection's share. Off restores what was set."""
     previous = os.environ.pop(SELECTION_ONLY_ENV, None)
     if on:
         os.environ[SELECTION_ONLY_ENV] = "1"
@@ -66,24 +65,30 @@ def make_session(
     *,
     inter_threads: int | None = None,
     register: bool | None = None,
+    library: str | os.PathLike | None = None,
     log_level: int = 3,
     selection_only_run: bool | None = None,
     mem_pattern: bool = True,
+    providers: list | None = None,
+    config: dict[str, str] | None = None,
 ):
-    """An ORT session on CPUExecutionProvider for a ModelProto or a path.
+    """An ORT session for a ModelProto or a path, on CPUExecutionProvider unless `providers`
+    (ORT's argument) says otherwise.
 
-    register: our library is registered when True; None (the default) registers it for a model
-    that uses our domain, and always for a path (registering costs nothing and keeps our nodes
-    loadable). threads/inter_threads: intra-/inter-op thread counts (None: ORT's default).
-    log_level 3 hides the shape-merge warnings about custom-op outputs. selection_only_run:
-    True/False set/clear the kernel's selection-only switch while the session is made (None: the
+    register: a custom-op library is registered when True: `library`, by default ours
+    (tfsa_onnx.get_library_path()); None (the default) registers it for a model that uses our
+    domain, and always for a path (registering costs nothing and keeps our nodes loadable).
+    threads/inter_threads: intra-/inter-op thread counts (None: ORT's default). log_level 3
+    hides the shape-merge warnings about custom-op outputs. selection_only_run: True/False
+    set/clear the kernel's selection-only switch while the session is made (None: the
     environment as it is). mem_pattern=False: runs after the first reuse the arena the first
     one grew instead of allocating the planned block beside it (validate and calibrate: SmolLM2 at
     8,192 tokens takes 13.4 GB for one run, 22.5 GB from the second run on with the pattern).
+    config: session config entries (add_session_config_entry).
     """
     import onnxruntime as ort
 
-    from tfsa_onnx import session_options
+    from tfsa_onnx import get_library_path
 
     so = ort.SessionOptions()
     so.log_severity_level = log_level
@@ -92,10 +97,12 @@ def make_session(
         so.intra_op_num_threads = threads
     if inter_threads:
         so.inter_op_num_threads = inter_threads
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     is_path = isinstance(model, str | os.PathLike)
     if register if register is not None else (is_path or uses_our_domain(model)):
-        session_options(so)
+        so.register_custom_ops_library(os.fspath(library) if library else get_library_path())
     source = os.fspath(model) if is_path else model.SerializeToString()
     switch = contextlib.nullcontext() if selection_only_run is None else selection_only(selection_only_run)
     with switch:
-        return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, so, providers=providers or ["CPUExecutionProvider"])

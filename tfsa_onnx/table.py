@@ -24,7 +24,7 @@ def format_table(head: Sequence[str], rows: Iterable[Sequence[Any]], rule: bool 
     """Left-aligned columns as wide as their widest cell, a dashed rule under the head."""
     cells = [tuple(head)] + [tuple(cell(v) for v in row) for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
+    lines = [_line(r, widths, right=False) for r in cells]
     if rule:
         lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -56,4 +56,10 @@ class StreamTable:
         self.echo(self._line(cell(values[c]) for c in self.columns))
 
     def _line(self, cells: Iterable[str]) -> str:
-        return "  ".join(c.rjust(w) for c, w in zip(cells, self.widths, strict=True))
+        return _line(list(cells), self.widths, right=True)
+
+
+def _line(cells: Sequence[str], widths: Sequence[int], right: bool) -> str:
+    """One row: cells padded to their column's width, two spaces apart."""
+    padded = (c.rjust(w) if right else c.ljust(w) for c, w in zip(cells, widths, strict=False))
+    return "  ".join(padded).rstrip()

@@ -26,6 +26,7 @@ from onnx import TensorProto, helper
 
 from tfsa_onnx import DOMAIN, OP_TYPE, runtime
 from tfsa_onnx.inputs import Feed, check_same_inputs, graph_inputs
+from tfsa_onnx.table import format_table
 
 DENSITY_SUFFIX = "__tfsa_density"
 _CLASS_NAMES = re.compile(r"logit|class|prob|score", re.IGNORECASE)
@@ -445,19 +446,18 @@ class ValidationResult:
         }
 
     def table(self) -> str:
-        lines = []
+        rows: list[tuple[str, str]] = []
         for name, m in self.outputs.items():
-            lines.append(f"output {name}")
-            for key, value in m.items():
-                text = f"{value:.6g}" if isinstance(value, float) else str(value)
-                lines.append(f"  {key:<22} {text}")
-        lines.append(f"latency original       {self.latency_original_s * 1e3:.2f} ms (median)")
-        lines.append(f"latency optimized      {self.latency_optimized_s * 1e3:.2f} ms (median)")
-        lines.append(f"speedup                {self.speedup:.3f}x")
+            rows += [
+                (f"{name} {key}", f"{v:.6g}" if isinstance(v, float) else str(v)) for key, v in m.items()
+            ]
+        rows.append(("latency original", f"{self.latency_original_s * 1e3:.2f} ms (median)"))
+        rows.append(("latency optimized", f"{self.latency_optimized_s * 1e3:.2f} ms (median)"))
+        rows.append(("speedup", f"{self.speedup:.3f}x"))
         if self.density is not None:
             per_layer = " ".join(f"{v:.2f}" for v in self.density_per_layer.values())
-            lines.append(f"density                {self.density:.4f} (per layer: {per_layer})")
-        return "\n".join(lines)
+            rows.append(("density", f"{self.density:.4f} (per layer: {per_layer})"))
+        return format_table(("check", "value"), rows)
 
 
 def validate(

@@ -271,12 +271,8 @@ OrtStatusPtr GqaKernel::ComputeV2(OrtKernelContext* raw_context) {
       Attend<Ort::Float16_t>(*this, call, output, parallel_for);
     }
     return nullptr;
-  } catch (const Ort::Exception& e) {
-    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-  } catch (const std::bad_alloc&) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, "SparseGroupQueryAttention: out of memory");
-  } catch (const std::exception& e) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("SparseGroupQueryAttention: ") + e.what()).c_str());
+  } catch (...) {
+    return ComputeErrorStatus("SparseGroupQueryAttention");
   }
 }
 
@@ -286,12 +282,7 @@ GqaOp::GqaOp(ONNXTensorElementDataType type) : type_(type) {
 }
 
 OrtStatusPtr GqaOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-  try {
-    *kernel = new GqaKernel(api, info);
-    return nullptr;
-  } catch (const std::exception& e) {
-    return api.CreateStatus(ORT_FAIL, e.what());
-  }
+  return NewKernel(api, kernel, [&] { return new GqaKernel(api, info); });
 }
 
 }  // namespace tfsa

@@ -1,10 +1,12 @@
-// What the ONNX Runtime glue of both ops shares: reading attributes strictly, input data,
-// type names.
+// What the ONNX Runtime glue of both ops shares: reading attributes strictly, creating a
+// kernel and the errors of a Compute, input data, type names.
 #pragma once
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <initializer_list>
+#include <new>
 #include <string>
 #include <type_traits>
 
@@ -63,6 +65,33 @@ inline const void* InputData(const Ort::ConstValue& value) {
   void* data = nullptr;
   Ort::ThrowOnError(Ort::GetApi().GetTensorMutableData(const_cast<OrtValue*>(static_cast<const OrtValue*>(value)), &data));
   return data;
+}
+
+// CreateKernelV2's body: *kernel = make(), or the exception it threw as an ORT status.
+template <class Make>
+OrtStatusPtr NewKernel(const OrtApi& api, void** kernel, Make make) {
+  try {
+    *kernel = make();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return api.CreateStatus(ORT_FAIL, e.what());
+  }
+}
+
+// Inside a Compute's catch (...): the exception being handled as an ORT status that names
+// the op (ORT's own errors keep their code).
+inline OrtStatusPtr ComputeErrorStatus(const char* op) {
+  try {
+    throw;
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::bad_alloc&) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string(op) + ": out of memory").c_str());
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string(op) + ": " + e.what()).c_str());
+  } catch (...) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string(op) + ": unknown error").c_str());
+  }
 }
 
 inline const char* TypeName(ONNXTensorElementDataType type) {

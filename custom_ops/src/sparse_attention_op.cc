@@ -29,6 +29,22 @@ SparseAttentionKernel::SparseAttentionKernel(const OrtApi& api, const OrtKernelI
 
 namespace {
 
+// An optional input (attn_mask, attn_bias) when present: its shape, its element type (`other`
+// or query's `type`) and its data; returns the problem with its type, "" when usable.
+std::string ReadOptional(const Ort::ConstValue& input, const char* name, ONNXTensorElementDataType other,
+                         ONNXTensorElementDataType type, Shape& shape, ONNXTensorElementDataType& input_type,
+                         const void*& data) {
+  if (!input) return "";
+  const auto info = input.GetTensorTypeAndShapeInfo();
+  shape = info.GetShape();
+  input_type = info.GetElementType();
+  if (input_type != other && input_type != type)
+    return std::string(name) + " must be " + TypeName(other) + " or " + TypeName(type) + " like query, got " +
+           TypeName(input_type);
+  data = InputData(input);
+  return "";
+}
+
 // Reads and checks the inputs of one call; returns the problem with them, "" when usable.
 std::string ReadInputs(Ort::KernelContext& context, OpTensors& call) {
   const size_t n_inputs = context.GetInputCount();
@@ -46,26 +62,13 @@ std::string ReadInputs(Ort::KernelContext& context, OpTensors& call) {
   if (k_info.GetElementType() != type || v_info.GetElementType() != type)
     return std::string("key and value must have query's type ") + TypeName(type) + ", got " +
            TypeName(k_info.GetElementType()) + " and " + TypeName(v_info.GetElementType());
-  Shape mask_shape;
-  if (mask) {
-    const auto m_info = mask.GetTensorTypeAndShapeInfo();
-    mask_shape = m_info.GetShape();
-    call.mask_type = m_info.GetElementType();
-    if (call.mask_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL && call.mask_type != type)
-      return std::string("attn_mask must be bool or ") + TypeName(type) + " like query, got " +
-             TypeName(call.mask_type);
-    call.mask = InputData(mask);
-  }
-  Shape bias_shape;
-  if (bias) {
-    const auto b_info = bias.GetTensorTypeAndShapeInfo();
-    bias_shape = b_info.GetShape();
-    call.bias_type = b_info.GetElementType();
-    if (call.bias_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && call.bias_type != type)
-      return std::string("attn_bias must be float32 or ") + TypeName(type) + " like query, got " +
-             TypeName(call.bias_type);
-    call.bias = InputData(bias);
-  }
+  Shape mask_shape, bias_shape;
+  const std::string mask_error =
+      ReadOptional(mask, "attn_mask", ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL, type, mask_shape, call.mask_type, call.mask);
+  if (!mask_error.empty()) return mask_error;
+  const std::string bias_error =
+      ReadOptional(bias, "attn_bias", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, type, bias_shape, call.bias_type, call.bias);
+  if (!bias_error.empty()) return bias_error;
   const std::string shape_error = CheckShapes(q_info.GetShape(), k_info.GetShape(), v_info.GetShape(),
                                               mask ? &mask_shape : nullptr, call.dims, bias ? &bias_shape : nullptr);
   if (!shape_error.empty()) return shape_error;
@@ -94,12 +97,8 @@ OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
     if (provider == Provider::kCuda) RunCuda(context, call);
     else RunCpu(context, call);
     return nullptr;
-  } catch (const Ort::Exception& e) {
-    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-  } catch (const std::bad_alloc&) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, "SparseAttention: out of memory");
-  } catch (const std::exception& e) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("SparseAttention: ") + e.what()).c_str());
+  } catch (...) {
+    return ComputeErrorStatus("SparseAttention");
   }
 }
 
@@ -212,12 +211,7 @@ SparseAttentionOp::SparseAttentionOp(ONNXTensorElementDataType type, Provider pr
 }
 
 OrtStatusPtr SparseAttentionOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-  try {
-    *kernel = new SparseAttentionKernel(api, info, provider_);
-    return nullptr;
-  } catch (const std::exception& e) {
-    return api.CreateStatus(ORT_FAIL, e.what());
-  }
+  return NewKernel(api, kernel, [&] { return new SparseAttentionKernel(api, info, provider_); });
 }
 
 OrtCustomOpInputOutputCharacteristic SparseAttentionOp::GetInputCharacteristic(size_t index) const {

@@ -1,6 +1,6 @@
 """Benchmarks: our kernel against dense attention on the CPU (cpu) and on a GPU (cuda), and whole
-optimized models against their originals (cpu); timing holds the one timer, output the table
-and JSON writer.
+optimized models against their originals (cpu); timing holds the one timer and the kernel
+benchmarks' problem (KernelCase), output the result rows, the table and the JSON writer.
 
 The names below load their module on first use: `python -m tfsa_onnx.bench.cuda` runs on GPU
 machines without click, onnx or onnxruntime, so nothing here imports them.

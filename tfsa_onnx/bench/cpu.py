@@ -17,23 +17,27 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from tfsa_onnx.bench.timing import WallTimer, dense_flops, interleaved_medians, rate
+from tfsa_onnx.bench.output import Row
+from tfsa_onnx.bench.timing import KernelCase, WallTimer, interleaved_medians, rate
 from tfsa_onnx.opmodel import mha_model, sparse_attention_model, unfused_model
-from tfsa_onnx.reference import SparseAttentionAttributes
 from tfsa_onnx.runtime import make_session
 
 UNFUSED_MEMORY_LIMIT = 8 * 2**30
 
 
-@dataclass
-class KernelResult:
-    seq_len: int
-    heads: int
-    head_dim: int
-    batch: int
+KERNEL_COLUMNS = (
+    "seq_len heads head_dim threads density sparse_ms selection_share ort_mha_ms unfused_ms "
+    "speedup_vs_ort_mha speedup_vs_unfused sparse_gflops ort_mha_gflops unfused_gflops"
+)
+MODEL_COLUMNS = (
+    "seq_len batch threads density original_ms ort_fused_ms optimized_ms best_dense "
+    "speedup_vs_original speedup_vs_best_dense"
+)
+
+
+@dataclass(kw_only=True)
+class KernelResult(KernelCase):
     threads: int
-    causal: bool
-    max_density: float
     density: float
     sparse_ms: float
     selection_ms: float
@@ -46,39 +50,28 @@ class KernelResult:
     ort_mha_gflops: float
     unfused_gflops: float | None
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def bench_kernel(
-    seq_len: int,
-    heads: int = 12,
-    head_dim: int = 64,
-    batch: int = 1,
-    max_density: float = 0.125,
-    causal: bool = False,
+    case: KernelCase,
+    *,
     threads: int = 2,
     warmup: int = 1,
     repeat: int = 5,
     unfused: bool = True,
-    block_size: int = 64,
     estimate: int = 0,
     estimate_stride: int = 16,
 ) -> KernelResult:
-    """Time sparse / ORT MHA / unfused attention at one sequence length (see module doc)."""
+    """Time sparse / ORT MHA / unfused attention on one case (see module doc)."""
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((batch, heads, seq_len, head_dim), dtype=np.float32) for _ in range(3))
+    q, k, v = (rng.standard_normal(case.shape, dtype=np.float32) for _ in range(3))
+    batch, heads, seq_len, head_dim = case.shape
     packed = [x.transpose(0, 2, 1, 3).reshape(batch, seq_len, heads * head_dim).copy() for x in (q, k, v)]
 
-    op_model = sparse_attention_model(
-        **SparseAttentionAttributes.capped(
-            max_density, int(causal), block_size, estimate, estimate_stride
-        ).as_dict()
-    )
+    op_model = sparse_attention_model(**case.attributes(estimate=estimate, estimate_stride=estimate_stride))
     sparse = _session(op_model, threads)
     selection = _session(op_model, threads, selection_only=True)
     feeds = {"query": q, "key": k, "value": v}
-    mha = _session(mha_model(heads, causal), threads)
+    mha = _session(mha_model(heads, case.causal), threads)
     mha_feeds = dict(zip("qkv", packed, strict=True))
     runs: dict[str, Callable[[], object]] = {
         "sparse": lambda: sparse.run(["Y"], feeds),
@@ -87,33 +80,30 @@ def bench_kernel(
     # The unfused graph holds a few [B, H, S, S] float tensors at once: skip it where they
     # would not fit comfortably (S = 16384, 12 heads: ~13 GB each).
     if unfused and 3 * 4 * batch * heads * seq_len**2 <= UNFUSED_MEMORY_LIMIT:
-        plain = _session(unfused_model(seq_len, head_dim, causal), threads)
+        plain = _session(unfused_model(seq_len, head_dim, case.causal), threads)
         runs["unfused"] = lambda: plain.run(None, feeds)
     ms = interleaved_medians(runs, WallTimer(), warmup, repeat)
     # The selection alone takes a few ms: many back-to-back runs give a steadier median.
     selection_run = {"selection": lambda: selection.run(["density"], feeds)}
     ms.update(interleaved_medians(selection_run, WallTimer(), 2, 20))
     density = float(sparse.run(["density"], feeds)[0].mean())
+    return _kernel_result(case, threads, density, ms)
 
-    flops = dense_flops(batch, heads, seq_len, head_dim, causal)
-    unfused_ms = ms.get("unfused")
+
+def _kernel_result(case: KernelCase, threads: int, density: float, ms: dict[str, float]) -> KernelResult:
+    flops, sparse_ms, unfused_ms = case.flops(), ms["sparse"], ms.get("unfused")
     return KernelResult(
-        seq_len=seq_len,
-        heads=heads,
-        head_dim=head_dim,
-        batch=batch,
+        **asdict(case),
         threads=threads,
-        causal=causal,
-        max_density=max_density,
         density=density,
-        sparse_ms=ms["sparse"],
+        sparse_ms=sparse_ms,
         selection_ms=ms["selection"],
-        selection_share=ms["selection"] / ms["sparse"],
+        selection_share=ms["selection"] / sparse_ms,
         ort_mha_ms=ms["ort_mha"],
         unfused_ms=unfused_ms,
-        speedup_vs_ort_mha=ms["ort_mha"] / ms["sparse"],
-        speedup_vs_unfused=unfused_ms / ms["sparse"] if unfused_ms else None,
-        sparse_gflops=rate(flops * density, ms["sparse"], 1e9),
+        speedup_vs_ort_mha=ms["ort_mha"] / sparse_ms,
+        speedup_vs_unfused=unfused_ms / sparse_ms if unfused_ms else None,
+        sparse_gflops=rate(flops * density, sparse_ms, 1e9),
         ort_mha_gflops=rate(flops, ms["ort_mha"], 1e9),
         unfused_gflops=rate(flops, unfused_ms, 1e9),
     )
@@ -160,7 +150,7 @@ def plot_kernel_results(results: list[KernelResult], path: str) -> None:
 
 
 @dataclass
-class ModelResult:
+class ModelResult(Row):
     seq_len: int
     batch: int
     threads: int
@@ -172,9 +162,6 @@ class ModelResult:
     best_dense: str
     speedup_vs_original: float
     speedup_vs_best_dense: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def ort_fused_model(original: str, work_dir: str) -> tuple[str | None, int]:

@@ -25,8 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tfsa_onnx.bench.output import StreamTable, write_json
-from tfsa_onnx.bench.timing import dense_flops, interleaved_medians, rate
-from tfsa_onnx.reference import SparseAttentionAttributes
+from tfsa_onnx.bench.timing import KernelCase, interleaved_medians, rate
 
 DTYPES = ("float16", "bfloat16", "float32")
 DENSE_BASELINES = ("sdpa_flash", "ort_mha")
@@ -41,15 +40,9 @@ class CudaBenchError(Exception):
     """The benchmark cannot run here (no GPU, no CUDA library) or a call failed."""
 
 
-@dataclass
-class CudaKernelResult:
-    seq_len: int
-    heads: int
-    head_dim: int
-    batch: int
+@dataclass(kw_only=True)
+class CudaKernelResult(KernelCase):
     dtype: str
-    causal: bool
-    max_density: float
     path: str
     density: float
     ours_ms: float
@@ -67,9 +60,6 @@ class CudaKernelResult:
     best_dense_tflops: float | None
     gpu: str
     notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -165,26 +155,24 @@ def _direct_op(q, k, v, attributes: dict, selection_only: bool = False) -> _Op:
 
 def _ort_cuda_session(model, device, ours: bool, selection_only: bool = False):
     """A session on CUDAExecutionProvider that runs on torch's current stream, no CPU fallback."""
-    import onnxruntime as ort
     import torch
 
     import tfsa_onnx
-    from tfsa_onnx.runtime import selection_only as selection_only_switch
+    from tfsa_onnx.runtime import make_session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")  # every node on the GPU
-    if ours:
-        so.register_custom_ops_library(tfsa_onnx.get_library_path("cuda"))
     # One stream for torch and ORT, so the events bracket ORT's kernels (0 is refused: no default stream).
     options = {
         "device_id": str(device.index or 0),
         "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream),
     }
-    with selection_only_switch(selection_only):
-        return ort.InferenceSession(
-            model.SerializeToString(), so, providers=[("CUDAExecutionProvider", options)]
-        )
+    return make_session(
+        model,
+        register=ours,
+        library=tfsa_onnx.get_library_path("cuda") if ours else None,
+        selection_only_run=selection_only,
+        providers=[("CUDAExecutionProvider", options)],
+        config={"session.disable_cpu_ep_fallback": "1"},  # every node on the GPU
+    )
 
 
 def _bind(binding, kind: str, name: str, tensor) -> None:
@@ -316,25 +304,23 @@ class _Measured:
     notes: list[str]
 
 
-def _measure(
-    path: str, shape: tuple[int, int, int, int], dtype: str, attributes: dict, options: dict
-) -> _Measured:
+def _measure(path: str, case: KernelCase, dtype: str, options: dict) -> _Measured:
     import torch
 
     import tfsa_onnx
 
-    causal, max_density = bool(attributes["is_causal"]), attributes["max_density"]
+    attributes = case.attributes()
     notes: list[str] = []
     with torch.cuda.stream(torch.cuda.Stream()):  # a real stream: ORT refuses the default one
-        q, k, v = _inputs(*shape, dtype)
+        q, k, v = _inputs(*case.shape, dtype)
         ours = _ours_ops(path, q, k, v, attributes, options["dense_mode"])
-        dense, backend = _dense_ops(q, k, v, causal, tfsa_onnx._onnxruntime_has_cuda(), notes)
+        dense, backend = _dense_ops(q, k, v, case.causal, tfsa_onnx._onnxruntime_has_cuda(), notes)
         runs = {name: op.run for name, op in {**ours, **dense}.items()}
         ms: dict[str, float | None] = dict(
             interleaved_medians(runs, EventTimer(), options["warmup"], options["repeat"])
         )
         density = float(ours["ours"].density.mean().item())
-        if max_density >= 1:  # ours already is the dense mode
+        if case.max_density >= 1:  # ours already is the dense mode
             ours["ours_dense"], ms["ours_dense"] = ours["ours"], ms["ours"]
         error = None
         if "ours_dense" in ours and "sdpa_flash" in dense:
@@ -343,19 +329,9 @@ def _measure(
 
 
 def bench_kernel_cuda(
-    seq_len: int,
-    heads: int = 12,
-    head_dim: int = 64,
-    batch: int = 1,
-    max_density: float = 0.125,
-    causal: bool = False,
-    dtype: str = "float16",
-    block_size: int = 64,
-    warmup: int = 3,
-    repeat: int = 10,
-    dense_mode: bool = True,
+    case: KernelCase, *, dtype: str = "float16", warmup: int = 3, repeat: int = 10, dense_mode: bool = True
 ) -> CudaKernelResult:
-    """Time ours / selection / ours in dense mode / the dense baselines at one length (module doc)."""
+    """Time ours / selection / ours in dense mode / the dense baselines on one case (module doc)."""
     import torch
 
     import tfsa_onnx
@@ -363,20 +339,13 @@ def bench_kernel_cuda(
     if dtype not in DTYPES:
         raise CudaBenchError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = choose_path(dtype, tfsa_onnx._onnxruntime_has_cuda())
-    attributes = SparseAttentionAttributes.capped(max_density, int(causal), block_size).as_dict()
-    options = dict(dense_mode=dense_mode, warmup=warmup, repeat=repeat)
-    m = _measure(path, (batch, heads, seq_len, head_dim), dtype, attributes, options)
+    m = _measure(path, case, dtype, dict(dense_mode=dense_mode, warmup=warmup, repeat=repeat))
     derived = ratios(m.ms)
-    flops = dense_flops(batch, heads, seq_len, head_dim, causal)
+    flops = case.flops()
     best = derived.pop("best_dense")
     return CudaKernelResult(
-        seq_len=seq_len,
-        heads=heads,
-        head_dim=head_dim,
-        batch=batch,
+        **asdict(case),
         dtype=dtype,
-        causal=causal,
-        max_density=max_density,
         path=path,
         density=m.density,
         ours_ms=m.ms["ours"],
@@ -399,6 +368,7 @@ def run_bench(
     seq_lens: list[int], echo: Callable[[str], None], json_path: str | None = None, **options: Any
 ) -> list[str]:
     """The command's body (click and argparse front ends): a table row per length; returns failures.
+    options: KernelCase's fields (heads, ...) and bench_kernel_cuda's (dtype, ...).
 
     A length that fails (out of memory, a kernel error) is reported and the next one still runs,
     so one run on a borrowed GPU machine gives every figure it can.
@@ -409,12 +379,13 @@ def run_bench(
     echo(describe(options.get("dtype", "float16")))
     table = StreamTable(COLUMNS, echo)
     rows, failures = [], []
-    for seq_len in seq_lens:
+    options = dict(options)
+    for case in KernelCase.each(seq_lens, options):
         try:
-            rows.append(bench_kernel_cuda(seq_len, **options).as_dict())
+            rows.append(bench_kernel_cuda(case, **options).as_dict())
         except (RuntimeError, CudaBenchError) as e:  # torch's OutOfMemoryError is a RuntimeError
-            failures.append(f"seq_len {seq_len}: {_first_line(e)}")
-            echo(f"seq_len {seq_len} failed: {_first_line(e)}")
+            failures.append(f"seq_len {case.seq_len}: {_first_line(e)}")
+            echo(f"seq_len {case.seq_len} failed: {_first_line(e)}")
         else:
             table.row(rows[-1])
         torch.cuda.empty_cache()  # here, once the except block has let go of a failed row's tensors

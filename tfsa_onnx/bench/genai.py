@@ -1,22 +1,30 @@
 """onnxruntime-genai folders: time to first token and decode speed through og.Generator.
 
 For one prompt length, each round generates from the same prompt with the original folder and
-then the optimized one (interleaved, so a noisy machine slows both alike): time to first token
-is append_tokens (the prompt step) plus choosing the first token; decode tokens/s is the rest
-of the `decode_tokens` tokens over their time. Medians over the rounds are reported.
+then the optimized one (timing.rounds: interleaved, so a noisy machine slows both alike): time
+to first token is append_tokens (the prompt step) plus choosing the first token; decode tokens/s
+is the rest of the `decode_tokens` tokens over their time. Medians over the rounds are reported.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
+from tfsa_onnx.bench.output import Row
+from tfsa_onnx.bench.timing import rounds
+
+COLUMNS = (
+    "prompt_len decode_tokens threads original_ttft_ms optimized_ttft_ms ttft_speedup "
+    "original_decode_tok_s optimized_decode_tok_s decode_ratio"
+)
+
 
 @dataclass
-class GenaiResult:
+class GenaiResult(Row):
     prompt_len: int
     decode_tokens: int
     threads: int
@@ -26,9 +34,6 @@ class GenaiResult:
     original_decode_tok_s: float
     optimized_decode_tok_s: float
     decode_ratio: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _one_generation(model, prompt: np.ndarray, decode_tokens: int) -> tuple[float, float]:
@@ -68,10 +73,10 @@ def bench_genai(
     for _ in range(warmup):  # a short prompt: session and arena set-up, not a full prefill
         for model in models.values():
             _one_generation(model, ids[:, : min(ids.shape[1], 256)], 2)
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
-    for _ in range(repeat):
-        for name, model in models.items():
-            times[name].append(_one_generation(model, ids, decode_tokens))
+    generate = {
+        name: (lambda m=model: _one_generation(m, ids, decode_tokens)) for name, model in models.items()
+    }
+    times = rounds(generate, repeat)
     ttft = {name: statistics.median(t for t, _ in runs) for name, runs in times.items()}
     rate = {name: statistics.median(r for _, r in runs) for name, runs in times.items()}
     return GenaiResult(

@@ -1,14 +1,23 @@
-"""Where benchmark figures go: a table printed row by row, and the JSON file (standard library only)."""
+"""Where benchmark figures go: a result is a Row, printed as a table row as it comes and written
+with the others as JSON (standard library only)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from tfsa_onnx.table import StreamTable
 
-__all__ = ["StreamTable", "write_json"]
+__all__ = ["Row", "StreamTable", "write_json"]
+
+
+class Row:
+    """A benchmark result (a dataclass): as_dict() is its table row and its JSON object."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
 
 
 def write_json(path: str | None, data: Any, echo: Callable[[str], None] = print) -> None:

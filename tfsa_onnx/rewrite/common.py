@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -85,6 +85,12 @@ class Match:
         return Inputs(self.query, key, self.value)
 
 
+def op_match(node: ir.Node, query, key, value, **fields: Any) -> Match:
+    """The Match of an attention op node (query, key, value as found): the op's first output is
+    what it replaces, and its `scale` attribute (0 or absent: 1/sqrt(head_dim)) its scale."""
+    return Match(query, key, value, node.outputs[0], attr(node, "scale") or None, **fields)
+
+
 class Rule(Protocol):
     """One attention family's matcher.
 
@@ -98,6 +104,16 @@ class Rule(Protocol):
     def is_anchor(self, node: ir.Node) -> bool: ...
 
     def match(self, anchor: ir.Node) -> Match: ...
+
+
+class OpRule:
+    """A Rule's anchor test when the anchor is one op type in some domains (every rule here)."""
+
+    anchor_op: str
+    anchor_domains: tuple[str, ...] = ("", "ai.onnx")
+
+    def is_anchor(self, node: ir.Node) -> bool:
+        return node.op_type == self.anchor_op and node.domain in self.anchor_domains
 
 
 @dataclass
@@ -175,6 +191,31 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if name in ("value_int", "value_ints"):
         return np.array(a.value, dtype=np.int64)
     return None
+
+
+def feeding_constants(
+    value: ir.Value, domains: tuple[str, ...] | None = None, limit: int | None = None
+) -> Iterator[np.ndarray]:
+    """The constants `value` is computed from: a walk up the producers through nodes of
+    `domains` (None: any domain), visiting at most `limit` values (None: all). Never through
+    Shape or Size: only sizes flow out of them, not the constants behind their inputs."""
+    stack, seen = [value], set()
+    while stack and (limit is None or len(seen) < limit):
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        arr = const_array(v)
+        if arr is not None:
+            yield arr
+            continue
+        node = v.producer()
+        if (
+            node is not None
+            and (domains is None or node.domain in domains)
+            and node.op_type not in ("Shape", "Size")
+        ):
+            stack.extend(node.inputs)
 
 
 def const_scalar(value: ir.Value | None) -> float | None:

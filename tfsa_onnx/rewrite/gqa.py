@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from tfsa_onnx import DOMAIN, GQA_OP_TYPE, OP_VERSION
 from tfsa_onnx.opmodel import GQA_INPUTS, GQA_OUTPUTS
-from tfsa_onnx.rewrite.common import FLOAT_TYPES, GiveUp, Match, attr, dims, optional_input
+from tfsa_onnx.rewrite.common import FLOAT_TYPES, GiveUp, Match, OpRule, attr, dims, optional_input
 
 # GroupQueryAttention's inputs as ORT 1.32 defines them; the new op takes the first nine.
 INPUTS = (
@@ -65,13 +65,12 @@ WHY = {
 }
 
 
-class GroupQueryAttentionRule:
+class GroupQueryAttentionRule(OpRule):
     """com.microsoft.GroupQueryAttention -> ai.tfsa::SparseGroupQueryAttention, node for node."""
 
     family = "ort-gqa"
-
-    def is_anchor(self, node: ir.Node) -> bool:
-        return node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
+    anchor_op = "GroupQueryAttention"
+    anchor_domains = ("com.microsoft",)
 
     def match(self, node: ir.Node) -> Match:
         check(node)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from tfsa_onnx.rewrite.common import NEG_LIMIT, attr, const_array
+from tfsa_onnx.rewrite.common import NEG_LIMIT, attr, const_array, feeding_constants
 
 Scalar = int | float
 _MAX_CONST_ELEMENTS = 4096  # larger constants are not mask index arithmetic
@@ -962,25 +962,12 @@ def _decide_concrete(values: np.ndarray) -> Term:
     return Term("other")
 
 
-def mask_constants(algebra: MaskAlgebra, value: ir.Value) -> list[int]:
+def mask_constants(value: ir.Value) -> list[int]:
     """Integer constants a mask term computes with (window sizes and the like): a length past
     all of them shows the term at work. Sentinels (|v| >= 2**31) are left out."""
     out: set[int] = set()
-    seen: set[int] = set()
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if v is None or id(v) in seen:
-            continue
-        seen.add(id(v))
-        arr = const_array(v)
-        if arr is not None:
-            if arr.size <= _MAX_CONST_ELEMENTS and np.issubdtype(arr.dtype, np.number):
-                finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
-                out |= {int(a) for a in finite.reshape(-1) if float(a).is_integer() and 1 < abs(a) < 2**31}
-            continue
-        node = v.producer()
-        # Through Shape only sizes flow, never the constants behind its input.
-        if node is not None and node.domain in ("", "ai.onnx") and node.op_type not in ("Shape", "Size"):
-            stack.extend(node.inputs)
+    for arr in feeding_constants(value, domains=("", "ai.onnx")):
+        if arr.size <= _MAX_CONST_ELEMENTS and np.issubdtype(arr.dtype, np.number):
+            finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+            out |= {int(a) for a in finite.reshape(-1) if float(a).is_integer() and 1 < abs(a) < 2**31}
     return sorted(out)

@@ -265,7 +265,7 @@ class MaskAnalyzer:
         """`square`: the attention's query and key lengths are provably equal."""
         key = (id(mask), additive, square)
         if key not in self.done:
-            result = MaskSplit(None, square=square, constants=mask_constants(self.algebra, mask))
+            result = MaskSplit(None, square=square, constants=mask_constants(mask))
             result.kept, result.causal = self._split(mask, additive, result)
             self.done[key] = result
         return self.done[key]

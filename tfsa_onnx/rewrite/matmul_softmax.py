@@ -21,10 +21,12 @@ from tfsa_onnx.rewrite.common import (
     GiveUp,
     Match,
     NotAttention,
+    OpRule,
     attr,
     const_array,
     const_scalar,
     dims,
+    feeding_constants,
     fold_repeat,
     producer,
     rank,
@@ -37,17 +39,15 @@ from tfsa_onnx.rewrite.mask_proof import Arr, Dim, MaskAlgebra, Unknown
 _SWAP_LAST = [0, 1, 3, 2]
 
 
-class MatMulSoftmaxRule:
+class MatMulSoftmaxRule(OpRule):
     """Anchor: a Softmax over the last axis whose input comes from a 4-D MatMul (or a 3-D one
     on merged batch and heads, merged_heads.py)."""
 
     family = "matmul-softmax"
+    anchor_op = "Softmax"
 
     def __init__(self) -> None:
         self.algebra = MaskAlgebra()  # shapes, for the merged-heads proofs; one per model
-
-    def is_anchor(self, node: ir.Node) -> bool:
-        return node.op_type == "Softmax" and node.domain in ("", "ai.onnx")
 
     def match(self, softmax: ir.Node) -> Match:
         r = rank(softmax.outputs[0])
@@ -415,21 +415,8 @@ def _split_terms(terms: list[tuple[ir.Value, bool, float]]) -> tuple[list, list]
 
 def _computes_with_large_negative(value: ir.Value, limit: int = 300) -> bool:
     """Whether a float constant <= NEG_LIMIT feeds `value` (not through a Shape: sizes only)."""
-    stack, seen = [value], set()
-    while stack and len(seen) < limit:
-        v = stack.pop()
-        if v is None or id(v) in seen:
-            continue
-        seen.add(id(v))
-        c = const_array(v)
-        if c is not None:
-            if c.dtype.kind == "f" and c.size and float(np.min(c)) <= NEG_LIMIT:
-                return True
-            continue
-        node = v.producer()
-        if node is not None and node.op_type not in ("Shape", "Size"):
-            stack.extend(node.inputs)
-    return False
+    constants = feeding_constants(value, limit=limit)
+    return any(c.dtype.kind == "f" and c.size and float(np.min(c)) <= NEG_LIMIT for c in constants)
 
 
 def _bias_builder(biases: list[tuple[ir.Value, bool, float]], unmerge: list | None = None):

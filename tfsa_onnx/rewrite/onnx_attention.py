@@ -16,10 +16,12 @@ from tfsa_onnx.rewrite.common import (
     GiveUp,
     Inputs,
     Match,
+    OpRule,
     attr,
     dims,
     fold_repeat,
     merge_heads,
+    op_match,
     optional_input,
     outputs_unused,
     rank,
@@ -28,11 +30,9 @@ from tfsa_onnx.rewrite.common import (
 )
 
 
-class OnnxAttentionRule:
+class OnnxAttentionRule(OpRule):
     family = "onnx-attention"
-
-    def is_anchor(self, node: ir.Node) -> bool:
-        return node.op_type == "Attention" and node.domain in ("", "ai.onnx")
+    anchor_op = "Attention"
 
     def match(self, node: ir.Node) -> Match:
         _check_supported(node)
@@ -44,15 +44,14 @@ class OnnxAttentionRule:
         if is_causal and not same_dim((dims(q) or [None] * 3)[-2], (dims(k) or [None] * 3)[-2]):
             raise GiveUp("is_causal with query and key lengths not provably equal (ONNX aligns it top-left)")
         mask = optional_input(node, 3)
-        scale = attr(node, "scale")
-        match = Match(
-            query=q,
-            key=k,
-            value=v,
-            output=node.outputs[0],
-            scale=scale if scale else None,
+        additive = mask is not None and mask.dtype != ir.DataType.BOOL
+        match = op_match(
+            node,
+            q,
+            k,
+            v,
             mask=mask,
-            mask_additive=mask is not None and mask.dtype != ir.DataType.BOOL,
+            mask_additive=additive,
             is_causal=is_causal,
             softcap=attr(node, "softcap", 0.0) or None,
         )

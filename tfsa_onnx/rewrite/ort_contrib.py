@@ -15,10 +15,12 @@ from tfsa_onnx.rewrite.common import (
     GiveUp,
     Inputs,
     Match,
+    OpRule,
     attr,
     const_array,
     dims,
     merge_heads,
+    op_match,
     optional_input,
     outputs_unused,
     producer,
@@ -28,13 +30,12 @@ from tfsa_onnx.rewrite.common import (
 )
 
 
-class OrtAttentionRule:
+class OrtAttentionRule(OpRule):
     """com.microsoft.Attention: input x weights (+ bias) -> Q, K, V, then attention."""
 
     family = "ort-attention"
-
-    def is_anchor(self, node: ir.Node) -> bool:
-        return node.op_type == "Attention" and node.domain == "com.microsoft"
+    anchor_op = "Attention"
+    anchor_domains = ("com.microsoft",)
 
     def match(self, node: ir.Node) -> Match:
         x, weights, bias = node.inputs[:3]
@@ -65,13 +66,12 @@ class OrtAttentionRule:
         return match
 
 
-class OrtMultiHeadAttentionRule:
+class OrtMultiHeadAttentionRule(OpRule):
     """com.microsoft.MultiHeadAttention with separate 3-D query, key, value (+ packed bias)."""
 
     family = "ort-multihead-attention"
-
-    def is_anchor(self, node: ir.Node) -> bool:
-        return node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft"
+    anchor_op = "MultiHeadAttention"
+    anchor_domains = ("com.microsoft",)
 
     def match(self, node: ir.Node) -> Match:
         q, k, v = (optional_input(node, i) for i in range(3))
@@ -107,15 +107,13 @@ def _match(node: ir.Node, q, k, key_mask: ir.Value | None, attention_bias: ir.Va
     """The Match of both ops. attention_bias is the graph's additive mask (analysed); a key
     padding mask becomes the op's bool mask in the rewrite step. q, k: the packed [B, S, H*D]
     inputs where the op has them (their length axis is 1)."""
-    scale = attr(node, "scale", 0.0)
     x = node.inputs[0]
     keys = k if k is not None else x  # Attention's keys are as long as its input
-    return Match(
-        query=q,
-        key=k,
-        value=None,
-        output=node.outputs[0],
-        scale=scale if scale else None,
+    return op_match(
+        node,
+        q,
+        k,
+        None,
         mask=attention_bias,
         mask_additive=True,
         is_causal=bool(attr(node, "unidirectional", 0)),

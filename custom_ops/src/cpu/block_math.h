@@ -1,11 +1,11 @@
 // How one tile of key blocks is computed: the math, apart from the selection (which blocks)
 // and the tile walk (tile_walk.h, which blocks form a tile).
 //
-// Three register-blocked kernels written once with GCC vector extensions (block_math_impl.inc)
-// and compiled per instruction set: block_math_avx512.cc, block_math_avx2.cc (x86 only),
-// block_math_generic.cc, and block_math_wide.cc (the AVX-512 layout for any CPU, for tests);
-// block_math_stubs.cc stands in for the x86 ones elsewhere. SelectBlockMath picks the widest
-// the CPU runs.
+// Three register-blocked kernels and two few-rows helpers, written once with GCC vector
+// extensions (block_math_impl.inc) and compiled per instruction set: block_math_avx512.cc,
+// block_math_avx2.cc (x86 only), block_math_generic.cc, and block_math_wide.cc (the AVX-512
+// layout for any CPU, for tests); block_math_stubs.cc stands in for the x86 ones elsewhere.
+// SelectBlockMath picks the widest the CPU runs.
 //
 // Layouts (all float32, row-major):
 //   q    [rows, head_dim]          the query block, already multiplied by scale
