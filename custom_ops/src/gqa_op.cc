@@ -27,7 +27,7 @@ Shape ShapeOf(const Ort::ConstValue& value) { return value.GetTensorTypeAndShape
 
 // One call's inputs as read and checked: the layout, the data, total_sequence_length.
 struct GqaCall {
-  cpu::GqaLayout layout;
+  GqaLayout layout;
   cpu::GqaInputs in;
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   int64_t total_sequence_length = 0;
@@ -50,7 +50,7 @@ std::string CheckTypes(Ort::KernelContext& context, GqaCall& call) {
 
 // query (packed or not), key and value: batch, sequence, heads and head size.
 std::string CheckQkv(Ort::KernelContext& context, const GqaAttributes& a, GqaCall& call) {
-  cpu::GqaLayout& l = call.layout;
+  GqaLayout& l = call.layout;
   auto query = context.GetInput(0), key = OptionalInput(context, 1), value = OptionalInput(context, 2);
   const Shape q = ShapeOf(query);
   if (q.size() != 3) return "query must be 3-D [batch, sequence, hidden], got " + ToString(q);
@@ -79,7 +79,7 @@ std::string CheckQkv(Ort::KernelContext& context, const GqaAttributes& a, GqaCal
 
 // past_key/past_value, seqlens_k, total_sequence_length, cos_cache/sin_cache.
 std::string CheckCacheInputs(Ort::KernelContext& context, const GqaAttributes& a, GqaCall& call) {
-  cpu::GqaLayout& l = call.layout;
+  GqaLayout& l = call.layout;
   auto past_key = OptionalInput(context, 3), past_value = OptionalInput(context, 4);
   if (static_cast<bool>(past_key) != static_cast<bool>(past_value))
     return "past_key and past_value must be both given or both absent";
@@ -118,33 +118,6 @@ std::string CheckCacheInputs(Ort::KernelContext& context, const GqaAttributes& a
   return "";
 }
 
-// Every batch row's seqlens_k against the cache sizes; `positions` is cos_cache's row count.
-std::string CheckRows(const GqaCall& call, int64_t positions) {
-  const cpu::GqaLayout& l = call.layout;
-  for (int64_t b = 0; b < l.batch; ++b) {
-    const int64_t seqlen_k = call.in.seqlens_k[b], past = cpu::PastLength(l, call.in.seqlens_k[b]);
-    std::ostringstream err;
-    err << "seqlens_k[" << b << "] = " << seqlen_k << " ";
-    if (seqlen_k < 0) return err.str() + "is negative";
-    if (l.first_prompt && seqlen_k >= l.seq)
-      return err.str() + "exceeds sequence length - 1 = " + std::to_string(l.seq - 1) +
-             " on a prompt (sequence length = total_sequence_length)";
-    if (past < 0)
-      return err.str() + "is less than sequence length - 1 = " + std::to_string(l.seq - 1) +
-             ": the new rows need a place";
-    if (past + l.seq > l.present_rows)
-      return err.str() + "does not fit the present cache of " + std::to_string(l.present_rows) +
-             " rows (max(total_sequence_length, past length))";
-    if (past > 0 && l.past_rows == 0) return err.str() + "needs past rows, and past_key is absent";
-    if (past > l.past_rows)
-      return err.str() + "needs " + std::to_string(past) + " past rows, past_key has " + std::to_string(l.past_rows);
-    if (l.rotary_half > 0 && past + l.seq > positions)
-      return err.str() + "needs rotary positions up to " + std::to_string(past + l.seq - 1) + ", cos_cache has " +
-             std::to_string(positions) + " rows";
-  }
-  return "";
-}
-
 cpu::ParallelFor OrtParallelFor(Ort::KernelContext& context) {
   return [&context](size_t n, const std::function<void(size_t)>& fn) {
     context.ParallelFor([](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); },
@@ -162,7 +135,7 @@ struct RowsCall {
 template <class T>
 void AttendRows(const GqaKernel& k, const GqaCall& call, const RowsCall& r, void* output, cpu::WorkspacePool& pool,
                 const cpu::ParallelFor& parallel_for) {
-  const cpu::GqaLayout& l = call.layout;
+  const GqaLayout& l = call.layout;
   const int64_t D = l.head_dim, Hq = l.q_heads;
   std::vector<T> q(static_cast<size_t>(Hq * r.rows * D)), o(q.size());
   cpu::GatherQuery<T>(l, call.in, r.b, r.row_begin, r.rows, q.data(), parallel_for);
@@ -199,7 +172,7 @@ void AttendRows(const GqaKernel& k, const GqaCall& call, const RowsCall& r, void
 // padding) see all of its keys, as in ORT's GroupQueryAttention.
 template <class T>
 void Attend(GqaKernel& k, const GqaCall& call, void* output, const cpu::ParallelFor& parallel_for) {
-  const cpu::GqaLayout& l = call.layout;
+  const GqaLayout& l = call.layout;
   if (k.gqa.local_window_size == 0) {  // a window of no key: every row attends nothing (zeros, as ORT)
     std::fill_n(static_cast<T*>(output), l.batch * l.seq * l.q_heads * l.head_dim, T(0.0f));
     return;
@@ -217,9 +190,17 @@ void Attend(GqaKernel& k, const GqaCall& call, void* output, const cpu::Parallel
   }
 }
 
+GqaKernel::DeviceCall DeviceCallOf(Ort::KernelContext& context, const GqaCall& call, int64_t positions, void* output) {
+  GqaKernel::DeviceCall d{call.layout, call.type, call.in.seqlens_k, positions, call.in.query, call.in.key,
+                          call.in.value, call.in.past_key, call.in.past_value, call.in.cos, call.in.sin,
+                          call.in.present_key, call.in.present_value, output, nullptr};
+  Ort::ThrowOnError(Ort::GetApi().GetTensorMemoryInfo(context.GetInput(0), &d.memory));
+  return d;
+}
+
 }  // namespace
 
-GqaKernel::GqaKernel(const OrtApi& api, const OrtKernelInfo* info) {
+GqaKernel::GqaKernel(const OrtApi& api, const OrtKernelInfo* info, Provider provider_) : provider(provider_) {
   std::string type_error;
   ReadFields(api, info, kGqaAttributeRules, gqa, type_error);
   // always causal; its window is local_window_size
@@ -247,10 +228,10 @@ OrtStatusPtr GqaKernel::ComputeV2(OrtKernelContext* raw_context) {
     if (error.empty()) error = CheckQkv(context, gqa, call);
     if (error.empty()) error = CheckCacheInputs(context, gqa, call);
     const int64_t positions = call.layout.rotary_half > 0 ? ShapeOf(OptionalInput(context, 7))[0] : 0;
-    if (error.empty()) error = CheckRows(call, positions);
+    if (error.empty()) error = CheckRows(call.layout, call.in.seqlens_k, positions);
     if (!error.empty()) return Error(error);
 
-    const cpu::GqaLayout& l = call.layout;
+    const GqaLayout& l = call.layout;
     void* output = context.GetOutput(0, {l.batch, l.seq, l.q_heads * l.head_dim}).GetTensorMutableRawData();
     const Shape present = {l.batch, l.kv_heads, l.present_rows, l.head_dim};
     call.in.present_key = context.GetOutput(1, present).GetTensorMutableRawData();
@@ -261,6 +242,10 @@ OrtStatusPtr GqaKernel::ComputeV2(OrtKernelContext* raw_context) {
     if (key_shared != value_shared) return Error("past and present must share both buffers (key and value) or neither");
     call.layout.shared_buffer = key_shared;
 
+    if (provider == Provider::kCuda) {
+      RunCuda(context, DeviceCallOf(context, call, positions, output));
+      return nullptr;
+    }
     const cpu::ParallelFor parallel_for = OrtParallelFor(context);
     if (call.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
       cpu::WritePresent<float>(call.layout, call.in, parallel_for);
@@ -279,14 +264,21 @@ OrtStatusPtr GqaKernel::ComputeV2(OrtKernelContext* raw_context) {
   }
 }
 
-GqaOp::GqaOp(ONNXTensorElementDataType type) : type_(type) {
+#ifndef TFSA_WITH_CUDA
+// The CPU library registers no CUDA kernels, so this is never reached there.
+void GqaKernel::RunCuda(Ort::KernelContext&, const DeviceCall&) const {
+  throw std::runtime_error("this build of the library has no CUDA kernel");
+}
+#endif
+
+GqaOp::GqaOp(ONNXTensorElementDataType type, Provider provider) : type_(type), provider_(provider) {
   // Announce the oldest API we use, not the headers' newest, so older runtimes accept the op.
   OrtCustomOp::version = kMinOrtApiVersion;
 }
 
 OrtStatusPtr GqaOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
   try {
-    *kernel = new GqaKernel(api, info);
+    *kernel = new GqaKernel(api, info, provider_);
     return nullptr;
   } catch (const std::exception& e) {
     return api.CreateStatus(ORT_FAIL, e.what());
