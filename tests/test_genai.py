@@ -24,7 +24,7 @@ from tfsa_onnx.genai import GenaiError, optimize_folder
 from tfsa_onnx.reference import SparseAttentionAttributes
 
 FOLDERS = ("llama-fp32", "llama-int4", "qwen2-fp32", "qwen2-int4")  # run on the CPU here
-CUDA_FOLDERS = ("llama-fp16",)  # the builder's fp16 is for CUDA: rewritten and checked, not run
+CUDA_FOLDERS = ("llama-fp16",)  # the builder's fp16 is for CUDA: rewritten, and run on the CPU
 # Every block computed (threshold 1, no cap) on small blocks, so prompts of a few dozen tokens
 # take the sparse path over several blocks and must still equal dense attention.
 DENSE = {
@@ -115,7 +115,10 @@ def test_bfloat16_is_left_alone():
 
 
 def test_a_cuda_folder_gets_the_cuda_library_when_built(folders, optimized):
+    from tfsa_onnx.genai import uses_cuda
+
     config = json.loads((optimized["llama-fp16"] / "genai_config.json").read_text())
+    assert uses_cuda(config)  # the builder's -e cuda: provider_options name "cuda"
     library = config["model"]["decoder"]["session_options"]["custom_ops_library"]
     try:
         expected = Path(get_library_path("cuda")).name
@@ -282,6 +285,23 @@ def test_greedy_tokens_and_logits_equal_the_original(folders, optimized, name):
         for step, (a, b) in enumerate(zip(ref_logits, logits, strict=True)):
             np.testing.assert_allclose(b, a, atol=1e-4, rtol=0, err_msg=f"step {step}")
     assert len(set(ref_tokens[0].tolist())) > 4  # the random model does not just repeat itself
+
+
+def test_an_fp16_folder_generates_the_original_tokens_on_the_cpu(folders, optimized):
+    from tfsa_onnx.genai_eval import greedy, og_model, pad_left
+
+    name = "llama-fp16"
+    models = [og_model(folders[name], threads=1, cpu=True), og_model(optimized[name], threads=1, cpu=True)]
+    for batch in [p[None].astype(np.int32) for p in PROMPTS] + [pad_left(BATCH, 2)]:
+        (ref_tokens, ref_logits), (tokens, logits) = (greedy(m, batch, 32) for m in models)
+        assert ref_tokens.shape[1] == 32
+        np.testing.assert_array_equal(tokens, ref_tokens)
+        for step, (a, b) in enumerate(zip(ref_logits, logits, strict=True)):
+            np.testing.assert_allclose(b, a, atol=2e-2, rtol=0, err_msg=f"step {step}")
+    assert len(set(ref_tokens[0].tolist())) > 4
+    # float16 attention on the CPU: both ORT's GroupQueryAttention and ours (genai returns float32 logits)
+    past = _model(optimized[name]).graph.input[2]
+    assert "past_key" in past.name and past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 
 @pytest.mark.parametrize("name", ["llama-fp32", "qwen2-int4"])

@@ -28,10 +28,13 @@ def _og():
     return og
 
 
-def og_model(folder: str | os.PathLike, threads: int | None = None):
-    """og.Model of a folder; threads sets the decoder session's intra-op thread count."""
+def og_model(folder: str | os.PathLike, threads: int | None = None, cpu: bool = False):
+    """og.Model of a folder; threads sets the decoder session's intra-op thread count; cpu runs
+    it on the CPU whatever provider its config names (the builder's fp16 folders name CUDA)."""
     og = _og()
     config = og.Config(str(folder))
+    if cpu:
+        config.clear_providers()
     if threads:
         overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": int(threads)}}}}
         config.overlay(json.dumps(overlay))
