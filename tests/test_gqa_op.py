@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, helper
 from test_kernel import AttributeInfo  # noqa: E402  (TfsaAttributeInfo's ctypes mirror)
 
 import tfsa_onnx
@@ -244,7 +244,7 @@ CHILD = r"""
 import json, sys
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto
+from onnx import TensorProto, helper
 from tfsa_onnx.opmodel import group_query_attention_model
 
 library, cases = sys.argv[1], json.loads(sys.argv[2])
@@ -364,3 +364,36 @@ def test_a_batched_chunk_after_a_past_equals_the_reference():
     feeds = make_feeds(case, np.random.default_rng(2))
     for got, expected in zip(run(case, feeds, tfsa_onnx.DOMAIN), reference(case, feeds), strict=True):
         np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
+
+
+def _inferred_shapes(domain: str, packed: bool, query: list, past: list | None) -> dict[str, list]:
+    """The output shapes ORT infers for one node whose inputs have these shapes."""
+    model = group_query_attention_model(
+        domain, TensorProto.FLOAT, packed, past is not None, True, num_heads=4, kv_num_heads=2, do_rotary=1
+    )
+    shapes = {"query": query, "key": [*query[:2], 64], "value": [*query[:2], 64]}
+    shapes |= {"past_key": past, "past_value": past}
+    for value in model.graph.input:
+        if value.name in shapes:
+            value.CopyFrom(helper.make_tensor_value_info(value.name, TensorProto.FLOAT, shapes[value.name]))
+    session = ort.InferenceSession(model.SerializeToString(), tfsa_onnx.session_options())
+    return {o.name: o.shape for o in session.get_outputs()}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("past", [["batch", 2, "past_seq", 32], ["batch", 2, 128, "d"], None])
+@pytest.mark.parametrize("hidden", [None, "known"])
+def test_output_shapes_are_the_ones_ort_infers(packed, past, hidden):
+    query = ["batch", "seq", (8 if packed else 4) * 32 if hidden else "hidden"]
+    ours = _inferred_shapes(tfsa_onnx.DOMAIN, packed, query, past)
+    theirs = _inferred_shapes("com.microsoft", packed, query, past)
+    for name, shape in theirs.items():
+        if not shape:  # ORT infers no shape (a prompt whose head size is unknown): ours has unknowns
+            assert len(ours[name]) == (3 if name == "output" else 4) and all(
+                isinstance(d, str) for d in ours[name]
+            )
+            continue
+        assert len(ours[name]) == len(shape), name
+        for mine, dim in zip(ours[name], shape, strict=True):
+            assert mine == dim if dim is not None else mine.startswith("tfsa_unknown_"), (name, ours, theirs)
+    assert ours["present_key"] == ours["present_value"]

@@ -1,6 +1,7 @@
 #include "gqa_op.h"
 
 #include <algorithm>
+#include <atomic>
 #include <new>
 #include <sstream>
 #include <stdexcept>
@@ -190,6 +191,102 @@ void Attend(GqaKernel& k, const GqaCall& call, void* output, const cpu::Parallel
   }
 }
 
+// ---------------------------------------------------------------- graph-level shape inference
+
+// One dim as ORT's shape inference holds it: a value, or -1 with a name ("" when unknown).
+struct Dim {
+  int64_t value = -1;
+  std::string name;
+};
+
+// Whether an OrtStatus is success (releasing it otherwise).
+bool Ok(const OrtApi& api, OrtStatus* status) { return Readable(api, status); }
+
+// The dims of input `index`, or false when it is absent or has no shape.
+bool InputDims(const OrtApi& api, OrtShapeInferContext* ctx, size_t index, std::vector<Dim>& dims) {
+  size_t count = 0, rank = 0;
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  if (!Ok(api, api.ShapeInferContext_GetInputCount(ctx, &count)) || index >= count ||
+      !Ok(api, api.ShapeInferContext_GetInputTypeShape(ctx, index, &info)) || info == nullptr ||
+      !Ok(api, api.GetDimensionsCount(info, &rank)) || rank == 0)
+    return false;
+  std::vector<int64_t> values(rank);
+  std::vector<const char*> names(rank, nullptr);
+  if (!Ok(api, api.GetDimensions(info, values.data(), rank)) ||
+      !Ok(api, api.GetSymbolicDimensions(info, names.data(), rank)))
+    return false;
+  dims.clear();
+  for (size_t i = 0; i < rank; ++i) dims.push_back({values[i], values[i] >= 0 || !names[i] ? "" : names[i]});
+  return true;
+}
+
+int64_t IntAttribute(const OrtApi& api, OrtShapeInferContext* ctx, const char* name) {
+  const OrtOpAttr* attr = nullptr;
+  int64_t value = 0;
+  size_t size = 0;
+  if (!Ok(api, api.ShapeInferContext_GetAttribute(ctx, name, &attr)) || attr == nullptr ||
+      !Ok(api, api.ReadOpAttr(attr, ORT_OP_ATTR_INT, &value, sizeof value, &size)))
+    return 0;
+  return value;
+}
+
+// An unknown dim without a name gets its own (ORT reads an unnamed -1 as a literal -1), so ORT
+// assumes no equality between them.
+std::vector<Dim> Named(std::vector<Dim> dims) {
+  static std::atomic<uint64_t> unknown_dims{0};
+  for (Dim& d : dims)
+    if (d.value < 0 && d.name.empty()) d.name = "tfsa_unknown_" + std::to_string(unknown_dims++);
+  return dims;
+}
+
+// Sets output `index` to type `type` and `dims` (named).
+OrtStatusPtr SetOutput(const OrtApi& api, OrtShapeInferContext* ctx, size_t index, ONNXTensorElementDataType type,
+                       const std::vector<Dim>& dims) {
+  std::vector<int64_t> values;
+  std::vector<const char*> names;
+  for (const Dim& d : dims) {
+    values.push_back(d.value < 0 ? -1 : d.value);
+    names.push_back(d.value < 0 ? d.name.c_str() : "");
+  }
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  OrtStatusPtr status = api.CreateTensorTypeAndShapeInfo(&info);
+  if (!status) status = api.SetTensorElementType(info, type);
+  if (!status) status = api.SetDimensions(info, values.data(), values.size());
+  if (!status) status = api.SetSymbolicDimensions(info, names.data(), names.size());
+  if (!status) status = api.ShapeInferContext_SetOutputTypeShape(ctx, index, info);
+  if (info) api.ReleaseTensorTypeAndShapeInfo(info);
+  return status;
+}
+
+// The shapes ORT's GroupQueryAttention infers (onnxruntime 1.32): output [B, S, Hq * D] (query's
+// shape when key is given), present [B, Hkv, ?, D] from past_key, or [B, Hkv, S, D] on a
+// prompt without past. A dim ORT leaves unknown stays unknown; where the query's rank or hidden
+// size does not fit, only the type is set and Compute reports the shapes it sees.
+OrtStatusPtr InferGqaOutputs(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  const OrtApi& api = Ort::GetApi();
+  OrtTensorTypeAndShapeInfo* q_info = nullptr;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  OrtStatusPtr status = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &q_info);
+  if (!status) status = api.GetTensorElementType(q_info, &type);
+  if (status) return status;
+  const int64_t heads = IntAttribute(api, ctx, "num_heads"), kv_heads = IntAttribute(api, ctx, "kv_num_heads");
+  std::vector<Dim> q, k, past, unknown3(3), unknown4(4);
+  const bool has_q = InputDims(api, ctx, 0, q) && q.size() == 3, packed = !InputDims(api, ctx, 1, k);
+  const int64_t parts = packed ? heads + 2 * kv_heads : heads;
+  const int64_t hidden = has_q ? q[2].value : -1;
+  const int64_t head_dim = hidden > 0 && parts > 0 && hidden % parts == 0 ? hidden / parts : -1;
+  std::vector<Dim> out = unknown3;
+  if (has_q) out = {q[0], q[1], packed ? Dim{head_dim > 0 ? heads * head_dim : -1, ""} : q[2]};
+  std::vector<Dim> present = unknown4;
+  if (InputDims(api, ctx, 3, past) && past.size() == 4) present = {past[0], past[1], Dim{}, past[3]};
+  else if (has_q && head_dim > 0) present = {q[0], Dim{kv_heads, ""}, q[1], Dim{head_dim, ""}};
+  present = Named(present);  // present_key and present_value: one length
+  if (!status) status = SetOutput(api, ctx, 0, type, Named(out));
+  if (!status) status = SetOutput(api, ctx, 1, type, present);
+  if (!status) status = SetOutput(api, ctx, 2, type, present);
+  return status;
+}
+
 GqaKernel::DeviceCall DeviceCallOf(Ort::KernelContext& context, const GqaCall& call, int64_t positions, void* output) {
   GqaKernel::DeviceCall d{call.layout, call.type, call.in.seqlens_k, positions, call.in.query, call.in.key,
                           call.in.value, call.in.past_key, call.in.past_value, call.in.cos, call.in.sin,
@@ -274,6 +371,7 @@ void GqaKernel::RunCuda(Ort::KernelContext&, const DeviceCall&) const {
 GqaOp::GqaOp(ONNXTensorElementDataType type, Provider provider) : type_(type), provider_(provider) {
   // Announce the oldest API we use, not the headers' newest, so older runtimes accept the op.
   OrtCustomOp::version = kMinOrtApiVersion;
+  OrtCustomOp::InferOutputShapeFn = InferGqaOutputs;
 }
 
 OrtStatusPtr GqaOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
