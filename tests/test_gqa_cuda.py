@@ -61,12 +61,13 @@ def run_emulated(lib, case: Case, feeds: dict, call: cuda.GqaArgs | None = None)
     else:
         present = [np.full(present_shape, np.nan, case.dtype) for _ in range(2)]
     output = np.full((call.batch, call.seq, call.q_heads * call.head_dim), np.nan, case.dtype)
+    density = np.full((call.batch, call.q_heads), np.nan, np.float32)
     call.present_key, call.present_value = present[0].ctypes.data, present[1].ctypes.data
-    call.output = output.ctypes.data
+    call.output, call.density = output.ctypes.data, density.ctypes.data
     workspace = np.zeros(max(1, cuda.gqa_workspace_bytes(call, lib)), np.uint8)
     call.workspace, call.workspace_size = workspace.ctypes.data, workspace.nbytes
     cuda.run_gqa(call, 0, lib)
-    return [output, *present]
+    return [output, *present, density]
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +88,18 @@ def check_against_cpu_op(lib, case: Case, seed: int, atol: float) -> list[np.nda
 @pytest.mark.parametrize("name", DENSE_CASES)
 def test_dense_config_equals_the_cpu_op(lib, name):
     case = DENSE_CASES[name]
-    check_against_cpu_op(lib, case, 0, 2e-3 if case.dtype == np.float16 else 2e-5)
+    got = check_against_cpu_op(lib, case, 0, 2e-3 if case.dtype == np.float16 else 2e-5)
+    assert (got[3] == 1.0).all()  # below min_seq_len every allowed block is computed
 
 
 @pytest.mark.parametrize("name", SPARSE_CASES)
 def test_sparse_config_equals_the_cpu_op_and_the_reference(lib, name):
     case = SPARSE_CASES[name]
     got = check_against_cpu_op(lib, case, 1, 2e-5)
-    expected = reference(case, make_feeds(case, np.random.default_rng(1)))
+    expected = reference(case, make_feeds(case, np.random.default_rng(1)), return_density=True)
     np.testing.assert_allclose(got[0], expected[0], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(got[3], expected[3], rtol=1e-6)  # the density output
+    assert got[3].min() < 0.999
 
 
 def test_fp16_sparse_prompt_and_decode(lib):
@@ -107,7 +111,7 @@ def test_a_batched_chunk_after_a_past_equals_the_reference(lib):
     case = Case(seq=20, past=(30, 9), cache=64, shared=True, packed=True, attrs={"local_window_size": 25})
     feeds = make_feeds(case, np.random.default_rng(2))
     expected = reference(case, feeds)
-    for got, want in zip(run_emulated(lib, case, feeds), expected, strict=True):
+    for got, want in zip(run_emulated(lib, case, feeds)[:3], expected, strict=True):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
 

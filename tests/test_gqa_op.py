@@ -183,12 +183,14 @@ SPARSE_CASES = {
 }
 
 
-def reference(case: Case, feeds: dict) -> tuple[np.ndarray, ...]:
+def reference(case: Case, feeds: dict, return_density: bool = False) -> tuple[np.ndarray, ...]:
     inputs = [feeds.get(name) for name in ("query", "key", "value", "past_key", "past_value", "seqlens_k")]
     total = int(feeds["total_sequence_length"])
     attrs = case.gqa_attrs() | case.sparsity_attrs()
     cos, sin = feeds.get("cos_cache"), feeds.get("sin_cache")
-    return group_query_attention(*inputs, total, cos, sin, shared_buffer=case.shared, **attrs)
+    return group_query_attention(
+        *inputs, total, cos, sin, shared_buffer=case.shared, return_density=return_density, **attrs
+    )
 
 
 @pytest.mark.parametrize("name", SPARSE_CASES)
@@ -397,3 +399,20 @@ def test_output_shapes_are_the_ones_ort_infers(packed, past, hidden):
         for mine, dim in zip(ours[name], shape, strict=True):
             assert mine == dim if dim is not None else mine.startswith("tfsa_unknown_"), (name, ours, theirs)
     assert ours["present_key"] == ours["present_value"]
+
+
+@pytest.mark.parametrize("name", ["prompt", "prompt_ragged", "prompt_window", "chunk_global_past"])
+def test_the_density_output_equals_the_reference(name):
+    case = SPARSE_CASES[name]
+    feeds = make_feeds(case, np.random.default_rng(1))
+    attrs = case.gqa_attrs() | case.sparsity_attrs()
+    past = "past_key" in feeds
+    model = group_query_attention_model(
+        tfsa_onnx.DOMAIN, TensorProto.FLOAT, case.packed, past, case.rotary, density=True, **attrs
+    )
+    session = ort.InferenceSession(model.SerializeToString(), tfsa_onnx.session_options())
+    *outputs, density = session.run(None, feeds)
+    *expected, expected_density = reference(case, feeds, return_density=True)
+    np.testing.assert_allclose(outputs[0], expected[0], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(density, expected_density, rtol=1e-6)
+    assert density.shape == (len(case.past), case.q_heads) and density.min() < 0.999  # sparse here

@@ -58,7 +58,7 @@ class CudaArgs(ctypes.Structure):
 
 
 GQA_POINTERS = ("query", "key", "value", "past_key", "past_value", "cos", "sin")
-GQA_OUTPUTS = ("present_key", "present_value", "output")
+GQA_OUTPUTS = ("present_key", "present_value", "output", "density")
 
 
 class GqaArgs(ctypes.Structure):

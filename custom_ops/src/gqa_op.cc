@@ -134,8 +134,8 @@ struct RowsCall {
 };
 
 template <class T>
-void AttendRows(const GqaKernel& k, const GqaCall& call, const RowsCall& r, void* output, cpu::WorkspacePool& pool,
-                const cpu::ParallelFor& parallel_for) {
+void AttendRows(const GqaKernel& k, const GqaCall& call, const RowsCall& r, void* output, float* density,
+                cpu::WorkspacePool& pool, const cpu::ParallelFor& parallel_for) {
   const GqaLayout& l = call.layout;
   const int64_t D = l.head_dim, Hq = l.q_heads;
   std::vector<T> q(static_cast<size_t>(Hq * r.rows * D)), o(q.size());
@@ -160,6 +160,7 @@ void AttendRows(const GqaKernel& k, const GqaCall& call, const RowsCall& r, void
   t.value = static_cast<const T*>(call.in.present_value) + cache_offset;
   t.kv_rows = l.present_rows;
   t.output = o.data();
+  t.density = density;
   t.type = std::is_same_v<T, float> ? cpu::Tensors::Type::kFloat : cpu::Tensors::Type::kHalf;
   cpu::RunSparseAttention(p, t, pool, parallel_for);
 
@@ -170,23 +171,28 @@ void AttendRows(const GqaKernel& k, const GqaCall& call, const RowsCall& r, void
 }
 
 // Per batch row: its new rows over its cache. On a prompt, rows past the row's length (right
-// padding) see all of its keys, as in ORT's GroupQueryAttention.
+// padding) see all of its keys, as in ORT's GroupQueryAttention. density [B, Hq] (or null) is
+// that of each row's own rows; padded rows are computed densely and do not count.
 template <class T>
-void Attend(GqaKernel& k, const GqaCall& call, void* output, const cpu::ParallelFor& parallel_for) {
+void Attend(GqaKernel& k, const GqaCall& call, void* output, float* density, const cpu::ParallelFor& parallel_for) {
   const GqaLayout& l = call.layout;
   if (k.gqa.local_window_size == 0) {  // a window of no key: every row attends nothing (zeros, as ORT)
     std::fill_n(static_cast<T*>(output), l.batch * l.seq * l.q_heads * l.head_dim, T(0.0f));
+    if (density) std::fill_n(density, l.batch * l.q_heads, 1.0f);  // nothing allowed: 1, as SparseAttention
     return;
   }
   const bool dense = l.seq == 1 || l.seq < k.sparsity.min_seq_len;  // decode steps are exact
   for (int64_t b = 0; b < l.batch; ++b) {
     const int64_t total = static_cast<int64_t>(call.in.seqlens_k[b]) + 1;
+    float* row_density = density ? density + b * l.q_heads : nullptr;
     if (l.first_prompt) {
-      AttendRows<T>(k, call, {b, 0, total, total, 0, dense}, output, k.workspaces, parallel_for);
+      AttendRows<T>(k, call, {b, 0, total, total, 0, dense}, output, row_density, k.workspaces, parallel_for);
       if (total < l.seq)
-        AttendRows<T>(k, call, {b, total, l.seq - total, total, total, true}, output, k.workspaces, parallel_for);
+        AttendRows<T>(k, call, {b, total, l.seq - total, total, total, true}, output, nullptr, k.workspaces,
+                      parallel_for);
     } else {
-      AttendRows<T>(k, call, {b, 0, l.seq, total, total - l.seq, dense}, output, k.workspaces, parallel_for);
+      AttendRows<T>(k, call, {b, 0, l.seq, total, total - l.seq, dense}, output, row_density, k.workspaces,
+                    parallel_for);
     }
   }
 }
@@ -260,7 +266,7 @@ OrtStatusPtr SetOutput(const OrtApi& api, OrtShapeInferContext* ctx, size_t inde
 
 // The shapes ORT's GroupQueryAttention infers (onnxruntime 1.32): output [B, S, Hq * D] (query's
 // shape when key is given), present [B, Hkv, ?, D] from past_key, or [B, Hkv, S, D] on a
-// prompt without past. A dim ORT leaves unknown stays unknown; where the query's rank or hidden
+// prompt without past; density [B, Hq]. A dim ORT leaves unknown stays unknown; where the query's rank or hidden
 // size does not fit, only the type is set and Compute reports the shapes it sees.
 OrtStatusPtr InferGqaOutputs(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   const OrtApi& api = Ort::GetApi();
@@ -284,13 +290,15 @@ OrtStatusPtr InferGqaOutputs(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   if (!status) status = SetOutput(api, ctx, 0, type, Named(out));
   if (!status) status = SetOutput(api, ctx, 1, type, present);
   if (!status) status = SetOutput(api, ctx, 2, type, present);
+  if (!status) status = SetOutput(api, ctx, 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, Named({out[0], Dim{heads, ""}}));
   return status;
 }
 
-GqaKernel::DeviceCall DeviceCallOf(Ort::KernelContext& context, const GqaCall& call, int64_t positions, void* output) {
+GqaKernel::DeviceCall DeviceCallOf(Ort::KernelContext& context, const GqaCall& call, int64_t positions, void* output,
+                                   float* density) {
   GqaKernel::DeviceCall d{call.layout, call.type, call.in.seqlens_k, positions, call.in.query, call.in.key,
                           call.in.value, call.in.past_key, call.in.past_value, call.in.cos, call.in.sin,
-                          call.in.present_key, call.in.present_value, output, nullptr};
+                          call.in.present_key, call.in.present_value, output, density, nullptr};
   Ort::ThrowOnError(Ort::GetApi().GetTensorMemoryInfo(context.GetInput(0), &d.memory));
   return d;
 }
@@ -333,6 +341,11 @@ OrtStatusPtr GqaKernel::ComputeV2(OrtKernelContext* raw_context) {
     const Shape present = {l.batch, l.kv_heads, l.present_rows, l.head_dim};
     call.in.present_key = context.GetOutput(1, present).GetTensorMutableRawData();
     call.in.present_value = context.GetOutput(2, present).GetTensorMutableRawData();
+    float* density = nullptr;
+    if (context.GetOutputCount() > 3) {
+      auto value = context.GetOutput(3, {l.batch, l.q_heads});
+      if (value) density = value.GetTensorMutableData<float>();
+    }
     // genai binds one buffer as past and present: then the past rows are already in place.
     const bool key_shared = call.in.past_key != nullptr && call.in.past_key == call.in.present_key;
     const bool value_shared = call.in.past_value != nullptr && call.in.past_value == call.in.present_value;
@@ -340,16 +353,16 @@ OrtStatusPtr GqaKernel::ComputeV2(OrtKernelContext* raw_context) {
     call.layout.shared_buffer = key_shared;
 
     if (provider == Provider::kCuda) {
-      RunCuda(context, DeviceCallOf(context, call, positions, output));
+      RunCuda(context, DeviceCallOf(context, call, positions, output, density));
       return nullptr;
     }
     const cpu::ParallelFor parallel_for = OrtParallelFor(context);
     if (call.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
       cpu::WritePresent<float>(call.layout, call.in, parallel_for);
-      Attend<float>(*this, call, output, parallel_for);
+      Attend<float>(*this, call, output, density, parallel_for);
     } else {
       cpu::WritePresent<Ort::Float16_t>(call.layout, call.in, parallel_for);
-      Attend<Ort::Float16_t>(*this, call, output, parallel_for);
+      Attend<Ort::Float16_t>(*this, call, output, density, parallel_for);
     }
     return nullptr;
   } catch (const Ort::Exception& e) {

@@ -36,6 +36,7 @@ struct GqaKernel {
     int64_t positions;
     const void *query, *key, *value, *past_key, *past_value, *cos, *sin;
     void *present_key, *present_value, *output;
+    float* density;               // [B, Hq] or null
     const OrtMemoryInfo* memory;  // where query lives
   };
   void RunCuda(Ort::KernelContext& context, const DeviceCall& call) const;
@@ -44,7 +45,9 @@ struct GqaKernel {
 // One registration per element type T (float32, float16) and provider. Inputs: 0 query, 1 key,
 // 2 value, 3 past_key, 4 past_value (T, 1-4 optional), 5 seqlens_k, 6 total_sequence_length
 // (int32; in host memory on CUDA, as ORT's CUDA GroupQueryAttention reads its total length),
-// 7 cos_cache, 8 sin_cache (T, optional). Outputs: output, present_key, present_value (T).
+// 7 cos_cache, 8 sin_cache (T, optional). Outputs: output, present_key, present_value (T), and
+// the optional density (float32 [B, Hq]: the share of allowed blocks each head computed over
+// each batch row's own rows, as SparseAttention's; calibrate reads it).
 struct GqaOp : Ort::CustomOpBase<GqaOp, GqaKernel, true> {
   GqaOp(ONNXTensorElementDataType type, Provider provider);
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
@@ -63,9 +66,13 @@ struct GqaOp : Ort::CustomOpBase<GqaOp, GqaKernel, true> {
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
     return index == 0 || index == 5 || index == 6 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
-  size_t GetOutputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return type_; }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const { return INPUT_OUTPUT_REQUIRED; }
+  size_t GetOutputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetOutputType(size_t index) const {
+    return index == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : type_;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
+    return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
 
  private:
   ONNXTensorElementDataType type_;

@@ -69,6 +69,7 @@ typedef struct TfsaCudaGqaArgs {
   void* present_key;         /* [B, Hkv, present_rows, D]; may be past_key (shared_buffer) */
   void* present_value;
   void* output;              /* [B, S, Hq * D] */
+  float* density;            /* [B, Hq] or NULL: each row's own rows, as SparseAttention's */
   void* workspace;           /* device memory of at least tfsa_cuda_gqa_workspace_bytes(args) */
   size_t workspace_size;
 } TfsaCudaGqaArgs;

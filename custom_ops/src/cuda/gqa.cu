@@ -88,6 +88,11 @@ __global__ void GatherQueryKernel(GqaLayout l, Tensors t, int64_t b, int64_t pas
   RotateRow(l, t, x, past + s, out + (h * rows + r) * l.head_dim);
 }
 
+__global__ void FillKernel(float* out, int64_t n, float value) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = value;
+}
+
 // The engine's [Hq, rows, D] into output [B, S, Hq * D] at batch row b, rows from row_begin.
 template <class T>
 __global__ void ScatterKernel(GqaLayout l, const T* o, int64_t b, int64_t row_begin, int64_t rows, T* output) {
@@ -196,6 +201,8 @@ std::string Run(const TfsaCudaGqaArgs& c, const Plan& w, cudaStream_t stream) {
   const size_t out_bytes = sizeof(T) * size_t(l.batch * l.seq * l.q_heads * l.head_dim);
   if (c.local_window_size == 0) {  // a window of no key: every row attends nothing (zeros, as ORT)
     const cudaError_t status = out_bytes ? cudaMemsetAsync(c.output, 0, out_bytes, stream) : cudaSuccess;
+    const int64_t heads = l.batch * l.q_heads;  // nothing allowed: density 1, as SparseAttention's
+    if (c.density && heads > 0) TFSA_LAUNCH(FillKernel, (heads + 255) / 256, 256, 0, stream)(c.density, heads, 1.0f);
     return status == cudaSuccess ? "" : std::string("CUDA error: ") + cudaGetErrorString(status);
   }
   T* query = reinterpret_cast<T*>(static_cast<char*>(c.workspace) + w.query);
@@ -206,6 +213,7 @@ std::string Run(const TfsaCudaGqaArgs& c, const Plan& w, cudaStream_t stream) {
     TFSA_LAUNCH(GatherQueryKernel<T>, items, kThreads, 0, stream)(l, t, p.b, past, p.row_begin, p.rows, query);
     TfsaCudaArgs e = EngineArgs(c, l, p);
     e.query = query, e.output = output;
+    e.density = c.density && p.row_begin == 0 ? c.density + p.b * l.q_heads : nullptr;  // the row's own rows
     e.workspace = static_cast<char*>(c.workspace) + w.engine, e.workspace_size = c.workspace_size - w.engine;
     const std::string error = RunEngine(e, ViewOf(c, l, p), stream);
     if (!error.empty()) return error;

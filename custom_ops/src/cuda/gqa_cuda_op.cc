@@ -23,7 +23,7 @@ TfsaCudaGqaArgs ToCudaArgs(const GqaKernel& k, const GqaKernel::DeviceCall& d) {
   c.seqlens_k = d.seqlens_k;
   c.query = d.query, c.key = d.key, c.value = d.value, c.past_key = d.past_key, c.past_value = d.past_value;
   c.cos = d.cos, c.sin = d.sin;
-  c.present_key = d.present_key, c.present_value = d.present_value, c.output = d.output;
+  c.present_key = d.present_key, c.present_value = d.present_value, c.output = d.output, c.density = d.density;
   return c;
 }
 
