@@ -366,3 +366,34 @@ def test_per_layer_settings_and_skip(folders, root):
     nodes = [n for n in _model(root / "per-layer").graph.node if "GroupQueryAttention" in n.op_type]
     assert [n.op_type for n in nodes] == [GQA_OP_TYPE, "GroupQueryAttention"]
     assert _attributes(nodes[0])["threshold"] == 0.5
+
+
+def test_calibrate_a_folder_writes_a_config_optimize_takes(folders, root):
+    src = folders["llama-fp32"]
+    cfg, record, out = root / "calib.json", root / "calib-record.json", root / "calibrated"
+    sparse = ["--block-size", "16", "--min-seq-len", "16", "--global-tokens", "0", "--local-window", "16"]
+    args = ["calibrate", str(src), "--seq-len", "96", "--samples", "3", "--target", "ppl<=+1%", *sparse]
+    result = CliRunner().invoke(main, [*args, "-o", str(cfg), "--json", str(record)])
+    assert result.exit_code == 0, result.output
+    calibrated = json.loads(record.read_text())
+    assert calibrated["density"] < 1.0 and calibrated["score"] <= 0.01  # sparse, and the target holds
+    assert sorted(json.loads(cfg.read_text())["layers"]) == ["0", "1"]
+    result = CliRunner().invoke(main, ["optimize", str(src), "-o", str(out), "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    thresholds = [_attributes(n)["threshold"] for n in _model(out).graph.node if n.op_type == GQA_OP_TYPE]
+    assert thresholds == pytest.approx([calibrated["layers"][i]["threshold"] for i in (0, 1)])  # float32
+    report = root / "calib-validate.json"
+    args = ["validate", str(src), str(out), "--seq-len", "96", "--samples", "3", "--new-tokens", "0"]
+    CliRunner().invoke(main, [*args, "--json", str(report)])
+    # the same prompts (random, seeded) end to end: the perplexity change calibrate measured
+    assert json.loads(report.read_text())["ppl_increase"] == pytest.approx(calibrated["score"], abs=1e-6)
+
+
+def test_calibrate_refuses_model_file_options_on_a_folder(folders, root):
+    args = ["calibrate", str(folders["llama-fp32"]), "--target", "ppl<=+1%", "-o", str(root / "no.json")]
+    result = CliRunner().invoke(main, [*args, "--tokenizer", str(root / "tok")])
+    assert result.exit_code == 1 and "the folder's own tokenizer" in result.output
+    args = ["calibrate", str(root / "tok"), "--target", "ppl<=+1%", "-o", str(root / "no.json")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "without genai_config.json" in result.output
+    assert not (root / "no.json").exists()
