@@ -368,12 +368,15 @@ def test_a_batched_chunk_after_a_past_equals_the_reference():
         np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
 
 
-def _inferred_shapes(domain: str, packed: bool, query: list, past: list | None) -> dict[str, list]:
+def _inferred_shapes(
+    domain: str, packed: bool, query: list, past: list | None, kv: list | None = None
+) -> dict[str, list]:
     """The output shapes ORT infers for one node whose inputs have these shapes."""
     model = group_query_attention_model(
         domain, TensorProto.FLOAT, packed, past is not None, True, num_heads=4, kv_num_heads=2, do_rotary=1
     )
-    shapes = {"query": query, "key": [*query[:2], 64], "value": [*query[:2], 64]}
+    kv = [*query[:2], 64] if kv is None else kv
+    shapes = {"query": query, "key": kv or None, "value": kv or None}
     shapes |= {"past_key": past, "past_value": past}
     for value in model.graph.input:
         if value.name in shapes:
@@ -399,6 +402,12 @@ def test_output_shapes_are_the_ones_ort_infers(packed, past, hidden):
         for mine, dim in zip(ours[name], shape, strict=True):
             assert mine == dim if dim is not None else mine.startswith("tfsa_unknown_"), (name, ours, theirs)
     assert ours["present_key"] == ours["present_value"]
+
+
+def test_a_key_without_a_shape_is_not_taken_for_packed_qkv():
+    query, past = ["batch", "seq", 4 * 32], ["batch", 2, "past_seq", 32]
+    ours = _inferred_shapes(tfsa_onnx.DOMAIN, False, query, past, kv=[])
+    assert ours["output"] == _inferred_shapes("com.microsoft", False, query, past, kv=[])["output"] == query
 
 
 @pytest.mark.parametrize("name", ["prompt", "prompt_ragged", "prompt_window", "chunk_global_past"])

@@ -226,6 +226,17 @@ bool InputDims(const OrtApi& api, OrtShapeInferContext* ctx, size_t index, std::
   return true;
 }
 
+// Whether optional input `index` is given (with or without a known shape): an absent one has no
+// element type.
+bool InputGiven(const OrtApi& api, OrtShapeInferContext* ctx, size_t index) {
+  size_t count = 0;
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  return Ok(api, api.ShapeInferContext_GetInputCount(ctx, &count)) && index < count &&
+         Ok(api, api.ShapeInferContext_GetInputTypeShape(ctx, index, &info)) && info != nullptr &&
+         Ok(api, api.GetTensorElementType(info, &type)) && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+
 int64_t IntAttribute(const OrtApi& api, OrtShapeInferContext* ctx, const char* name) {
   const OrtOpAttr* attr = nullptr;
   int64_t value = 0;
@@ -276,8 +287,8 @@ OrtStatusPtr InferGqaOutputs(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   if (!status) status = api.GetTensorElementType(q_info, &type);
   if (status) return status;
   const int64_t heads = IntAttribute(api, ctx, "num_heads"), kv_heads = IntAttribute(api, ctx, "kv_num_heads");
-  std::vector<Dim> q, k, past, unknown3(3), unknown4(4);
-  const bool has_q = InputDims(api, ctx, 0, q) && q.size() == 3, packed = !InputDims(api, ctx, 1, k);
+  std::vector<Dim> q, past, unknown3(3), unknown4(4);
+  const bool has_q = InputDims(api, ctx, 0, q) && q.size() == 3, packed = !InputGiven(api, ctx, 1);
   const int64_t parts = packed ? heads + 2 * kv_heads : heads;
   const int64_t hidden = has_q ? q[2].value : -1;
   const int64_t head_dim = hidden > 0 && parts > 0 && hidden % parts == 0 ? hidden / parts : -1;
@@ -285,7 +296,7 @@ OrtStatusPtr InferGqaOutputs(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   if (has_q) out = {q[0], q[1], packed ? Dim{head_dim > 0 ? heads * head_dim : -1, ""} : q[2]};
   std::vector<Dim> present = unknown4;
   if (InputDims(api, ctx, 3, past) && past.size() == 4) present = {past[0], past[1], Dim{}, past[3]};
-  else if (has_q && head_dim > 0) present = {q[0], Dim{kv_heads, ""}, q[1], Dim{head_dim, ""}};
+  else if (has_q && head_dim > 0 && !InputGiven(api, ctx, 3)) present = {q[0], Dim{kv_heads, ""}, q[1], Dim{head_dim, ""}};
   present = Named(present);  // present_key and present_value: one length
   if (!status) status = SetOutput(api, ctx, 0, type, Named(out));
   if (!status) status = SetOutput(api, ctx, 1, type, present);
