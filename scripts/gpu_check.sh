@@ -102,7 +102,8 @@ tests() {
     echo "tests/test_cuda.py is not in this checkout"
     return 3
   fi
-  "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda.py
+  # test_gqa_cuda.py: SparseGroupQueryAttention's CUDA face against the CPU op (needs onnxruntime)
+  "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda.py $(ls tests/test_gqa_cuda.py 2>/dev/null)
 }
 
 bench() { # bench NAME ARGS...: the GPU kernel benchmark (argparse entry: needs no click)

@@ -24,7 +24,7 @@ from tfsa_onnx.genai import GenaiError, optimize_folder
 from tfsa_onnx.reference import SparseAttentionAttributes
 
 FOLDERS = ("llama-fp32", "llama-int4", "qwen2-fp32", "qwen2-int4")  # run on the CPU here
-CUDA_FOLDERS = ("llama-fp16",)  # the builder's fp16 is for CUDA: rewritten and checked, not run
+CUDA_FOLDERS = ("llama-fp16",)  # the builder's fp16 is for CUDA: rewritten, and run on the CPU
 # Every block computed (threshold 1, no cap) on small blocks, so prompts of a few dozen tokens
 # take the sparse path over several blocks and must still equal dense attention.
 DENSE = {
@@ -115,7 +115,10 @@ def test_bfloat16_is_left_alone():
 
 
 def test_a_cuda_folder_gets_the_cuda_library_when_built(folders, optimized):
+    from tfsa_onnx.genai import uses_cuda
+
     config = json.loads((optimized["llama-fp16"] / "genai_config.json").read_text())
+    assert uses_cuda(config)  # the builder's -e cuda: provider_options name "cuda"
     library = config["model"]["decoder"]["session_options"]["custom_ops_library"]
     try:
         expected = Path(get_library_path("cuda")).name
@@ -312,6 +315,23 @@ def test_greedy_tokens_and_logits_equal_the_original(folders, optimized, name):
     assert len(set(ref_tokens[0].tolist())) > 4  # the random model does not just repeat itself
 
 
+def test_an_fp16_folder_generates_the_original_tokens_on_the_cpu(folders, optimized):
+    from tfsa_onnx.genai_eval import greedy, og_model, pad_left
+
+    name = "llama-fp16"
+    models = [og_model(folders[name], threads=1, cpu=True), og_model(optimized[name], threads=1, cpu=True)]
+    for batch in [p[None].astype(np.int32) for p in PROMPTS] + [pad_left(BATCH, 2)]:
+        (ref_tokens, ref_logits), (tokens, logits) = (greedy(m, batch, 32) for m in models)
+        assert ref_tokens.shape[1] == 32
+        np.testing.assert_array_equal(tokens, ref_tokens)
+        for step, (a, b) in enumerate(zip(ref_logits, logits, strict=True)):
+            np.testing.assert_allclose(b, a, atol=2e-2, rtol=0, err_msg=f"step {step}")
+    assert len(set(ref_tokens[0].tolist())) > 4
+    # float16 attention on the CPU: both ORT's GroupQueryAttention and ours (genai returns float32 logits)
+    past = _model(optimized[name]).graph.input[2]
+    assert "past_key" in past.name and past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
 @pytest.mark.parametrize("name", ["llama-fp32", "qwen2-int4"])
 def test_prompt_logits_and_present_kv_equal(folders, optimized, name):
     from tfsa_onnx.genai import read_config
@@ -362,3 +382,34 @@ def test_per_layer_settings_and_skip(folders, root):
     nodes = [n for n in _model(root / "per-layer").graph.node if "GroupQueryAttention" in n.op_type]
     assert [n.op_type for n in nodes] == [GQA_OP_TYPE, "GroupQueryAttention"]
     assert _attributes(nodes[0])["threshold"] == 0.5
+
+
+def test_calibrate_a_folder_writes_a_config_optimize_takes(folders, root):
+    src = folders["llama-fp32"]
+    cfg, record, out = root / "calib.json", root / "calib-record.json", root / "calibrated"
+    sparse = ["--block-size", "16", "--min-seq-len", "16", "--global-tokens", "0", "--local-window", "16"]
+    args = ["calibrate", str(src), "--seq-len", "96", "--samples", "3", "--target", "ppl<=+1%", *sparse]
+    result = CliRunner().invoke(main, [*args, "-o", str(cfg), "--json", str(record)])
+    assert result.exit_code == 0, result.output
+    calibrated = json.loads(record.read_text())
+    assert calibrated["density"] < 1.0 and calibrated["score"] <= 0.01  # sparse, and the target holds
+    assert sorted(json.loads(cfg.read_text())["layers"]) == ["0", "1"]
+    result = CliRunner().invoke(main, ["optimize", str(src), "-o", str(out), "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    thresholds = [_attributes(n)["threshold"] for n in _model(out).graph.node if n.op_type == GQA_OP_TYPE]
+    assert thresholds == pytest.approx([calibrated["layers"][i]["threshold"] for i in (0, 1)])  # float32
+    report = root / "calib-validate.json"
+    args = ["validate", str(src), str(out), "--seq-len", "96", "--samples", "3", "--new-tokens", "0"]
+    CliRunner().invoke(main, [*args, "--json", str(report)])
+    # the same prompts (random, seeded) end to end: the perplexity change calibrate measured
+    assert json.loads(report.read_text())["ppl_increase"] == pytest.approx(calibrated["score"], abs=1e-6)
+
+
+def test_calibrate_refuses_model_file_options_on_a_folder(folders, root):
+    args = ["calibrate", str(folders["llama-fp32"]), "--target", "ppl<=+1%", "-o", str(root / "no.json")]
+    result = CliRunner().invoke(main, [*args, "--tokenizer", str(root / "tok")])
+    assert result.exit_code == 1 and "the folder's own tokenizer" in result.output
+    args = ["calibrate", str(root / "tok"), "--target", "ppl<=+1%", "-o", str(root / "no.json")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "without genai_config.json" in result.output
+    assert not (root / "no.json").exists()

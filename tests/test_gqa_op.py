@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from contract_rows import check_mirror, library_rows
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 import tfsa_onnx
 from tfsa_onnx.opmodel import group_query_attention_model
@@ -189,12 +189,14 @@ SPARSE_CASES = {
 }
 
 
-def reference(case: Case, feeds: dict) -> tuple[np.ndarray, ...]:
+def reference(case: Case, feeds: dict, return_density: bool = False) -> tuple[np.ndarray, ...]:
     inputs = [feeds.get(name) for name in ("query", "key", "value", "past_key", "past_value", "seqlens_k")]
     total = int(feeds["total_sequence_length"])
     attrs = case.gqa_attrs() | case.sparsity_attrs()
     cos, sin = feeds.get("cos_cache"), feeds.get("sin_cache")
-    return group_query_attention(*inputs, total, cos, sin, shared_buffer=case.shared, **attrs)
+    return group_query_attention(
+        *inputs, total, cos, sin, shared_buffer=case.shared, return_density=return_density, **attrs
+    )
 
 
 @pytest.mark.parametrize("name", SPARSE_CASES)
@@ -235,7 +237,7 @@ CHILD = r"""
 import json, sys
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto
+from onnx import TensorProto, helper
 from tfsa_onnx.opmodel import group_query_attention_model
 
 library, cases = sys.argv[1], json.loads(sys.argv[2])
@@ -355,3 +357,62 @@ def test_a_batched_chunk_after_a_past_equals_the_reference():
     feeds = make_feeds(case, np.random.default_rng(2))
     for got, expected in zip(run(case, feeds, tfsa_onnx.DOMAIN), reference(case, feeds), strict=True):
         np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
+
+
+def _inferred_shapes(
+    domain: str, packed: bool, query: list, past: list | None, kv: list | None = None
+) -> dict[str, list]:
+    """The output shapes ORT infers for one node whose inputs have these shapes."""
+    model = group_query_attention_model(
+        domain, TensorProto.FLOAT, packed, past is not None, True, num_heads=4, kv_num_heads=2, do_rotary=1
+    )
+    kv = [*query[:2], 64] if kv is None else kv
+    shapes = {"query": query, "key": kv or None, "value": kv or None}
+    shapes |= {"past_key": past, "past_value": past}
+    for value in model.graph.input:
+        if value.name in shapes:
+            value.CopyFrom(helper.make_tensor_value_info(value.name, TensorProto.FLOAT, shapes[value.name]))
+    session = ort.InferenceSession(model.SerializeToString(), tfsa_onnx.session_options())
+    return {o.name: o.shape for o in session.get_outputs()}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("past", [["batch", 2, "past_seq", 32], ["batch", 2, 128, "d"], None])
+@pytest.mark.parametrize("hidden", [None, "known"])
+def test_output_shapes_are_the_ones_ort_infers(packed, past, hidden):
+    query = ["batch", "seq", (8 if packed else 4) * 32 if hidden else "hidden"]
+    ours = _inferred_shapes(tfsa_onnx.DOMAIN, packed, query, past)
+    theirs = _inferred_shapes("com.microsoft", packed, query, past)
+    for name, shape in theirs.items():
+        if not shape:  # ORT infers no shape (a prompt whose head size is unknown): ours has unknowns
+            assert len(ours[name]) == (3 if name == "output" else 4) and all(
+                isinstance(d, str) for d in ours[name]
+            )
+            continue
+        assert len(ours[name]) == len(shape), name
+        for mine, dim in zip(ours[name], shape, strict=True):
+            assert mine == dim if dim is not None else mine.startswith("tfsa_unknown_"), (name, ours, theirs)
+    assert ours["present_key"] == ours["present_value"]
+
+
+def test_a_key_without_a_shape_is_not_taken_for_packed_qkv():
+    query, past = ["batch", "seq", 4 * 32], ["batch", 2, "past_seq", 32]
+    ours = _inferred_shapes(tfsa_onnx.DOMAIN, False, query, past, kv=[])
+    assert ours["output"] == _inferred_shapes("com.microsoft", False, query, past, kv=[])["output"] == query
+
+
+@pytest.mark.parametrize("name", ["prompt", "prompt_ragged", "prompt_window", "chunk_global_past"])
+def test_the_density_output_equals_the_reference(name):
+    case = SPARSE_CASES[name]
+    feeds = make_feeds(case, np.random.default_rng(1))
+    attrs = case.gqa_attrs() | case.sparsity_attrs()
+    past = "past_key" in feeds
+    model = group_query_attention_model(
+        tfsa_onnx.DOMAIN, TensorProto.FLOAT, case.packed, past, case.rotary, density=True, **attrs
+    )
+    session = ort.InferenceSession(model.SerializeToString(), tfsa_onnx.session_options())
+    *outputs, density = session.run(None, feeds)
+    *expected, expected_density = reference(case, feeds, return_density=True)
+    np.testing.assert_allclose(outputs[0], expected[0], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(density, expected_density, rtol=1e-6)
+    assert density.shape == (len(case.past), case.q_heads) and density.min() < 0.999  # sparse here

@@ -149,6 +149,7 @@ CONFIG_MODELS = {
     "smollm2-135m-4096-ppl1.json": ("llama", "sdpa", False, 17),
     "smollm2-135m-4096-ppl2.json": ("llama", "sdpa", False, 17),
     "smollm2-135m-4096-ppl1-antidiagonal.json": ("llama", "sdpa", False, 17),
+    "smollm2-135m-genai-4096-ppl1.json": ("llama", "sdpa", False, 17),  # calibrated on the genai folder
 }
 
 

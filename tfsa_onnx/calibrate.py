@@ -2,7 +2,9 @@
 
 Strategy (cheap, and every step is a measurement with the real kernel):
   1. Rewrite the model once with every layer dense (threshold 1), run it on the calibration
-     samples and capture each SparseAttention node's inputs and output.
+     samples and capture each attention node's inputs and output (SparseAttention's query, key,
+     value and mask; SparseGroupQueryAttention's nine inputs, which a genai decoder's prompt
+     step feeds it: the packed QKV, the empty past, seqlens_k, the rotary caches).
   2. Per layer, run that node alone (a one-node model) at each candidate threshold on the
      captured tensors: its density and its output error (relative L2 against dense).
      This is each layer's error-vs-density curve, with the other layers dense.
@@ -26,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from tfsa_onnx import runtime
+from tfsa_onnx import DOMAIN, GQA_OP_TYPE, runtime
 from tfsa_onnx.config import TUNABLE, SparsityConfig
 from tfsa_onnx.inputs import Feed
 from tfsa_onnx.table import format_table
@@ -198,18 +200,36 @@ class _Capture:
         )
         self.spool = spool
         self.count = 0
+        self.constants: dict[str, np.ndarray] = {}
 
     def samples(self, node) -> list[list[np.ndarray | None]]:
-        """The node's captured (q, k, v, mask, output) of each captured sample, read back."""
-        names = [*(list(node.input) + [""] * 4)[:4], node.output[0]]
-        return [[self.spool.get((i, x)) if x else None for x in names] for i in range(self.count)]
+        """The node's captured inputs (_io_names) and output of each captured sample, read back;
+        initializers (a GQA node's rotary caches) from the model."""
+        names = _io_names(node)
+        return [[self._value(i, x) if x else None for x in names] for i in range(self.count)]
+
+    def _value(self, i: int, name: str) -> np.ndarray:
+        if name in self.constants:
+            return self.constants[name]
+        return self.spool.get((i, name))
 
     def run(self, feeds: list[Feed], curve_samples: int, progress: bool) -> list[Any]:
         from tqdm.auto import tqdm
 
         copy = onnx.ModelProto()
         copy.CopyFrom(self.model)
-        wanted = [[x for x in list(node.input) + [node.output[0]] if x] for node in self.nodes]
+        wanted_all = [[x for x in _io_names(node) if x] for node in self.nodes]
+        # graph inputs come from the feeds, initializers from the model: neither is fetched
+        inputs = {i.name for i in copy.graph.input}
+        initializers = {t.name: t for t in copy.graph.initializer}
+        self.constants = {
+            x: onnx.numpy_helper.to_array(initializers[x])
+            for ws in wanted_all
+            for x in ws
+            if x in initializers and x not in inputs
+        }
+        wanted = [[x for x in ws if x not in self.constants and x not in inputs] for ws in wanted_all]
+        fed = sorted({x for ws in wanted_all for x in ws if x in inputs})
         known = {o.name for o in copy.graph.output}
         extra = sorted({x for names in wanted for x in names} - known - {self.out_name})
         copy.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in extra)
@@ -222,6 +242,8 @@ class _Capture:
                 out = runtime.run_shrinking(session, [self.out_name], feed)[0]
                 reference.append(_reference(out, feed, self.target, self.spool, i))
                 continue
+            for name in fed:
+                self.spool.put((i, name), feed[name])
             done: set[str] = set()
             start = 0
             while start < len(self.nodes):
@@ -268,26 +290,43 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _curve(index: int, node, samples, thresholds, threads) -> LayerCurve:
-    """Run the node alone at each threshold on the captured tensors: density and output error."""
-    from tfsa_onnx.opmodel import sparse_attention_model
+def _io_names(node: onnx.NodeProto) -> list[str]:
+    """The inputs a layer curve feeds the node alone, then its output: SparseAttention's query,
+    key, value, attn_mask; SparseGroupQueryAttention's nine (opmodel.GQA_INPUTS); "" if absent."""
+    count = 9 if node.op_type == GQA_OP_TYPE else 4
+    return [*(list(node.input) + [""] * count)[:count], node.output[0]]
 
-    curve = LayerCurve(index, node.name)
-    q, _, _, mask, _ = samples[0]
+
+def _single_node(node: onnx.NodeProto, sample: list[np.ndarray | None], threshold: float):
+    """The node alone at `threshold` with its density output, and how to feed it a sample."""
+    from tfsa_onnx.opmodel import GQA_INPUTS, group_query_attention_model, sparse_attention_model
+
+    attrs = {**_attrs(node), "threshold": float(threshold)}
+    dtype = helper.np_dtype_to_tensor_dtype(sample[0].dtype)
+    if node.op_type == GQA_OP_TYPE:
+        packed, past, rotary = sample[1] is None, sample[3] is not None, sample[7] is not None
+        model = group_query_attention_model(DOMAIN, dtype, packed, past, rotary, density=True, **attrs)
+        return model, lambda s: {n: x for n, x in zip(GQA_INPUTS, s, strict=False) if x is not None}
+    mask = sample[3]
     mask_dtype = helper.np_dtype_to_tensor_dtype(mask.dtype) if mask is not None else None
     rank = mask.ndim if mask is not None else 4
-    dtype = helper.np_dtype_to_tensor_dtype(q.dtype)
+    model = sparse_attention_model(dtype, mask_dtype=mask_dtype, mask_rank=rank, **attrs)
+    names = ("query", "key", "value", "attn_mask")
+    return model, lambda s: {n: x for n, x in zip(names, s, strict=False) if x is not None}
+
+
+def _curve(index: int, node, samples, thresholds, threads) -> LayerCurve:
+    """Run the node alone at each threshold on the captured tensors: density and output error."""
+    curve = LayerCurve(index, node.name)
     for t in thresholds:
-        attrs = {**_attrs(node), "threshold": float(t)}
-        single = sparse_attention_model(dtype, mask_dtype=mask_dtype, mask_rank=rank, **attrs)
+        single, feed_of = _single_node(node, samples[0], t)
         session = make_session(single, threads)
         diff = ref = 0.0
         densities = []
-        for q, k, v, m, y in samples:
-            feed = {"query": q, "key": k, "value": v}
-            if m is not None:
-                feed["attn_mask"] = m
-            out, density = session.run(None, feed)
+        for sample in samples:
+            *inputs, y = sample
+            results = session.run(None, feed_of(inputs))
+            out, density = results[0], results[-1]
             diff += float(((out.astype(np.float64) - y) ** 2).sum())
             ref += float((y.astype(np.float64) ** 2).sum())
             densities.append(float(density.mean()))

@@ -642,7 +642,7 @@ def _validate_once(validate, original, optimized, feeds, threads, warmup):
 
 
 @main.command("calibrate")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", type=click.Path(exists=True))
 @_input_options
 @click.option("--target", required=True, help="'cos>=0.995' (output vs dense) or 'ppl<=+1%' (perplexity).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Config JSON to write.")
@@ -664,10 +664,16 @@ def _validate_once(validate, original, optimized, feeds, threads, warmup):
     "--json", "json_path", type=click.Path(dir_okay=False), help="Write the calibration record as JSON."
 )
 def calibrate_cmd(model, target, output, output_name, curve_samples, json_path, threads, **options) -> None:
-    """Choose per-layer thresholds for MODEL so TARGET holds at the lowest density; writes a config."""
+    """Choose per-layer thresholds for MODEL so TARGET holds at the lowest density; writes a config.
+
+    MODEL may be an onnxruntime-genai folder: its decoder is calibrated on prompt steps (--text,
+    tokenized by the folder's tokenizer, or random tokens), and the config is for
+    `tfsa-onnx optimize GENAI_DIR --config`."""
     import json
+    import os
 
     from tfsa_onnx.calibrate import CalibrationError, Target, calibrate
+    from tfsa_onnx.genai import GenaiError, decoder_path
     from tfsa_onnx.inputs import InputError, describe, load_feeds
     from tfsa_onnx.validation import graph_only, memory_warning
 
@@ -675,9 +681,14 @@ def calibrate_cmd(model, target, output, output_name, curve_samples, json_path, 
     base = {k: v for k, v in options.items() if v is not None}
     base.setdefault("min_seq_len", min(1024, src["seq_len"]))
     _check_writable(output, json_path)
+    folder = model if os.path.isdir(model) else None
     try:
         goal = Target.parse(target)
-        feeds = load_feeds(graph_only(model), **src)
+        if folder is not None:  # decoder_path: a folder without genai_config.json is refused
+            model = str(decoder_path(folder))
+            feeds = _folder_feeds(folder, src)
+        else:
+            feeds = load_feeds(graph_only(model), **src)
         click.echo(f"calibration inputs: {describe(feeds)}", err=True)
         note = memory_warning([model], feeds, rewritten=True)
         if note:
@@ -685,13 +696,34 @@ def calibrate_cmd(model, target, output, output_name, curve_samples, json_path, 
         result = calibrate(  # the path: no copy of the weights is kept here while calibrate runs
             model, feeds, goal, base=base, output=output_name, curve_samples=curve_samples, threads=threads
         )
-    except (CalibrationError, InputError, OSError) as e:
+    except (CalibrationError, InputError, GenaiError, OSError) as e:
         raise click.ClickException(str(e)) from None
     _write_text_atomically(output, json.dumps(result.config.to_dict(), indent=2) + "\n")
     if json_path:
         _write_text_atomically(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
     click.echo(result.table())
-    click.echo(f"wrote {output}; use it with: tfsa-onnx optimize {model} --config {output}")
+    out = f" -o {folder}.tfsa" if folder else ""
+    click.echo(f"wrote {output}; use it with: tfsa-onnx optimize {folder or model}{out} --config {output}")
+
+
+def _folder_feeds(folder: str, src: dict) -> list:
+    """calibrate on a genai folder: prompt steps of --samples x --seq-len tokens of --text (the
+    folder's tokenizer), or random tokens; one row each."""
+    from pathlib import Path
+
+    from tfsa_onnx.genai_eval import folder_prompt_feeds, random_prompts, text_prompts
+
+    if src.get("inputs") or src.get("tokenizer") or src.get("batch", 1) != 1:
+        raise click.ClickException(
+            "on a genai folder calibrate reads --text with the folder's own tokenizer, one row per "
+            "sample: drop --inputs, --tokenizer and --batch."
+        )
+    seq_len, samples = src["seq_len"], src["samples"]
+    if src.get("text"):
+        prompts = text_prompts(folder, Path(src["text"]).read_text(), seq_len, samples)
+    else:
+        prompts = random_prompts(folder, seq_len, samples)
+    return folder_prompt_feeds(folder, prompts)
 
 
 # ---------------------------------------------------------------- serving

@@ -57,6 +57,28 @@ class CudaArgs(ctypes.Structure):
     ]
 
 
+GQA_POINTERS = ("query", "key", "value", "past_key", "past_value", "cos", "sin")
+GQA_OUTPUTS = ("present_key", "present_value", "output", "density")
+
+
+class GqaArgs(ctypes.Structure):
+    """TfsaCudaGqaArgs of entry.h: one tfsa_cuda_group_query_attention (SparseGroupQueryAttention)."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int32),
+        *[(name, ctypes.c_int32) for name in ("packed", "interleaved", "first_prompt", "shared_buffer")],
+        *[(name, ctypes.c_int64) for name in ("batch", "seq", "q_heads", "kv_heads", "head_dim")],
+        *[(name, ctypes.c_int64) for name in ("past_rows", "present_rows", "rotary_half")],
+        ("rotary_positions", ctypes.c_int64),
+        ("local_window_size", ctypes.c_int64),
+        ("attributes", Attributes),
+        ("seqlens_k", ctypes.c_void_p),
+        *[(name, ctypes.c_void_p) for name in GQA_POINTERS + GQA_OUTPUTS],
+        ("workspace", ctypes.c_void_p),
+        ("workspace_size", ctypes.c_size_t),
+    ]
+
+
 _library: ctypes.CDLL | None = None
 
 
@@ -72,6 +94,15 @@ def load(path: str) -> ctypes.CDLL:
         ctypes.c_size_t,
     ]
     lib.tfsa_cuda_sparse_attention.restype = ctypes.c_int
+    lib.tfsa_cuda_gqa_workspace_bytes.argtypes = [ctypes.POINTER(GqaArgs)]
+    lib.tfsa_cuda_gqa_workspace_bytes.restype = ctypes.c_size_t
+    lib.tfsa_cuda_group_query_attention.argtypes = [
+        ctypes.POINTER(GqaArgs),
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ]
+    lib.tfsa_cuda_group_query_attention.restype = ctypes.c_int
     return lib
 
 
@@ -114,6 +145,19 @@ def run(call: CudaArgs, stream: int = 0, lib: ctypes.CDLL | None = None) -> None
     error = ctypes.create_string_buffer(512)
     if (lib or library()).tfsa_cuda_sparse_attention(ctypes.byref(call), ctypes.c_void_p(stream), error, 512):
         raise RuntimeError(f"SparseAttention (CUDA): {error.value.decode()}")
+
+
+def gqa_workspace_bytes(call: GqaArgs, lib: ctypes.CDLL | None = None) -> int:
+    """Device workspace a SparseGroupQueryAttention call needs; 0 when it is invalid."""
+    return (lib or library()).tfsa_cuda_gqa_workspace_bytes(ctypes.byref(call))
+
+
+def run_gqa(call: GqaArgs, stream: int = 0, lib: ctypes.CDLL | None = None) -> None:
+    """Enqueue a SparseGroupQueryAttention call whose pointers are set; raises RuntimeError."""
+    error = ctypes.create_string_buffer(512)
+    entry = (lib or library()).tfsa_cuda_group_query_attention
+    if entry(ctypes.byref(call), ctypes.c_void_p(stream), error, 512):
+        raise RuntimeError(f"SparseGroupQueryAttention (CUDA): {error.value.decode()}")
 
 
 def block_counts(q_len: int, kv_len: int, block_size: int) -> tuple[int, int]:

@@ -129,14 +129,15 @@ def _library(config: dict[str, Any], source: Path) -> tuple[Path, list[str]]:
         raise GenaiError(str(e)) from None
     if not uses_cuda(config):
         return cpu, []
-    # SparseGroupQueryAttention has CPU kernels only (in both libraries): say so on CUDA folders.
-    note = (
-        f"{source} runs on CUDA, but {GQA_OP_TYPE} has CPU kernels only: ONNX Runtime runs those "
-        "nodes on the CPU, copying their tensors to and from the GPU."
-    )
+    # The CUDA library registers SparseGroupQueryAttention for CUDAExecutionProvider as well.
     try:
-        return Path(get_library_path("cuda")), [note]
+        return Path(get_library_path("cuda")), []
     except FileNotFoundError:
+        note = (
+            f"{source} runs on CUDA, but the CUDA build of the operator library was not found: "
+            f"the folder gets the CPU library, and ONNX Runtime runs the {GQA_OP_TYPE} nodes on the "
+            "CPU, copying their tensors to and from the GPU (build the library with a CUDA compiler)."
+        )
         return cpu, [note]
 
 

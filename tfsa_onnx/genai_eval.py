@@ -28,10 +28,13 @@ def _og():
     return og
 
 
-def og_model(folder: str | os.PathLike, threads: int | None = None):
-    """og.Model of a folder; threads sets the decoder session's intra-op thread count."""
+def og_model(folder: str | os.PathLike, threads: int | None = None, cpu: bool = False):
+    """og.Model of a folder; threads sets the decoder session's intra-op thread count; cpu runs
+    it on the CPU whatever provider its config names (the builder's fp16 folders name CUDA)."""
     og = _og()
     config = og.Config(str(folder))
+    if cpu:
+        config.clear_providers()
     if threads:
         overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": int(threads)}}}}
         config.overlay(json.dumps(overlay))
@@ -80,10 +83,25 @@ def decoder_session(folder: str | os.PathLike, threads: int | None = None):
 
 def prompt_feeds(session, config: dict[str, Any], ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     """input_ids, attention_mask and empty past K/V (past length 0) for a prompt step."""
+    return _prompt_feeds({i.name: i.type for i in session.get_inputs()}, config, ids, mask)
+
+
+def folder_prompt_feeds(folder: str | os.PathLike, prompts: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """prompt_feeds of each prompt (one row, no padding) for the folder's decoder, read from its
+    graph (no session, no weights loaded): what calibrate runs the decoder on."""
+    import onnx
+
+    config = read_config(folder)
+    graph = onnx.load(str(decoder_path(folder, config)), load_external_data=False).graph
+    half = onnx.TensorProto.FLOAT16
+    types = {i.name: "tensor(float16)" if i.type.tensor_type.elem_type == half else "" for i in graph.input}
+    return [_prompt_feeds(types, config, p[None], np.ones((1, len(p)), np.int64)) for p in prompts]
+
+
+def _prompt_feeds(types: dict[str, str], config: dict[str, Any], ids: np.ndarray, mask: np.ndarray):
     decoder = config["model"]["decoder"]
     names = decoder["inputs"]
     kv_heads, head_size = decoder["num_key_value_heads"], decoder["head_size"]
-    types = {i.name: i.type for i in session.get_inputs()}
     feeds: dict[str, np.ndarray] = {names["input_ids"]: ids.astype(np.int64)}
     feeds[names["attention_mask"]] = mask.astype(np.int64)
     for layer in range(decoder["num_hidden_layers"]):

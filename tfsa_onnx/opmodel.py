@@ -70,11 +70,13 @@ def group_query_attention_model(
     packed: bool = False,
     past: bool = True,
     rotary: bool = True,
+    density: bool = False,
     **attributes,
 ) -> onnx.ModelProto:
     """One com.microsoft.GroupQueryAttention node (domain "com.microsoft"), or the same as
     ai.tfsa::SparseGroupQueryAttention (domain DOMAIN), with every input but the ones `packed`,
-    `past` and `rotary` leave out; shapes are left to the kernels."""
+    `past` and `rotary` leave out; shapes are left to the kernels. `density` adds our op's
+    density output."""
     present = set(GQA_INPUTS) - ({"key", "value"} if packed else set())
     present -= set() if past else {"past_key", "past_value"}
     present -= set() if rotary else {"cos_cache", "sin_cache"}
@@ -88,8 +90,11 @@ def group_query_attention_model(
         if n
     ]
     outputs = [helper.make_tensor_value_info(n, dtype, None) for n in GQA_OUTPUTS]
+    if density:
+        outputs.append(helper.make_tensor_value_info("density", TensorProto.FLOAT, None))
     op_type = "GroupQueryAttention" if domain == "com.microsoft" else GQA_OP_TYPE
-    node = helper.make_node(op_type, names, list(GQA_OUTPUTS), domain=domain, name="gqa", **attributes)
+    out_names = [o.name for o in outputs]
+    node = helper.make_node(op_type, names, out_names, domain=domain, name="gqa", **attributes)
     graph = helper.make_graph([node], "gqa", inputs, outputs)
     version = 1 if domain == "com.microsoft" else OP_VERSION
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(domain, version)]

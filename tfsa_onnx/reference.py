@@ -456,15 +456,17 @@ def group_query_attention(
     cos_cache: np.ndarray | None = None,
     sin_cache: np.ndarray | None = None,
     shared_buffer: bool = False,
+    return_density: bool = False,
     **attributes,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, ...]:
     """Reference ai.tfsa::SparseGroupQueryAttention: (output [B,S,Hq*D], present_key,
     present_value [B,Hkv,T,D]), as ORT's GroupQueryAttention on its CPU: new rows rotated at
     their absolute positions (past + s; past = 0 on a prompt, S == total_sequence_length, else
     seqlens_k + 1 - S), present = past rows ++ new rows (zeros after, or the buffer's old rows
     when `shared_buffer`), then per batch row sparse_attention over its cache, causal, with the
     window; on a prompt, padded rows past a row's length see all its keys. Steps with one row or
-    fewer than min_seq_len are dense."""
+    fewer than min_seq_len are dense. With return_density, also density [B, Hq]: that of each
+    row's own rows (its padded rows are dense and do not count)."""
     names = GroupQueryAttentionAttributes.names()
     g = GroupQueryAttentionAttributes(**{k: v for k, v in attributes.items() if k in names})
     sparsity = {k: v for k, v in attributes.items() if k not in names}
@@ -481,6 +483,7 @@ def group_query_attention(
     present_k = past_key.copy() if shared_buffer else np.zeros((b, hkv, rows, d), query.dtype)
     present_v = past_value.copy() if shared_buffer else np.zeros((b, hkv, rows, d), query.dtype)
     output = np.zeros((b, s, hq * d), query.dtype)
+    density = np.ones((b, hq), np.float32)
     prompt = s == total_sequence_length
     if s == 1 or s < SparseAttentionAttributes(**sparsity).min_seq_len:
         sparsity |= {"threshold": 1.0, "max_density": 1.0}
@@ -501,7 +504,7 @@ def group_query_attention(
         keys, values = present_k[row : row + 1, :, :total], present_v[row : row + 1, :, :total]
         valid = min(s, total) if prompt else s
         mask = _window_mask(valid, total - valid, total, g.local_window_size)
-        y, _ = sparse_attention(
+        y, density[row] = sparse_attention(
             qr[None, :, :valid], keys, values, mask, query_offset=total - valid, **sparsity
         )
         output[row, :valid] = y[0].transpose(1, 0, 2).reshape(valid, hq * d)
@@ -510,4 +513,4 @@ def group_query_attention(
             dense = sparsity | {"is_causal": 0, "threshold": 1.0, "max_density": 1.0}
             y, _ = sparse_attention(qr[None, :, valid:], keys, values, mask, **dense)
             output[row, valid:] = y[0].transpose(1, 0, 2).reshape(s - valid, hq * d)
-    return output, present_k, present_v
+    return (output, present_k, present_v, density) if return_density else (output, present_k, present_v)

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from tfsa_onnx import DOMAIN, OP_TYPE, runtime
+from tfsa_onnx import DOMAIN, GQA_OP_TYPE, OP_TYPE, runtime
 from tfsa_onnx.inputs import Feed, check_same_inputs, graph_inputs
 from tfsa_onnx.table import format_table
 
@@ -69,23 +69,29 @@ def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
 
 
 def attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The SparseAttention nodes of a model, in graph order."""
-    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+    """The SparseAttention and SparseGroupQueryAttention nodes of a model, in graph order."""
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type in (OP_TYPE, GQA_OP_TYPE)]
+
+
+def density_index(node: onnx.NodeProto) -> int:
+    """The node's density output: SparseAttention's second, SparseGroupQueryAttention's fourth."""
+    return 3 if node.op_type == GQA_OP_TYPE else 1
 
 
 def expose_density(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy whose SparseAttention nodes also output density, as graph outputs; returns (copy, names)."""
+    """A copy whose attention nodes also output density, as graph outputs; returns (copy, names)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     outputs = {o.name for o in copy.graph.output}
     names = []
     for i, node in enumerate(attention_nodes(copy)):
-        if len(node.output) < 2 or not node.output[1]:
-            del node.output[1:]
+        at = density_index(node)  # GQA's outputs before it (output, present K/V) are required
+        if len(node.output) <= at or not node.output[at]:
+            del node.output[at:]
             node.output.append(f"{node.name or f'sparse_attention_{i}'}{DENSITY_SUFFIX}")
-        names.append(node.output[1])
-        if node.output[1] not in outputs:
-            copy.graph.output.append(helper.make_tensor_value_info(node.output[1], TensorProto.FLOAT, None))
+        names.append(node.output[at])
+        if node.output[at] not in outputs:
+            copy.graph.output.append(helper.make_tensor_value_info(node.output[at], TensorProto.FLOAT, None))
     return copy, names
 
 

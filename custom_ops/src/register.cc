@@ -22,9 +22,15 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       SparseAttentionOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16, Provider::kCuda),
 #endif
   };
-  // SparseGroupQueryAttention: CPU kernels only, in both libraries.
-  static tfsa::GqaOp gqa_ops[] = {tfsa::GqaOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
-                                  tfsa::GqaOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)};
+  // SparseGroupQueryAttention: float32 and float16, on the CPU (and CUDA in the CUDA library).
+  static tfsa::GqaOp gqa_ops[] = {
+      tfsa::GqaOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, Provider::kCpu),
+      tfsa::GqaOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, Provider::kCpu),
+#ifdef TFSA_WITH_CUDA
+      tfsa::GqaOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, Provider::kCuda),
+      tfsa::GqaOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, Provider::kCuda),
+#endif
+  };
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* status = api->CreateCustomOpDomain(tfsa::kDomain, &domain)) return status;
   for (tfsa::SparseAttentionOp& op : ops)

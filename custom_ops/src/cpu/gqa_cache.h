@@ -7,25 +7,9 @@
 #include <cstdint>
 #include <functional>
 
+#include "gqa_layout.h"
+
 namespace tfsa::cpu {
-
-// The sizes of one call, checked by the op (gqa_op.cc).
-struct GqaLayout {
-  int64_t batch = 0, seq = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
-  bool packed = false;        // query holds [Q heads | K heads | V heads] per token; key/value absent
-  int64_t past_rows = 0;      // rows per (batch, kv head) of past_key/past_value; 0: none
-  int64_t present_rows = 0;   // rows per (batch, kv head) of present_key/present_value
-  int64_t rotary_half = 0;    // columns of cos/sin (rotary_dim / 2); 0: no rotary
-  bool interleaved = false;   // rotary pairs (2x, 2x+1) rather than (x, x + rotary_half)
-  bool first_prompt = false;  // seq == total_sequence_length: every row's new rows start at 0
-  bool shared_buffer = false;  // past and present are one buffer: the past rows are already there
-};
-
-// Where a batch row's new rows go: 0 on the first prompt, else total - seq (total =
-// seqlens_k + 1). The position of new row s is that plus s.
-inline int64_t PastLength(const GqaLayout& l, int32_t seqlen_k) {
-  return l.first_prompt ? 0 : static_cast<int64_t>(seqlen_k) + 1 - l.seq;
-}
 
 struct GqaInputs {
   const void *query = nullptr, *key = nullptr, *value = nullptr;  // [B, S, heads * D]

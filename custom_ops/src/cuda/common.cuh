@@ -62,6 +62,9 @@ struct Geometry {
   Mask mask;
   Mask bias;  // attn_bias: read inside the computed blocks, and at block centres for the estimate
   MaskBlockLayout mask_blocks;  // where the mask block states live (block_rules.h)
+  // Rows between one key/value head and the next: kv_len for SparseAttention's contiguous
+  // inputs, the cache's row count when SparseGroupQueryAttention attends a view of its cache.
+  int64_t kv_rows = 0;
 
   __device__ int64_t KvHead(int64_t h) const { return h / (dims.q_heads / dims.kv_heads); }
 };

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "attention.cuh"
+#include "engine.cuh"
 #include "selection.cuh"
 #include "tfsa/contract.h"
 
@@ -18,11 +19,17 @@ struct Layout {
          total = 0;
 };
 
-Geometry MakeGeometry(const TfsaCudaArgs& c) {
+Geometry MakeGeometry(const TfsaCudaArgs& c, const KvView& view = {}) {
   Geometry g;
   g.dims = c.dims;
   g.attrs = Effective(c.attributes, c.dims);
   g.grid = GridOf(g.attrs, c.dims);
+  g.kv_rows = view.kv_rows > 0 ? view.kv_rows : c.dims.kv_len;
+  if (view.positioned) {
+    g.grid.offset = view.offset;
+    g.grid.global_query_offset = view.global_query_offset;
+    g.grid.window = view.window;
+  }
   g.uses_estimate = UsesEstimate(g.attrs, c.dims.kv_len);
   g.mask.kind = c.mask_kind, g.mask.dtype = c.dtype, g.mask.data = c.mask;
   for (int i = 0; i < 4; ++i) g.mask.stride[i] = c.dims.mask_stride[i];
@@ -52,7 +59,20 @@ Layout Plan(const Geometry& g, bool has_mask) {
   return l;
 }
 
-// Empty when the call is usable, else what is wrong with it.
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <class T>
+T* At(void* workspace, size_t offset) {
+  return reinterpret_cast<T*>(static_cast<unsigned char*>(workspace) + offset);
+}
+
+int Fail(char* error, size_t size, const std::string& message) {
+  if (error && size) std::snprintf(error, size, "%s", message.c_str());
+  return 1;
+}
+
+}  // namespace
+
 std::string CheckCall(const TfsaCudaArgs& c) {
   std::string error = CheckAttributes(c.attributes);
   if (!error.empty()) return error;
@@ -73,44 +93,15 @@ std::string CheckCall(const TfsaCudaArgs& c) {
   return "";
 }
 
-bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+size_t WorkspaceBytes(const TfsaCudaArgs& c) { return Plan(MakeGeometry(c), c.mask_kind != TFSA_MASK_NONE).total; }
 
-template <class T>
-T* At(void* workspace, size_t offset) {
-  return reinterpret_cast<T*>(static_cast<unsigned char*>(workspace) + offset);
-}
-
-int Fail(char* error, size_t size, const std::string& message) {
-  if (error && size) std::snprintf(error, size, "%s", message.c_str());
-  return 1;
-}
-
-}  // namespace
-}  // namespace tfsa::cuda
-
-using namespace tfsa::cuda;
-
-extern "C" __attribute__((visibility("default"))) size_t tfsa_cuda_workspace_bytes(const TfsaCudaArgs* args) {
-  if (!args || !CheckCall(*args).empty()) return 0;
-  return Plan(MakeGeometry(*args), args->mask_kind != TFSA_MASK_NONE).total;
-}
-
-extern "C" __attribute__((visibility("default"))) int tfsa_cuda_sparse_attention(const TfsaCudaArgs* args, void* stream_ptr,
-                                                                                char* error, size_t error_size) {
-  if (!args) return Fail(error, error_size, "no call");
-  const TfsaCudaArgs& c = *args;
-  const std::string problem = CheckCall(c);
-  if (!problem.empty()) return Fail(error, error_size, problem);
-  if ((c.mask_kind != TFSA_MASK_NONE) != (c.mask != nullptr))
-    return Fail(error, error_size, "mask pointer and mask kind disagree");
+std::string RunEngine(const TfsaCudaArgs& c, const KvView& view, cudaStream_t stream) {
   const TfsaDims& d = c.dims;
-  if (d.batch * d.q_heads == 0) return 0;  // empty output and density
-  const auto stream = static_cast<cudaStream_t>(stream_ptr);
-  const Geometry g = MakeGeometry(c);
+  if (d.batch * d.q_heads == 0) return "";  // empty output and density
+  const Geometry g = MakeGeometry(c, view);
   const Layout l = Plan(g, c.mask_kind != TFSA_MASK_NONE);
   if (c.workspace_size < l.total || (l.total > 0 && c.workspace == nullptr))
-    return Fail(error, error_size, "the workspace has " + std::to_string(c.workspace_size) + " bytes, the call needs " +
-                                       std::to_string(l.total));
+    return "the workspace has " + std::to_string(c.workspace_size) + " bytes, the call needs " + std::to_string(l.total);
   const size_t out_bytes = (c.dtype == TFSA_FLOAT32 ? 4 : 2) * size_t(d.batch * d.q_heads * d.q_len * d.v_head_dim);
 
   Selection s;
@@ -133,7 +124,26 @@ extern "C" __attribute__((visibility("default"))) int tfsa_cuda_sparse_attention
       status = LaunchAttention(args, c.dtype, aligned, stream);
     }
   }
-  if (status != cudaSuccess)
-    return Fail(error, error_size, std::string("CUDA error: ") + cudaGetErrorString(status));
-  return 0;
+  if (status != cudaSuccess) return std::string("CUDA error: ") + cudaGetErrorString(status);
+  return "";
+}
+
+}  // namespace tfsa::cuda
+
+using namespace tfsa::cuda;
+
+extern "C" __attribute__((visibility("default"))) size_t tfsa_cuda_workspace_bytes(const TfsaCudaArgs* args) {
+  if (!args || !CheckCall(*args).empty()) return 0;
+  return WorkspaceBytes(*args);
+}
+
+extern "C" __attribute__((visibility("default"))) int tfsa_cuda_sparse_attention(const TfsaCudaArgs* args, void* stream_ptr,
+                                                                                char* error, size_t error_size) {
+  if (!args) return Fail(error, error_size, "no call");
+  const TfsaCudaArgs& c = *args;
+  std::string problem = CheckCall(c);
+  if (problem.empty() && (c.mask_kind != TFSA_MASK_NONE) != (c.mask != nullptr))
+    problem = "mask pointer and mask kind disagree";
+  if (problem.empty()) problem = RunEngine(c, KvView{}, static_cast<cudaStream_t>(stream_ptr));
+  return problem.empty() ? 0 : Fail(error, error_size, problem);
 }

@@ -47,6 +47,40 @@ size_t tfsa_cuda_workspace_bytes(const TfsaCudaArgs* args);
  * attributes, a launch failure). */
 int tfsa_cuda_sparse_attention(const TfsaCudaArgs* args, void* stream, char* error, size_t error_size);
 
+/* The arguments of one tfsa_cuda_group_query_attention (SparseGroupQueryAttention's CUDA face):
+ * the sizes of gqa_layout.h's GqaLayout, the attributes, seqlens_k in host memory (the op reads
+ * it on the CPU) and device pointers in GroupQueryAttention's layouts. tfsa_onnx/cuda.py
+ * mirrors it (GqaArgs). */
+typedef struct TfsaCudaGqaArgs {
+  int32_t dtype; /* TFSA_FLOAT32 or TFSA_FLOAT16 */
+  int32_t packed, interleaved, first_prompt, shared_buffer;
+  int64_t batch, seq, q_heads, kv_heads, head_dim, past_rows, present_rows, rotary_half;
+  int64_t rotary_positions;  /* rows of cos/sin */
+  int64_t local_window_size; /* -1: none */
+  TfsaAttributes attributes; /* the sparsity attributes; is_causal and sliding_window unused */
+  const int32_t* seqlens_k;  /* [batch], host memory */
+  const void* query;         /* [B, S, Hq * D], or packed [B, S, (Hq + 2 Hkv) * D] */
+  const void* key;           /* [B, S, Hkv * D] or NULL (packed) */
+  const void* value;
+  const void* past_key;      /* [B, Hkv, past_rows, D] or NULL */
+  const void* past_value;
+  const void* cos;           /* [rotary_positions, rotary_half] or NULL */
+  const void* sin;
+  void* present_key;         /* [B, Hkv, present_rows, D]; may be past_key (shared_buffer) */
+  void* present_value;
+  void* output;              /* [B, S, Hq * D] */
+  float* density;            /* [B, Hq] or NULL: each row's own rows, as SparseAttention's */
+  void* workspace;           /* device memory of at least tfsa_cuda_gqa_workspace_bytes(args) */
+  size_t workspace_size;
+} TfsaCudaGqaArgs;
+
+/* Device workspace a call needs, in bytes (0 when its sizes or attributes are invalid). */
+size_t tfsa_cuda_gqa_workspace_bytes(const TfsaCudaGqaArgs* args);
+
+/* Enqueues rotary, the present write and the attention of each batch row on `stream`.
+ * Returns 0, or non-zero with a message in `error`. */
+int tfsa_cuda_group_query_attention(const TfsaCudaGqaArgs* args, void* stream, char* error, size_t error_size);
+
 #ifdef __cplusplus
 }
 #endif

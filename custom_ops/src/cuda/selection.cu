@@ -6,17 +6,18 @@ namespace {
 constexpr int kChooseThreads = 256;
 enum BlockFlag : uint8_t { kAllowed = 1, kForced = 2, kCandidate = 4, kTake = 8 };
 
-// Mean over each block's rows of x [heads, seq, dim], times `scale`: out [heads, n_blocks, dim].
+// Mean over each block's rows of x [heads, rows, dim] (its first `seq` rows), times `scale`:
+// out [heads, n_blocks, dim].
 // Non-finite elements count as 0, so that NaN does not steer the selection (reference.py).
 template <class T>
-__global__ void BlockMeansKernel(const T* x, int64_t seq, int64_t dim, int64_t block, int64_t n_blocks,
-                                 float scale, float* out) {
+__global__ void BlockMeansKernel(const T* x, int64_t seq, int64_t rows, int64_t dim, int64_t block,
+                                 int64_t n_blocks, float scale, float* out) {
   const int64_t item = blockIdx.x, head = item / n_blocks, begin = (item % n_blocks) * block;
   const int64_t end = begin + block < seq ? begin + block : seq;
   for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
     float sum = 0.0f;
     for (int64_t r = begin; r < end; ++r) {
-      const float value = ToFloat(x[(head * seq + r) * dim + d]) * scale;
+      const float value = ToFloat(x[(head * rows + r) * dim + d]) * scale;
       sum += isfinite(value) ? value : 0.0f;
     }
     out[item * dim + d] = sum / static_cast<float>(end - begin);
@@ -49,13 +50,13 @@ __global__ void ClassifyMaskKernel(Geometry g, uint8_t* states) {
 // One warp per (batch, kv head, key block): whether a value of the block is NaN or inf (the
 // attention then keeps such values away from rows that do not attend them).
 template <class T>
-__global__ void ValueFlagsKernel(const T* value, int64_t kv_len, int64_t v_head_dim, BlockGrid grid, int64_t n_items,
+__global__ void ValueFlagsKernel(const T* value, int64_t kv_rows, int64_t v_head_dim, BlockGrid grid, int64_t n_items,
                                  uint8_t* flags) {
   const int64_t warps = blockDim.x / 32, lane = threadIdx.x % 32;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / 32;
   if (item >= n_items) return;
   const int64_t kb = item % grid.k_blocks, head = item / grid.k_blocks;
-  const int64_t begin = (head * kv_len + grid.KeyBegin(kb)) * v_head_dim;
+  const int64_t begin = (head * kv_rows + grid.KeyBegin(kb)) * v_head_dim;
   const int64_t n = (grid.KeyEnd(kb) - grid.KeyBegin(kb)) * v_head_dim;
   bool bad = false;
   for (int64_t e = lane; e < n; e += 32) bad = bad || !isfinite(ToFloat(value[begin + e]));
@@ -177,7 +178,7 @@ __global__ void __launch_bounds__(kChooseThreads)
   const int64_t stride = g.attrs.estimate_stride;
   float* q_row = reinterpret_cast<float*>(shared);
   float* sums = q_row + dim;
-  const T* k_head = key + (b * g.dims.kv_heads + g.KvHead(h)) * grid.kv_len * dim;
+  const T* k_head = key + (b * g.dims.kv_heads + g.KvHead(h)) * g.kv_rows * dim;
   const uint8_t* allowed = s.allowed + row * nk;
   double* mass = s.block_mass + row * nk;
   long long last = -1;  // the last key of the last allowed block
@@ -352,7 +353,7 @@ template <class T>
 void LaunchValueFlags(const Geometry& g, const void* value, uint8_t* flags, cudaStream_t stream) {
   const int64_t items = g.dims.batch * g.dims.kv_heads * g.grid.k_blocks;
   if (items > 0)
-    TFSA_LAUNCH(ValueFlagsKernel<T>, (items + 7) / 8, 256, 0, stream)(static_cast<const T*>(value), g.grid.kv_len,
+    TFSA_LAUNCH(ValueFlagsKernel<T>, (items + 7) / 8, 256, 0, stream)(static_cast<const T*>(value), g.kv_rows,
                                                                      g.dims.v_head_dim, g.grid, items, flags);
 }
 
@@ -362,10 +363,10 @@ void LaunchMeans(const Geometry& g, const void* query, const void* key, const Se
   const BlockGrid& grid = g.grid;
   const int64_t q_items = g.dims.batch * g.dims.q_heads * grid.q_blocks, k_items = g.dims.batch * g.dims.kv_heads * grid.k_blocks;
   if (q_items > 0 && !s.block_mass)
-    TFSA_LAUNCH(BlockMeansKernel<T>, q_items, threads, 0, stream)(static_cast<const T*>(query), grid.q_len, g.dims.head_dim,
+    TFSA_LAUNCH(BlockMeansKernel<T>, q_items, threads, 0, stream)(static_cast<const T*>(query), grid.q_len, grid.q_len, g.dims.head_dim,
                                                          grid.block, grid.q_blocks, g.attrs.scale, s.q_means);
   if (k_items > 0)
-    TFSA_LAUNCH(BlockMeansKernel<T>, k_items, threads, 0, stream)(static_cast<const T*>(key), grid.kv_len, g.dims.head_dim,
+    TFSA_LAUNCH(BlockMeansKernel<T>, k_items, threads, 0, stream)(static_cast<const T*>(key), grid.kv_len, g.kv_rows, g.dims.head_dim,
                                                          grid.block, grid.k_blocks, 1.0f, s.k_means);
 }
 

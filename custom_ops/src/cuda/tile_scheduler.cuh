@@ -12,7 +12,7 @@ namespace tfsa::cuda {
 struct Place {
   int64_t b, h, q_begin, q_end;
   __device__ int64_t QueryBase(const Geometry& g) const { return (b * g.dims.q_heads + h) * g.grid.q_len; }
-  __device__ int64_t KeyBase(const Geometry& g) const { return (b * g.dims.kv_heads + g.KvHead(h)) * g.grid.kv_len; }
+  __device__ int64_t KeyBase(const Geometry& g) const { return (b * g.dims.kv_heads + g.KvHead(h)) * g.kv_rows; }
 };
 
 // The key at position `pos` of the stream of the chosen blocks' keys (blocks back to back,
