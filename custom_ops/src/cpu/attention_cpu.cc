@@ -57,6 +57,35 @@ void PackSampledKeys(const Problem& p, const T* k_head, int64_t bk, PackedKeysVa
     }
 }
 
+// kt[x, j] = k[j, x] for `keys` rows of `dim` elements, in squares of 8 x 8 so that reads and
+// writes both stay within a few cache lines.
+template <class T>
+void TransposeKeys(const T* k, int64_t keys, int64_t dim, int64_t key_pad, float* kt) {
+  constexpr int64_t kTile = 8;
+  for (int64_t j0 = 0; j0 < keys; j0 += kTile)
+    for (int64_t x0 = 0; x0 < dim; x0 += kTile) {
+      const int64_t j_end = std::min(keys, j0 + kTile), x_end = std::min(dim, x0 + kTile);
+      for (int64_t x = x0; x < x_end; ++x)
+        for (int64_t j = j0; j < j_end; ++j) kt[x * key_pad + j] = ToFloat(k[j * dim + x]);
+    }
+}
+
+// Value rows padded to v_pad; returns whether any element is NaN or inf (a branch-free scan:
+// x - x is 0 for finite x and NaN otherwise).
+template <class T>
+bool CopyValues(const T* v, int64_t keys, int64_t dim, int64_t v_pad, float* out) {
+  float nonfinite = 0.0f;
+  for (int64_t j = 0; j < keys; ++j) {
+    float* row = out + j * v_pad;
+    for (int64_t x = 0; x < dim; ++x) {
+      row[x] = ToFloat(v[j * dim + x]);
+      nonfinite += row[x] - row[x];
+    }
+    std::fill(row + dim, row + v_pad, 0.0f);
+  }
+  return nonfinite != 0.0f;
+}
+
 // Keys transposed and values padded into blocks, plus the key block means, of one (b, kv head).
 template <class T>
 void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, int64_t bk, PackedKeysValues& out) {
@@ -70,18 +99,8 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, i
     const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
     float* kt = out.kt.data() + (bk * out.k_blocks + kb) * out.kt_block;
     float* v = out.v.data() + (bk * out.k_blocks + kb) * out.v_block;
-    bool nonfinite = false;
-    for (int64_t j = 0; j < keys; ++j) {
-      const T* k_row = k_head + (k_begin + j) * d.head_dim;
-      for (int64_t x = 0; x < d.head_dim; ++x) kt[x * out.key_pad + j] = ToFloat(k_row[x]);
-      const T* v_row = v_head + (k_begin + j) * d.v_head_dim;
-      for (int64_t x = 0; x < d.v_head_dim; ++x) {
-        v[j * out.v_pad + x] = ToFloat(v_row[x]);
-        nonfinite = nonfinite || !std::isfinite(v[j * out.v_pad + x]);
-      }
-      std::fill(v + j * out.v_pad + d.v_head_dim, v + (j + 1) * out.v_pad, 0.0f);
-    }
-    out.v_nonfinite[bk * out.k_blocks + kb] = nonfinite;
+    TransposeKeys(k_head + k_begin * d.head_dim, keys, d.head_dim, out.key_pad, kt);
+    out.v_nonfinite[bk * out.k_blocks + kb] = CopyValues(v_head + k_begin * d.v_head_dim, keys, d.v_head_dim, out.v_pad, v);
     // Padding keys of a ragged last block: zero scores (masked later), zero values.
     for (int64_t x = 0; x < d.head_dim; ++x) std::fill(kt + x * out.key_pad + keys, kt + (x + 1) * out.key_pad, 0.0f);
     std::fill(v + keys * out.v_pad, v + out.key_pad * out.v_pad, 0.0f);
@@ -105,6 +124,25 @@ void AddCentreBias(const Problem& p, int64_t b, int64_t h, int64_t qb, float* po
     const float bias = p.bias.Bias(p.bias.Offset(b, h, i, (p.grid.KeyBegin(kb) + p.grid.KeyEnd(kb) - 1) / 2));
     if (std::isfinite(bias)) pooled_scores[kb] += bias;
   }
+}
+
+// q = scale * rows and their mean (non-finite elements count as 0 in it); returns whether any
+// is non-finite. Branch-free per row so that it vectorises: adding +0 leaves a sum that
+// starts at +0 bit-equal, so the mean is the one the per-element form gives.
+template <class T>
+bool ScaleRows(const T* rows_in, int rows, int head_dim, float scale, float* q, float* mean) {
+  const float rows_f = static_cast<float>(rows);
+  float nonfinite = 0.0f;
+  for (size_t r = 0; r < static_cast<size_t>(rows); ++r) {
+    float* q_row = q + r * head_dim;
+    for (int x = 0; x < head_dim; ++x) q_row[x] = scale * ToFloat(rows_in[r * head_dim + x]);
+    for (int x = 0; x < head_dim; ++x) {
+      const float value = q_row[x];
+      nonfinite += value - value;
+      mean[x] += std::isfinite(value) ? value / rows_f : 0.0f;
+    }
+  }
+  return nonfinite != 0.0f;
 }
 
 // Per-thread buffers of a task, reused between query blocks.
@@ -135,14 +173,7 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   const T* q_rows = static_cast<const T*>(t.query) + (bh * d.q_len + q_begin) * d.head_dim;
   sc.q.resize(static_cast<size_t>(rows) * head_dim);
   sc.q_mean.assign(head_dim, 0.0f);
-  bool q_nonfinite = false;
-  for (size_t r = 0; r < static_cast<size_t>(rows); ++r)
-    for (int x = 0; x < head_dim; ++x) {
-      const float value = p.attrs.scale * ToFloat(q_rows[r * head_dim + x]);
-      sc.q[r * head_dim + x] = value;
-      if (std::isfinite(value)) sc.q_mean[x] += value / static_cast<float>(rows);  // non-finite: 0
-      else q_nonfinite = true;
-    }
+  const bool q_nonfinite = ScaleRows(q_rows, rows, head_dim, p.attrs.scale, sc.q.data(), sc.q_mean.data());
 
   counts[2 * task + 1] = AllowedKeyBlocks(p, b, h, qb, sc.selection.allowed);
   const int means_pad = static_cast<int>(kv.means_pad);
