@@ -28,7 +28,10 @@ Selection (which key blocks a query block computes), per (batch, head, query blo
      (The token and antidiagonal estimates do not read attn_bias.)
   Below min_seq_len keys, every allowed block is computed.
 Math: exactly softmax(scale * Q K^T + mask + attn_bias) V over the selected blocks, the rest
--inf, where causality (key j <= p for the query at position p = i + Sk - Sq) and the sliding
+-inf (compute_precision "bf16": scale * Q (in float32), K, V and the unnormalised
+probabilities P = exp(score - row max) rounded to bfloat16 before the products, to nearest
+even; the softmax's sums and the accumulation in float32), where causality (key j <= p for
+the query at position p = i + Sk - Sq) and the sliding
 window (j > p - sliding_window when it is > 0) hide pairs as the mask does;
 rows with nothing to attend give zeros.
 
@@ -71,6 +74,7 @@ BLOCK_SIZE_MAX = 1_048_576  # contract.h kBlockSizeMax
 TOKENS_MAX = 2_147_483_647  # contract.h kTokensMax: global_tokens, local_window, min_seq_len
 ESTIMATES = ("mean", "antidiagonal", "token")  # contract.h TfsaEstimate, in its order
 ESTIMATE_STRIDE_MAX = 1024  # contract.h kEstimateStrideMax
+COMPUTE_PRECISIONS = ("float32", "bf16")  # contract.h TfsaComputePrecision, in its order
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ class SparseAttentionAttributes:
     sliding_window: int = 0  # W > 0: no key before position p - W + 1 (a mask rule, not selection)
     estimate: int = 0  # an index of ESTIMATES
     estimate_stride: int = 16  # the antidiagonal estimate samples 1 pair in this many
+    # compute precision (an index of COMPUTE_PRECISIONS): 1 rounds the scaled Q, K, V and P to bf16
+    compute_precision: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -136,6 +142,7 @@ ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "sliding_window": (0, TOKENS_MAX, False),
     "estimate": (0, len(ESTIMATES) - 1, False),
     "estimate_stride": (1, ESTIMATE_STRIDE_MAX, False),
+    "compute_precision": (0, len(COMPUTE_PRECISIONS) - 1, False),
 }
 
 
@@ -318,6 +325,18 @@ def select_blocks(
     return selected
 
 
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to bfloat16 (round to nearest, ties to even), as float32; NaN stays NaN."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) & np.uint32(0xFFFF0000)).astype(np.uint32)
+    return np.where(np.isnan(x), np.float32(np.nan), rounded.view(np.float32))
+
+
+def _operand(x: np.ndarray, bf16: bool) -> np.ndarray:
+    """A product's operand in float64: the values themselves, or rounded to bf16 (float32 first)."""
+    return (to_bf16(x.astype(np.float32)) if bf16 else x).astype(np.float64)
+
+
 def _weighted_values(weights: np.ndarray, weighs: np.ndarray, v: np.ndarray) -> np.ndarray:
     """sum over j of weights[.., i, j] * v[.., j, :], over the pairs with a score (`weighs`)
     only: a value row that a row does not attend is not read (0 * NaN would be NaN)."""
@@ -362,17 +381,22 @@ def sparse_attention(
     bs = a.block_size
     in_selected = np.repeat(np.repeat(selected, bs, axis=2), bs, axis=3)[:, :, :sq, :sk]
     scale = a.scale or 1.0 / math.sqrt(d)
-    k = np.repeat(key.astype(np.float64), hq // hkv, axis=1)
-    v = np.repeat(value.astype(np.float64), hq // hkv, axis=1)
+    bf16 = COMPUTE_PRECISIONS[a.compute_precision] == "bf16"
+    k = np.repeat(_operand(key, bf16), hq // hkv, axis=1)
+    v = np.repeat(_operand(value, bf16), hq // hkv, axis=1)
     counts = in_selected & may_attend & (bias != -np.inf)  # the pairs that count; the others are never read
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        scores = np.where(counts, scale * query.astype(np.float64) @ np.swapaxes(k, -1, -2) + bias, -np.inf)
+        # bf16: the query is scaled in float32 and then rounded, as the kernel scales it once
+        scaled = np.float32(scale) * query.astype(np.float32)
+        q = _operand(scaled, True) if bf16 else scale * query.astype(np.float64)
+        scores = np.where(counts, q @ np.swapaxes(k, -1, -2) + bias, -np.inf)
         row_max = scores.max(axis=-1, keepdims=True)
         row_max = np.where(np.isneginf(row_max), 0.0, row_max)
         weights = np.exp(scores - row_max)
-        total = weights.sum(axis=-1, keepdims=True)
+        total = weights.sum(axis=-1, keepdims=True)  # float32 softmax: the sum of unrounded weights
+        products = _operand(weights, True) if bf16 else weights
         y = np.where(
-            total > 0, _weighted_values(weights, scores != -np.inf, v) / np.where(total > 0, total, 1.0), 0.0
+            total > 0, _weighted_values(products, scores != -np.inf, v) / np.where(total > 0, total, 1.0), 0.0
         )
     y = np.where(np.isnan(total), np.nan, y)
 

@@ -74,3 +74,15 @@ def make_session(
     switch = contextlib.nullcontext() if selection_only_run is None else selection_only(selection_only_run)
     with switch:
         return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether compute_precision=bf16 runs bf16 kernels on this CPU (AVX512_BF16, TFSA_ISA not
+    forcing other kernels), rather than falling back to float32."""
+    import ctypes
+
+    from tfsa_onnx import get_library_path
+
+    library = ctypes.CDLL(get_library_path())
+    library.tfsa_cpu_bf16.restype = ctypes.c_int32
+    return bool(library.tfsa_cpu_bf16())

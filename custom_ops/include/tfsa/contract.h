@@ -39,7 +39,14 @@ typedef struct TfsaAttributes {
   int64_t sliding_window TFSA_DEFAULT(0);
   int64_t estimate TFSA_DEFAULT(0);         /* a TfsaEstimate: how candidate blocks are ranked */
   int64_t estimate_stride TFSA_DEFAULT(16); /* the antidiagonal estimate samples 1 pair in this many */
+  /* compute precision of the computed blocks' products (a TfsaComputePrecision): 1 rounds the
+   * scaled Q, K, V and the probabilities to bf16 before Q.K^T and P.V, float32 accumulation and
+   * softmax (the CPU's AVX512_BF16; a CPU without it computes as 0 and says so once). */
+  int64_t compute_precision TFSA_DEFAULT(0);
 } TfsaAttributes;
+
+/* compute_precision's values; tfsa_onnx/reference.py COMPUTE_PRECISIONS names them in order. */
+enum TfsaComputePrecision { TFSA_PRECISION_FLOAT32 = 0, TFSA_PRECISION_BF16 = 1, TFSA_PRECISION_COUNT = 2 };
 
 /* The block-mass estimates (attribute `estimate`); tfsa_onnx/reference.py ESTIMATES names them
  * in this order. */
@@ -174,6 +181,8 @@ inline constexpr AttributeRule kAttributeRules[] = {
     {"threshold", true, offsetof(Attributes, threshold), 0, 1, false, ""},
     {"max_density", true, offsetof(Attributes, max_density), 0, 1, true, ""},
     {"scale", true, offsetof(Attributes, scale), 0, kUnbounded, false, " (0 means 1/sqrt(head_dim))"},
+    {"compute_precision", false, offsetof(Attributes, compute_precision), 0, TFSA_PRECISION_COUNT - 1, false,
+     " (0 float32, 1 bf16)"},
 };
 
 // SparseGroupQueryAttention's own attributes; the sparsity ones are kAttributeRules' (all but

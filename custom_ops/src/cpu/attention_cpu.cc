@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16_math.h"
 #include "block_math.h"
 #include "convert.h"
 #include "exact_rows.h"
@@ -86,6 +87,31 @@ bool CopyValues(const T* v, int64_t keys, int64_t dim, int64_t v_pad, float* out
   return nonfinite != 0.0f;
 }
 
+// PackHead's blocks as bf16 pairs (packed.h kt2, v2), zeros past the last key and head dim.
+template <class T>
+void PackHeadBf16(const Problem& p, const T* k_head, const T* v_head, int64_t bk, PackedKeysValues& out) {
+  const int64_t dim = p.dims.head_dim, v_dim = p.dims.v_head_dim;
+  const auto key = [&](int64_t j, int64_t x) { return x < dim ? ToFloat(k_head[j * dim + x]) : 0.0f; };
+  for (int64_t kb = 0; kb < out.k_blocks; ++kb) {
+    const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
+    uint32_t* kt2 = out.kt2->data() + (bk * out.k_blocks + kb) * out.kt2_block;
+    uint32_t* v2 = out.v2->data() + (bk * out.k_blocks + kb) * out.v2_block;
+    std::fill(kt2, kt2 + out.kt2_block, 0u);
+    for (int64_t j = 0; j < keys; ++j)
+      for (int64_t pair = 0; pair < out.pairs; ++pair)
+        kt2[pair * out.key_pad + j] = Bf16Pair(key(k_begin + j, 2 * pair), key(k_begin + j, 2 * pair + 1));
+    std::fill(v2, v2 + out.v2_block, 0u);
+    float nonfinite = 0.0f;  // x - x: 0 for finite x, NaN otherwise
+    for (int64_t j = 0; j < keys; ++j)
+      for (int64_t x = 0; x < v_dim; ++x) {
+        const float value = ToFloat(v_head[(k_begin + j) * v_dim + x]);
+        nonfinite += value - value;
+        v2[(j / 2) * out.v_pad + x] |= static_cast<uint32_t>(Bf16Bits(value)) << (16 * (j % 2));
+      }
+    out.v_nonfinite[bk * out.k_blocks + kb] = nonfinite != 0.0f;
+  }
+}
+
 // Keys transposed and values padded into blocks, plus the key block means, of one (b, kv head).
 template <class T>
 void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, int64_t bk, PackedKeysValues& out) {
@@ -95,6 +121,7 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, i
   KeyBlockMeans(p, k_head, out.k_means.data() + bk * d.head_dim * out.means_pad, out.means_pad);
   if (out.residues > 0) PackSampledKeys(p, k_head, bk, out);
   if (p.selection_only) return;
+  if (out.bf16) return PackHeadBf16(p, k_head, v_head, bk, out);
   for (int64_t kb = 0; kb < out.k_blocks; ++kb) {
     const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
     float* kt = out.kt.data() + (bk * out.k_blocks + kb) * out.kt_block;
@@ -231,8 +258,19 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
   kv.v_block = kv.key_pad * kv.v_pad;
   kv.means_pad = RoundUp(kv.k_blocks, math.pad);
   const int64_t heads = d.batch * d.kv_heads;
-  kv.kt.resize(heads * kv.k_blocks * kv.kt_block);
-  kv.v.resize(heads * kv.k_blocks * kv.v_block);
+  kv.bf16 = p.attrs.compute_precision == TFSA_PRECISION_BF16 ? SelectBf16Math() : nullptr;
+  if (kv.bf16) {
+    kv.pairs = (d.head_dim + 1) / 2;
+    kv.kt2_block = kv.pairs * kv.key_pad;
+    kv.v2_block = kv.key_pad / 2 * kv.v_pad;
+    kv.kt2 = &workspace.kt2;
+    kv.v2 = &workspace.v2;
+    workspace.kt2.resize(heads * kv.k_blocks * kv.kt2_block);
+    workspace.v2.resize(heads * kv.k_blocks * kv.v2_block);
+  } else {
+    kv.kt.resize(heads * kv.k_blocks * kv.kt_block);
+    kv.v.resize(heads * kv.k_blocks * kv.v_block);
+  }
   kv.k_means.resize(heads * d.head_dim * kv.means_pad);
   kv.v_nonfinite.assign(heads * kv.k_blocks, 0);
   const T* key = static_cast<const T*>(t.key);
@@ -285,7 +323,9 @@ void RunSparseAttention(const Problem& problem, const Tensors& tensors, Workspac
     if (tensors.density) std::fill(tensors.density, tensors.density + d.batch * d.q_heads, 1.0f);
     return;
   }
-  if (UsesExactRows(problem)) {
+  // The few-rows path computes in float32: bf16 calls take the tiles (a fallback does not).
+  const bool bf16 = problem.attrs.compute_precision == TFSA_PRECISION_BF16 && SelectBf16Math() != nullptr;
+  if (UsesExactRows(problem) && !bf16) {
     RunExactRows(problem, tensors, parallel_for);
     return;
   }

@@ -1,0 +1,51 @@
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+#include "bf16_math.h"
+#include "block_math.h"
+
+namespace tfsa::cpu {
+namespace {
+
+// The bf16 kernels, or null with the reason in `why`.
+const Bf16Math* Available(const char** why) {
+  const char* forced = std::getenv("TFSA_ISA");
+  if (forced && std::strcmp(forced, "avx512-fp32") == 0) {
+    *why = "TFSA_ISA=avx512-fp32";
+    return nullptr;
+  }
+  if (std::strcmp(SelectBlockMath().isa, "avx512") != 0) {
+    *why = "the float32 kernels are not the AVX-512 ones (CPU or TFSA_ISA)";
+    return nullptr;
+  }
+#if defined(TFSA_X86_KERNELS)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512bf16")) return &Bf16MathAvx512();
+#endif
+  *why = "this CPU has no AVX512_BF16";
+  return nullptr;
+}
+
+}  // namespace
+
+const Bf16Math* SelectBf16Math() {
+  static const char* why = "";
+  static const Bf16Math* chosen = Available(&why);
+  static std::once_flag said;
+  if (chosen == nullptr)
+    std::call_once(said, [] {
+      std::fprintf(stderr, "tfsa-onnx: compute_precision=bf16 computes in float32 here: %s\n", why);
+    });
+  return chosen;
+}
+
+}  // namespace tfsa::cpu
+
+// Whether compute_precision = bf16 runs the bf16 kernels in this process (1) or falls back to
+// float32 (0), for tools and tests.
+extern "C" __attribute__((visibility("default"))) int32_t tfsa_cpu_bf16() {
+  return tfsa::cpu::SelectBf16Math() != nullptr ? 1 : 0;
+}
