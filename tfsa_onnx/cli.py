@@ -94,6 +94,14 @@ def _setting(ctx, param, value):
     show_default=True,
     help="Element type; --provider cuda only (cpu runs float32).",
 )
+@click.option(
+    "--compute-precision",
+    type=click.Choice(["float32", "bf16"]),
+    default="float32",
+    show_default=True,
+    help="CPU: our op's compute_precision (sparse and dense; the peers stay float32).",
+)
+@click.option("--no-peers", is_flag=True, help="CPU: skip ORT GroupQueryAttention and torch SDPA.")
 def bench_kernel_cmd(
     seq_len,
     heads,
@@ -111,8 +119,10 @@ def bench_kernel_cmd(
     plot_path,
     provider,
     dtype,
+    compute_precision,
+    no_peers,
 ) -> None:
-    """SparseAttention vs com.microsoft.MultiHeadAttention vs the unfused graph, interleaved."""
+    """SparseAttention vs our dense op and the dense peers (ORT MHA, GQA, torch SDPA), interleaved."""
     if provider == "cuda":
         shape = dict(heads=heads, head_dim=head_dim, batch=batch, block_size=block_size)
         run = dict(max_density=max_density, causal=causal, repeat=repeat, dtype=dtype)
@@ -123,8 +133,8 @@ def bench_kernel_cmd(
     _check_writable(json_path, plot_path)
 
     table = _table(
-        "seq_len heads head_dim threads density sparse_ms selection_share ort_mha_ms unfused_ms "
-        "speedup_vs_ort_mha speedup_vs_unfused sparse_gflops ort_mha_gflops unfused_gflops"
+        "seq_len causal compute_precision density sparse_ms selection_share dense_ms ort_mha_ms ort_gqa_ms "
+        "torch_sdpa_ms unfused_ms best_peer speedup_vs_best_peer speedup_vs_ort_mha dense_speedup_vs_ort_mha"
     )
     results = []
     for s in seq_len:
@@ -141,6 +151,8 @@ def bench_kernel_cmd(
             unfused=not no_unfused,
             estimate=estimate,
             estimate_stride=estimate_stride,
+            compute_precision=["float32", "bf16"].index(compute_precision),
+            peers=not no_peers,
         )
         results.append(result)
         table.row(result.as_dict())
