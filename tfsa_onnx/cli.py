@@ -330,6 +330,11 @@ def _sparsity_config(config_path, overrides: dict):
 @click.option("--min-seq-len", callback=_setting, help="Dense attention below this many keys.")
 @click.option("--estimate", callback=_setting, help="Block estimate: mean (default), antidiagonal or token.")
 @click.option("--estimate-stride", callback=_setting, help="antidiagonal: 1 pair in this many [16].")
+@click.option(
+    "--compute-precision",
+    callback=_setting,
+    help="float32 (default) or bf16: the computed blocks' products in bf16 (CPUs with AVX512_BF16).",
+)
 @click.option("--reapply", is_flag=True, help="On an optimized model, set these attributes on its nodes.")
 @click.option(
     "--report", "report_path", type=click.Path(dir_okay=False), help="Write the site report (JSON)."
