@@ -258,7 +258,7 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
   kv.v_block = kv.key_pad * kv.v_pad;
   kv.means_pad = RoundUp(kv.k_blocks, math.pad);
   const int64_t heads = d.batch * d.kv_heads;
-  kv.bf16 = p.attrs.compute_precision == TFSA_PRECISION_BF16 ? SelectBf16Math() : nullptr;
+  kv.bf16 = p.attrs.compute_precision == TFSA_PRECISION_BF16 ? SelectBf16Math(d.head_dim) : nullptr;
   if (kv.bf16) {
     kv.pairs = (d.head_dim + 1) / 2;
     kv.kt2_block = kv.pairs * kv.key_pad;

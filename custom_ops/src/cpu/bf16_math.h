@@ -45,8 +45,11 @@ struct Bf16Math {
 // The bf16 kernels when this CPU runs them and the float32 kernels chosen are the AVX-512 ones
 // (TFSA_ISA unset or avx512; TFSA_ISA=avx512-fp32 keeps AVX-512 and turns bf16 off); null
 // otherwise, and the first call that asks says once on stderr that it computes in float32.
-const Bf16Math* SelectBf16Math();
-const Bf16Math& Bf16MathAvx512();  // x86 builds only
+// AMX where the CPU and the OS allow it (TFSA_ISA=avx512bf16: VDPBF16PS only); AMX needs
+// head_dim % 32 == 0, so SelectBf16Math(head_dim) gives VDPBF16PS for other head dims.
+const Bf16Math* SelectBf16Math(int64_t head_dim = 64);
+const Bf16Math& Bf16MathAvx512();  // x86 builds only: VDPBF16PS
+const Bf16Math& Bf16MathAmx();     // x86 builds only: AMX tiles, VDPBF16PS for the last rows (head_dim % 32 == 0)
 
 // The rows of q [rows, head_dim] as bf16 pairs [rows, pairs].
 inline void Bf16Rows(const float* q, int rows, int head_dim, std::vector<uint32_t>& out) {

@@ -4,6 +4,11 @@
 #include <cstring>
 #include <mutex>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "bf16_math.h"
 #include "block_math.h"
 
@@ -29,16 +34,36 @@ const Bf16Math* Available(const char** why) {
   return nullptr;
 }
 
+// Whether AMX tiles may run: the CPU has them and Linux grants this process their state
+// (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16 and later).
+bool AmxAllowed() {
+  const char* forced = std::getenv("TFSA_ISA");
+  if (forced && std::strcmp(forced, "avx512bf16") == 0) return false;
+#if defined(TFSA_X86_KERNELS) && defined(__linux__)
+  if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
-const Bf16Math* SelectBf16Math() {
+const Bf16Math* SelectBf16Math(int64_t head_dim) {
   static const char* why = "";
   static const Bf16Math* chosen = Available(&why);
+  static const bool amx = chosen != nullptr && AmxAllowed();
   static std::once_flag said;
   if (chosen == nullptr)
     std::call_once(said, [] {
       std::fprintf(stderr, "tfsa-onnx: compute_precision=bf16 computes in float32 here: %s\n", why);
     });
+#if defined(TFSA_X86_KERNELS)
+  if (amx && head_dim % 32 == 0) return &Bf16MathAmx();
+#else
+  (void)head_dim;
+#endif
   return chosen;
 }
 
