@@ -3,12 +3,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "bf16_math.h"
 #include "block_math.h"
 #include "convert.h"
 #include "exact_rows.h"
+#include "pack.h"
 #include "selection.h"
 #include "tile_walk.h"
 #include "tfsa/ort_api.h"
@@ -71,20 +73,29 @@ void TransposeKeys(const T* k, int64_t keys, int64_t dim, int64_t key_pad, float
     }
 }
 
+// The AVX-512 gathers for float32 keys (pack.h); other types never take this path.
+template <class T>
+void TransposeKeysGathered(const T* k, int64_t keys, int64_t dim, int64_t key_pad, float* kt) {
+#if defined(TFSA_X86_KERNELS)
+  if constexpr (std::is_same_v<T, float>) return TransposeKeysAvx512(k, keys, dim, key_pad, kt);
+#endif
+  TransposeKeys(k, keys, dim, key_pad, kt);
+}
+
 // Value rows padded to v_pad; returns whether any element is NaN or inf (a branch-free scan:
-// x - x is 0 for finite x and NaN otherwise).
+// x - x is 0 for finite x and NaN otherwise; an integer OR, which the compiler may vectorise).
 template <class T>
 bool CopyValues(const T* v, int64_t keys, int64_t dim, int64_t v_pad, float* out) {
-  float nonfinite = 0.0f;
+  int nonfinite = 0;
   for (int64_t j = 0; j < keys; ++j) {
     float* row = out + j * v_pad;
     for (int64_t x = 0; x < dim; ++x) {
       row[x] = ToFloat(v[j * dim + x]);
-      nonfinite += row[x] - row[x];
+      nonfinite |= !(row[x] - row[x] == 0.0f);
     }
     std::fill(row + dim, row + v_pad, 0.0f);
   }
-  return nonfinite != 0.0f;
+  return nonfinite != 0;
 }
 
 // PackHead's blocks as bf16 pairs (packed.h kt2, v2), zeros past the last key and head dim.
@@ -101,14 +112,14 @@ void PackHeadBf16(const Problem& p, const T* k_head, const T* v_head, int64_t bk
       for (int64_t pair = 0; pair < out.pairs; ++pair)
         kt2[pair * out.key_pad + j] = Bf16Pair(key(k_begin + j, 2 * pair), key(k_begin + j, 2 * pair + 1));
     std::fill(v2, v2 + out.v2_block, 0u);
-    float nonfinite = 0.0f;  // x - x: 0 for finite x, NaN otherwise
+    int nonfinite = 0;  // x - x: 0 for finite x, NaN otherwise
     for (int64_t j = 0; j < keys; ++j)
       for (int64_t x = 0; x < v_dim; ++x) {
         const float value = ToFloat(v_head[(k_begin + j) * v_dim + x]);
-        nonfinite += value - value;
+        nonfinite |= !(value - value == 0.0f);
         v2[(j / 2) * out.v_pad + x] |= static_cast<uint32_t>(Bf16Bits(value)) << (16 * (j % 2));
       }
-    out.v_nonfinite[bk * out.k_blocks + kb] = nonfinite != 0.0f;
+    out.v_nonfinite[bk * out.k_blocks + kb] = nonfinite != 0;
   }
 }
 
@@ -126,7 +137,8 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, i
     const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
     float* kt = out.kt.data() + (bk * out.k_blocks + kb) * out.kt_block;
     float* v = out.v.data() + (bk * out.k_blocks + kb) * out.v_block;
-    TransposeKeys(k_head + k_begin * d.head_dim, keys, d.head_dim, out.key_pad, kt);
+    if (out.gather_keys) TransposeKeysGathered(k_head + k_begin * d.head_dim, keys, d.head_dim, out.key_pad, kt);
+    else TransposeKeys(k_head + k_begin * d.head_dim, keys, d.head_dim, out.key_pad, kt);
     out.v_nonfinite[bk * out.k_blocks + kb] = CopyValues(v_head + k_begin * d.v_head_dim, keys, d.v_head_dim, out.v_pad, v);
     // Padding keys of a ragged last block: zero scores (masked later), zero values.
     for (int64_t x = 0; x < d.head_dim; ++x) std::fill(kt + x * out.key_pad + keys, kt + (x + 1) * out.key_pad, 0.0f);
@@ -159,17 +171,17 @@ void AddCentreBias(const Problem& p, int64_t b, int64_t h, int64_t qb, float* po
 template <class T>
 bool ScaleRows(const T* rows_in, int rows, int head_dim, float scale, float* q, float* mean) {
   const float rows_f = static_cast<float>(rows);
-  float nonfinite = 0.0f;
+  int nonfinite = 0;
   for (size_t r = 0; r < static_cast<size_t>(rows); ++r) {
     float* q_row = q + r * head_dim;
     for (int x = 0; x < head_dim; ++x) q_row[x] = scale * ToFloat(rows_in[r * head_dim + x]);
     for (int x = 0; x < head_dim; ++x) {
       const float value = q_row[x];
-      nonfinite += value - value;
+      nonfinite |= !(value - value == 0.0f);
       mean[x] += std::isfinite(value) ? value / rows_f : 0.0f;
     }
   }
-  return nonfinite != 0.0f;
+  return nonfinite != 0;
 }
 
 // Per-thread buffers of a task, reused between query blocks.
@@ -255,6 +267,7 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
   kv.key_pad = RoundUp(p.grid.block, math.pad);
   kv.v_pad = RoundUp(std::max<int64_t>(d.v_head_dim, 1), math.pad);
   kv.kt_block = d.head_dim * kv.key_pad;
+  kv.gather_keys = std::is_same_v<T, float> && std::strcmp(math.isa, "avx512") == 0 && p.grid.block * d.head_dim < (1 << 30);
   kv.v_block = kv.key_pad * kv.v_pad;
   kv.means_pad = RoundUp(kv.k_blocks, math.pad);
   const int64_t heads = d.batch * d.kv_heads;
