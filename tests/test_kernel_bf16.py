@@ -110,3 +110,25 @@ def test_compute_precision_out_of_range_is_an_error():
     q, k, v = random_qkv(np.random.default_rng(0), 1, 1, 1, 8, 8, 4, 4)
     with pytest.raises(Exception, match=r"compute_precision must be an integer in \[0, 1\]"):
         run_op(q, k, v, compute_precision=2)
+
+
+@needs_bf16
+def test_bf16_group_query_attention_prompt_matches_reference():
+    from tfsa_onnx import DOMAIN
+    from tfsa_onnx.opmodel import group_query_attention_model
+    from tfsa_onnx.reference import group_query_attention
+    from tfsa_onnx.runtime import make_session
+
+    b, h, hkv, s, d = 1, 4, 2, 300, 64
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((b, s, h * d), dtype=np.float32)
+    k, v = (rng.standard_normal((b, s, hkv * d), dtype=np.float32) for _ in range(2))
+    lengths, total = np.full(b, s - 1, np.int32), np.array([s], np.int32)
+    feeds = dict(query=q, key=k, value=v, seqlens_k=lengths, total_sequence_length=total)
+    attrs = dict(num_heads=h, kv_num_heads=hkv, min_seq_len=0, threshold=0.8, compute_precision=1)
+    model = group_query_attention_model(domain=DOMAIN, past=False, rotary=False, **attrs)
+    y = make_session(model, 2).run(["output"], feeds)[0]
+    r16 = group_query_attention(q, k, v, None, None, lengths, s, **attrs)[0]
+    r32 = group_query_attention(q, k, v, None, None, lengths, s, **attrs | {"compute_precision": 0})[0]
+    np.testing.assert_allclose(y, r16, atol=8e-3, rtol=2e-2)
+    assert np.abs(y - r16).mean() <= 0.5 * np.abs(r16 - r32).mean()
