@@ -132,3 +132,23 @@ def test_bf16_group_query_attention_prompt_matches_reference():
     r32 = group_query_attention(q, k, v, None, None, lengths, s, **attrs | {"compute_precision": 0})[0]
     np.testing.assert_allclose(y, r16, atol=8e-3, rtol=2e-2)
     assert np.abs(y - r16).mean() <= 0.5 * np.abs(r16 - r32).mean()
+
+
+@needs_bf16
+def test_vdpbf16ps_kernels_alone_match_reference_too():
+    # TFSA_ISA=avx512bf16 leaves out AMX: every row group takes the VDPBF16PS register tiles
+    env = dict(os.environ, TFSA_ISA="avx512bf16")
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        __file__,
+        "-k",
+        "random or dense",
+    ]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout

@@ -479,9 +479,10 @@ def precision_note(model: onnx.ModelProto) -> str | None:
     bf16 = sum(COMPUTE_PRECISIONS[v] == "bf16" for v in values)
     if not bf16:
         return "float32"
-    from tfsa_onnx.runtime import cpu_computes_bf16
+    from tfsa_onnx.runtime import cpu_bf16_kernels
 
-    where = "AVX512_BF16 on this CPU" if cpu_computes_bf16() else "this CPU falls back to float32"
+    kernels = cpu_bf16_kernels()
+    where = f"{kernels} on this CPU" if kernels else "this CPU falls back to float32"
     return f"bf16 on {bf16} of {len(nodes)} sites ({where})"
 
 

@@ -69,8 +69,10 @@ const Bf16Math* SelectBf16Math(int64_t head_dim) {
 
 }  // namespace tfsa::cpu
 
-// Whether compute_precision = bf16 runs the bf16 kernels in this process (1) or falls back to
-// float32 (0), for tools and tests.
+// How compute_precision = bf16 computes in this process at head dims that are multiples of 32,
+// for tools and tests: 2 AMX tiles, 1 AVX512_BF16 only, 0 float32 (the fallback).
 extern "C" __attribute__((visibility("default"))) int32_t tfsa_cpu_bf16() {
-  return tfsa::cpu::SelectBf16Math() != nullptr ? 1 : 0;
+  const tfsa::cpu::Bf16Math* math = tfsa::cpu::SelectBf16Math(64);
+  if (math == nullptr) return 0;
+  return std::strcmp(math->isa, "amx") == 0 ? 2 : 1;
 }
