@@ -169,7 +169,12 @@ void AddCentreBias(const Problem& p, int64_t b, int64_t h, int64_t qb, float* po
 // is non-finite. Branch-free per row so that it vectorises: adding +0 leaves a sum that
 // starts at +0 bit-equal, so the mean is the one the per-element form gives.
 template <class T>
-bool ScaleRows(const T* rows_in, int rows, int head_dim, float scale, float* q, float* mean) {
+bool ScaleRows(const T* rows_in, int rows, int head_dim, float scale, float* q, float* mean, bool avx512) {
+#if defined(TFSA_X86_KERNELS)
+  if constexpr (std::is_same_v<T, float>)
+    if (avx512) return ScaleRowsAvx512(rows_in, rows, head_dim, scale, q, mean);
+#endif
+  (void)avx512;
   const float rows_f = static_cast<float>(rows);
   int nonfinite = 0;
   for (size_t r = 0; r < static_cast<size_t>(rows); ++r) {
@@ -212,7 +217,7 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   const T* q_rows = static_cast<const T*>(t.query) + (bh * d.q_len + q_begin) * d.head_dim;
   sc.q.resize(static_cast<size_t>(rows) * head_dim);
   sc.q_mean.assign(head_dim, 0.0f);
-  const bool q_nonfinite = ScaleRows(q_rows, rows, head_dim, p.attrs.scale, sc.q.data(), sc.q_mean.data());
+  const bool q_nonfinite = ScaleRows(q_rows, rows, head_dim, p.attrs.scale, sc.q.data(), sc.q_mean.data(), kv.gather_keys);
 
   counts[2 * task + 1] = AllowedKeyBlocks(p, b, h, qb, sc.selection.allowed);
   const int means_pad = static_cast<int>(kv.means_pad);

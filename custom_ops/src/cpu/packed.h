@@ -38,7 +38,7 @@ struct PackedKeysValues {
 
   // compute_precision = bf16 with the kernels to run it (bf16_math.h): keys and values packed
   // as bf16 pairs instead of kt and v, kt2 [pairs, key_pad] and v2 [key_pad / 2, v_pad] per block.
-  bool gather_keys = false;  // float32 keys transposed with AVX-512 gathers (pack.h)
+  bool gather_keys = false;  // float32 inputs, AVX-512 kernels: keys and queries packed by pack.h
   const Bf16Math* bf16 = nullptr;
   int64_t pairs = 0, kt2_block = 0, v2_block = 0;
   std::vector<uint32_t>* kt2 = nullptr;
