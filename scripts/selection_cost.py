@@ -26,7 +26,13 @@ from tfsa_onnx.runtime import make_session
 
 def _sessions(estimate: str, max_density: float, block: int) -> dict[str, object]:
     name, _, stride = estimate.partition(":")
-    attrs = SparseAttentionAttributes.capped(max_density, 1, block, ESTIMATES.index(name), int(stride or 16))
+    attrs = SparseAttentionAttributes.capped(
+        max_density,
+        is_causal=1,
+        block_size=block,
+        estimate=ESTIMATES.index(name),
+        estimate_stride=int(stride or 16),
+    )
     model = sparse_attention_model(**attrs.as_dict())
     return {
         kind: make_session(model, 1, inter_threads=1, selection_only_run=kind == "selection")

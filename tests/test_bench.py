@@ -21,6 +21,26 @@ def test_bench_kernel_reports_all_three_and_the_density_reached():
     assert result.speedup_vs_ort_mha == result.ort_mha_ms / result.sparse_ms
 
 
+def test_bench_kernel_times_the_causal_peers_and_names_the_fastest():
+    result = bench_kernel(
+        KernelCase(256, heads=2, head_dim=32, max_density=0.25, causal=True), repeat=2, threads=1
+    )
+    peers = {
+        "ort_mha": result.ort_mha_ms,
+        "ort_gqa": result.ort_gqa_ms,
+        "torch_sdpa": result.torch_sdpa_ms,
+        "unfused": result.unfused_ms,
+    }
+    assert all(ms > 0 for ms in peers.values()), peers  # torch is installed for the tests
+    assert result.best_peer == min(peers, key=peers.get)
+    assert result.speedup_vs_best_peer == peers[result.best_peer] / result.sparse_ms
+    assert result.dense_ms > 0 and result.dense_speedup_vs_ort_mha == result.ort_mha_ms / result.dense_ms
+    non_causal = bench_kernel(
+        KernelCase(256, heads=2, head_dim=32), repeat=1, threads=1, unfused=False, dense=False
+    )
+    assert non_causal.ort_gqa_ms is None and non_causal.dense_ms is None  # GQA is causal only
+
+
 def test_bench_kernel_cli_writes_json_and_plot(tmp_path):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     options = "--seq-len 128,256 --heads 2 --head-dim 16 --max-density 0.5 --causal --threads 1 --repeat 1"

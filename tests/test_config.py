@@ -37,6 +37,8 @@ from tfsa_onnx.config import ConfigError, SparsityConfig
         ({"estimate_stride": 0}, "estimate_stride must be in [1, 1024], got 0"),
         ({"estimate_stride": 1025}, "estimate_stride must be in [1, 1024], got 1025"),
         ({"estimate": 0.5}, "estimate must be an integer, got 0.5"),
+        ({"compute_precision": "fp16"}, "compute_precision must be one of float32, bf16, got 'fp16'"),
+        ({"compute_precision": 2}, "compute_precision must be in [0, 1], got 2"),
     ],
 )
 def test_bad_values_are_refused_with_the_setting_and_value(values, message):
@@ -159,3 +161,21 @@ def test_config_file_with_a_string_skip_is_refused_and_unmatched_keys_warn(tmp_p
     assert result.exit_code == 0
     assert "Warning: layers['99'] matches no attention site (the model's layers are 0 to 0)" in result.stderr
     assert "Warning: layers['*decoder*'] matches no attention site's node name" in result.stderr
+
+
+def test_compute_precision_option_is_written_and_validate_reports_it(tmp_path):
+    import onnx
+
+    source = save_model(tmp_path / "in.onnx")
+    out = tmp_path / "out.onnx"
+    result = run("optimize", source, "-o", out, "--compute-precision", "bf16", "--min-seq-len", "0")
+    assert result.exit_code == 0 and "compute_precision=1" in result.output, result.output
+    nodes = [n for n in onnx.load(str(out)).graph.node if n.op_type == "SparseAttention"]
+    assert nodes and all(
+        onnx.helper.get_attribute_value(a) == 1
+        for n in nodes
+        for a in n.attribute
+        if a.name == "compute_precision"
+    )
+    checked = run("validate", source, out, "--seq-len", "16", "--samples", "1", "--extra-lengths", "none")
+    assert f"bf16 on {len(nodes)} of {len(nodes)} sites" in checked.output, checked.output

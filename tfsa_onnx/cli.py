@@ -96,8 +96,18 @@ def _setting(ctx, param, value):
     show_default=True,
     help="Element type; --provider cuda only (cpu runs float32).",
 )
-def bench_kernel_cmd(seq_len, no_unfused, json_path, plot_path, provider, **options) -> None:
-    """SparseAttention vs com.microsoft.MultiHeadAttention vs the unfused graph, interleaved."""
+@click.option(
+    "--compute-precision",
+    type=click.Choice(["float32", "bf16"]),
+    default="float32",
+    show_default=True,
+    help="CPU: our op's compute_precision (sparse and dense; the peers stay float32).",
+)
+@click.option("--no-peers", is_flag=True, help="CPU: skip ORT GroupQueryAttention and torch SDPA.")
+def bench_kernel_cmd(
+    seq_len, no_unfused, json_path, plot_path, provider, compute_precision, no_peers, **options
+) -> None:
+    """SparseAttention vs our dense op and the dense peers (ORT MHA, GQA, torch SDPA), interleaved."""
     from tfsa_onnx.bench.timing import KernelCase
 
     if provider == "cuda":
@@ -109,6 +119,7 @@ def bench_kernel_cmd(seq_len, no_unfused, json_path, plot_path, provider, **opti
 
     _check_writable(json_path, plot_path)
     options.pop("dtype")
+    options |= dict(compute_precision=["float32", "bf16"].index(compute_precision), peers=not no_peers)
     cases = KernelCase.each(seq_len, options)
     results = _rows(
         KERNEL_COLUMNS, json_path, (bench_kernel(c, unfused=not no_unfused, **options) for c in cases)
@@ -283,6 +294,11 @@ def _sparsity_config(config_path, overrides: dict):
 @click.option("--min-seq-len", callback=_setting, help="Dense attention below this many keys.")
 @click.option("--estimate", callback=_setting, help="Block estimate: mean (default), antidiagonal or token.")
 @click.option("--estimate-stride", callback=_setting, help="antidiagonal: 1 pair in this many [16].")
+@click.option(
+    "--compute-precision",
+    callback=_setting,
+    help="float32 (default) or bf16: the computed blocks' products in bf16 (CPUs with AVX512_BF16).",
+)
 @click.option("--reapply", is_flag=True, help="On an optimized model, set these attributes on its nodes.")
 @click.option(
     "--report", "report_path", type=click.Path(dir_okay=False), help="Write the site report (JSON)."

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tfsa_onnx.reference import ATTRIBUTE_BOUNDS, ESTIMATES, SparseAttentionAttributes
+from tfsa_onnx.reference import ATTRIBUTE_BOUNDS, COMPUTE_PRECISIONS, ESTIMATES, SparseAttentionAttributes
 
 # Attributes a user may set; scale and is_causal come from the model itself.
 TUNABLE = (
@@ -37,12 +37,15 @@ TUNABLE = (
     "min_seq_len",
     "estimate",
     "estimate_stride",
+    "compute_precision",
 )
 # The bounds the operator enforces on them (contract.h, mirrored in reference.py), checked here
 # first: name -> (low, high, low excluded).
 BOUNDS: dict[str, tuple[float, float, bool]] = {name: ATTRIBUTE_BOUNDS[name] for name in TUNABLE}
 _INTS = {f.name for f in fields(SparseAttentionAttributes) if f.type in (int, "int")} & set(TUNABLE)
 _INDEX = re.compile(r"-?[0-9]+")
+# Settings that may be given by name, kept as the index of the name.
+NAMED: dict[str, tuple[str, ...]] = {"estimate": ESTIMATES, "compute_precision": COMPUTE_PRECISIONS}
 
 
 class ConfigError(ValueError):
@@ -52,16 +55,17 @@ class ConfigError(ValueError):
 def check_setting(name: str, value: Any, where: str) -> Any:
     """The value of one setting, checked strictly: skip is a bool; integer settings are integers
     (an integral float such as 32.0 is taken as 32; bools and 32.7 are refused); float settings
-    are finite numbers; every value within the operator's bounds (BOUNDS). The estimate may
-    be named (ESTIMATES: "mean", "antidiagonal", "token") and is kept as its index."""
+    are finite numbers; every value within the operator's bounds (BOUNDS). The estimate and the
+    compute precision may be named (NAMED: "mean", "antidiagonal", "token"; "float32", "bf16")
+    and are kept as the name's index."""
     if name == "skip":
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: skip must be true or false, got {value!r}")
         return value
-    if name == "estimate" and isinstance(value, str):
-        if value.strip() not in ESTIMATES:
-            raise ConfigError(f"{where}: estimate must be one of {', '.join(ESTIMATES)}, got {value!r}")
-        return ESTIMATES.index(value.strip())
+    if name in NAMED and isinstance(value, str):
+        if value.strip() not in NAMED[name]:
+            raise ConfigError(f"{where}: {name} must be one of {', '.join(NAMED[name])}, got {value!r}")
+        return NAMED[name].index(value.strip())
     if name not in TUNABLE:
         expected = ", ".join((*TUNABLE, "skip"))
         raise ConfigError(f"{where}: unknown setting {name!r}; expected one of {expected}")
@@ -86,7 +90,7 @@ def check_setting(name: str, value: Any, where: str) -> Any:
 
 def parse_setting(name: str, text: str, where: str) -> Any:
     """A setting given as text (a command-line option): parsed as a number, then check_setting."""
-    if name == "estimate" and not _INDEX.fullmatch(text.strip()):
+    if name in NAMED and not _INDEX.fullmatch(text.strip()):
         return check_setting(name, text, where)
     try:
         value: Any = int(text) if _INDEX.fullmatch(text.strip()) else float(text)

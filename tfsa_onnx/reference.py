@@ -38,7 +38,9 @@ rest -inf, where cap(x) = softcap * tanh(x / softcap) when softcap > 0 (Gemma 2'
 softcapping, on the scaled scores, before mask and bias) and x itself when it is 0; causality
 (key j <= p for the query at position p = i + Sk - Sq) and the sliding window (j > p -
 sliding_window when it is > 0) hide pairs as the mask does; rows with nothing to attend give
-zeros.
+zeros. compute_precision "bf16": scale * Q (in float32), K, V and the unnormalised
+probabilities P = exp(score - row max) are rounded to bfloat16 before the products, to nearest
+even; the softmax's sums and the accumulation stay float32.
 
 attn_bias (optional, [B|1, H|1, Sq, Sk] broadcast like the mask, float32 or the query's type):
 an additive score bias (relative position, ALiBi) kept apart from the mask. It is read only
@@ -81,6 +83,7 @@ BLOCK_SIZE_MAX = 1_048_576  # contract.h kBlockSizeMax
 TOKENS_MAX = 2_147_483_647  # contract.h kTokensMax: global_tokens, local_window, min_seq_len
 ESTIMATES = ("mean", "antidiagonal", "token")  # contract.h TfsaEstimate, in its order
 ESTIMATE_STRIDE_MAX = 1024  # contract.h kEstimateStrideMax
+COMPUTE_PRECISIONS = ("float32", "bf16")  # contract.h TfsaComputePrecision, in its order
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class SparseAttentionAttributes:
     query_positions: int = 0  # 1: queries are the last Sq key positions (global rule counts them)
     # c > 0: scores scale * q . k become c * tanh(score / c) before mask and bias (Gemma 2); 0: none
     softcap: float = 0.0
+    # compute precision (an index of COMPUTE_PRECISIONS): 1 rounds the scaled Q, K, V and P to bf16
+    compute_precision: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -136,6 +141,7 @@ ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "estimate_stride": (1, ESTIMATE_STRIDE_MAX, False),
     "query_positions": (0, 1, False),
     "softcap": (0.0, math.inf, False),
+    "compute_precision": (0, len(COMPUTE_PRECISIONS) - 1, False),
 }
 
 
@@ -324,6 +330,18 @@ def select_blocks(
     return selected
 
 
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to bfloat16 (round to nearest, ties to even), as float32; NaN stays NaN."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) & np.uint32(0xFFFF0000)).astype(np.uint32)
+    return np.where(np.isnan(x), np.float32(np.nan), rounded.view(np.float32))
+
+
+def _operand(x: np.ndarray, bf16: bool) -> np.ndarray:
+    """A product's operand in float64: the values themselves, or rounded to bf16 (float32 first)."""
+    return (to_bf16(x.astype(np.float32)) if bf16 else x).astype(np.float64)
+
+
 def _weighted_values(weights: np.ndarray, weighs: np.ndarray, v: np.ndarray) -> np.ndarray:
     """sum over j of weights[.., i, j] * v[.., j, :], over the pairs with a score (`weighs`)
     only: a value row that a row does not attend is not read (0 * NaN would be NaN)."""
@@ -369,18 +387,22 @@ def sparse_attention(
     bs = a.block_size
     in_selected = np.repeat(np.repeat(selected, bs, axis=2), bs, axis=3)[:, :, :sq, :sk]
     scale = a.scale or 1.0 / math.sqrt(d)
-    k = np.repeat(key.astype(np.float64), hq // hkv, axis=1)
-    v = np.repeat(value.astype(np.float64), hq // hkv, axis=1)
+    bf16 = COMPUTE_PRECISIONS[a.compute_precision] == "bf16"
+    k = np.repeat(_operand(key, bf16), hq // hkv, axis=1)
+    v = np.repeat(_operand(value, bf16), hq // hkv, axis=1)
     counts = in_selected & may_attend & (bias != -np.inf)  # the pairs that count; the others are never read
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        dots = _capped(scale * query.astype(np.float64) @ np.swapaxes(k, -1, -2), a.softcap)
-        scores = np.where(counts, dots + bias, -np.inf)
+        # bf16: the query is scaled in float32 and then rounded, as the kernel scales it once
+        scaled = np.float32(scale) * query.astype(np.float32)
+        q = _operand(scaled, True) if bf16 else scale * query.astype(np.float64)
+        scores = np.where(counts, _capped(q @ np.swapaxes(k, -1, -2), a.softcap) + bias, -np.inf)
         row_max = scores.max(axis=-1, keepdims=True)
         row_max = np.where(np.isneginf(row_max), 0.0, row_max)
         weights = np.exp(scores - row_max)
-        total = weights.sum(axis=-1, keepdims=True)
+        total = weights.sum(axis=-1, keepdims=True)  # float32 softmax: the sum of unrounded weights
+        products = _operand(weights, True) if bf16 else weights
         y = np.where(
-            total > 0, _weighted_values(weights, scores != -np.inf, v) / np.where(total > 0, total, 1.0), 0.0
+            total > 0, _weighted_values(products, scores != -np.inf, v) / np.where(total > 0, total, 1.0), 0.0
         )
     y = np.where(np.isnan(total), np.nan, y)
 

@@ -106,3 +106,21 @@ def make_session(
     switch = contextlib.nullcontext() if selection_only_run is None else selection_only(selection_only_run)
     with switch:
         return ort.InferenceSession(source, so, providers=providers or ["CPUExecutionProvider"])
+
+
+def cpu_bf16_kernels() -> str | None:
+    """What compute_precision=bf16 runs on this CPU: "AMX" (tiles, head dims that are multiples
+    of 32; AVX512_BF16 for the rest), "AVX512_BF16", or None where it falls back to float32 (no
+    AVX512_BF16, or TFSA_ISA forcing other kernels)."""
+    import ctypes
+
+    from tfsa_onnx import get_library_path
+
+    library = ctypes.CDLL(get_library_path())
+    library.tfsa_cpu_bf16.restype = ctypes.c_int32
+    return {0: None, 1: "AVX512_BF16", 2: "AMX"}[library.tfsa_cpu_bf16()]
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether compute_precision=bf16 runs bf16 kernels on this CPU rather than float32."""
+    return cpu_bf16_kernels() is not None

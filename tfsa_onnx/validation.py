@@ -412,6 +412,7 @@ class ValidationResult:
     density_per_layer: dict[str, float]
     samples: int
     threads: int | None
+    compute_precision: str | None = None  # how the optimized model's sites compute (precision_note)
 
     @property
     def speedup(self) -> float:
@@ -449,6 +450,7 @@ class ValidationResult:
             "speedup": self.speedup,
             "density": self.density,
             "density_per_layer": self.density_per_layer,
+            "compute_precision": self.compute_precision,
         }
 
     def table(self) -> str:
@@ -463,7 +465,30 @@ class ValidationResult:
         if self.density is not None:
             per_layer = " ".join(f"{v:.2f}" for v in self.density_per_layer.values())
             rows.append(("density", f"{self.density:.4f} (per layer: {per_layer})"))
+        if self.compute_precision:
+            rows.append(("compute precision", self.compute_precision))
         return format_table(("check", "value"), rows)
+
+
+def precision_note(model: onnx.ModelProto) -> str | None:
+    """How the model's SparseAttention / SparseGroupQueryAttention nodes compute here: "float32",
+    or with compute_precision bf16 on some, how many and whether this CPU runs bf16 or falls
+    back to float32 (its results then are float32 mode's). None without such nodes."""
+    from tfsa_onnx import DOMAIN
+    from tfsa_onnx.reference import COMPUTE_PRECISIONS
+
+    nodes = [n for n in model.graph.node if n.domain == DOMAIN]
+    if not nodes:
+        return None
+    values = [next((a.i for a in n.attribute if a.name == "compute_precision"), 0) for n in nodes]
+    bf16 = sum(COMPUTE_PRECISIONS[v] == "bf16" for v in values)
+    if not bf16:
+        return "float32"
+    from tfsa_onnx.runtime import cpu_bf16_kernels
+
+    kernels = cpu_bf16_kernels()
+    where = f"{kernels} on this CPU" if kernels else "this CPU falls back to float32"
+    return f"bf16 on {bf16} of {len(nodes)} sites ({where})"
 
 
 def validate(
@@ -490,9 +515,12 @@ def validate(
     if missing:
         raise ValueError(f"the optimized model lacks output(s) {', '.join(missing)} of the original")
     causal = is_causal_lm(optimized_head)
+    precision = precision_note(optimized_head)
     del original_head, optimized_head
     names = (out_names, density_names)
-    return _compare(original, optimized, names, feeds, threads, warmup, progress, causal)
+    result = _compare(original, optimized, names, feeds, threads, warmup, progress, causal)
+    result.compute_precision = precision
+    return result
 
 
 def graph_only(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:

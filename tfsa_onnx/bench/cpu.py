@@ -1,10 +1,14 @@
 """Kernel benchmark: our SparseAttention against ONNX Runtime's own dense attention.
 
-Three single-node ONNX Runtime sessions with the same thread count run on the same random
-inputs, interleaved round by round so that a noisy machine slows all of them alike:
-  sparse   ai.tfsa::SparseAttention (global 0, local 0, threshold 1, the given max_density)
-  ort_mha  com.microsoft.MultiHeadAttention (dense; ORT's flash-attention CPU path)
-  unfused  MatMul -> Mul -> (Add mask) -> Softmax -> MatMul, what an exporter emits
+Single-node ONNX Runtime sessions (and torch) with the same thread count run on the same
+random inputs, interleaved round by round so that a noisy machine slows all of them alike:
+  sparse     ai.tfsa::SparseAttention (global 0, local 0, threshold 1, the given max_density)
+  dense      the same op with every block (max_density 1): our own dense attention
+  ort_mha    com.microsoft.MultiHeadAttention (dense; ORT's flash-attention CPU path)
+  ort_gqa    com.microsoft.GroupQueryAttention, causal runs only (the op is always causal)
+  torch_sdpa torch.nn.functional.scaled_dot_product_attention, when torch is installed
+  unfused    MatMul -> Mul -> (Add mask) -> Softmax -> MatMul, what an exporter emits
+The peers are every dense run but ours; speedup_vs_best_peer divides the fastest by sparse.
 Times are medians; ratios are what to read, absolute times depend on the machine's load.
 """
 
@@ -19,15 +23,16 @@ import onnx
 
 from tfsa_onnx.bench.output import Row
 from tfsa_onnx.bench.timing import KernelCase, WallTimer, interleaved_medians, rate
-from tfsa_onnx.opmodel import mha_model, sparse_attention_model, unfused_model
+from tfsa_onnx.opmodel import group_query_attention_model, mha_model, sparse_attention_model, unfused_model
+from tfsa_onnx.reference import COMPUTE_PRECISIONS
 from tfsa_onnx.runtime import make_session
 
 UNFUSED_MEMORY_LIMIT = 8 * 2**30
 
 
 KERNEL_COLUMNS = (
-    "seq_len heads head_dim threads density sparse_ms selection_share ort_mha_ms unfused_ms "
-    "speedup_vs_ort_mha speedup_vs_unfused sparse_gflops ort_mha_gflops unfused_gflops"
+    "seq_len causal compute_precision density sparse_ms selection_share dense_ms ort_mha_ms ort_gqa_ms "
+    "torch_sdpa_ms unfused_ms best_peer speedup_vs_best_peer speedup_vs_ort_mha dense_speedup_vs_ort_mha"
 )
 MODEL_COLUMNS = (
     "seq_len batch threads density original_ms ort_fused_ms optimized_ms best_dense "
@@ -49,6 +54,13 @@ class KernelResult(KernelCase):
     sparse_gflops: float
     ort_mha_gflops: float
     unfused_gflops: float | None
+    compute_precision: str = "float32"
+    dense_ms: float | None = None
+    ort_gqa_ms: float | None = None
+    torch_sdpa_ms: float | None = None
+    best_peer: str = ""
+    speedup_vs_best_peer: float = 0.0
+    dense_speedup_vs_ort_mha: float | None = None
 
 
 def bench_kernel(
@@ -60,14 +72,20 @@ def bench_kernel(
     unfused: bool = True,
     estimate: int = 0,
     estimate_stride: int = 16,
+    compute_precision: int = 0,
+    dense: bool = True,
+    peers: bool = True,
 ) -> KernelResult:
-    """Time sparse / ORT MHA / unfused attention on one case (see module doc)."""
+    """Time sparse / our dense / the dense peers on one case (see module doc)."""
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal(case.shape, dtype=np.float32) for _ in range(3))
     batch, heads, seq_len, head_dim = case.shape
     packed = [x.transpose(0, 2, 1, 3).reshape(batch, seq_len, heads * head_dim).copy() for x in (q, k, v)]
 
-    op_model = sparse_attention_model(**case.attributes(estimate=estimate, estimate_stride=estimate_stride))
+    attributes = case.attributes(
+        estimate=estimate, estimate_stride=estimate_stride, compute_precision=compute_precision
+    )
+    op_model = sparse_attention_model(**attributes)
     sparse = _session(op_model, threads)
     selection = _session(op_model, threads, selection_only=True)
     feeds = {"query": q, "key": k, "value": v}
@@ -77,6 +95,11 @@ def bench_kernel(
         "sparse": lambda: sparse.run(["Y"], feeds),
         "ort_mha": lambda: mha.run(None, mha_feeds),
     }
+    if dense:
+        ours_dense = _session(sparse_attention_model(**attributes | {"max_density": 1.0}), threads)
+        runs["dense"] = lambda: ours_dense.run(["Y"], feeds)
+    if peers:
+        runs.update(_peer_runs(q, k, v, packed, case.causal, threads))
     # The unfused graph holds a few [B, H, S, S] float tensors at once: skip it where they
     # would not fit comfortably (S = 16384, 12 heads: ~13 GB each).
     if unfused and 3 * 4 * batch * heads * seq_len**2 <= UNFUSED_MEMORY_LIMIT:
@@ -87,11 +110,15 @@ def bench_kernel(
     selection_run = {"selection": lambda: selection.run(["density"], feeds)}
     ms.update(interleaved_medians(selection_run, WallTimer(), 2, 20))
     density = float(sparse.run(["density"], feeds)[0].mean())
-    return _kernel_result(case, threads, density, ms)
+    return _kernel_result(case, threads, density, ms, COMPUTE_PRECISIONS[compute_precision])
 
 
-def _kernel_result(case: KernelCase, threads: int, density: float, ms: dict[str, float]) -> KernelResult:
+def _kernel_result(
+    case: KernelCase, threads: int, density: float, ms: dict[str, float], precision: str
+) -> KernelResult:
     flops, sparse_ms, unfused_ms = case.flops(), ms["sparse"], ms.get("unfused")
+    peer_ms = {name: ms[name] for name in ("ort_mha", "ort_gqa", "torch_sdpa", "unfused") if name in ms}
+    best_peer = min(peer_ms, key=peer_ms.get)
     return KernelResult(
         **asdict(case),
         threads=threads,
@@ -106,7 +133,43 @@ def _kernel_result(case: KernelCase, threads: int, density: float, ms: dict[str,
         sparse_gflops=rate(flops * density, sparse_ms, 1e9),
         ort_mha_gflops=rate(flops, ms["ort_mha"], 1e9),
         unfused_gflops=rate(flops, unfused_ms, 1e9),
+        compute_precision=precision,
+        dense_ms=ms.get("dense"),
+        ort_gqa_ms=ms.get("ort_gqa"),
+        torch_sdpa_ms=ms.get("torch_sdpa"),
+        best_peer=best_peer,
+        speedup_vs_best_peer=peer_ms[best_peer] / sparse_ms,
+        dense_speedup_vs_ort_mha=ms["ort_mha"] / ms["dense"] if "dense" in ms else None,
     )
+
+
+def _peer_runs(q, k, v, packed, causal: bool, threads: int) -> dict[str, Callable[[], object]]:
+    """ORT's GroupQueryAttention (causal only) and torch SDPA (when torch imports) on the inputs."""
+    runs: dict[str, Callable[[], object]] = {}
+    batch, heads, seq_len, _ = q.shape
+    if causal:
+        gqa = _session(
+            group_query_attention_model(past=False, rotary=False, num_heads=heads, kv_num_heads=heads),
+            threads,
+        )
+        gqa_feeds = dict(zip(("query", "key", "value"), packed, strict=True)) | {
+            "seqlens_k": np.full(batch, seq_len - 1, np.int32),
+            "total_sequence_length": np.array([seq_len], np.int32),
+        }
+        runs["ort_gqa"] = lambda: gqa.run(["output"], gqa_feeds)
+    try:
+        import torch
+    except ImportError:
+        return runs
+    torch.set_num_threads(threads)
+    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+
+    def sdpa() -> object:
+        with torch.inference_mode():
+            return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+    runs["torch_sdpa"] = sdpa
+    return runs
 
 
 def _session(model: onnx.ModelProto | str, threads: int, register: bool | None = None, selection_only=False):

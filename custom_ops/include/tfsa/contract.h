@@ -45,7 +45,14 @@ typedef struct TfsaAttributes {
   /* c > 0: every score scale * q . k becomes c * tanh(score / c) before the mask and the bias
    * are added (Gemma 2's logit softcapping), in the attention and in the estimate; 0: none. */
   float softcap TFSA_DEFAULT(0.0f);
+  /* compute precision of the computed blocks' products (a TfsaComputePrecision): 1 rounds the
+   * scaled Q, K, V and the probabilities to bf16 before Q.K^T and P.V, float32 accumulation and
+   * softmax (the CPU's AVX512_BF16; a CPU without it computes as 0 and says so once). */
+  int64_t compute_precision TFSA_DEFAULT(0);
 } TfsaAttributes;
+
+/* compute_precision's values; tfsa_onnx/reference.py COMPUTE_PRECISIONS names them in order. */
+enum TfsaComputePrecision { TFSA_PRECISION_FLOAT32 = 0, TFSA_PRECISION_BF16 = 1, TFSA_PRECISION_COUNT = 2 };
 
 /* The block-mass estimates (attribute `estimate`); tfsa_onnx/reference.py ESTIMATES names them
  * in this order. */
@@ -183,6 +190,8 @@ inline constexpr AttributeRule kAttributeRules[] = {
     {"max_density", true, offsetof(Attributes, max_density), 0, 1, true, ""},
     {"scale", true, offsetof(Attributes, scale), 0, kUnbounded, false, " (0 means 1/sqrt(head_dim))"},
     {"softcap", true, offsetof(Attributes, softcap), 0, kUnbounded, false, " (0: none)"},
+    {"compute_precision", false, offsetof(Attributes, compute_precision), 0, TFSA_PRECISION_COUNT - 1, false,
+     " (0 float32, 1 bf16)"},
 };
 
 // SparseGroupQueryAttention's own attributes; the sparsity ones are kAttributeRules' (all but

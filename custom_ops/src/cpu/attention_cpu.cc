@@ -3,11 +3,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "bf16_math.h"
 #include "block_math.h"
 #include "convert.h"
 #include "exact_rows.h"
+#include "pack.h"
 #include "selection.h"
 #include "tile_walk.h"
 #include "tfsa/ort_api.h"
@@ -26,21 +29,6 @@ inline bool Finite(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
   return (bits & 0x7f800000u) != 0x7f800000u;
-}
-
-// Adds each column's mean over `rows` rows, non-finite elements as 0, to mean (when `pooled`);
-// returns whether an element is not finite. Branch-free over restrict pointers, so that it
-// vectorises.
-bool FiniteMean(const float* __restrict q, int rows, int dim, bool pooled, float* __restrict mean) {
-  int nonfinite = 0;
-  const float n = static_cast<float>(rows);
-  for (int r = 0; r < rows; ++r) {
-    const float* __restrict row = q + static_cast<size_t>(r) * dim;
-    for (int x = 0; x < dim; ++x) nonfinite |= !Finite(row[x]);
-    if (!pooled) continue;
-    for (int x = 0; x < dim; ++x) mean[x] += (Finite(row[x]) ? row[x] : 0.0f) / n;
-  }
-  return nonfinite != 0;
 }
 
 // Key block means (for the estimate), transposed: means_t[x, kb]. Non-finite elements count
@@ -87,6 +75,69 @@ void PackSampledKeys(const Problem& p, const T* k_head, int64_t bk, PackedKeysVa
     }
 }
 
+// kt[x, j] = k[j, x] for `keys` rows of `dim` elements, in squares of 8 x 8 so that reads and
+// writes both stay within a few cache lines.
+template <class T>
+void TransposeKeys(const T* k, int64_t keys, int64_t dim, int64_t key_pad, float* kt) {
+  constexpr int64_t kTile = 8;
+  for (int64_t j0 = 0; j0 < keys; j0 += kTile)
+    for (int64_t x0 = 0; x0 < dim; x0 += kTile) {
+      const int64_t j_end = std::min(keys, j0 + kTile), x_end = std::min(dim, x0 + kTile);
+      for (int64_t x = x0; x < x_end; ++x)
+        for (int64_t j = j0; j < j_end; ++j) kt[x * key_pad + j] = ToFloat(k[j * dim + x]);
+    }
+}
+
+// The AVX-512 gathers for float32 keys (pack.h); other types never take this path.
+template <class T>
+void TransposeKeysGathered(const T* k, int64_t keys, int64_t dim, int64_t key_pad, float* kt) {
+#if defined(TFSA_X86_KERNELS)
+  if constexpr (std::is_same_v<T, float>) return TransposeKeysAvx512(k, keys, dim, key_pad, kt);
+#endif
+  TransposeKeys(k, keys, dim, key_pad, kt);
+}
+
+// Value rows padded to v_pad; returns whether any element is NaN or inf (a branch-free scan:
+// x - x is 0 for finite x and NaN otherwise; an integer OR, which the compiler may vectorise).
+template <class T>
+bool CopyValues(const T* v, int64_t keys, int64_t dim, int64_t v_pad, float* out) {
+  int nonfinite = 0;
+  for (int64_t j = 0; j < keys; ++j) {
+    float* row = out + j * v_pad;
+    for (int64_t x = 0; x < dim; ++x) {
+      row[x] = ToFloat(v[j * dim + x]);
+      nonfinite |= !(row[x] - row[x] == 0.0f);
+    }
+    std::fill(row + dim, row + v_pad, 0.0f);
+  }
+  return nonfinite != 0;
+}
+
+// PackHead's blocks as bf16 pairs (packed.h kt2, v2), zeros past the last key and head dim.
+template <class T>
+void PackHeadBf16(const Problem& p, const T* k_head, const T* v_head, int64_t bk, PackedKeysValues& out) {
+  const int64_t dim = p.dims.head_dim, v_dim = p.dims.v_head_dim;
+  const auto key = [&](int64_t j, int64_t x) { return x < dim ? ToFloat(k_head[j * dim + x]) : 0.0f; };
+  for (int64_t kb = 0; kb < out.k_blocks; ++kb) {
+    const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
+    uint32_t* kt2 = out.kt2->data() + (bk * out.k_blocks + kb) * out.kt2_block;
+    uint32_t* v2 = out.v2->data() + (bk * out.k_blocks + kb) * out.v2_block;
+    std::fill(kt2, kt2 + out.kt2_block, 0u);
+    for (int64_t j = 0; j < keys; ++j)
+      for (int64_t pair = 0; pair < out.pairs; ++pair)
+        kt2[pair * out.key_pad + j] = Bf16Pair(key(k_begin + j, 2 * pair), key(k_begin + j, 2 * pair + 1));
+    std::fill(v2, v2 + out.v2_block, 0u);
+    int nonfinite = 0;  // x - x: 0 for finite x, NaN otherwise
+    for (int64_t j = 0; j < keys; ++j)
+      for (int64_t x = 0; x < v_dim; ++x) {
+        const float value = ToFloat(v_head[(k_begin + j) * v_dim + x]);
+        nonfinite |= !(value - value == 0.0f);
+        v2[(j / 2) * out.v_pad + x] |= static_cast<uint32_t>(Bf16Bits(value)) << (16 * (j % 2));
+      }
+    out.v_nonfinite[bk * out.k_blocks + kb] = nonfinite != 0;
+  }
+}
+
 // Keys transposed and values padded into blocks, plus the key block means, of one (b, kv head).
 template <class T>
 void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, int64_t bk, PackedKeysValues& out) {
@@ -96,22 +147,14 @@ void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, i
   if (out.residues > 0) PackSampledKeys(p, k_head, bk, out);  // the antidiagonal estimate: no means
   else KeyBlockMeans(p, k_head, out.k_means.data() + bk * d.head_dim * out.means_pad, out.means_pad);
   if (p.selection_only) return;
+  if (out.bf16) return PackHeadBf16(p, k_head, v_head, bk, out);
   for (int64_t kb = 0; kb < out.k_blocks; ++kb) {
     const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
     float* kt = out.kt.data() + (bk * out.k_blocks + kb) * out.kt_block;
     float* v = out.v.data() + (bk * out.k_blocks + kb) * out.v_block;
-    bool nonfinite = false;
-    for (int64_t j = 0; j < keys; ++j) {
-      const T* k_row = k_head + (k_begin + j) * d.head_dim;
-      for (int64_t x = 0; x < d.head_dim; ++x) kt[x * out.key_pad + j] = ToFloat(k_row[x]);
-      const T* v_row = v_head + (k_begin + j) * d.v_head_dim;
-      for (int64_t x = 0; x < d.v_head_dim; ++x) {
-        v[j * out.v_pad + x] = ToFloat(v_row[x]);
-        nonfinite = nonfinite || !std::isfinite(v[j * out.v_pad + x]);
-      }
-      std::fill(v + j * out.v_pad + d.v_head_dim, v + (j + 1) * out.v_pad, 0.0f);
-    }
-    out.v_nonfinite[bk * out.k_blocks + kb] = nonfinite;
+    if (out.gather_keys) TransposeKeysGathered(k_head + k_begin * d.head_dim, keys, d.head_dim, out.key_pad, kt);
+    else TransposeKeys(k_head + k_begin * d.head_dim, keys, d.head_dim, out.key_pad, kt);
+    out.v_nonfinite[bk * out.k_blocks + kb] = CopyValues(v_head + k_begin * d.v_head_dim, keys, d.v_head_dim, out.v_pad, v);
     // Padding keys of a ragged last block: zero scores (masked later), zero values.
     for (int64_t x = 0; x < d.head_dim; ++x) std::fill(kt + x * out.key_pad + keys, kt + (x + 1) * out.key_pad, 0.0f);
     std::fill(v + keys * out.v_pad, v + out.key_pad * out.v_pad, 0.0f);
@@ -135,6 +178,30 @@ void AddCentreBias(const Problem& p, int64_t b, int64_t h, int64_t qb, float* po
     const float bias = p.bias.Bias(p.bias.Offset(b, h, i, (p.grid.KeyBegin(kb) + p.grid.KeyEnd(kb) - 1) / 2));
     if (std::isfinite(bias)) pooled_scores[kb] += bias;
   }
+}
+
+// q = scale * rows and their mean (non-finite elements count as 0 in it); returns whether any
+// is non-finite. Branch-free per row so that it vectorises: adding +0 leaves a sum that
+// starts at +0 bit-equal, so the mean is the one the per-element form gives.
+template <class T>
+bool ScaleRows(const T* rows_in, int rows, int head_dim, float scale, float* q, float* mean, bool avx512) {
+#if defined(TFSA_X86_KERNELS)
+  if constexpr (std::is_same_v<T, float>)
+    if (avx512) return ScaleRowsAvx512(rows_in, rows, head_dim, scale, q, mean);
+#endif
+  (void)avx512;
+  const float rows_f = static_cast<float>(rows);
+  int nonfinite = 0;
+  for (size_t r = 0; r < static_cast<size_t>(rows); ++r) {
+    float* q_row = q + r * head_dim;
+    for (int x = 0; x < head_dim; ++x) q_row[x] = scale * ToFloat(rows_in[r * head_dim + x]);
+    for (int x = 0; x < head_dim; ++x) {
+      const float value = q_row[x];
+      nonfinite |= !(value - value == 0.0f);
+      mean[x] += std::isfinite(value) ? value / rows_f : 0.0f;
+    }
+  }
+  return nonfinite != 0;
 }
 
 // Per-thread buffers of a task, reused between query blocks.
@@ -180,10 +247,7 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   const T* q_rows = static_cast<const T*>(t.query) + (bh * d.q_len + q_begin) * d.head_dim;
   sc.q.resize(static_cast<size_t>(rows) * head_dim);
   sc.q_mean.assign(head_dim, 0.0f);
-  for (size_t r = 0; r < static_cast<size_t>(rows); ++r)
-    for (int x = 0; x < head_dim; ++x) sc.q[r * head_dim + x] = p.attrs.scale * ToFloat(q_rows[r * head_dim + x]);
-  // the antidiagonal estimate reads no mean
-  const bool q_nonfinite = FiniteMean(sc.q.data(), rows, head_dim, antidiagonal_mass == nullptr, sc.q_mean.data());
+  const bool q_nonfinite = ScaleRows(q_rows, rows, head_dim, p.attrs.scale, sc.q.data(), sc.q_mean.data(), kv.gather_keys);
 
   counts[2 * task + 1] = AllowedKeyBlocks(p, b, h, qb, sc.selection.allowed);
   const int means_pad = static_cast<int>(kv.means_pad);
@@ -239,11 +303,23 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
   kv.key_pad = RoundUp(p.grid.block, math.pad);
   kv.v_pad = RoundUp(std::max<int64_t>(d.v_head_dim, 1), math.pad);
   kv.kt_block = d.head_dim * kv.key_pad;
+  kv.gather_keys = std::is_same_v<T, float> && std::strcmp(math.isa, "avx512") == 0 && p.grid.block * d.head_dim < (1 << 30);
   kv.v_block = kv.key_pad * kv.v_pad;
   kv.means_pad = RoundUp(kv.k_blocks, math.pad);
   const int64_t heads = d.batch * d.kv_heads;
-  kv.kt.resize(heads * kv.k_blocks * kv.kt_block);
-  kv.v.resize(heads * kv.k_blocks * kv.v_block);
+  kv.bf16 = p.attrs.compute_precision == TFSA_PRECISION_BF16 ? SelectBf16Math(d.head_dim) : nullptr;
+  if (kv.bf16) {
+    kv.pairs = (d.head_dim + 1) / 2;
+    kv.kt2_block = kv.pairs * kv.key_pad;
+    kv.v2_block = kv.key_pad / 2 * kv.v_pad;
+    kv.kt2 = &workspace.kt2;
+    kv.v2 = &workspace.v2;
+    workspace.kt2.resize(heads * kv.k_blocks * kv.kt2_block);
+    workspace.v2.resize(heads * kv.k_blocks * kv.v2_block);
+  } else {
+    kv.kt.resize(heads * kv.k_blocks * kv.kt_block);
+    kv.v.resize(heads * kv.k_blocks * kv.v_block);
+  }
   kv.k_means.resize(heads * d.head_dim * kv.means_pad);
   kv.v_nonfinite.assign(heads * kv.k_blocks, 0);
   const T* key = static_cast<const T*>(t.key);
@@ -314,7 +390,9 @@ void RunSparseAttention(const Problem& problem, const Tensors& tensors, Workspac
     if (tensors.density) std::fill(tensors.density, tensors.density + d.batch * d.q_heads, 1.0f);
     return;
   }
-  if (UsesExactRows(problem)) {
+  // The few-rows path computes in float32: bf16 calls take the tiles (a fallback does not).
+  const bool bf16 = problem.attrs.compute_precision == TFSA_PRECISION_BF16 && SelectBf16Math() != nullptr;
+  if (UsesExactRows(problem) && !bf16) {
     RunExactRows(problem, tensors, parallel_for);
     return;
   }

@@ -31,6 +31,7 @@ using ParallelFor = std::function<void(size_t n, const std::function<void(size_t
 struct Workspace {
   std::vector<float> kt, v, k_means, sampled;
   std::vector<uint8_t> v_nonfinite;  // per (batch, kv head, key block): a value is NaN or inf
+  std::vector<uint32_t> kt2, v2;     // compute_precision = bf16: keys and values as bf16 pairs
 };
 
 // Workspaces of finished runs, reused; concurrent runs each take their own.

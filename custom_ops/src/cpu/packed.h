@@ -7,6 +7,8 @@
 
 namespace tfsa::cpu {
 
+struct Bf16Math;
+
 // Keys transposed and values padded, block by block, for every (batch, kv head).
 struct PackedKeysValues {
   int64_t key_pad = 0, v_pad = 0, kt_block = 0, v_block = 0, k_blocks = 0, head_dim = 0, means_pad = 0;
@@ -33,6 +35,16 @@ struct PackedKeysValues {
   // (k_blocks: past the last key), so that samples are walked block by block.
   std::vector<int> sample_starts = {};
   const int* SampleStarts(int64_t r) const { return sample_starts.data() + r * (k_blocks + 1); }
+
+  // compute_precision = bf16 with the kernels to run it (bf16_math.h): keys and values packed
+  // as bf16 pairs instead of kt and v, kt2 [pairs, key_pad] and v2 [key_pad / 2, v_pad] per block.
+  bool gather_keys = false;  // float32 inputs, AVX-512 kernels: keys and queries packed by pack.h
+  const Bf16Math* bf16 = nullptr;
+  int64_t pairs = 0, kt2_block = 0, v2_block = 0;
+  std::vector<uint32_t>* kt2 = nullptr;
+  std::vector<uint32_t>* v2 = nullptr;
+  const uint32_t* Kt2(int64_t bk, int64_t kb) const { return kt2->data() + (bk * k_blocks + kb) * kt2_block; }
+  const uint32_t* V2(int64_t bk, int64_t kb) const { return v2->data() + (bk * k_blocks + kb) * v2_block; }
 };
 
 }  // namespace tfsa::cpu

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "bf16_math.h"
+
 namespace tfsa::cpu {
 namespace {
 
@@ -57,6 +59,21 @@ void AccumulateAttended(const float* s, const uint8_t* hidden, int rows, int key
     }
 }
 
+// AccumulateAttended on bf16 pairs (packed.h v2), the weights rounded to bf16 as the kernel's.
+void AccumulateAttendedBf16(const float* s, const uint8_t* hidden, int rows, int keys, int stride,
+                            const uint32_t* v2, int v_pad, float* o) {
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < keys; ++j) {
+      const size_t at = static_cast<size_t>(r) * stride + j;
+      if (hidden[at]) continue;
+      const float weight = Bf16ToFloat(Bf16Bits(s[at]));
+      float* o_row = o + static_cast<size_t>(r) * v_pad;
+      const uint32_t* v_row = v2 + static_cast<size_t>(j / 2) * v_pad;
+      for (int x = 0; x < v_pad; ++x)
+        o_row[x] += weight * Bf16ToFloat(static_cast<uint16_t>(v_row[x] >> (16 * (j % 2))));
+    }
+}
+
 }  // namespace
 
 void WalkTiles(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t b, int64_t h, int64_t qb,
@@ -69,6 +86,7 @@ void WalkTiles(const Problem& p, const BlockMath& math, const PackedKeysValues& 
   state.l.assign(rows, 0.0f);
   state.o.assign(static_cast<size_t>(rows) * v_pad, 0.0f);
   sc.s.resize(static_cast<size_t>(rows) * key_pad * kTileBlocks);
+  if (kv.bf16) Bf16Rows(q, rows, head_dim, sc.q2);
   const auto keys_of = [&](int32_t kb) { return static_cast<int>(p.grid.KeyEnd(kb) - p.grid.KeyBegin(kb)); };
   for (size_t first = 0; first < chosen.size();) {
     // A tile: up to kTileBlocks chosen key blocks side by side (full blocks but the last, so
@@ -78,7 +96,8 @@ void WalkTiles(const Problem& p, const BlockMath& math, const PackedKeysValues& 
     const int width = static_cast<int>(end - first) * key_pad;
     for (size_t i = first; i < end; ++i) {
       float* s = sc.s.data() + (i - first) * key_pad;
-      math.scores(q, rows, head_dim, kv.Kt(bk, chosen[i]), key_pad, s, width);
+      if (kv.bf16) kv.bf16->scores(sc.q2.data(), rows, static_cast<int>(kv.pairs), kv.Kt2(bk, chosen[i]), key_pad, s, width);
+      else math.scores(q, rows, head_dim, kv.Kt(bk, chosen[i]), key_pad, s, width);
       CapScores(p.attrs.softcap, rows, keys_of(chosen[i]), width, s);
       ApplyMaskAndCausality(p, b, h, qb, chosen[i], rows, keys_of(chosen[i]), width, s);
     }
@@ -92,7 +111,13 @@ void WalkTiles(const Problem& p, const BlockMath& math, const PackedKeysValues& 
     math.softmax_step(sc.s.data(), rows, valid, width, state.m.data(), state.l.data(), state.o.data(), v_pad);
     for (size_t i = first; i < end; ++i) {
       const size_t column = (i - first) * key_pad;
-      if (kv.ValueNonFinite(bk, chosen[i]))
+      if (kv.bf16 && kv.ValueNonFinite(bk, chosen[i]))
+        AccumulateAttendedBf16(sc.s.data() + column, sc.hidden.data() + column, rows, keys_of(chosen[i]), width,
+                               kv.V2(bk, chosen[i]), v_pad, state.o.data());
+      else if (kv.bf16)
+        kv.bf16->accumulate(sc.s.data() + column, rows, keys_of(chosen[i]), width, kv.V2(bk, chosen[i]), v_pad,
+                            state.o.data());
+      else if (kv.ValueNonFinite(bk, chosen[i]))
         AccumulateAttended(sc.s.data() + column, sc.hidden.data() + column, rows, keys_of(chosen[i]), width,
                            kv.V(bk, chosen[i]), v_pad, state.o.data());
       else

@@ -24,6 +24,7 @@ struct RowsState {
 struct TileScratch {
   std::vector<float> s;          // [rows, kTileBlocks * key_pad] scores, then probabilities
   std::vector<uint8_t> hidden;   // [rows, tile width]: score -inf before the softmax
+  std::vector<uint32_t> q2;      // compute_precision = bf16: the query rows as bf16 pairs
 };
 
 // Walks the `chosen` key blocks (ascending) of (batch b, head h, query block qb) for the
