@@ -277,6 +277,29 @@ def _sparsity_config(config_path, overrides: dict):
         raise click.ClickException(str(e)) from None
 
 
+def _stacked(*options):
+    """One decorator applying several click options, in the order given."""
+
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
+# The sparsity options optimize and calibrate share (calibrate chooses the threshold itself).
+_block_options = _stacked(
+    click.option("--block-size", callback=_setting, help="Query/key block edge [1, 1048576]."),
+    click.option("--global-tokens", callback=_setting, help="Leading tokens every query sees."),
+    click.option("--local-window", callback=_setting, help="Keys always computed near each query."),
+)
+_estimate_options = _stacked(
+    click.option("--estimate", callback=_setting, help="mean (default), antidiagonal or token."),
+    click.option("--estimate-stride", callback=_setting, help="antidiagonal: 1 pair in this many [16]."),
+)
+
+
 @main.command("optimize")
 @click.argument("model", type=click.Path())
 @click.option(
@@ -286,14 +309,11 @@ def _sparsity_config(config_path, overrides: dict):
     help="Output model (default MODEL.tfsa.onnx); for a genai folder the output folder (MODEL.tfsa).",
 )
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Sparsity config (JSON/YAML).")
-@click.option("--block-size", callback=_setting, help="Query/key block edge [1, 1048576].")
-@click.option("--global-tokens", callback=_setting, help="Leading tokens every query sees.")
-@click.option("--local-window", callback=_setting, help="Keys always computed near each query.")
+@_block_options
 @click.option("--threshold", callback=_setting, help="Estimated mass to keep [0, 1].")
 @click.option("--max-density", callback=_setting, help="Cap on key blocks computed (0, 1].")
 @click.option("--min-seq-len", callback=_setting, help="Dense attention below this many keys.")
-@click.option("--estimate", callback=_setting, help="Block estimate: mean (default), antidiagonal or token.")
-@click.option("--estimate-stride", callback=_setting, help="antidiagonal: 1 pair in this many [16].")
+@_estimate_options
 @click.option(
     "--compute-precision",
     callback=_setting,
@@ -663,16 +683,13 @@ def _validate_once(validate, original, optimized, feeds, threads, warmup):
 @click.option("--target", required=True, help="'cos>=0.995' (output vs dense) or 'ppl<=+1%' (perplexity).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Config JSON to write.")
 @click.option("--output-name", help="Model output the target is measured on (default: the first).")
-@click.option("--block-size", callback=_setting, help="Query/key block edge [1, 1048576].")
-@click.option("--global-tokens", callback=_setting, help="Leading tokens every query sees.")
-@click.option("--local-window", callback=_setting, help="Keys always computed near each query.")
+@_block_options
 @click.option(
     "--min-seq-len",
     callback=_setting,
     help="Dense below this many keys (default: min(1024, --seq-len)).",
 )
-@click.option("--estimate", callback=_setting, help="Block estimate: mean (default), antidiagonal or token.")
-@click.option("--estimate-stride", callback=_setting, help="antidiagonal: 1 pair in this many [16].")
+@_estimate_options
 @click.option(
     "--curve-samples", type=click.IntRange(1), default=2, show_default=True, help="Samples per layer curve."
 )

@@ -85,24 +85,14 @@ _library: ctypes.CDLL | None = None
 def load(path: str) -> ctypes.CDLL:
     """A library with the entry point: the CUDA library, or the tests' CPU emulation of it."""
     lib = ctypes.CDLL(path)
-    lib.tfsa_cuda_workspace_bytes.argtypes = [ctypes.POINTER(CudaArgs)]
-    lib.tfsa_cuda_workspace_bytes.restype = ctypes.c_size_t
-    lib.tfsa_cuda_sparse_attention.argtypes = [
-        ctypes.POINTER(CudaArgs),
-        ctypes.c_void_p,
-        ctypes.c_char_p,
-        ctypes.c_size_t,
-    ]
-    lib.tfsa_cuda_sparse_attention.restype = ctypes.c_int
-    lib.tfsa_cuda_gqa_workspace_bytes.argtypes = [ctypes.POINTER(GqaArgs)]
-    lib.tfsa_cuda_gqa_workspace_bytes.restype = ctypes.c_size_t
-    lib.tfsa_cuda_group_query_attention.argtypes = [
-        ctypes.POINTER(GqaArgs),
-        ctypes.c_void_p,
-        ctypes.c_char_p,
-        ctypes.c_size_t,
-    ]
-    lib.tfsa_cuda_group_query_attention.restype = ctypes.c_int
+    # each face: (its workspace query, its call), taking that face's argument struct
+    for args, workspace, call in (
+        (CudaArgs, lib.tfsa_cuda_workspace_bytes, lib.tfsa_cuda_sparse_attention),
+        (GqaArgs, lib.tfsa_cuda_gqa_workspace_bytes, lib.tfsa_cuda_group_query_attention),
+    ):
+        workspace.argtypes, workspace.restype = [ctypes.POINTER(args)], ctypes.c_size_t
+        call.argtypes = [ctypes.POINTER(args), ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+        call.restype = ctypes.c_int
     return lib
 
 

@@ -266,6 +266,27 @@ _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "And", "Or", "Xor", "Where", "Max", 
 _ELEMENTWISE |= {"LessOrEqual", "Greater", "GreaterOrEqual", "Not", "Neg", "Cast", "Abs", "Identity"}
 
 
+# Errors of a rule that meets a graph it does not expect: each means "unknown", not a bug here.
+_EVAL_ERRORS = (ValueError, IndexError, KeyError, TypeError, AttributeError, ZeroDivisionError, OverflowError)
+
+
+def _remembered(cache: dict, value: ir.Value, compute, errors: tuple) -> Any:
+    """compute(value), computed once per value: an Unknown (or one of `errors`, as an Unknown) is
+    remembered and raised again."""
+    key = id(value)
+    if key not in cache:
+        try:
+            cache[key] = compute(value)
+        except Unknown as e:
+            cache[key] = e
+        except errors as e:
+            cache[key] = Unknown(f"{type(e).__name__}: {e}")
+    result = cache[key]
+    if isinstance(result, Unknown):
+        raise result
+    return result
+
+
 class MaskAlgebra:
     """Evaluates values of one model symbolically; results are cached per value."""
 
@@ -276,38 +297,10 @@ class MaskAlgebra:
         self.shapes: dict[int, tuple[Dim, ...] | Unknown] = {}
 
     def eval(self, value: ir.Value) -> Abstract:
-        key = id(value)
-        if key not in self.cache:
-            try:
-                self.cache[key] = self._eval(value)
-            except Unknown as e:
-                self.cache[key] = e
-            except (
-                ValueError,
-                IndexError,
-                KeyError,
-                TypeError,
-                AttributeError,
-                ZeroDivisionError,
-                OverflowError,
-            ) as e:
-                self.cache[key] = Unknown(f"{type(e).__name__}: {e}")
-        result = self.cache[key]
-        if isinstance(result, Unknown):
-            raise result
-        return result
+        return _remembered(self.cache, value, self._eval, _EVAL_ERRORS)
 
     def shape_of(self, value: ir.Value) -> tuple[Dim, ...]:
-        key = id(value)
-        if key not in self.shapes:
-            try:
-                self.shapes[key] = self._shape_of(value)
-            except Unknown as e:
-                self.shapes[key] = e
-        result = self.shapes[key]
-        if isinstance(result, Unknown):
-            raise result
-        return result
+        return _remembered(self.shapes, value, self._shape_of, ())
 
     def _shape_of(self, value: ir.Value) -> tuple[Dim, ...]:
         node = value.producer()
