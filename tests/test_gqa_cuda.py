@@ -25,7 +25,7 @@ def gqa_args(case: Case, feeds: dict) -> cuda.GqaArgs:
     total = int(feeds["total_sequence_length"])
     past_rows = feeds["past_key"].shape[2] if "past_key" in feeds else 0
     cos = feeds.get("cos_cache")
-    sparsity = case.sparsity_attrs() | {k: v for k, v in case.attrs.items() if k == "scale"}
+    sparsity = case.sparsity_attrs() | {k: v for k, v in case.attrs.items() if k in ("scale", "softcap")}
     return cuda.GqaArgs(
         dtype=cuda.FLOAT16 if case.dtype == np.float16 else cuda.FLOAT32,
         packed=int(case.packed),
