@@ -124,7 +124,8 @@ def estimated_peak(model: str | Path | onnx.ModelProto, feeds: list[Feed], *, re
     """A rough peak resident size, in bytes, of one model run on feeds[0] with our comparison:
     weights twice (the session's and a loaded copy), the outputs three times (the run's, ours, the
     arena's rounding), and where attention is not rewritten 4 [B, heads, S, S] float score tensors
-    (fitted to SmolLM2-135M at 8,192 tokens: 15.6 GB estimated, 16.3 GB measured)."""
+    (fitted to SmolLM2-135M at 8,192 tokens before the arena shrank after each run: 15.6 GB
+    estimated, 16.3 GB measured then, 13.0 GB now: it errs high)."""
     head = graph_only(model)
     weights = sum(
         int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
