@@ -88,6 +88,7 @@ def cases(draw, max_len: int = 300, max_heads: int = 3):
         estimate=draw(st.integers(0, 2)),
         estimate_stride=draw(st.sampled_from([1, 2, 8, 16, 1000])),
         query_positions=draw(st.integers(0, 1)),
+        softcap=draw(st.sampled_from([0.0, 0.0, 0.0, 0.5, 30.0])),
     )
     return q, k, v, mask, attrs
 
