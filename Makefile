@@ -41,7 +41,7 @@ lint: install
 # pytest runs from tests/ so that the installed package (with its built library) is imported.
 test: install
 	$(VENV)/bin/ruff check tfsa_onnx tests samples
-	cd tests && $(abspath $(PY)) -m pytest -q -c ../pyproject.toml --rootdir .. .
+	cd tests && $(abspath $(PY)) -m pytest -q -c ../pyproject.toml --rootdir .. --durations=15 .
 
 # The demo's real model and text come from PyPI (offline once installed).
 demo: venv
