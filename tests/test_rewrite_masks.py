@@ -212,6 +212,26 @@ def test_a_proof_the_probe_contradicts_is_not_used(monkeypatch) -> None:
     assert any("contradicts" in n for n in result.notes)
 
 
+@pytest.mark.parametrize("end,whole", [("len1", True), ("five", False)])
+def test_a_slice_that_keeps_every_key_is_looked_through(end, whole) -> None:
+    """optimum's with-past export slices its mask to the key length (mask[..., :key_length]):
+    a slice proven to keep every element goes the way of Cast and Expand; one that may cut the
+    mask (here to 5 keys) keeps the mask as it is."""
+
+    def build(nodes):
+        nodes.append(
+            helper.make_node("Constant", [], ["five"], value=helper.make_tensor("five", 7, [1], [5]))
+        )
+        _ops(nodes, "LessOrEqual j i tri")
+        nodes.append(helper.make_node("Slice", ["tri", "ax0", end, "ax1"], ["m"]))
+        return "m"
+
+    model, mask = _mask_model(build)
+    result = masks.MaskAnalyzer(model).split(mask, additive=False, square=True)
+    assert result.causal == whole
+    assert (result.kept is None) == whole
+
+
 def test_causal_needs_equal_query_and_key_lengths() -> None:
     """j <= i on a [Sq, Sk] mask whose lengths differ is not the op's is_causal (j <= i + Sk - Sq)."""
 

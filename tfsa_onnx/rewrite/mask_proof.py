@@ -279,7 +279,7 @@ _ELEMENTWISE |= {"Pow"}
 # whose bounds are scalars.
 _SAME_SHAPE = {"Cast", "Identity", "Not", "Neg", "Abs", "Sign", "Ceil", "Floor", "Round", "Log", "Exp"}
 _SAME_SHAPE |= {"Sqrt", "Reciprocal", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "IsNaN", "IsInf", "Clip"}
-_SAME_SHAPE |= {"Softmax", "LogSoftmax", "LayerNormalization", "Dropout"}
+_SAME_SHAPE |= {"Softmax", "LogSoftmax", "LayerNormalization", "Dropout", "Cos", "Sin", "Softplus"}
 
 
 # Errors of a rule that meets a graph it does not expect: each means "unknown", not a bug here.
@@ -320,6 +320,18 @@ class MaskAlgebra:
 
     def shape_of(self, value: ir.Value) -> tuple[Dim, ...]:
         return _remembered(self.shapes, value, self._shape_of, ())
+
+    def keeps_everything(self, node: ir.Node) -> bool:
+        """Whether a Slice provably takes every element in order (mask[..., :key_length] of a mask
+        that has key_length keys): each sliced axis whole, with steps > 0."""
+        try:
+            inputs = [i for i in node.inputs if i is not None]
+            steps = self._vector(node, 4) if len(node.inputs) > 4 and node.inputs[4] is not None else [ONE]
+            if any(not st.is_const or st.const <= 0 for st in steps):
+                return False
+            return self._shape_Slice(node, inputs) == self.shape_of(node.inputs[0])
+        except (Unknown, *_EVAL_ERRORS):
+            return False
 
     def _shape_of(self, value: ir.Value) -> tuple[Dim, ...]:
         node = value.producer()
@@ -445,6 +457,33 @@ class MaskAlgebra:
         if len(repeats) != len(shape):
             raise Unknown("Tile repeats of another rank")
         return tuple(d * r for d, r in zip(shape, repeats, strict=True))
+
+    def _shape_Concat(self, node, inputs):
+        """Concat (a KV cache: past ++ new keys): the axis summed; every other axis is the same in
+        all inputs wherever the op runs, so the first input's stands for it."""
+        shapes = [self.shape_of(i) for i in inputs]
+        if len({len(x) for x in shapes}) != 1:
+            raise Unknown("Concat of different ranks")
+        axis = attr(node, "axis") % len(shapes[0])
+        total = Dim(0)
+        for x in shapes:
+            total = total + x[axis]
+        return (*shapes[0][:axis], total, *shapes[0][axis + 1 :])
+
+    def _shape_reduce(self, node, inputs):
+        """ReduceMean and the like (RMSNorm's mean of squares): reduced axes kept as 1 or dropped."""
+        shape = self.shape_of(inputs[0])
+        axes = self._ints(node, 1) if len(inputs) > 1 else attr(node, "axes", None)
+        if axes is None or not axes:  # all axes (noop_with_empty_axes aside, which we do not read)
+            if attr(node, "noop_with_empty_axes", 0):
+                raise Unknown("a Reduce with noop_with_empty_axes")
+            axes = list(range(len(shape)))
+        axes = {a % len(shape) for a in axes}
+        if attr(node, "keepdims", 1):
+            return tuple(ONE if a in axes else d for a, d in enumerate(shape))
+        return tuple(d for a, d in enumerate(shape) if a not in axes)
+
+    _shape_ReduceMean = _shape_ReduceSum = _shape_ReduceMax = _shape_ReduceMin = _shape_reduce
 
     def _shape_GatherElements(self, node, inputs):
         data, index = self.shape_of(inputs[0]), self.shape_of(inputs[1])
