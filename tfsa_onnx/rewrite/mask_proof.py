@@ -402,6 +402,10 @@ class MaskAlgebra:
                     if k is not None:
                         rest[k] = _divided(rest[k], d.const)
                         continue
+                    k = _multiple(rest, d)  # B*H -> B, -1 (BLOOM's split of its scores)
+                    if k is not None:
+                        rest[k] = Dim(_ratio(rest[k], d))
+                        continue
                     pair = _factors(rest, d)  # two source axes merged into one (B*H)
                     if pair is None:
                         raise Unknown("a Reshape that merges axes")
@@ -883,6 +887,19 @@ def _divisible(sizes: list[Dim], d: Dim) -> int | None:
         if isinstance(x.const, int) and x.const % d.const == 0 and all(c % d.const == 0 for _, c in x.terms):
             return k
     return None
+
+
+def _multiple(sizes: list[Dim], d: Dim) -> int | None:
+    """The index of the first size that is a whole multiple k >= 1 of a symbolic d (2 * B of B)."""
+    if d.is_const:
+        return None
+    return next((k for k, x in enumerate(sizes) if _ratio(x, d) is not None), None)
+
+
+def _ratio(x: Dim, d: Dim) -> int | None:
+    name, c = d.terms[0]
+    k = dict(x.terms).get(name, 0) / c
+    return int(k) if k >= 1 and float(k).is_integer() and d.scaled(int(k)) == x else None
 
 
 def _divided(x: Dim, k: int) -> Dim:
