@@ -355,7 +355,13 @@ def test_sizes_through_sliced_positions_and_gathered_relative_positions() -> Non
         mk("Concat", ["bh", "s1", "s1"], ["target"], axis=0),
         mk("Unsqueeze", ["rel", "zero1"], ["rel3"]),  # [1, seq, seq] from a [seq, seq] input
         mk("Clip", ["rel3", "lo", "hi"], ["clamped"]),
-        mk("Expand", ["clamped", "target"], ["index"]),
+        # torch's expand: Where(Equal(shape, ConstantOfShape(3) * -1), ConstantOfShape(3), shape),
+        # decided by the sizes' signs (2 * b, seq are never -1)
+        mk("ConstantOfShape", ["three1"], ["ones"], value=helper.make_tensor("v", i64, [1], [1])),
+        mk("Mul", ["ones", "minus1"], ["minus_ones"]),
+        mk("Equal", ["target", "minus_ones"], ["keep"]),
+        mk("Where", ["keep", "ones", "target"], ["expand_to"]),
+        mk("Expand", ["clamped", "expand_to"], ["index"]),
         mk("Concat", ["b1", "one1", "one1"], ["repeats"], axis=0),
         mk("Tile", ["head_pos", "repeats"], ["pos_k"]),  # [2, 6, 4] -> [2 * b, 6, 4]
         mk("GatherElements", ["pos_k", "index"], ["c2p"], axis=-1),
