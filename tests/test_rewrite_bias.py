@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from test_rewrite_families import DENSE, check_structure
 
 import tfsa_onnx
-from tfsa_onnx.rewrite import find_sites, optimize
+from tfsa_onnx.rewrite import optimize
 
 # (family, dynamo, causal, the op's padding mask and bias at batch 2, length 33): the padding is
 # a [B, 1, 1, S] key mask, but MPNet's TorchScript export gives [B, 1, S, S], as BERT's does
@@ -143,30 +143,26 @@ def test_terms_split_into_mask_and_bias_stay_exact(negative) -> None:
     np.testing.assert_allclose(b.run(None, x)[0], a.run(None, x)[0], atol=1e-5)
 
 
-def test_deberta_v2_disentangled_attention_is_replaced(exports) -> None:
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_deberta_v2_disentangled_attention_is_replaced(exports, dynamo) -> None:
     # c2p + p2c are added to the merged scores: one [B*H, S, S] bias; the mask is
-    # masked_fill(~mask, min) over query and key padding. The dynamo export only (TorchScript's:
-    # the next test).
-    path = exports.get("deberta-v2", "eager", True, None)
+    # masked_fill(~mask, min) over query and key padding. TorchScript's export: Where(Cast(Not(
+    # mask)), min, scores), K^T divided by sqrt(head_dim * 3) computed from sizes, the
+    # probabilities' own Shape sizing their merge, and the bias's shape known only through the
+    # size rules (GatherElements over expanded, clamped positions; the embeddings' sliced
+    # position ids): ONNX shape inference loses it.
+    path = exports.get("deberta-v2", "eager", dynamo, None)
     original = onnx.load(str(path))
     optimized, report = optimize(path, DENSE)
     check_structure(original, optimized, layers=2)
     for site in report.sites:
         assert site.replaced and site.masked and not site.causal, site.reason
+        assert (site.heads, site.kv_heads, site.head_dim) == (2, 2, 16)
     a, b = sessions(original, optimized)
     for seq in (5, 16, 33):
         x = feeds(a, seq)
         real = x["attention_mask"].astype(bool)  # padded queries see no key: zeros, not the mean
         np.testing.assert_allclose(b.run(None, x)[0][real], a.run(None, x)[0][real], atol=1e-4, rtol=0)
-
-
-def test_deberta_v2_torchscript_blocks_are_sites_with_their_reason(exports) -> None:
-    # TorchScript's DeBERTa-v2: Where(Cast(Not(mask)), min, scores), K^T divided by
-    # sqrt(head_dim * 3) computed from shapes, the probabilities' own Shape sizing their merge:
-    # all of that is read; what stops the rewrite is the merged scores' split, whose shape
-    # ONNX shape inference loses through c2p + p2c. Each block is reported with that reason.
-    report = find_sites(exports.get("deberta-v2", "eager", False, None))
-    assert len(report.sites) == 2
-    for site in report.sites:
-        assert not site.replaced
-        assert "cannot prove that the scores are split into the query's batch and heads" in site.reason
+    nodes = [n for n in optimized.graph.node if n.op_type == "SparseAttention"]
+    shapes = _runtime_shapes(optimized, [nodes[0].input[3], nodes[0].input[4]], feeds(a, 33))
+    assert shapes[nodes[0].input[4]] == (2, 2, 33, 33)  # the bias, per head; the mask [B, 1, S, S]

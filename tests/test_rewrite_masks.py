@@ -11,10 +11,11 @@ import onnx_ir as ir
 import pytest
 from conftest import feeds, sessions
 from onnx import TensorProto, helper
+from test_rewrite_bias import _runtime_shapes
 
 from tfsa_onnx.rewrite import masks, optimize
 from tfsa_onnx.rewrite.common import Builder
-from tfsa_onnx.rewrite.mask_proof import Dim, MaskAlgebra, Term, classify, mask_constants
+from tfsa_onnx.rewrite.mask_proof import Dim, MaskAlgebra, Term, Unknown, classify, mask_constants
 from tfsa_onnx.rewrite.passes import _infer_shapes
 
 DENSE = {
@@ -35,7 +36,7 @@ WINDOWED = [
     ("qwen2-window", True, [300, 300]),
     ("qwen2-window", False, [300, 300]),
     ("gemma3", True, [512] * 5 + [None]),
-    ("gemma3", False, None),  # TorchScript slices the whole mask: kept as it is, window unseen
+    ("gemma3", False, [512] * 5 + [None]),  # TorchScript slices the whole mask per layer: proven too
 ]
 
 
@@ -45,15 +46,17 @@ def test_sliding_windows_stay_exact_beyond_the_window(exports, family, dynamo, w
     original = onnx.load(str(path))
     optimized, report = optimize(path, DENSE)
     assert all(s.replaced for s in report.sites)
-    if windows is not None:
-        assert [s.window for s in report.sites] == windows
-        assert all(s.causal for s in report.sites)
-        nodes = {n.name: n for n in optimized.graph.node if n.op_type == "SparseAttention"}
-        for site in report.sites:  # the band is the op's sliding_window, not an S x S mask
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[site.name].attribute}
-            assert attrs.get("sliding_window", 0) == (site.window or 0)
-            assert attrs["is_causal"] == 1
+    assert [s.window for s in report.sites] == windows
+    assert all(s.causal for s in report.sites)
+    nodes = {n.name: n for n in optimized.graph.node if n.op_type == "SparseAttention"}
+    for site in report.sites:  # the band is the op's sliding_window, not an S x S mask
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[site.name].attribute}
+        assert attrs.get("sliding_window", 0) == (site.window or 0)
+        assert attrs["is_causal"] == 1
     a, b = sessions(original, optimized)
+    # the padding is all that is left of the mask: [B, 1, 1, S], never S x S
+    masks_in = sorted({n.input[3] for n in nodes.values()})
+    assert set(_runtime_shapes(optimized, masks_in, feeds(a, 33)).values()) == {(2, 1, 1, 33)}
     for seq in (64, 600, 1100):
         x = feeds(a, seq)
         # Padded queries past the window may attend to no key: the op gives them zeros where
@@ -209,6 +212,26 @@ def test_a_proof_the_probe_contradicts_is_not_used(monkeypatch) -> None:
     assert any("contradicts" in n for n in result.notes)
 
 
+@pytest.mark.parametrize("end,whole", [("len1", True), ("five", False)])
+def test_a_slice_that_keeps_every_key_is_looked_through(end, whole) -> None:
+    """optimum's with-past export slices its mask to the key length (mask[..., :key_length]):
+    a slice proven to keep every element goes the way of Cast and Expand; one that may cut the
+    mask (here to 5 keys) keeps the mask as it is."""
+
+    def build(nodes):
+        nodes.append(
+            helper.make_node("Constant", [], ["five"], value=helper.make_tensor("five", 7, [1], [5]))
+        )
+        _ops(nodes, "LessOrEqual j i tri")
+        nodes.append(helper.make_node("Slice", ["tri", "ax0", end, "ax1"], ["m"]))
+        return "m"
+
+    model, mask = _mask_model(build)
+    result = masks.MaskAnalyzer(model).split(mask, additive=False, square=True)
+    assert result.causal == whole
+    assert (result.kept is None) == whole
+
+
 def test_causal_needs_equal_query_and_key_lengths() -> None:
     """j <= i on a [Sq, Sk] mask whose lengths differ is not the op's is_causal (j <= i + Sk - Sq)."""
 
@@ -299,6 +322,84 @@ def test_sizes_through_a_split_axis_a_matmul_and_a_square_root() -> None:
     assert scale.is_const and scale.const == pytest.approx(np.sqrt(48.0))
     b, s = Dim.symbol("b"), Dim.symbol("s")
     assert algebra.shape_of(values["scores"]) == (b, Dim(2), s, s)
+
+
+def _shapeless(nodes, inputs, outputs, inits) -> dict[str, ir.Value]:
+    """The graph's values by name, with every inferred shape removed (the size rules alone decide)."""
+    graph = helper.make_graph(nodes, "sizes", inputs, outputs, initializer=inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    for v in values.values():
+        v.shape = None
+    return values
+
+
+def test_sizes_through_sliced_positions_and_gathered_relative_positions() -> None:
+    # DeBERTa's TorchScript export: position ids [1, 10][:, :seq] embedded and added to the
+    # tokens' embeddings ([1, min(seq, 10)] broadcasts against seq only as seq: the sum is
+    # [b, seq, 4] wherever it runs); c2p-style GatherElements over a clamped [1, seq, seq]
+    # index expanded to [2 * b, seq, seq], repeated heads (Tile by b) and B*H split by H.
+    mk, i64, f = helper.make_node, TensorProto.INT64, TensorProto.FLOAT
+    nodes = [
+        mk("Shape", ["ids"], ["len"], start=1, end=2),
+        mk("Slice", ["positions", "zero1", "len", "one1"], ["pos"]),
+        mk("Gather", ["table", "pos"], ["pos_emb"]),
+        mk("Gather", ["table", "ids"], ["tok_emb"]),
+        mk("Add", ["tok_emb", "pos_emb"], ["emb"]),
+        mk("LayerNormalization", ["emb", "gamma", "beta"], ["hidden"], axis=-1),
+        mk("Shape", ["ids"], ["b1"], start=0, end=1),
+        mk("Mul", ["b1", "two"], ["bh"]),
+        mk("Unsqueeze", ["hidden", "zero1"], ["h4"]),  # [1, b, seq, 4]
+        mk("Shape", ["h4"], ["h4_shape"]),
+        mk("Slice", ["h4_shape", "two1", "three1"], ["s1"]),
+        mk("Concat", ["bh", "s1", "s1"], ["target"], axis=0),
+        mk("Unsqueeze", ["rel", "zero1"], ["rel3"]),  # [1, seq, seq] from a [seq, seq] input
+        mk("Clip", ["rel3", "lo", "hi"], ["clamped"]),
+        # torch's expand: Where(Equal(shape, ConstantOfShape(3) * -1), ConstantOfShape(3), shape),
+        # decided by the sizes' signs (2 * b, seq are never -1)
+        mk("ConstantOfShape", ["three1"], ["ones"], value=helper.make_tensor("v", i64, [1], [1])),
+        mk("Mul", ["ones", "minus1"], ["minus_ones"]),
+        mk("Equal", ["target", "minus_ones"], ["keep"]),
+        mk("Where", ["keep", "ones", "target"], ["expand_to"]),
+        mk("Expand", ["clamped", "expand_to"], ["index"]),
+        mk("Concat", ["b1", "one1", "one1"], ["repeats"], axis=0),
+        mk("Tile", ["head_pos", "repeats"], ["pos_k"]),  # [2, 6, 4] -> [2 * b, 6, 4]
+        mk("GatherElements", ["pos_k", "index"], ["c2p"], axis=-1),
+        mk("Concat", ["minus1", "two", "s1", "s1"], ["split"], axis=0),
+        mk("Reshape", ["c2p", "split"], ["c2p4"]),
+        mk("Shape", ["other"], ["len_other"], start=1, end=2),
+        mk("Slice", ["positions", "zero1", "len_other", "one1"], ["pos_other"]),
+        mk("Gather", ["table", "pos_other"], ["other_emb"]),
+        mk("Add", ["tok_emb", "other_emb"], ["unproven"]),
+    ]
+    inits = [
+        helper.make_tensor("positions", i64, [1, 10], list(range(10))),
+        helper.make_tensor("table", f, [10, 4], [0.0] * 40),
+        helper.make_tensor("gamma", f, [4], [1.0] * 4),
+        helper.make_tensor("beta", f, [4], [0.0] * 4),
+        helper.make_tensor("head_pos", f, [2, 6, 4], [0.0] * 48),
+        helper.make_tensor("minus1", i64, [1], [-1]),
+        helper.make_tensor("lo", i64, [], [0]),
+        helper.make_tensor("hi", i64, [], [5]),
+        helper.make_tensor("two", i64, [1], [2]),
+        *(helper.make_tensor(f"{n}1", i64, [1], [v]) for v, n in enumerate(("zero", "one", "two", "three"))),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("ids", i64, ["b", "seq"]),
+        helper.make_tensor_value_info("rel", i64, ["seq", "seq"]),
+        helper.make_tensor_value_info("other", i64, ["b", "n"]),
+    ]
+    outputs = [helper.make_tensor_value_info(n, f, None) for n in ("hidden", "c2p4", "unproven")]
+    values = _shapeless(nodes, inputs, outputs, inits)
+    algebra = MaskAlgebra()
+    b, seq = Dim.symbol("b"), Dim.symbol("seq")
+    assert algebra.shape_of(values["hidden"]) == (b, seq, Dim(4))
+    assert algebra.shape_of(values["c2p"]) == (b.scaled(2), seq, seq)
+    assert algebra.shape_of(values["c2p4"]) == (b, Dim(2), seq, seq)
+    assert algebra.shape_of(values["pos_k"]) == (b.scaled(2), Dim(6), Dim(4))
+    # [:n] of 10 positions, n another input's length: the sum's length is not proven
+    with pytest.raises(Unknown):
+        algebra.shape_of(values["unproven"])
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])

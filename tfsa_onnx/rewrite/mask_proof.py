@@ -22,9 +22,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from tfsa_onnx import DOMAIN, OP_TYPE
 from tfsa_onnx.rewrite.common import NEG_LIMIT, attr, const_array, feeding_constants
 
 Scalar = int | float
+# The name prefix of a symbol that stands for a number of unknown sign (size arithmetic outside
+# the affine algebra); every other symbol is a size, >= 0.
+UNSIGNED = "~"
 _MAX_CONST_ELEMENTS = 4096  # larger constants are not mask index arithmetic
 _INT_TYPES = {ir.DataType.INT64, ir.DataType.INT32, ir.DataType.INT16, ir.DataType.INT8, ir.DataType.UINT8}
 
@@ -204,11 +208,17 @@ def _refill(x: Grid | Cond, shape: tuple[Dim, ...]) -> Grid | Cond:
     return Cond(shape, _map_atoms(x.formula, lambda a: ("atom", (0,) * len(shape), a[2], a[3])))
 
 
-def _broadcast_shape(*shapes: tuple[Dim, ...]) -> tuple[Dim, ...]:
+def _broadcast_shape(*shapes: tuple[Dim, ...], minima: dict | None = None) -> tuple[Dim, ...]:
+    """numpy broadcasting of proven sizes. `minima` (MaskAlgebra.minima): sizes known as
+    min(a, c), c >= 1, which broadcast against a itself give a wherever the op runs (a <= c:
+    both are a; a > c: min is c, and only c = 1 broadcasts)."""
     rank = max(len(s) for s in shapes)
     out = []
     for axis in range(rank):
         dims = {s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0} - {ONE}
+        for d in list(dims) if minima and len(dims) > 1 else ():
+            if d in minima and minima[d] in dims:
+                dims.discard(d)
         if len(dims) > 1:
             raise Unknown("sizes that broadcast only if two symbolic sizes are equal")
         out.append(dims.pop() if dims else ONE)
@@ -264,6 +274,12 @@ _COMPARE = {"Less": ("gt", True), "LessOrEqual": ("ge", True), "Greater": ("gt",
 _COMPARE |= {"GreaterOrEqual": ("ge", False), "Equal": ("eq", False)}
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "And", "Or", "Xor", "Where", "Max", "Min", "Equal", "Less"}
 _ELEMENTWISE |= {"LessOrEqual", "Greater", "GreaterOrEqual", "Not", "Neg", "Cast", "Abs", "Identity"}
+_ELEMENTWISE |= {"Pow"}
+# Ops whose (first) output has their first input's shape: unary maps, normalisations, and Clip,
+# whose bounds are scalars.
+_SAME_SHAPE = {"Cast", "Identity", "Not", "Neg", "Abs", "Sign", "Ceil", "Floor", "Round", "Log", "Exp"}
+_SAME_SHAPE |= {"Sqrt", "Reciprocal", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "IsNaN", "IsInf", "Clip"}
+_SAME_SHAPE |= {"Softmax", "LogSoftmax", "LayerNormalization", "Dropout", "Cos", "Sin", "Softplus"}
 
 
 # Errors of a rule that meets a graph it does not expect: each means "unknown", not a bug here.
@@ -295,12 +311,27 @@ class MaskAlgebra:
         # shape_of's answers: its rules recurse through every input, and a residual stream
         # reaches each earlier layer along many paths (exponential without this).
         self.shapes: dict[int, tuple[Dim, ...] | Unknown] = {}
+        # Sizes a Slice clamps to a constant (position_ids[:, :seq] of 1,100 positions):
+        # the symbol standing for min(a, c) -> a (_broadcast_shape).
+        self.minima: dict[Dim, Dim] = {}
 
     def eval(self, value: ir.Value) -> Abstract:
         return _remembered(self.cache, value, self._eval, _EVAL_ERRORS)
 
     def shape_of(self, value: ir.Value) -> tuple[Dim, ...]:
         return _remembered(self.shapes, value, self._shape_of, ())
+
+    def keeps_everything(self, node: ir.Node) -> bool:
+        """Whether a Slice provably takes every element in order (mask[..., :key_length] of a mask
+        that has key_length keys): each sliced axis whole, with steps > 0."""
+        try:
+            inputs = [i for i in node.inputs if i is not None]
+            steps = self._vector(node, 4) if len(node.inputs) > 4 and node.inputs[4] is not None else [ONE]
+            if any(not st.is_const or st.const <= 0 for st in steps):
+                return False
+            return self._shape_Slice(node, inputs) == self.shape_of(node.inputs[0])
+        except (Unknown, *_EVAL_ERRORS):
+            return False
 
     def _shape_of(self, value: ir.Value) -> tuple[Dim, ...]:
         node = value.producer()
@@ -309,9 +340,16 @@ class MaskAlgebra:
                 return self.eval(value).shape
             except Unknown:
                 pass
-        if node is not None and node.domain in ("", "ai.onnx"):
+        if node is not None and node.domain in ("", "ai.onnx") and value is node.outputs[0]:
             try:
                 return self._shape_rule(node)
+            except Unknown:
+                pass
+        if node is not None and (node.domain, node.op_type) == (DOMAIN, OP_TYPE) and value is node.outputs[0]:
+            try:  # a block replaced already: Y is [B, Hq, Sq, Dv] (later blocks read its sizes)
+                query, v = self.shape_of(node.inputs[0]), self.shape_of(node.inputs[2])
+                if len(query) == len(v) == 4:
+                    return (*query[:3], v[3])
             except Unknown:
                 pass
         if value.shape is None:
@@ -330,10 +368,10 @@ class MaskAlgebra:
         """The output shape of a node whose values are not index arithmetic (an embedding's
         Gather, a Reshape of an input), from its inputs' shapes."""
         inputs = [i for i in node.inputs if i is not None]
-        if node.op_type in ("Cast", "Identity", "Not", "Neg", "Abs"):
+        if node.op_type in _SAME_SHAPE:
             return self.shape_of(inputs[0])
         if node.op_type in _ELEMENTWISE:
-            return _broadcast_shape(*(self.shape_of(i) for i in inputs))
+            return _broadcast_shape(*(self.shape_of(i) for i in inputs), minima=self.minima)
         if node.op_type == "Transpose":
             shape = self.shape_of(inputs[0])
             perm = attr(node, "perm", None) or list(reversed(range(len(shape))))
@@ -360,9 +398,13 @@ class MaskAlgebra:
                     if d in rest:
                         rest.remove(d)
                         continue
-                    k = _divisible(rest, d)  # a known axis split ([B, S, 32] -> [B, S, 2, -1])
+                    k = _divisible(rest, d)  # an axis split ([B, S, 32] -> [B, S, 2, -1]; B*H -> B, H)
                     if k is not None:
-                        rest[k] = Dim(rest[k].const // d.const)
+                        rest[k] = _divided(rest[k], d.const)
+                        continue
+                    k = _multiple(rest, d)  # B*H -> B, -1 (BLOOM's split of its scores)
+                    if k is not None:
+                        rest[k] = Dim(_ratio(rest[k], d))
                         continue
                     pair = _factors(rest, d)  # two source axes merged into one (B*H)
                     if pair is None:
@@ -373,7 +415,114 @@ class MaskAlgebra:
                     size = size * d
                 target[target.index(Dim(-1))] = size
             return tuple(target)
-        raise Unknown(f"no shape rule for {node.op_type}")
+        rule = getattr(self, f"_shape_{node.op_type}", None)
+        if rule is None:
+            raise Unknown(f"no shape rule for {node.op_type}")
+        try:
+            return rule(node, inputs)
+        except _EVAL_ERRORS as e:  # a form of the op the rule does not expect (older opsets)
+            raise Unknown(f"{node.op_type}: {type(e).__name__}") from None
+
+    # shape rules of data tensors (DeBERTa's c2p and p2c: GatherElements over expanded,
+    # clamped relative positions; embeddings of sliced position ids)
+
+    def _vector(self, node: ir.Node, i: int) -> list[Dim]:
+        """A 1-D size vector input (Expand's shape, Tile's repeats, Slice's starts ...)."""
+        x = self._in(node, i)
+        if not isinstance(x, Arr) or x.values.dtype == bool or x.values.ndim > 1:
+            raise Unknown("a size vector that is not known")
+        return [Dim.of(d) for d in x.values.reshape(-1)]
+
+    def _shape_Unsqueeze(self, node, inputs):
+        shape = list(self.shape_of(inputs[0]))
+        axes = self._ints(node, 1) if len(inputs) > 1 else list(attr(node, "axes"))
+        rank = len(shape) + len(axes)
+        for a in sorted(a % rank for a in axes):
+            shape.insert(a, ONE)
+        return tuple(shape)
+
+    def _shape_Squeeze(self, node, inputs):
+        shape = self.shape_of(inputs[0])
+        axes = self._ints(node, 1) if len(inputs) > 1 else attr(node, "axes", None)
+        if axes is None:
+            if any(not d.is_const for d in shape):
+                raise Unknown("Squeeze of symbolic sizes without axes")
+            axes = [a for a, d in enumerate(shape) if d == ONE]
+        axes = {a % len(shape) for a in axes}
+        if any(shape[a] != ONE for a in axes):
+            raise Unknown("Squeeze of an axis that may not be 1")
+        return tuple(d for a, d in enumerate(shape) if a not in axes)
+
+    def _shape_Expand(self, node, inputs):
+        return _broadcast_shape(self.shape_of(inputs[0]), tuple(self._vector(node, 1)), minima=self.minima)
+
+    def _shape_Tile(self, node, inputs):
+        shape, repeats = self.shape_of(inputs[0]), self._vector(node, 1)
+        if len(repeats) != len(shape):
+            raise Unknown("Tile repeats of another rank")
+        return tuple(d * r for d, r in zip(shape, repeats, strict=True))
+
+    def _shape_Concat(self, node, inputs):
+        """Concat (a KV cache: past ++ new keys): the axis summed; every other axis is the same in
+        all inputs wherever the op runs, so the first input's stands for it."""
+        shapes = [self.shape_of(i) for i in inputs]
+        if len({len(x) for x in shapes}) != 1:
+            raise Unknown("Concat of different ranks")
+        axis = attr(node, "axis") % len(shapes[0])
+        total = Dim(0)
+        for x in shapes:
+            total = total + x[axis]
+        return (*shapes[0][:axis], total, *shapes[0][axis + 1 :])
+
+    def _shape_reduce(self, node, inputs):
+        """ReduceMean and the like (RMSNorm's mean of squares): reduced axes kept as 1 or dropped."""
+        shape = self.shape_of(inputs[0])
+        axes = self._ints(node, 1) if len(inputs) > 1 else attr(node, "axes", None)
+        if axes is None or not axes:  # all axes (noop_with_empty_axes aside, which we do not read)
+            if attr(node, "noop_with_empty_axes", 0):
+                raise Unknown("a Reduce with noop_with_empty_axes")
+            axes = list(range(len(shape)))
+        axes = {a % len(shape) for a in axes}
+        if attr(node, "keepdims", 1):
+            return tuple(ONE if a in axes else d for a, d in enumerate(shape))
+        return tuple(d for a, d in enumerate(shape) if a not in axes)
+
+    _shape_ReduceMean = _shape_ReduceSum = _shape_ReduceMax = _shape_ReduceMin = _shape_reduce
+
+    def _shape_GatherElements(self, node, inputs):
+        data, index = self.shape_of(inputs[0]), self.shape_of(inputs[1])
+        if len(data) != len(index):
+            raise Unknown("GatherElements of another rank")
+        return index
+
+    def _shape_Slice(self, node, inputs):
+        shape = list(self.shape_of(inputs[0]))
+        starts, ends = self._vector(node, 1), self._vector(node, 2)
+        given = [i < len(node.inputs) and node.inputs[i] is not None for i in range(5)]
+        axes = self._ints(node, 3) if given[3] else list(range(len(starts)))
+        steps = self._vector(node, 4) if given[4] else [ONE] * len(starts)
+        if not len(starts) == len(ends) == len(axes) == len(steps):
+            raise Unknown("Slice inputs of different lengths")
+        name = node.outputs[0].name
+        for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+            a %= len(shape)
+            shape[a] = self._sliced(shape[a], s, e, st, f"{name}[{a}]")
+        return tuple(shape)
+
+    def _sliced(self, d: Dim, start: Dim, end: Dim, step: Dim, name: str) -> Dim:
+        """The length of d[start:end:step] where the sizes decide it."""
+        if all(x.is_const for x in (d, start, end, step)) and step.const:
+            return Dim(len(range(int(d.const))[int(start.const) : int(end.const) : int(step.const)]))
+        if start != Dim(0) or step != ONE:
+            raise Unknown("a Slice of a symbolic size that does not start at 0 with step 1")
+        if end == d or (end.is_const and end.const >= 2**31 - 1):  # [:d], [:] as exported
+            return d
+        if d.is_const and d.const >= 1 and _bounds(end)[0] >= 0:
+            # [:e] of c elements, e a size: min(e, c)
+            m = Dim.symbol(f"min({name})")
+            self.minima[m] = end
+            return m
+        raise Unknown("a Slice whose length depends on the sizes")
 
     def _eval(self, value: ir.Value) -> Abstract:
         node = value.producer()
@@ -595,7 +744,7 @@ class MaskAlgebra:
 
     def _arith(self, node: ir.Node) -> Abstract:
         op = node.op_type
-        a, b = self._in(node, 0), self._in(node, 1)
+        a, b = _as_arrays(self._in(node, 0), self._in(node, 1))
         if _is_numbers(a) and _is_numbers(b):  # sizes: exact where affine, else a new symbol
             x, y = np.broadcast_arrays(a.values, b.values)
             name = node.outputs[0].name
@@ -640,7 +789,7 @@ class MaskAlgebra:
 
     def _compare(self, node, inputs):
         rel, swap = _COMPARE[node.op_type]
-        a, b = self._in(node, 0), self._in(node, 1)
+        a, b = _as_arrays(self._in(node, 0), self._in(node, 1))
         if isinstance(a, Arr) and isinstance(b, Arr):
             concrete = _concrete_compare(node.op_type, a, b)
             if concrete is not None:
@@ -656,7 +805,7 @@ class MaskAlgebra:
     _op_Less = _op_LessOrEqual = _op_Greater = _op_GreaterOrEqual = _op_Equal = _compare
 
     def _logic(self, node, inputs):
-        parts = [self.eval(i) for i in node.inputs]
+        parts = _as_arrays(*(self.eval(i) for i in node.inputs))
         if all(isinstance(p, Arr) and p.values.dtype == bool for p in parts):
             fn = {"And": np.logical_and, "Or": np.logical_or, "Xor": np.logical_xor}[node.op_type]
             return Arr(fn(parts[0].values, parts[1].values))
@@ -679,7 +828,7 @@ class MaskAlgebra:
         return Cond(c.shape, ("not", c.formula))
 
     def _op_Where(self, node, inputs):
-        c, a, b = (self._in(node, i) for i in range(3))
+        c, a, b = _as_arrays(*(self._in(node, i) for i in range(3)))
         if isinstance(c, Arr) and isinstance(a, Arr) and isinstance(b, Arr) and c.values.dtype == bool:
             return Arr(np.where(c.values, a.values, b.values))
         c = _as_cond(c)
@@ -690,6 +839,28 @@ class MaskAlgebra:
             return Cond(shape, ("or", ("and", c.formula, a.formula), ("and", ("not", c.formula), b.formula)))
         shape = _broadcast_shape(c.shape, a.shape, b.shape)
         return Select(_broadcast_to(c, shape), _scalar(a), _scalar(b))
+
+
+def _as_arrays(*xs: Abstract) -> list[Abstract]:
+    """Beside a tensor of known elements, uniform index tensors and conditions of a small constant
+    shape become the tensors they are, so that they combine element by element (torch's expand
+    exports its shape as Where(Equal(shape, ConstantOfShape(3) * -1), ConstantOfShape(3), shape))."""
+    if not any(isinstance(x, Arr) and x.values.size > 1 for x in xs):
+        return list(xs)
+    return [_filled(x) if isinstance(x, (Grid, Cond)) else x for x in xs]
+
+
+def _filled(x: Grid | Cond) -> Abstract:
+    if not _uniform(x) or not all(d.is_const for d in x.shape):
+        return x
+    shape = tuple(int(d.const) for d in x.shape)
+    if math.prod(shape) > _MAX_CONST_ELEMENTS:
+        return x
+    if isinstance(x, Grid):
+        return Arr(np.full(shape, x.offset, dtype=object))
+    if any(not a[2].is_const for a in _atoms(x.formula)):
+        return x
+    return Arr(np.full(shape, _holds(x.formula, 0), dtype=bool))
 
 
 def _is_numbers(x: Abstract) -> bool:
@@ -708,13 +879,32 @@ def _factors(sizes: list[Dim], product: Dim) -> tuple[int, int] | None:
 
 
 def _divisible(sizes: list[Dim], d: Dim) -> int | None:
-    """The index of the first known size that a known d > 1 divides, if any."""
+    """The index of the first size that a known d > 1 divides for every value of its symbols
+    (32 by 2, 2 * B by 2), if any."""
     if not d.is_const or not isinstance(d.const, int) or d.const <= 1:
         return None
     for k, x in enumerate(sizes):
-        if x.is_const and isinstance(x.const, int) and x.const % d.const == 0:
+        if isinstance(x.const, int) and x.const % d.const == 0 and all(c % d.const == 0 for _, c in x.terms):
             return k
     return None
+
+
+def _multiple(sizes: list[Dim], d: Dim) -> int | None:
+    """The index of the first size that is a whole multiple k >= 1 of a symbolic d (2 * B of B)."""
+    if d.is_const:
+        return None
+    return next((k for k, x in enumerate(sizes) if _ratio(x, d) is not None), None)
+
+
+def _ratio(x: Dim, d: Dim) -> int | None:
+    name, c = d.terms[0]
+    k = dict(x.terms).get(name, 0) / c
+    return int(k) if k >= 1 and float(k).is_integer() and d.scaled(int(k)) == x else None
+
+
+def _divided(x: Dim, k: int) -> Dim:
+    """x / k for a size `_divisible` found."""
+    return Dim(x.const // k, tuple((n, c // k) for n, c in x.terms))
 
 
 def _size_op(op: str, p: Any, q: Any, name: str) -> Dim:
@@ -736,7 +926,7 @@ def _size_op(op: str, p: Any, q: Any, name: str) -> Dim:
                 return Dim(p.const // q.const, tuple((n, c // q.const) for n, c in p.terms))
     except Unknown:
         pass
-    return Dim.symbol(name)
+    return Dim.symbol(UNSIGNED + name)
 
 
 def _is_bool(x: Abstract) -> bool:
@@ -792,14 +982,40 @@ def _truncate(d: Any) -> Dim:
 
 
 def _concrete_compare(op: str, a: Arr, b: Arr) -> Arr | None:
-    try:
-        x = np.vectorize(_const_of, otypes=[float])(a.values) if a.values.dtype != bool else a.values
-        y = np.vectorize(_const_of, otypes=[float])(b.values) if b.values.dtype != bool else b.values
-    except Unknown:
+    if a.values.dtype == bool or b.values.dtype == bool:
+        if a.values.dtype != b.values.dtype or op != "Equal":
+            return None
+        return Arr(np.equal(a.values, b.values))
+    x, y = np.broadcast_arrays(a.values, b.values)
+    out = [_decided(op, Dim.of(p), Dim.of(q)) for p, q in zip(x.flat, y.flat, strict=True)]
+    if None in out:
         return None
-    fn = {"Less": np.less, "LessOrEqual": np.less_equal, "Greater": np.greater}
-    fn |= {"GreaterOrEqual": np.greater_equal, "Equal": np.equal}
-    return Arr(fn[op](x, y))
+    return Arr(np.array(out, dtype=bool).reshape(x.shape))
+
+
+def _decided(op: str, p: Dim, q: Dim) -> bool | None:
+    """p op q where the sizes' signs decide it (a size such as 2 * B is never -1, torch's "keep
+    this dim" in expand), else None."""
+    if p.is_const and q.is_const:  # infinities included
+        fn = {"Less": np.less, "LessOrEqual": np.less_equal, "Greater": np.greater}
+        fn |= {"GreaterOrEqual": np.greater_equal, "Equal": np.equal}
+        return bool(fn[op](p.const, q.const))
+    low, high = _bounds(p - q)
+    holds = {"Equal": (low == high == 0, low > 0 or high < 0), "Less": (high < 0, low >= 0)}
+    holds |= {"LessOrEqual": (high <= 0, low > 0), "Greater": (low > 0, high <= 0)}
+    holds |= {"GreaterOrEqual": (low >= 0, high < 0)}
+    true, false = holds[op]
+    return True if true else False if false else None
+
+
+def _bounds(d: Dim) -> tuple[float, float]:
+    """Bounds of d over every value of its symbols: sizes (>= 0), unless a symbol stands for a
+    value of unknown sign (UNSIGNED)."""
+    if any(n.startswith(UNSIGNED) for n, _ in d.terms):
+        return -math.inf, math.inf
+    low = d.const if all(c > 0 for _, c in d.terms) else -math.inf
+    high = d.const if all(c < 0 for _, c in d.terms) else math.inf
+    return low, high
 
 
 # ---------------------------------------------------------------- deciding a term

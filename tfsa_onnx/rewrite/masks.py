@@ -298,14 +298,16 @@ class MaskAnalyzer:
             term = self._term(cond, False, out)
             if term is not None:
                 return self._apply(term, cond, out)
-        node = producer(cond, "And", "Cast", "Expand")
+        node = producer(cond, "And", "Cast", "Expand", "Slice")
+        if node is not None and node.op_type == "Slice" and not self.algebra.keeps_everything(node):
+            node = None  # a slice that may cut the mask: kept as it is
         if node is None or (node.op_type == "Cast" and node.inputs[0].dtype != ir.DataType.BOOL):
             if independent:
                 out.notes.append(
                     f"kept mask term {cond.name}: not provably causal or all-true at every length"
                 )
             return Kept(cond), False
-        if node.op_type in ("Cast", "Expand"):
+        if node.op_type in ("Cast", "Expand", "Slice"):  # the same elements, or broadcast by the op
             inner, causal = self._split_bool(node.inputs[0], out)
             return (Kept(cond) if inner is not None and inner.value is node.inputs[0] else inner), causal
         parts = [self._split_bool(i, out) for i in node.inputs]

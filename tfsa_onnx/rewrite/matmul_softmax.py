@@ -130,7 +130,17 @@ class MatMulSoftmaxRule(OpRule):
             mask_additive=additive,
             mask_scale=mask_scale,
             bias=_bias_builder(biases, unmerge),
+            head_dim=_static_last(self.algebra, heads.query),  # for the report (TorchScript loses it)
         )
+
+
+def _static_last(algebra: MaskAlgebra, value: ir.Value) -> int | None:
+    """The last dim of value where the size algebra proves it a constant."""
+    try:
+        d = algebra.shape_of(value)[-1]
+    except (Unknown, IndexError):
+        return None
+    return int(d.const) if d.is_const else None
 
 
 def _probs_to_matmul(probs: ir.Value) -> tuple[ir.Node, ir.Node | None]:

@@ -91,9 +91,10 @@ def prove(
     if len(scores) != 4 or (scores[0], scores[1], scores[2]) != (*batch_heads, q_shape[2]):
         raise GiveUp("cannot prove that the scores are split into the query's batch and heads")
     heads = MergedHeads(query, key, value, pv.outputs[0], batch_heads, q_shape[2], k_shape[2])
-    probs = _target(algebra, merge_probs)
-    if len(probs) == 3 and _product_is(*batch_heads, probs[0]) and probs[1] == q_shape[2]:
-        return heads  # Y is merged back into pv's output (`finish`)
+    for probs in (_target(algebra, merge_probs), _proven(algebra, merge_probs.outputs[0])):
+        if len(probs) == 3 and probs[0] is not None and _product_is(*batch_heads, probs[0]):
+            if probs[1] == q_shape[2]:
+                return heads  # Y is merged back into pv's output (`finish`)
     split_out = single_consumer(pv.outputs[0])
     out = ()
     if split_out is not None and split_out.op_type == "Reshape":
@@ -102,6 +103,14 @@ def prove(
         raise GiveUp("cannot prove that the probabilities or the output keep batch and heads apart")
     heads.output, heads.split_output = split_out.outputs[0], True
     return heads
+
+
+def _proven(algebra: MaskAlgebra, value: ir.Value) -> tuple[Dim, ...]:
+    """The value's shape where the size algebra proves it (a -1 in the Reshape resolved), else ()."""
+    try:
+        return algebra.shape_of(value)
+    except Unknown:
+        return ()
 
 
 def _target(algebra: MaskAlgebra, reshape: ir.Node) -> tuple[Dim | None, ...]:
