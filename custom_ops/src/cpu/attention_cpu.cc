@@ -31,30 +31,32 @@ inline bool Finite(float x) {
   return (bits & 0x7f800000u) != 0x7f800000u;
 }
 
-// Key block means (for the estimate), transposed: means_t[x, kb]. Non-finite elements count
-// as 0, so that a NaN key does not steer the selection (reference.py).
+// Key block kb's mean (for the estimate), transposed: means_t[x, kb]. Non-finite elements
+// count as 0, so that a NaN key does not steer the selection (reference.py).
 template <class T>
-void KeyBlockMeans(const Problem& p, const T* k_head, float* means_t, int64_t means_pad) {
+void KeyBlockMean(const Problem& p, const T* k_head, int64_t kb, float* means_t, int64_t means_pad) {
   const Dims& d = p.dims;
-  std::vector<float> sum(d.head_dim);  // float sums over <= block rows: ample for an estimate
-  for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb) {
-    const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
-    std::fill(sum.begin(), sum.end(), 0.0f);
-    for (int64_t j = 0; j < keys; ++j)
-      for (int64_t x = 0; x < d.head_dim; ++x) {
-        const float value = ToFloat(k_head[(k_begin + j) * d.head_dim + x]);
-        sum[x] += Finite(value) ? value : 0.0f;
-      }
-    for (int64_t x = 0; x < d.head_dim; ++x) means_t[x * means_pad + kb] = sum[x] / static_cast<float>(keys);
-  }
-  for (int64_t x = 0; x < d.head_dim; ++x)
+  thread_local std::vector<float> sum;  // float sums over <= block rows: ample for an estimate
+  sum.assign(d.head_dim, 0.0f);
+  const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
+  for (int64_t j = 0; j < keys; ++j)
+    for (int64_t x = 0; x < d.head_dim; ++x) {
+      const float value = ToFloat(k_head[(k_begin + j) * d.head_dim + x]);
+      sum[x] += Finite(value) ? value : 0.0f;
+    }
+  for (int64_t x = 0; x < d.head_dim; ++x) means_t[x * means_pad + kb] = sum[x] / static_cast<float>(keys);
+}
+
+// The means' columns past the last key block: zeros (the Scores kernel reads them).
+void ZeroMeansPadding(const Problem& p, float* means_t, int64_t means_pad) {
+  for (int64_t x = 0; x < p.dims.head_dim; ++x)
     std::fill(means_t + x * means_pad + p.grid.k_blocks, means_t + (x + 1) * means_pad, 0.0f);
 }
 
-// The antidiagonal estimate's sampled keys of one kv head (packed.h SampledKt). Each chunk's
-// rows are gathered first and then transposed in cache, rather than written with a
-// chunk-sized stride straight from the strided rows (measured: slower, as is reading the
-// keys in order and scattering them to their residues).
+// The antidiagonal estimate's sampled keys of one kv head (packed.h SampledKt, SampledKt2),
+// rounded to bf16. Each chunk's rows are gathered first and then transposed in cache, rather
+// than written with a chunk-sized stride straight from the strided rows (measured: slower, as
+// is reading the keys in order and scattering them to their residues).
 template <class T>
 void PackSampledKeys(const Problem& p, const T* k_head, int64_t bk, PackedKeysValues& out) {
   const int64_t stride = p.attrs.estimate_stride, dim = p.dims.head_dim;
@@ -66,8 +68,16 @@ void PackSampledKeys(const Problem& p, const T* k_head, int64_t bk, PackedKeysVa
         const int64_t j = r + (c * out.chunk + m) * stride;
         for (int64_t x = 0; x < dim; ++x) {
           const float value = j < p.grid.kv_len ? ToFloat(k_head[j * dim + x]) : 0.0f;
-          rows[m * dim + x] = Finite(value) ? value : 0.0f;
+          rows[m * dim + x] = Finite(value) ? RoundedToBf16(value) : 0.0f;
         }
+      }
+      if (out.sampled2) {  // pairs [dim / 2, chunks * chunk]: this chunk's columns
+        const int64_t width = out.chunks * out.chunk;
+        uint32_t* kt2 = out.sampled2->data() + (bk * out.residues + r) * (dim / 2) * width + c * out.chunk;
+        for (int64_t pair = 0; pair < dim / 2; ++pair)
+          for (int64_t m = 0; m < out.chunk; ++m)
+            kt2[pair * width + m] = RoundedPair(rows[m * dim + 2 * pair], rows[m * dim + 2 * pair + 1]);
+        continue;
       }
       float* kt = out.sampled->data() + ((bk * out.residues + r) * out.chunks + c) * dim * out.chunk;
       for (int64_t x = 0; x < dim; ++x)
@@ -113,6 +123,13 @@ bool CopyValues(const T* v, int64_t keys, int64_t dim, int64_t v_pad, float* out
   return nonfinite != 0;
 }
 
+// Whether any of n float32 values is NaN or inf (CopyValues' scan, for values read in place).
+bool AnyNonFinite(const float* v, int64_t n) {
+  int nonfinite = 0;
+  for (int64_t e = 0; e < n; ++e) nonfinite |= !(v[e] - v[e] == 0.0f);
+  return nonfinite != 0;
+}
+
 // PackHead's blocks as bf16 pairs (packed.h kt2, v2), zeros past the last key and head dim.
 template <class T>
 void PackHeadBf16(const Problem& p, const T* k_head, const T* v_head, int64_t bk, PackedKeysValues& out) {
@@ -139,25 +156,38 @@ void PackHeadBf16(const Problem& p, const T* k_head, const T* v_head, int64_t bk
 }
 
 // Keys transposed and values padded into blocks, plus the key block means, of one (b, kv head).
+// Each block's mean is taken right before its transpose, so the keys are read from memory once.
 template <class T>
 void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, int64_t bk, PackedKeysValues& out) {
   const Dims& d = p.dims;
   const T* k_head = key + bk * kv_rows * d.head_dim;
   const T* v_head = value + bk * kv_rows * d.v_head_dim;
-  if (out.residues > 0) PackSampledKeys(p, k_head, bk, out);  // the antidiagonal estimate: no means
-  else KeyBlockMeans(p, k_head, out.k_means.data() + bk * d.head_dim * out.means_pad, out.means_pad);
-  if (p.selection_only) return;
-  if (out.bf16) return PackHeadBf16(p, k_head, v_head, bk, out);
+  // The mean and token estimates read the means; the antidiagonal one samples keys instead.
+  const bool means = out.residues == 0 && UsesEstimate(p);
+  float* means_t = out.k_means.data() + bk * d.head_dim * out.means_pad;
+  if (means) ZeroMeansPadding(p, means_t, out.means_pad);
+  if (out.residues > 0) PackSampledKeys(p, k_head, bk, out);
+  if (p.selection_only || out.bf16) {
+    for (int64_t kb = 0; kb < out.k_blocks && means; ++kb) KeyBlockMean(p, k_head, kb, means_t, out.means_pad);
+    if (!p.selection_only) PackHeadBf16(p, k_head, v_head, bk, out);
+    return;
+  }
   for (int64_t kb = 0; kb < out.k_blocks; ++kb) {
     const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
+    if (means) KeyBlockMean(p, k_head, kb, means_t, out.means_pad);
     float* kt = out.kt.data() + (bk * out.k_blocks + kb) * out.kt_block;
-    float* v = out.v.data() + (bk * out.k_blocks + kb) * out.v_block;
     if (out.gather_keys) TransposeKeysGathered(k_head + k_begin * d.head_dim, keys, d.head_dim, out.key_pad, kt);
     else TransposeKeys(k_head + k_begin * d.head_dim, keys, d.head_dim, out.key_pad, kt);
-    out.v_nonfinite[bk * out.k_blocks + kb] = CopyValues(v_head + k_begin * d.v_head_dim, keys, d.v_head_dim, out.v_pad, v);
-    // Padding keys of a ragged last block: zero scores (masked later), zero values.
+    // Padding keys of a ragged last block: zero scores (masked later).
     for (int64_t x = 0; x < d.head_dim; ++x) std::fill(kt + x * out.key_pad + keys, kt + (x + 1) * out.key_pad, 0.0f);
-    std::fill(v + keys * out.v_pad, v + out.key_pad * out.v_pad, 0.0f);
+    uint8_t& nonfinite = out.v_nonfinite[bk * out.k_blocks + kb];
+    if (out.v_input) {
+      nonfinite = AnyNonFinite(out.V(bk, kb), keys * d.v_head_dim);
+      continue;
+    }
+    float* v = out.v.data() + (bk * out.k_blocks + kb) * out.v_block;
+    nonfinite = CopyValues(v_head + k_begin * d.v_head_dim, keys, d.v_head_dim, out.v_pad, v);
+    std::fill(v + keys * out.v_pad, v + out.key_pad * out.v_pad, 0.0f);  // and zero values
   }
 }
 
@@ -180,9 +210,10 @@ void AddCentreBias(const Problem& p, int64_t b, int64_t h, int64_t qb, float* po
   }
 }
 
-// q = scale * rows and their mean (non-finite elements count as 0 in it); returns whether any
-// is non-finite. Branch-free per row so that it vectorises: adding +0 leaves a sum that
-// starts at +0 bit-equal, so the mean is the one the per-element form gives.
+// q = scale * rows and their mean (non-finite elements count as 0 in it; mean starts at 0);
+// returns whether any is non-finite. Branch-free per row so that it vectorises: adding +0
+// leaves a sum that starts at +0 bit-equal, so the sum is the one the per-element form gives;
+// one division per column at the end.
 template <class T>
 bool ScaleRows(const T* rows_in, int rows, int head_dim, float scale, float* q, float* mean, bool avx512) {
 #if defined(TFSA_X86_KERNELS)
@@ -198,9 +229,10 @@ bool ScaleRows(const T* rows_in, int rows, int head_dim, float scale, float* q, 
     for (int x = 0; x < head_dim; ++x) {
       const float value = q_row[x];
       nonfinite |= !(value - value == 0.0f);
-      mean[x] += std::isfinite(value) ? value / rows_f : 0.0f;
+      mean[x] += std::isfinite(value) ? value : 0.0f;
     }
   }
+  for (int x = 0; x < head_dim; ++x) mean[x] /= rows_f;
   return nonfinite != 0;
 }
 
@@ -214,7 +246,7 @@ struct Scratch {
 };
 
 // The scaled query rows of query blocks [qb_begin, qb_end) of (batch, head) bh, non-finite as
-// 0 (the antidiagonal estimate's view, as QueryBlock and FiniteRows make it).
+// 0 and rounded to bf16 (the antidiagonal estimate's view).
 template <class T>
 void FiniteScaledRows(const Problem& p, const Tensors& t, int64_t bh, int64_t qb_begin, int64_t qb_end,
                       std::vector<float>& out) {
@@ -223,7 +255,7 @@ void FiniteScaledRows(const Problem& p, const Tensors& t, int64_t bh, int64_t qb
   out.resize((end - begin) * dim);
   for (int64_t e = 0; e < (end - begin) * dim; ++e) {
     const float value = p.attrs.scale * ToFloat(rows[e]);
-    out[e] = Finite(value) ? value : 0.0f;
+    out[e] = Finite(value) ? RoundedToBf16(value) : 0.0f;  // the estimate's bf16 operands
   }
 }
 
@@ -289,8 +321,14 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
     kv.residues = std::min(stride, p.grid.kv_len);
     kv.chunk = math.pad;
     kv.chunks = (most + kv.chunk - 1) / kv.chunk;
-    kv.sampled = &workspace.sampled;
-    workspace.sampled.resize(d.batch * d.kv_heads * kv.residues * kv.chunks * d.head_dim * kv.chunk);
+    const int64_t sampled = d.batch * d.kv_heads * kv.residues * kv.chunks * d.head_dim * kv.chunk;
+    if (EstimateOnAmx(d.head_dim) && kv.chunk % 32 == 0) {
+      kv.sampled2 = &workspace.sampled2;
+      workspace.sampled2.resize(sampled / 2);
+    } else {
+      kv.sampled = &workspace.sampled;
+      workspace.sampled.resize(sampled);
+    }
     kv.sample_starts.resize(kv.residues * (p.grid.k_blocks + 1));
     for (int64_t r = 0; r < kv.residues; ++r)
       for (int64_t kb = 0; kb <= p.grid.k_blocks; ++kb) {
@@ -318,7 +356,13 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
     workspace.v2.resize(heads * kv.k_blocks * kv.v2_block);
   } else {
     kv.kt.resize(heads * kv.k_blocks * kv.kt_block);
-    kv.v.resize(heads * kv.k_blocks * kv.v_block);
+    if constexpr (std::is_same_v<T, float>)
+      if (kv.v_pad == d.v_head_dim) {
+        kv.v_input = static_cast<const float*>(t.value);
+        kv.v_input_head = (t.kv_rows > 0 ? t.kv_rows : d.kv_len) * d.v_head_dim;
+        kv.v_input_block = p.grid.block * d.v_head_dim;
+      }
+    if (!kv.v_input) kv.v.resize(heads * kv.k_blocks * kv.v_block);
   }
   kv.k_means.resize(heads * d.head_dim * kv.means_pad);
   kv.v_nonfinite.assign(heads * kv.k_blocks, 0);

@@ -203,6 +203,25 @@ void AccumulateAmx(const float* s, int rows, int keys, int s_stride, const uint3
 
 }  // namespace
 
+void SampledScoresAmx(const uint32_t* q2, int rows, int pairs, const uint32_t* kt2, int kt2_stride, int width,
+                      float* s, int s_stride) {
+  ConfigureTiles();
+  for (int r = 0; r < rows; r += kTileRows)
+    for (int c = 0; c < width; c += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int chunk = 0; chunk < pairs; chunk += 16) {  // 16 pairs: 32 elements of the head dim
+        _tile_loadd(2, q2 + static_cast<size_t>(r) * pairs + chunk, pairs * 4);
+        _tile_loadd(3, kt2 + static_cast<size_t>(chunk) * kt2_stride + c, kt2_stride * 4);
+        _tile_loadd(4, kt2 + static_cast<size_t>(chunk) * kt2_stride + c + 16, kt2_stride * 4);
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_dpbf16ps(1, 2, 4);
+      }
+      _tile_stored(0, s + static_cast<size_t>(r) * s_stride + c, s_stride * 4);
+      _tile_stored(1, s + static_cast<size_t>(r) * s_stride + c + 16, s_stride * 4);
+    }
+}
+
 const Bf16Math& Bf16MathAvx512() {
   static const Bf16Math math{"avx512bf16", Scores, Accumulate};
   return math;

@@ -9,8 +9,8 @@ namespace tfsa::cpu {
 // keys * dim < 2^31). x86 builds with AVX-512 kernels only.
 void TransposeKeysAvx512(const float* k, int64_t keys, int64_t dim, int64_t key_pad, float* kt);
 
-// attention_cpu.cc ScaleRows for float32 rows: q = scale * rows, mean[x] += q[r, x] / rows over
-// the finite elements (r ascending: the same bits), whether any is not finite.
+// attention_cpu.cc ScaleRows for float32 rows: q = scale * rows, mean[x] = (sum of the finite
+// q[r, x], r ascending) / rows (the same bits), whether any is not finite.
 bool ScaleRowsAvx512(const float* rows_in, int rows, int head_dim, float scale, float* q, float* mean);
 
 }  // namespace tfsa::cpu
