@@ -53,35 +53,81 @@ void ZeroMeansPadding(const Problem& p, float* means_t, int64_t means_pad) {
     std::fill(means_t + x * means_pad + p.grid.k_blocks, means_t + (x + 1) * means_pad, 0.0f);
 }
 
-// The antidiagonal estimate's sampled keys of one kv head (packed.h SampledKt, SampledKt2),
-// rounded to bf16. Each chunk's rows are gathered first and then transposed in cache, rather
-// than written with a chunk-sized stride straight from the strided rows (measured: slower, as
-// is reading the keys in order and scattering them to their residues).
+// Key j as the antidiagonal estimate samples it: non-finite elements as 0, rounded to bf16;
+// zeros past the last key.
+template <class T>
+void SampledRow(const Problem& p, const T* k_head, int64_t j, bool avx512, float* row) {
+  const int64_t dim = p.dims.head_dim;
+#if defined(TFSA_X86_KERNELS)
+  if constexpr (std::is_same_v<T, float>)
+    if (avx512 && j < p.grid.kv_len) return FiniteRoundedAvx512(k_head + j * dim, dim, 1.0f, row);
+#endif
+  (void)avx512;
+  for (int64_t x = 0; x < dim; ++x) {
+    const float value = j < p.grid.kv_len ? ToFloat(k_head[j * dim + x]) : 0.0f;
+    row[x] = Finite(value) ? RoundedToBf16(value) : 0.0f;
+  }
+}
+
+// Key j as bf16 pairs (SampledRow's values), dim / 2 words.
+template <class T>
+void SampledPairs(const Problem& p, const T* k_head, int64_t j, bool avx512, uint32_t* words) {
+  const int64_t dim = p.dims.head_dim;
+#if defined(TFSA_X86_KERNELS)
+  if constexpr (std::is_same_v<T, float>)
+    if (avx512 && j < p.grid.kv_len) return FiniteRoundedPairsAvx512(k_head + j * dim, dim, 1.0f, words);
+#endif
+  thread_local std::vector<float> row;
+  row.resize(dim);
+  SampledRow(p, k_head, j, avx512, row.data());
+  for (int64_t pair = 0; pair < dim / 2; ++pair) words[pair] = RoundedPair(row[2 * pair], row[2 * pair + 1]);
+}
+
+// Chunk c of residue r as AMX pairs (packed.h SampledKt2: its columns of the residue's matrix)
+// from the chunk's rows as pairs [chunk, dim / 2], transposed in 16 x 16 squares.
+void StoreSampledPairs(const PackedKeysValues& out, int64_t bk, int64_t r, int64_t c, const uint32_t* words) {
+#if defined(TFSA_X86_KERNELS)
+  const int64_t pairs = out.head_dim / 2, width = out.chunks * out.chunk;
+  uint32_t* kt2 = out.sampled2->data() + (bk * out.residues + r) * pairs * width + c * out.chunk;
+  for (int64_t m = 0; m < out.chunk; m += 16)
+    for (int64_t pair = 0; pair < pairs; pair += 16)
+      Transpose16x16Avx512(words + m * pairs + pair, pairs, kt2 + pair * width + m, width);
+#else
+  (void)out, (void)bk, (void)r, (void)c, (void)words;  // sampled2 is set on x86 builds only
+#endif
+}
+
+// The antidiagonal estimate's sampled keys of one kv head (packed.h SampledKt, or SampledKt2 on
+// AMX), rounded to bf16. Chunk by chunk, the rows of every residue are read in key order into
+// cache and then transposed (a residue's rows alone lie a stride apart: reading them so, or
+// writing them straight to their chunk-sized stride, was slower).
 template <class T>
 void PackSampledKeys(const Problem& p, const T* k_head, int64_t bk, PackedKeysValues& out) {
-  const int64_t stride = p.attrs.estimate_stride, dim = p.dims.head_dim;
+  const int64_t stride = p.attrs.estimate_stride, dim = p.dims.head_dim, block = out.chunk * dim;
   thread_local std::vector<float> rows;
-  rows.resize(out.chunk * dim);
-  for (int64_t r = 0; r < out.residues; ++r)
-    for (int64_t c = 0; c < out.chunks; ++c) {
-      for (int64_t m = 0; m < out.chunk; ++m) {
-        const int64_t j = r + (c * out.chunk + m) * stride;
-        for (int64_t x = 0; x < dim; ++x) {
-          const float value = j < p.grid.kv_len ? ToFloat(k_head[j * dim + x]) : 0.0f;
-          rows[m * dim + x] = Finite(value) ? RoundedToBf16(value) : 0.0f;
+  thread_local std::vector<uint32_t> words;  // AMX: the rows as pairs
+  // every residue's chunk at once when that fits in cache, else one residue at a time
+  const int64_t together = out.residues * block * 4 <= (1 << 19) ? out.residues : 1;
+  if (out.sampled2) words.resize(together * block / 2);
+  else rows.resize(together * block);
+  for (int64_t c = 0; c < out.chunks; ++c)
+    for (int64_t r0 = 0; r0 < out.residues; r0 += together) {
+      for (int64_t m = 0; m < out.chunk; ++m)  // in key order when together: j = (c chunk + m) stride + r
+        for (int64_t r = r0; r < r0 + together; ++r) {
+          const int64_t j = r + (c * out.chunk + m) * stride, at = (r - r0) * block + m * dim;
+          if (out.sampled2) SampledPairs(p, k_head, j, out.gather_keys, words.data() + at / 2);
+          else SampledRow(p, k_head, j, out.gather_keys, rows.data() + at);
         }
+      for (int64_t r = r0; r < r0 + together; ++r) {
+        if (out.sampled2) {
+          StoreSampledPairs(out, bk, r, c, words.data() + (r - r0) * block / 2);
+          continue;
+        }
+        const float* chunk_rows = rows.data() + (r - r0) * block;
+        float* kt = out.sampled->data() + ((bk * out.residues + r) * out.chunks + c) * dim * out.chunk;
+        for (int64_t x = 0; x < dim; ++x)
+          for (int64_t m = 0; m < out.chunk; ++m) kt[x * out.chunk + m] = chunk_rows[m * dim + x];
       }
-      if (out.sampled2) {  // pairs [dim / 2, chunks * chunk]: this chunk's columns
-        const int64_t width = out.chunks * out.chunk;
-        uint32_t* kt2 = out.sampled2->data() + (bk * out.residues + r) * (dim / 2) * width + c * out.chunk;
-        for (int64_t pair = 0; pair < dim / 2; ++pair)
-          for (int64_t m = 0; m < out.chunk; ++m)
-            kt2[pair * width + m] = RoundedPair(rows[m * dim + 2 * pair], rows[m * dim + 2 * pair + 1]);
-        continue;
-      }
-      float* kt = out.sampled->data() + ((bk * out.residues + r) * out.chunks + c) * dim * out.chunk;
-      for (int64_t x = 0; x < dim; ++x)
-        for (int64_t m = 0; m < out.chunk; ++m) kt[x * out.chunk + m] = rows[m * dim + x];
     }
 }
 
@@ -248,11 +294,16 @@ struct Scratch {
 // The scaled query rows of query blocks [qb_begin, qb_end) of (batch, head) bh, non-finite as
 // 0 and rounded to bf16 (the antidiagonal estimate's view).
 template <class T>
-void FiniteScaledRows(const Problem& p, const Tensors& t, int64_t bh, int64_t qb_begin, int64_t qb_end,
+void FiniteScaledRows(const Problem& p, const Tensors& t, int64_t bh, int64_t qb_begin, int64_t qb_end, bool avx512,
                       std::vector<float>& out) {
   const int64_t begin = p.grid.QueryBegin(qb_begin), end = p.grid.QueryEnd(qb_end - 1), dim = p.dims.head_dim;
   const T* rows = static_cast<const T*>(t.query) + (bh * p.dims.q_len + begin) * dim;
   out.resize((end - begin) * dim);
+#if defined(TFSA_X86_KERNELS)
+  if constexpr (std::is_same_v<T, float>)
+    if (avx512) return FiniteRoundedAvx512(rows, (end - begin) * dim, p.attrs.scale, out.data());
+#endif
+  (void)avx512;
   for (int64_t e = 0; e < (end - begin) * dim; ++e) {
     const float value = p.attrs.scale * ToFloat(rows[e]);
     out[e] = Finite(value) ? RoundedToBf16(value) : 0.0f;  // the estimate's bf16 operands
@@ -390,7 +441,7 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
     thread_local SelectionScratch selection;
     if (antidiagonal) {
       const int64_t b = bh / d.q_heads, h = bh % d.q_heads, bk = b * d.kv_heads + h / (d.q_heads / d.kv_heads);
-      FiniteScaledRows<T>(p, t, bh, qb_begin, qb_end, rows);
+      FiniteScaledRows<T>(p, t, bh, qb_begin, qb_end, kv.gather_keys, rows);
       AntidiagonalMass(with_mask, math, kv, b, h, bk, qb_begin, qb_end, rows.data(), selection, mass);
     }
     for (int64_t qb = qb_begin; qb < qb_end; ++qb) {

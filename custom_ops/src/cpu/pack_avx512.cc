@@ -7,8 +7,10 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "pack.h"
+#include "tfsa/block_rules.h"
 
 namespace tfsa::cpu {
 
@@ -24,7 +26,9 @@ inline __m512 Lanes(__m512 a, __m512 b) { return _mm512_mask_shuffle_f32x4(a, kA
 
 // dst[c * dst_stride + r] = src[r * src_stride + c] for a 16 x 16 square, in registers: pairs of
 // rows interleaved, then quads within each 128-bit lane, then the lanes of four row quads.
-void Transpose16x16(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+void Transpose16x16(const void* src_bits, int64_t src_stride, void* dst_bits, int64_t dst_stride) {
+  const float* src = static_cast<const float*>(src_bits);
+  float* dst = static_cast<float*>(dst_bits);
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_stride);
   for (int i = 0; i < 16; i += 2) {
@@ -51,6 +55,10 @@ void Transpose16x16(const float* src, int64_t src_stride, float* dst, int64_t ds
 
 }  // namespace
 
+void Transpose16x16Avx512(const void* src, int64_t src_stride, void* dst, int64_t dst_stride) {
+  Transpose16x16(src, src_stride, dst, dst_stride);
+}
+
 void TransposeKeysAvx512(const float* k, int64_t keys, int64_t dim, int64_t key_pad, float* kt) {
   const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                            _mm512_set1_epi32(static_cast<int>(dim)));
@@ -65,6 +73,48 @@ void TransposeKeysAvx512(const float* k, int64_t keys, int64_t dim, int64_t key_
       _mm512_mask_storeu_ps(kt + x * key_pad + j0, live, column);
     }
   }
+}
+
+namespace {
+
+// GCC vector extensions for the integer steps (its shift intrinsics warn in their headers).
+typedef float Floats __attribute__((vector_size(64)));
+typedef uint32_t Words __attribute__((vector_size(64)));
+typedef uint16_t Halves __attribute__((vector_size(32)));
+
+// scale * in[e .. e + 15] rounded to bf16, 0 where not finite, as float bits.
+inline Words FiniteRounded16(const float* in, float scale) {
+  Floats x;
+  std::memcpy(&x, in, sizeof x);
+  x = x * scale;
+  const Words bits = (Words)x;
+  const Words finite = (Words)((bits & 0x7F800000u) != 0x7F800000u);  // all ones where finite
+  return ((bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u) & finite;
+}
+
+inline float FiniteRounded(float x, float scale) {
+  const float value = scale * x;
+  return (value - value == 0.0f) ? tfsa::RoundedToBf16(value) : 0.0f;
+}
+
+}  // namespace
+
+void FiniteRoundedAvx512(const float* in, int64_t n, float scale, float* out) {
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16) {
+    const Words rounded = FiniteRounded16(in + e, scale);
+    std::memcpy(out + e, &rounded, sizeof rounded);
+  }
+  for (; e < n; ++e) out[e] = FiniteRounded(in[e], scale);
+}
+
+void FiniteRoundedPairsAvx512(const float* in, int64_t n, float scale, uint32_t* out) {
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16) {
+    const Halves high = __builtin_convertvector(FiniteRounded16(in + e, scale) >> 16, Halves);
+    std::memcpy(out + e / 2, &high, sizeof high);
+  }
+  for (; e + 2 <= n; e += 2) out[e / 2] = tfsa::RoundedPair(FiniteRounded(in[e], scale), FiniteRounded(in[e + 1], scale));
 }
 
 bool ScaleRowsAvx512(const float* rows_in, int rows, int head_dim, float scale, float* q, float* mean) {
