@@ -10,8 +10,9 @@ round by round, the minimum over the rounds printed: the sparse op of `--base` a
 checkout's library (tfsa_onnx.get_library_path()), `bench kernel`'s problem (random inputs,
 12 heads x 64, global 0, local 0, threshold 1, the cap alone at --max-density); our dense op and
 torch SDPA (when torch imports) as the yardsticks; with --selection the selection-only runs too
-(TFSA_SELECTION_ONLY: the selection's share of each library's sparse run). Checks that both
-libraries choose the same density.
+(TFSA_SELECTION_ONLY: the selection's share of each library's sparse run). --compute-precision
+bf16 runs our op (both libraries, sparse and dense) in bf16; torch stays float32. Checks that
+both libraries choose the same density.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from tfsa_onnx import get_library_path
 from tfsa_onnx.bench.timing import KernelCase
 from tfsa_onnx.opmodel import sparse_attention_model
-from tfsa_onnx.reference import ESTIMATES
+from tfsa_onnx.reference import COMPUTE_PRECISIONS, ESTIMATES
 from tfsa_onnx.runtime import make_session
 
 
@@ -37,7 +38,11 @@ def _runs(args: argparse.Namespace, feeds: dict) -> dict[str, Callable[[], objec
         max_density=args.max_density,
         causal=args.causal,
     )
-    attrs = case.attributes(estimate=ESTIMATES.index(args.estimate), estimate_stride=args.estimate_stride)
+    attrs = case.attributes(
+        estimate=ESTIMATES.index(args.estimate),
+        estimate_stride=args.estimate_stride,
+        compute_precision=COMPUTE_PRECISIONS.index(args.compute_precision),
+    )
     model = sparse_attention_model(**attrs)
     runs: dict[str, Callable[[], object]] = {}
     for name, library in (("base", args.base), ("new", get_library_path())):
@@ -77,6 +82,9 @@ def main() -> None:
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--estimate", choices=ESTIMATES, default="mean")
     parser.add_argument("--estimate-stride", type=int, default=16)
+    parser.add_argument(
+        "--compute-precision", choices=COMPUTE_PRECISIONS, default="float32", help="ours only"
+    )
     parser.add_argument("--selection", action="store_true", help="also the selection-only runs")
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
