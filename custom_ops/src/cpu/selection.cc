@@ -296,14 +296,14 @@ void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysV
     s.visible.resize(n);
     block_of.resize(n);
     int columns = 0;  // samples the widest row may see
-    int64_t x = 0;    // row i's query block, from qb_begin (i grows by stride: no division)
+    int64_t row_block = 0;  // row i's query block, from qb_begin (i grows by stride: no division)
     for (int t = 0; t < n; ++t) {
       const int64_t i = first + t * stride;
-      while (g.QueryEnd(qb_begin + x) <= i) ++x;
-      block_of[t] = x;
+      while (g.QueryEnd(qb_begin + row_block) <= i) ++row_block;
+      block_of[t] = row_block;
       const float* row = q + (i - row_begin) * dim;  // rounded to bf16 already
       CopyRow(kv, row, dim, t, s);
-      const int64_t last = std::min(s.group_last_key[x], g.LastVisibleKey(i));
+      const int64_t last = std::min(s.group_last_key[row_block], g.LastVisibleKey(i));
       s.visible[t] = last < r ? 0 : static_cast<int>(Quotient(last - r, stride) + 1);
       columns = std::max(columns, s.visible[t]);
     }
