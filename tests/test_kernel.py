@@ -176,6 +176,28 @@ def test_antidiagonal_groups_of_query_blocks_match_reference(stride):
     np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("head_dim", [32, 8])  # 32: AMX where the CPU has it; 8: float32 products
+def test_antidiagonal_estimate_takes_bf16_operands(head_dim):
+    # Key block 0 scores above block 1 in float32 (by 2^-19) but below it once q and k are
+    # rounded to bf16 (1 + 2^-8 - 2^-20 rounds down to 1, 1 + 2^-8 + 2^-20 up to 1 + 2^-7): the
+    # kernel and the reference pick block 1, whose values are all 1; block 2's keys are zeros.
+    eps = 2.0**-20
+    q = np.zeros((1, 1, 16, head_dim), np.float32)
+    q[..., :2] = 1.0
+    k = np.zeros((1, 1, 48, head_dim), np.float32)
+    k[..., :16, 0], k[..., :16, 1] = 1 + 2.0**-8 - eps, 4 * eps
+    k[..., 16:32, 0] = 1 + 2.0**-8 + eps
+    v = np.zeros((1, 1, 48, 4), np.float32)
+    v[..., 16:32, :] = 1.0
+    attrs = dict(SPARSE_OFF, block_size=16, scale=1.0, threshold=1.0, max_density=1 / 3, estimate=1)
+    for stride in (1, 2):
+        y, density = run_op(q, k, v, **attrs, estimate_stride=stride)
+        y_ref, _ = sparse_attention(q, k, v, **attrs, estimate_stride=stride)
+        np.testing.assert_allclose(density, 1 / 3, atol=1e-6)
+        np.testing.assert_allclose(y, 1.0, atol=1e-6)
+        np.testing.assert_allclose(y, y_ref, atol=1e-6)
+
+
 def test_the_estimate_attribute_chooses_the_kernels_estimate():
     # A case where the two estimates pick different blocks for the last query block (one of
     # its rows aimed at key block 5): the kernel follows the reference under each.

@@ -19,12 +19,14 @@ Selection (which key blocks a query block computes), per (batch, head, query blo
                   + log(keys in block) + the attn_bias at the block pair's centre element
                   (row (first + last) // 2 of the query block, the same of the key block;
                   non-finite as 0);
-       1 "antidiagonal": exact probabilities of 1 pair in `estimate_stride`: the pairs
+       1 "antidiagonal": the probabilities of 1 pair in `estimate_stride`: the pairs
                   (i, j) with (i + j + 1) % estimate_stride == 0 (the antidiagonals of
                   stride x stride tiles, as XAttention scores them), in allowed blocks and
                   visible under causality (the mask's values are not read); each row's
                   softmax over its sampled pairs, summed into blocks, then each candidate's
-                  share of the candidates' total (equal shares when it is 0);
+                  share of the candidates' total (equal shares when it is 0). The sampled
+                  scores take bf16 operands: scale * q_i (in float32, non-finite as 0) and
+                  k_j rounded to bfloat16 (to_bf16), products summed in float32 or better;
        2 "token": each query row's softmax over the candidates of scale * q_i . mean(K block)
                   + log(keys in block), averaged over the block's rows.
      (The token and antidiagonal estimates do not read attn_bias.) With softcap c > 0 every
@@ -255,7 +257,11 @@ def _antidiagonal_mass(q_rows, first_row, keys, allowed, a, scale, sq) -> np.nda
     if a.is_causal:
         keep &= j <= i + (sk - sq)
     with np.errstate(invalid="ignore", over="ignore"):
-        weight = _sampled_softmax(_capped(scale * q_rows @ keys.T, a.softcap), keep).sum(axis=0)
+        # bf16 operands (it only ranks blocks): scale * q in float32 (non-finite as 0), k, rounded
+        scaled = np.float32(scale) * q_rows.astype(np.float32)
+        rows = _operand(np.where(np.isfinite(scaled), scaled, np.float32(0)), True)
+        score = rows @ _operand(keys, True).T
+        weight = _sampled_softmax(_capped(score, a.softcap), keep).sum(axis=0)
     padded = np.zeros(allowed.size * a.block_size)
     padded[:sk] = weight
     return padded.reshape(allowed.size, a.block_size).sum(axis=1)

@@ -19,6 +19,8 @@ Estimates (cost: the share of the QK^T products each computes):
   antidiag8_exp/16_exp/32_exp/64_exp  the same pairs, but each query row's softmax over its
                   own sampled pairs (exact probabilities of 1/stride of the pairs); the
                   operator's estimate=1 (antidiagonal)
+  antidiag16_exp_fp32  antidiag16_exp with float operands; antidiag16_exp (the operator's,
+                  like every _exp estimate here) rounds the scaled q and k to bf16 first
   antidiagS_exp_rowsR  the same, rows of one stride-row tile in R only (1/(S R))
   sampled4        exact probabilities of 4 query rows per block (4/block_size)
   oracle          the true block mass
@@ -30,6 +32,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+
+from tfsa_onnx.reference import to_bf16
 
 BLOCK, GLOBAL, WINDOW = 64, 64, 128
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
@@ -97,13 +101,19 @@ def _antidiagonal(q: np.ndarray, k: np.ndarray, stride: int) -> np.ndarray:
     return _softmax_rows(scores).reshape(s // BLOCK, per, s // BLOCK, per).sum((1, 3))
 
 
-def _antidiagonal_exp(q: np.ndarray, k: np.ndarray, stride: int, every: int = 1) -> np.ndarray:
+def _antidiagonal_exp(
+    q: np.ndarray, k: np.ndarray, stride: int, every: int = 1, bf16: bool = True
+) -> np.ndarray:
     """The same sampled pairs (each query row against one key in every `stride` keys, the
     tile's antidiagonal), but a softmax over each query row's sampled keys: the exact
     probabilities of 1/stride of the pairs, summed into blocks. every > 1: only the rows of
-    one stride-row tile in `every` take part (1/(stride * every) of the pairs)."""
+    one stride-row tile in `every` take part (1/(stride * every) of the pairs). bf16: the
+    scaled q and k rounded to bf16 first, as the operator's estimate takes them."""
     s, d = q.shape
     n = s // stride
+    if bf16:
+        q = to_bf16((q / np.sqrt(d)).astype(np.float32)).astype(np.float64) * np.sqrt(d)
+        k = to_bf16(k.astype(np.float32)).astype(np.float64)
     rows = np.arange(s)
     keys = np.arange(n)[None, :] * stride + (stride - 1 - rows % stride)[:, None]  # [s, n]
     scores = np.empty((s, n))
@@ -142,6 +152,7 @@ def _estimates(
         "antidiag16": _antidiagonal(q, k, 16),
         "antidiag8_exp": _antidiagonal_exp(q, k, 8),
         "antidiag16_exp": _antidiagonal_exp(q, k, 16),
+        "antidiag16_exp_fp32": _antidiagonal_exp(q, k, 16, bf16=False),
         "antidiag32_exp": _antidiagonal_exp(q, k, 32),
         "antidiag64_exp": _antidiagonal_exp(q, k, 64),
         "antidiag8_exp_rows4": _antidiagonal_exp(q, k, 8, every=4),

@@ -6,6 +6,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "tfsa/block_grid.h"
 
@@ -93,6 +94,28 @@ TFSA_HOST_DEVICE inline double CandidateWeight(double estimate, double best) {
 // attribute: cap * tanh(score / cap) when cap > 0 (Gemma 2), else the score itself. NaN stays
 // NaN; +-inf becomes +-cap.
 TFSA_HOST_DEVICE inline float Capped(float score, float cap) { return cap > 0.0f ? cap * tanhf(score / cap) : score; }
+
+// x rounded to bfloat16 (to nearest, ties to even), as a float; NaN stays NaN (reference.py
+// to_bf16). The antidiagonal estimate's sampled scores take bf16-rounded query and key
+// elements (products exact in float32, sums in float32): it only ranks blocks, and so it may
+// run on bf16 matrix units (AMX) where the CPU has them.
+TFSA_HOST_DEVICE inline float RoundedToBf16(float x) {
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;  // integer tests only: loops vectorise
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  bits = nan ? bits : rounded;
+  memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+// Two floats already rounded to bf16 as one word of a bf16 pair (low half the even one).
+TFSA_HOST_DEVICE inline uint32_t RoundedPair(float even, float odd) {
+  uint32_t low, high;
+  memcpy(&low, &even, sizeof low);
+  memcpy(&high, &odd, sizeof high);
+  return (low >> 16) | (high & 0xFFFF0000u);
+}
 
 // The ranking: heavier first, ties by the lower block index (the reference's stable argsort).
 TFSA_HOST_DEVICE inline bool Heavier(double mass_x, int64_t x, double mass_y, int64_t y) {

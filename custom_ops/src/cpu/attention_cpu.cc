@@ -31,47 +31,103 @@ inline bool Finite(float x) {
   return (bits & 0x7f800000u) != 0x7f800000u;
 }
 
-// Key block means (for the estimate), transposed: means_t[x, kb]. Non-finite elements count
-// as 0, so that a NaN key does not steer the selection (reference.py).
+// Key block kb's mean (for the estimate), transposed: means_t[x, kb]. Non-finite elements
+// count as 0, so that a NaN key does not steer the selection (reference.py).
 template <class T>
-void KeyBlockMeans(const Problem& p, const T* k_head, float* means_t, int64_t means_pad) {
+void KeyBlockMean(const Problem& p, const T* k_head, int64_t kb, float* means_t, int64_t means_pad) {
   const Dims& d = p.dims;
-  std::vector<float> sum(d.head_dim);  // float sums over <= block rows: ample for an estimate
-  for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb) {
-    const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
-    std::fill(sum.begin(), sum.end(), 0.0f);
-    for (int64_t j = 0; j < keys; ++j)
-      for (int64_t x = 0; x < d.head_dim; ++x) {
-        const float value = ToFloat(k_head[(k_begin + j) * d.head_dim + x]);
-        sum[x] += Finite(value) ? value : 0.0f;
-      }
-    for (int64_t x = 0; x < d.head_dim; ++x) means_t[x * means_pad + kb] = sum[x] / static_cast<float>(keys);
-  }
-  for (int64_t x = 0; x < d.head_dim; ++x)
+  thread_local std::vector<float> sum;  // float sums over <= block rows: ample for an estimate
+  sum.assign(d.head_dim, 0.0f);
+  const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
+  for (int64_t j = 0; j < keys; ++j)
+    for (int64_t x = 0; x < d.head_dim; ++x) {
+      const float value = ToFloat(k_head[(k_begin + j) * d.head_dim + x]);
+      sum[x] += Finite(value) ? value : 0.0f;
+    }
+  for (int64_t x = 0; x < d.head_dim; ++x) means_t[x * means_pad + kb] = sum[x] / static_cast<float>(keys);
+}
+
+// The means' columns past the last key block: zeros (the Scores kernel reads them).
+void ZeroMeansPadding(const Problem& p, float* means_t, int64_t means_pad) {
+  for (int64_t x = 0; x < p.dims.head_dim; ++x)
     std::fill(means_t + x * means_pad + p.grid.k_blocks, means_t + (x + 1) * means_pad, 0.0f);
 }
 
-// The antidiagonal estimate's sampled keys of one kv head (packed.h SampledKt). Each chunk's
-// rows are gathered first and then transposed in cache, rather than written with a
-// chunk-sized stride straight from the strided rows (measured: slower, as is reading the
-// keys in order and scattering them to their residues).
+// Key j as the antidiagonal estimate samples it: non-finite elements as 0, rounded to bf16;
+// zeros past the last key.
+template <class T>
+void SampledRow(const Problem& p, const T* k_head, int64_t j, bool avx512, float* row) {
+  const int64_t dim = p.dims.head_dim;
+#if defined(TFSA_X86_KERNELS)
+  if constexpr (std::is_same_v<T, float>)
+    if (avx512 && j < p.grid.kv_len) return FiniteRoundedAvx512(k_head + j * dim, dim, 1.0f, row);
+#endif
+  (void)avx512;
+  for (int64_t x = 0; x < dim; ++x) {
+    const float value = j < p.grid.kv_len ? ToFloat(k_head[j * dim + x]) : 0.0f;
+    row[x] = Finite(value) ? RoundedToBf16(value) : 0.0f;
+  }
+}
+
+// Key j as bf16 pairs (SampledRow's values), dim / 2 words.
+template <class T>
+void SampledPairs(const Problem& p, const T* k_head, int64_t j, bool avx512, uint32_t* words) {
+  const int64_t dim = p.dims.head_dim;
+#if defined(TFSA_X86_KERNELS)
+  if constexpr (std::is_same_v<T, float>)
+    if (avx512 && j < p.grid.kv_len) return FiniteRoundedPairsAvx512(k_head + j * dim, dim, 1.0f, words);
+#endif
+  thread_local std::vector<float> row;
+  row.resize(dim);
+  SampledRow(p, k_head, j, avx512, row.data());
+  for (int64_t pair = 0; pair < dim / 2; ++pair) words[pair] = RoundedPair(row[2 * pair], row[2 * pair + 1]);
+}
+
+// Chunk c of residue r as AMX pairs (packed.h SampledKt2: its columns of the residue's matrix)
+// from the chunk's rows as pairs [chunk, dim / 2], transposed in 16 x 16 squares.
+void StoreSampledPairs(const PackedKeysValues& out, int64_t bk, int64_t r, int64_t c, const uint32_t* words) {
+#if defined(TFSA_X86_KERNELS)
+  const int64_t pairs = out.head_dim / 2, width = out.chunks * out.chunk;
+  uint32_t* kt2 = out.sampled2->data() + (bk * out.residues + r) * pairs * width + c * out.chunk;
+  for (int64_t m = 0; m < out.chunk; m += 16)
+    for (int64_t pair = 0; pair < pairs; pair += 16)
+      Transpose16x16Avx512(words + m * pairs + pair, pairs, kt2 + pair * width + m, width);
+#else
+  (void)out, (void)bk, (void)r, (void)c, (void)words;  // sampled2 is set on x86 builds only
+#endif
+}
+
+// The antidiagonal estimate's sampled keys of one kv head (packed.h SampledKt, or SampledKt2 on
+// AMX), rounded to bf16. Chunk by chunk, the rows of every residue are read in key order into
+// cache and then transposed (a residue's rows alone lie a stride apart: reading them so, or
+// writing them straight to their chunk-sized stride, was slower).
 template <class T>
 void PackSampledKeys(const Problem& p, const T* k_head, int64_t bk, PackedKeysValues& out) {
-  const int64_t stride = p.attrs.estimate_stride, dim = p.dims.head_dim;
+  const int64_t stride = p.attrs.estimate_stride, dim = p.dims.head_dim, block = out.chunk * dim;
   thread_local std::vector<float> rows;
-  rows.resize(out.chunk * dim);
-  for (int64_t r = 0; r < out.residues; ++r)
-    for (int64_t c = 0; c < out.chunks; ++c) {
-      for (int64_t m = 0; m < out.chunk; ++m) {
-        const int64_t j = r + (c * out.chunk + m) * stride;
-        for (int64_t x = 0; x < dim; ++x) {
-          const float value = j < p.grid.kv_len ? ToFloat(k_head[j * dim + x]) : 0.0f;
-          rows[m * dim + x] = Finite(value) ? value : 0.0f;
+  thread_local std::vector<uint32_t> words;  // AMX: the rows as pairs
+  // every residue's chunk at once when that fits in cache, else one residue at a time
+  const int64_t together = out.residues * block * 4 <= (1 << 19) ? out.residues : 1;
+  if (out.sampled2) words.resize(together * block / 2);
+  else rows.resize(together * block);
+  for (int64_t c = 0; c < out.chunks; ++c)
+    for (int64_t r0 = 0; r0 < out.residues; r0 += together) {
+      for (int64_t m = 0; m < out.chunk; ++m)  // in key order when together: j = (c chunk + m) stride + r
+        for (int64_t r = r0; r < r0 + together; ++r) {
+          const int64_t j = r + (c * out.chunk + m) * stride, at = (r - r0) * block + m * dim;
+          if (out.sampled2) SampledPairs(p, k_head, j, out.gather_keys, words.data() + at / 2);
+          else SampledRow(p, k_head, j, out.gather_keys, rows.data() + at);
         }
+      for (int64_t r = r0; r < r0 + together; ++r) {
+        if (out.sampled2) {
+          StoreSampledPairs(out, bk, r, c, words.data() + (r - r0) * block / 2);
+          continue;
+        }
+        const float* chunk_rows = rows.data() + (r - r0) * block;
+        float* kt = out.sampled->data() + ((bk * out.residues + r) * out.chunks + c) * dim * out.chunk;
+        for (int64_t x = 0; x < dim; ++x)
+          for (int64_t m = 0; m < out.chunk; ++m) kt[x * out.chunk + m] = chunk_rows[m * dim + x];
       }
-      float* kt = out.sampled->data() + ((bk * out.residues + r) * out.chunks + c) * dim * out.chunk;
-      for (int64_t x = 0; x < dim; ++x)
-        for (int64_t m = 0; m < out.chunk; ++m) kt[x * out.chunk + m] = rows[m * dim + x];
     }
 }
 
@@ -113,6 +169,13 @@ bool CopyValues(const T* v, int64_t keys, int64_t dim, int64_t v_pad, float* out
   return nonfinite != 0;
 }
 
+// Whether any of n float32 values is NaN or inf (CopyValues' scan, for values read in place).
+bool AnyNonFinite(const float* v, int64_t n) {
+  int nonfinite = 0;
+  for (int64_t e = 0; e < n; ++e) nonfinite |= !(v[e] - v[e] == 0.0f);
+  return nonfinite != 0;
+}
+
 // PackHead's blocks as bf16 pairs (packed.h kt2, v2), zeros past the last key and head dim.
 template <class T>
 void PackHeadBf16(const Problem& p, const T* k_head, const T* v_head, int64_t bk, PackedKeysValues& out) {
@@ -139,25 +202,38 @@ void PackHeadBf16(const Problem& p, const T* k_head, const T* v_head, int64_t bk
 }
 
 // Keys transposed and values padded into blocks, plus the key block means, of one (b, kv head).
+// Each block's mean is taken right before its transpose, so the keys are read from memory once.
 template <class T>
 void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, int64_t bk, PackedKeysValues& out) {
   const Dims& d = p.dims;
   const T* k_head = key + bk * kv_rows * d.head_dim;
   const T* v_head = value + bk * kv_rows * d.v_head_dim;
-  if (out.residues > 0) PackSampledKeys(p, k_head, bk, out);  // the antidiagonal estimate: no means
-  else KeyBlockMeans(p, k_head, out.k_means.data() + bk * d.head_dim * out.means_pad, out.means_pad);
-  if (p.selection_only) return;
-  if (out.bf16) return PackHeadBf16(p, k_head, v_head, bk, out);
+  // The mean and token estimates read the means; the antidiagonal one samples keys instead.
+  const bool means = out.residues == 0 && UsesEstimate(p);
+  float* means_t = out.k_means.data() + bk * d.head_dim * out.means_pad;
+  if (means) ZeroMeansPadding(p, means_t, out.means_pad);
+  if (out.residues > 0) PackSampledKeys(p, k_head, bk, out);
+  if (p.selection_only || out.bf16) {
+    for (int64_t kb = 0; kb < out.k_blocks && means; ++kb) KeyBlockMean(p, k_head, kb, means_t, out.means_pad);
+    if (!p.selection_only) PackHeadBf16(p, k_head, v_head, bk, out);
+    return;
+  }
   for (int64_t kb = 0; kb < out.k_blocks; ++kb) {
     const int64_t k_begin = p.grid.KeyBegin(kb), keys = p.grid.KeyEnd(kb) - k_begin;
+    if (means) KeyBlockMean(p, k_head, kb, means_t, out.means_pad);
     float* kt = out.kt.data() + (bk * out.k_blocks + kb) * out.kt_block;
-    float* v = out.v.data() + (bk * out.k_blocks + kb) * out.v_block;
     if (out.gather_keys) TransposeKeysGathered(k_head + k_begin * d.head_dim, keys, d.head_dim, out.key_pad, kt);
     else TransposeKeys(k_head + k_begin * d.head_dim, keys, d.head_dim, out.key_pad, kt);
-    out.v_nonfinite[bk * out.k_blocks + kb] = CopyValues(v_head + k_begin * d.v_head_dim, keys, d.v_head_dim, out.v_pad, v);
-    // Padding keys of a ragged last block: zero scores (masked later), zero values.
+    // Padding keys of a ragged last block: zero scores (masked later).
     for (int64_t x = 0; x < d.head_dim; ++x) std::fill(kt + x * out.key_pad + keys, kt + (x + 1) * out.key_pad, 0.0f);
-    std::fill(v + keys * out.v_pad, v + out.key_pad * out.v_pad, 0.0f);
+    uint8_t& nonfinite = out.v_nonfinite[bk * out.k_blocks + kb];
+    if (out.v_input) {
+      nonfinite = AnyNonFinite(out.V(bk, kb), keys * d.v_head_dim);
+      continue;
+    }
+    float* v = out.v.data() + (bk * out.k_blocks + kb) * out.v_block;
+    nonfinite = CopyValues(v_head + k_begin * d.v_head_dim, keys, d.v_head_dim, out.v_pad, v);
+    std::fill(v + keys * out.v_pad, v + out.key_pad * out.v_pad, 0.0f);  // and zero values
   }
 }
 
@@ -180,9 +256,10 @@ void AddCentreBias(const Problem& p, int64_t b, int64_t h, int64_t qb, float* po
   }
 }
 
-// q = scale * rows and their mean (non-finite elements count as 0 in it); returns whether any
-// is non-finite. Branch-free per row so that it vectorises: adding +0 leaves a sum that
-// starts at +0 bit-equal, so the mean is the one the per-element form gives.
+// q = scale * rows and their mean (non-finite elements count as 0 in it; mean starts at 0);
+// returns whether any is non-finite. Branch-free per row so that it vectorises: adding +0
+// leaves a sum that starts at +0 bit-equal, so the sum is the one the per-element form gives;
+// one division per column at the end.
 template <class T>
 bool ScaleRows(const T* rows_in, int rows, int head_dim, float scale, float* q, float* mean, bool avx512) {
 #if defined(TFSA_X86_KERNELS)
@@ -198,9 +275,10 @@ bool ScaleRows(const T* rows_in, int rows, int head_dim, float scale, float* q, 
     for (int x = 0; x < head_dim; ++x) {
       const float value = q_row[x];
       nonfinite |= !(value - value == 0.0f);
-      mean[x] += std::isfinite(value) ? value / rows_f : 0.0f;
+      mean[x] += std::isfinite(value) ? value : 0.0f;
     }
   }
+  for (int x = 0; x < head_dim; ++x) mean[x] /= rows_f;
   return nonfinite != 0;
 }
 
@@ -214,16 +292,21 @@ struct Scratch {
 };
 
 // The scaled query rows of query blocks [qb_begin, qb_end) of (batch, head) bh, non-finite as
-// 0 (the antidiagonal estimate's view, as QueryBlock and FiniteRows make it).
+// 0 and rounded to bf16 (the antidiagonal estimate's view).
 template <class T>
-void FiniteScaledRows(const Problem& p, const Tensors& t, int64_t bh, int64_t qb_begin, int64_t qb_end,
+void FiniteScaledRows(const Problem& p, const Tensors& t, int64_t bh, int64_t qb_begin, int64_t qb_end, bool avx512,
                       std::vector<float>& out) {
   const int64_t begin = p.grid.QueryBegin(qb_begin), end = p.grid.QueryEnd(qb_end - 1), dim = p.dims.head_dim;
   const T* rows = static_cast<const T*>(t.query) + (bh * p.dims.q_len + begin) * dim;
   out.resize((end - begin) * dim);
+#if defined(TFSA_X86_KERNELS)
+  if constexpr (std::is_same_v<T, float>)
+    if (avx512) return FiniteRoundedAvx512(rows, (end - begin) * dim, p.attrs.scale, out.data());
+#endif
+  (void)avx512;
   for (int64_t e = 0; e < (end - begin) * dim; ++e) {
     const float value = p.attrs.scale * ToFloat(rows[e]);
-    out[e] = Finite(value) ? value : 0.0f;
+    out[e] = Finite(value) ? RoundedToBf16(value) : 0.0f;  // the estimate's bf16 operands
   }
 }
 
@@ -289,8 +372,14 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
     kv.residues = std::min(stride, p.grid.kv_len);
     kv.chunk = math.pad;
     kv.chunks = (most + kv.chunk - 1) / kv.chunk;
-    kv.sampled = &workspace.sampled;
-    workspace.sampled.resize(d.batch * d.kv_heads * kv.residues * kv.chunks * d.head_dim * kv.chunk);
+    const int64_t sampled = d.batch * d.kv_heads * kv.residues * kv.chunks * d.head_dim * kv.chunk;
+    if (EstimateOnAmx(d.head_dim) && kv.chunk % 32 == 0) {
+      kv.sampled2 = &workspace.sampled2;
+      workspace.sampled2.resize(sampled / 2);
+    } else {
+      kv.sampled = &workspace.sampled;
+      workspace.sampled.resize(sampled);
+    }
     kv.sample_starts.resize(kv.residues * (p.grid.k_blocks + 1));
     for (int64_t r = 0; r < kv.residues; ++r)
       for (int64_t kb = 0; kb <= p.grid.k_blocks; ++kb) {
@@ -318,7 +407,13 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
     workspace.v2.resize(heads * kv.k_blocks * kv.v2_block);
   } else {
     kv.kt.resize(heads * kv.k_blocks * kv.kt_block);
-    kv.v.resize(heads * kv.k_blocks * kv.v_block);
+    if constexpr (std::is_same_v<T, float>)
+      if (kv.v_pad == d.v_head_dim) {
+        kv.v_input = static_cast<const float*>(t.value);
+        kv.v_input_head = (t.kv_rows > 0 ? t.kv_rows : d.kv_len) * d.v_head_dim;
+        kv.v_input_block = p.grid.block * d.v_head_dim;
+      }
+    if (!kv.v_input) kv.v.resize(heads * kv.k_blocks * kv.v_block);
   }
   kv.k_means.resize(heads * d.head_dim * kv.means_pad);
   kv.v_nonfinite.assign(heads * kv.k_blocks, 0);
@@ -346,7 +441,7 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
     thread_local SelectionScratch selection;
     if (antidiagonal) {
       const int64_t b = bh / d.q_heads, h = bh % d.q_heads, bk = b * d.kv_heads + h / (d.q_heads / d.kv_heads);
-      FiniteScaledRows<T>(p, t, bh, qb_begin, qb_end, rows);
+      FiniteScaledRows<T>(p, t, bh, qb_begin, qb_end, kv.gather_keys, rows);
       AntidiagonalMass(with_mask, math, kv, b, h, bk, qb_begin, qb_end, rows.data(), selection, mass);
     }
     for (int64_t qb = qb_begin; qb < qb_end; ++qb) {

@@ -32,6 +32,7 @@ struct Workspace {
   std::vector<float> kt, v, k_means, sampled;
   std::vector<uint8_t> v_nonfinite;  // per (batch, kv head, key block): a value is NaN or inf
   std::vector<uint32_t> kt2, v2;     // compute_precision = bf16: keys and values as bf16 pairs
+  std::vector<uint32_t> sampled2;    // the antidiagonal estimate's sampled keys for AMX (packed.h)
 };
 
 // Workspaces of finished runs, reused; concurrent runs each take their own.

@@ -13,6 +13,8 @@
 #include <cstring>
 #include <vector>
 
+#include "tfsa/block_rules.h"
+
 namespace tfsa::cpu {
 
 // float -> bf16 bits, round to nearest, ties to even; NaN stays a quiet NaN.
@@ -50,6 +52,18 @@ struct Bf16Math {
 const Bf16Math* SelectBf16Math(int64_t head_dim = 64);
 const Bf16Math& Bf16MathAvx512();  // x86 builds only: VDPBF16PS
 const Bf16Math& Bf16MathAmx();     // x86 builds only: AMX tiles, VDPBF16PS for the last rows (head_dim % 32 == 0)
+
+// The antidiagonal estimate on AMX (selection.cc): s[r, c] = q2[r] . kt2[:, c] for `rows` rows (a
+// multiple of 16; zero rows past the real ones) and `width` columns (a multiple of 32) of kt2
+// [pairs, kt2_stride] (pairs a multiple of 16), into s [rows, s_stride]. x86 builds only.
+void SampledScoresAmx(const uint32_t* q2, int rows, int pairs, const uint32_t* kt2, int kt2_stride, int width,
+                      float* s, int s_stride);
+// out[e / 2] = the bf16 pair of x[e], x[e + 1] for even e < n (n even), x already rounded to bf16
+// (their high halves). x86 builds only (AVX-512).
+void PairsOfRounded(const float* x, int64_t n, uint32_t* out);
+// Whether the antidiagonal estimate runs on AMX at this head dim: where compute_precision = bf16
+// would (SelectBf16Math), without its message (the estimate is bf16 at every precision).
+bool EstimateOnAmx(int64_t head_dim);
 
 // The rows of q [rows, head_dim] as bf16 pairs [rows, pairs].
 inline void Bf16Rows(const float* q, int rows, int head_dim, std::vector<uint32_t>& out) {

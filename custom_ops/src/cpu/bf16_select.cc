@@ -67,6 +67,14 @@ const Bf16Math* SelectBf16Math(int64_t head_dim) {
   return chosen;
 }
 
+bool EstimateOnAmx(int64_t head_dim) {
+  static const bool amx = [] {
+    const char* why = "";
+    return Available(&why) != nullptr && AmxAllowed();
+  }();
+  return amx && head_dim % 32 == 0;
+}
+
 }  // namespace tfsa::cpu
 
 // How compute_precision = bf16 computes in this process at head dims that are multiples of 32,

@@ -203,6 +203,69 @@ void AccumulateAmx(const float* s, int rows, int keys, int s_stride, const uint3
 
 }  // namespace
 
+void PairsOfRounded(const float* x, int64_t n, uint32_t* out) {
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16) {
+    U32x16 bits;
+    std::memcpy(&bits, x + e, sizeof bits);
+    const U16x16 high = __builtin_convertvector(bits >> 16, U16x16);
+    std::memcpy(out + e / 2, &high, sizeof high);
+  }
+  for (; e + 2 <= n; e += 2) out[e / 2] = RoundedPair(x[e], x[e + 1]);
+}
+
+void SampledScoresAmx(const uint32_t* q2, int rows, int pairs, const uint32_t* kt2, int kt2_stride, int width,
+                      float* s, int s_stride) {
+  // Tiles 0-3: four 16 x 16 results side by side (four independent sums, which the 2-result
+  // loop above leaves the tile unit waiting on); 4: the left operand; 5-7: right operands.
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = kTileRows;
+  }
+  _tile_loadconfig(&config);
+  const auto b = [&](int chunk, int c) { return kt2 + static_cast<size_t>(chunk) * kt2_stride + c; };
+  for (int r = 0; r < rows; r += kTileRows) {
+    const uint32_t* a = q2 + static_cast<size_t>(r) * pairs;
+    float* out = s + static_cast<size_t>(r) * s_stride;
+    int c = 0;
+    for (; c + 64 <= width; c += 64) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int chunk = 0; chunk < pairs; chunk += 16) {  // 16 pairs: 32 elements of the head dim
+        _tile_loadd(4, a + chunk, pairs * 4);
+        _tile_loadd(5, b(chunk, c), kt2_stride * 4);
+        _tile_loadd(6, b(chunk, c + 16), kt2_stride * 4);
+        _tile_loadd(7, b(chunk, c + 32), kt2_stride * 4);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, b(chunk, c + 48), kt2_stride * 4);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+      _tile_stored(0, out + c, s_stride * 4);
+      _tile_stored(1, out + c + 16, s_stride * 4);
+      _tile_stored(2, out + c + 32, s_stride * 4);
+      _tile_stored(3, out + c + 48, s_stride * 4);
+    }
+    for (; c < width; c += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int chunk = 0; chunk < pairs; chunk += 16) {
+        _tile_loadd(4, a + chunk, pairs * 4);
+        _tile_loadd(5, b(chunk, c), kt2_stride * 4);
+        _tile_loadd(6, b(chunk, c + 16), kt2_stride * 4);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      _tile_stored(0, out + c, s_stride * 4);
+      _tile_stored(1, out + c + 16, s_stride * 4);
+    }
+  }
+}
+
 const Bf16Math& Bf16MathAvx512() {
   static const Bf16Math math{"avx512bf16", Scores, Accumulate};
   return math;

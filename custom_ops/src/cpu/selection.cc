@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "bf16_math.h"
 #include "tfsa/ort_api.h"
 
 namespace tfsa::cpu {
@@ -45,6 +46,7 @@ int64_t AllowedKeyBlocks(const Problem& p, int64_t b, int64_t h, int64_t qb, std
 namespace {
 
 constexpr int kTileRows = 8;  // the antidiagonal estimate's rows per product (a register tile)
+constexpr int kAmxRows = 16;  // the same on AMX (a tile's rows)
 
 // Global-token and local-window blocks (only among the allowed ones).
 int64_t ForcedKeyBlocks(const Problem& p, int64_t qb, const std::vector<uint8_t>& allowed,
@@ -183,19 +185,36 @@ void AddBlockMass(const Problem& p, const PackedKeysValues& kv, int64_t r, const
   }
 }
 
-// Rows [t_begin, t_end) of residue r (in s.group_q; s.visible: the samples each may see): their
-// scores up to the tile's widest row, softmax per row, added to their blocks' s.column_mass.
+// Scores of rows [t_begin, t_begin + n) of residue r (s.group_q, or on AMX s.group_q2, whose
+// kAmxRows rows from t_begin it scores, zeros past the last) against its first `chunks` chunks
+// of sampled keys, into out [n rows (kAmxRows on AMX), chunks * kv.chunk].
+void TileScores(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t bk, int64_t r,
+                const SelectionScratch& s, int t_begin, int n, int64_t chunks, float* out) {
+  const int dim = static_cast<int>(p.dims.head_dim);
+#if defined(TFSA_X86_KERNELS)
+  if (kv.sampled2) {
+    const int width = static_cast<int>(chunks * kv.chunk);
+    SampledScoresAmx(s.group_q2.data() + static_cast<size_t>(t_begin) * (dim / 2), kAmxRows, dim / 2,
+                     kv.SampledKt2(bk, r), static_cast<int>(kv.chunks * kv.chunk), width, out, width);
+    CapScores(p.attrs.softcap, n, width, width, out);
+    return;
+  }
+#endif
+  SampledScores(p, math, kv, bk, r, s.group_q.data() + static_cast<size_t>(t_begin) * dim, n, chunks, out);
+}
+
+// Rows [t_begin, t_end) of residue r (s.visible: the samples each may see): their scores up to
+// the tile's widest row, softmax per row, added to their blocks' s.column_mass.
 void ResidueTile(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t bk, int64_t r,
                  int t_begin, int t_end, const std::vector<int64_t>& block_of, int columns, SelectionScratch& s) {
-  const int n = t_end - t_begin, dim = static_cast<int>(p.dims.head_dim);
+  const int n = t_end - t_begin;
   int needed = 0;
   for (int t = t_begin; t < t_end; ++t) needed = std::max(needed, s.visible[t]);
   if (needed == 0) return;
   const int64_t chunks = (needed + kv.chunk - 1) / kv.chunk;
   const int width = static_cast<int>(chunks * kv.chunk);
-  s.group_scores.resize(static_cast<size_t>(n) * width);
-  const float* q = s.group_q.data() + static_cast<size_t>(t_begin) * dim;
-  SampledScores(p, math, kv, bk, r, q, n, chunks, s.group_scores.data());
+  s.group_scores.resize(static_cast<size_t>(std::max(n, kAmxRows)) * width);
+  TileScores(p, math, kv, bk, r, s, t_begin, n, chunks, s.group_scores.data());
   for (int t = 0; t < n; ++t)
     HideUnsampled(p, kv, r, block_of[t_begin + t], s.visible[t_begin + t], width, s,
                   s.group_scores.data() + static_cast<size_t>(t) * width);
@@ -209,7 +228,9 @@ void ResidueTile(const Problem& p, const BlockMath& math, const PackedKeysValues
     if (std::isnan(s.row_sum[t])) {
       // A NaN or +inf score (overflowing products) makes the row's sum NaN: that row again,
       // by the reference's rule (NaN weighs nothing; the +inf keys share the weight).
-      SampledScores(p, math, kv, bk, r, q + static_cast<size_t>(t) * dim, 1, chunks, row);
+      s.redo_scores.resize(s.group_scores.size());
+      TileScores(p, math, kv, bk, r, s, t_begin, n, chunks, s.redo_scores.data());
+      std::copy_n(s.redo_scores.data() + static_cast<size_t>(t) * width, width, row);
       HideUnsampled(p, kv, r, block_of[t_begin + t], visible, width, s, row);
       NanOrInfinityRow(row, visible);
       s.row_max[t] = kNegInf;
@@ -218,6 +239,23 @@ void ResidueTile(const Problem& p, const BlockMath& math, const PackedKeysValues
     }
     AddRowMass(row, s.row_sum[t], visible, s.column_mass.data() + block_of[t_begin + t] * columns);
   }
+}
+
+// a / b for a >= 0, b > 0: a 32-bit division where both fit (several times faster).
+inline int64_t Quotient(int64_t a, int64_t b) {
+  if (((a | b) >> 32) == 0) return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+  return a / b;
+}
+
+// Row t of a residue's rows (already rounded to bf16) into s.group_q, or as AMX pairs into
+// s.group_q2.
+inline void CopyRow(const PackedKeysValues& kv, const float* row, int64_t dim, int t, SelectionScratch& s) {
+#if defined(TFSA_X86_KERNELS)
+  if (kv.sampled2) return PairsOfRounded(row, dim, s.group_q2.data() + static_cast<size_t>(t) * (dim / 2));
+#else
+  (void)kv;
+#endif
+  std::copy_n(row, dim, s.group_q.data() + static_cast<size_t>(t) * dim);
 }
 
 }  // namespace
@@ -249,24 +287,33 @@ void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysV
     const int64_t first = row_begin + ((stride - 1 - r) - row_begin % stride + stride) % stride;
     if (first >= row_end) continue;
     const int n = static_cast<int>((row_end - first + stride - 1) / stride);
-    s.group_q.resize(static_cast<size_t>(n) * dim);
+    if (kv.sampled2) {  // zero rows up to the last AMX tile's
+      s.group_q2.resize(static_cast<size_t>(RoundUp(n, kAmxRows)) * (dim / 2));
+      std::fill(s.group_q2.begin() + static_cast<size_t>(n) * (dim / 2), s.group_q2.end(), 0u);
+    } else {
+      s.group_q.resize(static_cast<size_t>(n) * dim);
+    }
     s.visible.resize(n);
     block_of.resize(n);
     int columns = 0;  // samples the widest row may see
+    int64_t row_block = 0;  // row i's query block, from qb_begin (i grows by stride: no division)
     for (int t = 0; t < n; ++t) {
       const int64_t i = first + t * stride;
-      block_of[t] = i / g.block - qb_begin;
-      std::copy_n(q + (i - row_begin) * dim, dim, s.group_q.data() + t * dim);
-      const int64_t last = std::min(s.group_last_key[block_of[t]], g.LastVisibleKey(i));
-      s.visible[t] = last < r ? 0 : static_cast<int>((last - r) / stride + 1);
+      while (g.QueryEnd(qb_begin + row_block) <= i) ++row_block;
+      block_of[t] = row_block;
+      const float* row = q + (i - row_begin) * dim;  // rounded to bf16 already
+      CopyRow(kv, row, dim, t, s);
+      const int64_t last = std::min(s.group_last_key[row_block], g.LastVisibleKey(i));
+      s.visible[t] = last < r ? 0 : static_cast<int>(Quotient(last - r, stride) + 1);
       columns = std::max(columns, s.visible[t]);
     }
     if (columns == 0) continue;
     if (!aligned) s.column_mass.assign(blocks * columns, 0.0f);
     const int row_columns = aligned ? all_columns : columns;
     // Tiles of the Scores kernel's height: each scores the keys its own rows may see.
-    for (int t = 0; t < n; t += kTileRows)
-      ResidueTile(p, math, kv, bk, r, t, std::min(n, t + kTileRows), block_of, row_columns, s);
+    const int tile_rows = kv.sampled2 ? kAmxRows : kTileRows;
+    for (int t = 0; t < n; t += tile_rows)
+      ResidueTile(p, math, kv, bk, r, t, std::min(n, t + tile_rows), block_of, row_columns, s);
     for (int64_t x = 0; x < blocks && !aligned; ++x)
       AddBlockMass(p, kv, r, s.column_mass.data() + x * columns, columns, mass.data() + x * nk);
   }

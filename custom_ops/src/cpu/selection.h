@@ -19,6 +19,8 @@ struct SelectionScratch {
   std::vector<double> mass;
   std::vector<float> row_max, row_sum;  // per query row, for the token estimate's softmax
   std::vector<float> group_q, group_scores;  // the antidiagonal estimate's rows of one residue
+  std::vector<uint32_t> group_q2;            // the same rows as bf16 pairs, for AMX (packed.h sampled2)
+  std::vector<float> redo_scores;            // a tile's scores again, for a row holding NaN or +inf
   std::vector<double> block_mass;            // the antidiagonal estimate's mass per key block
   std::vector<float> column_mass;            // one residue's probabilities summed over its rows
   // The antidiagonal estimate over several query blocks: per block its allowed key blocks

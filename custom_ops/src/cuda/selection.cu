@@ -191,14 +191,14 @@ __global__ void __launch_bounds__(kChooseThreads)
     float sum = 0.0f;
     for (int64_t x = 0; x < dim; ++x) {
       const float k = ToFloat(k_head[j * dim + x]);
-      sum += q_row[x] * (isfinite(k) ? k : 0.0f);
+      sum += q_row[x] * (isfinite(k) ? RoundedToBf16(k) : 0.0f);  // bf16 operands, as the CPU's
     }
     return Capped(sum, g.attrs.softcap);
   };
   for (int64_t i = grid.QueryBegin(qb); i < grid.QueryEnd(qb); ++i) {
     for (int64_t x = threadIdx.x; x < dim; x += blockDim.x) {
       const float value = ToFloat(query[(bh * grid.q_len + i) * dim + x]) * g.attrs.scale;
-      q_row[x] = isfinite(value) ? value : 0.0f;
+      q_row[x] = isfinite(value) ? RoundedToBf16(value) : 0.0f;
     }
     __syncthreads();
     const int64_t r = (stride - 1 - i % stride) % stride;
