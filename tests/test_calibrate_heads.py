@@ -60,10 +60,9 @@ def test_curves_per_head_come_from_the_same_runs():
     (curve,) = curves
     assert [len(points) for points in curve.heads] == [len(HEAD_THRESHOLDS)] * HEADS
     for i, (t, density, error) in enumerate(curve.points):
-        # the node's density is its heads' mean; its error lies between theirs
+        # the node's density is its heads' mean; its squared error the sum of theirs
         assert density == pytest.approx(sum(h[i][1] for h in curve.heads) / HEADS)
-        errors = [h[i][2] for h in curve.heads]
-        assert min(errors) - 1e-12 <= error <= max(errors) + 1e-12
+        assert error**2 == pytest.approx(sum(h[i][2] ** 2 for h in curve.heads), rel=1e-9, abs=1e-15)
         assert all(h[i][0] == t for h in curve.heads)
     assert curve.heads[0][0][0] == 0.0  # the streaming point is measured
 
