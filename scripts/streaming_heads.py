@@ -71,6 +71,9 @@ def main() -> None:
                 runs[kind + (" selection" if selection else "")] = lambda s=session, f=feeds: s.run(["Y"], f)
                 if not selection:
                     density[kind] = float(session.run(["density"], feeds)[0].mean())
+        if args.base_library:  # the same blocks, so the same output
+            same = np.array_equal(runs["streaming"]()[0], runs["base_threshold0"]()[0])
+            assert same, "streaming heads and the base library at threshold 0 disagree"
         ms = interleaved_medians(runs, WallTimer(), 1, args.repeat)
         for kind in kinds:
             row = (seq_len, args.estimate, kind, f"{density[kind]:.3f}", f"{ms[kind]:.1f}")
