@@ -14,9 +14,29 @@ from tfsa_onnx.reference import HEAD_THRESHOLDS_MAX, SparseAttentionAttributes, 
 # b, hq, hkv, sq, sk, d, dv, dtype, attributes: every estimate, GQA, causal, ragged lengths
 HEAD_CASES = [
     (1, 4, 2, 100, 130, 16, 16, "float32", dict(block_size=16, global_tokens=8, local_window=16)),
-    (1, 3, 1, 90, 90, 64, 64, "float16", dict(block_size=16, is_causal=1, local_window=16, estimate=1)),
+    (
+        1,
+        3,
+        1,
+        90,
+        90,
+        64,
+        64,
+        "float16",
+        dict(block_size=16, is_causal=1, global_tokens=0, local_window=16, estimate=1),
+    ),
     (2, 2, 2, 77, 77, 32, 32, "float32", dict(block_size=20, global_tokens=4, local_window=8, estimate=2)),
-    (1, 4, 4, 64, 64, 32, 32, "float32", dict(block_size=8, max_density=0.5, is_causal=1, local_window=8)),
+    (
+        1,
+        4,
+        4,
+        64,
+        64,
+        32,
+        32,
+        "float32",
+        dict(block_size=8, max_density=0.5, is_causal=1, global_tokens=0, local_window=8),
+    ),
 ]
 THRESHOLDS = {1: (0.0,), 2: (0.7, 0.0), 3: (0.0, 0.8, 1.0), 4: (0.9, 0.0, 0.5, 1.0)}
 
