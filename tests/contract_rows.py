@@ -21,6 +21,7 @@ class AttributeInfo(ctypes.Structure):
         ("default_value", ctypes.c_double),
         ("low", ctypes.c_double),
         ("high", ctypes.c_double),
+        ("max_count", ctypes.c_int64),
     ]
 
 
@@ -46,7 +47,10 @@ def check_mirror(rows: list[AttributeInfo], attributes: type, bounds: dict) -> N
     for info in rows:
         name = info.name.decode()
         value = getattr(defaults, name)
-        assert bool(info.is_float) == isinstance(value, float), name
-        assert info.default_value == (np.float32(value) if info.is_float else value), name
+        if info.max_count > 0:  # a list of floats (head_thresholds), empty by default
+            assert info.is_float and value == (), name
+        else:
+            assert bool(info.is_float) == isinstance(value, float), name
+            assert info.default_value == (np.float32(value) if info.is_float else value), name
         assert (info.low, info.high, bool(info.low_open)) == bounds[name], name
     assert set(bounds) == set(attributes.names())

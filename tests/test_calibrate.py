@@ -42,7 +42,9 @@ def test_calibrated_config_meets_the_target_at_lower_density(tmp_path: Path):
     from tfsa_onnx import optimize
 
     feeds = tiny_feeds(3, 256)
-    result = calibrate(tiny_model(), feeds, "cos>=0.99", base=BASE, output="hidden", progress=False)
+    result = calibrate(
+        tiny_model(), feeds, "cos>=0.99", base=BASE, output="hidden", progress=False, per_head=False
+    )
     assert result.score >= 0.99
     assert result.density < 0.95  # something was skipped
     assert result.layers[0]["threshold"] < 1.0

@@ -4,8 +4,8 @@ on configurations drawn widely by hypothesis.
 Shapes: Sq <= block_size with per-row masks, Sq != Sk both ways, causal with Sq < Sk, GQA,
 head dims 8..256, block sizes that are not powers of two (and past the sequence). Masks: none,
 bool or additive, in every broadcast shape of [B, Hq, Sq, Sk] (rank 2 to 4), with fully masked
-rows. Attributes across their range. Some cases hold one NaN or infinity in the query, key,
-value or mask (the reference's NaN rule). Tolerance 1e-4 in float32.
+rows. Attributes across their range (per-head thresholds too). Some cases hold one NaN or
+infinity in the query, key, value or mask (the reference's NaN rule). Tolerance 1e-4 in float32.
 
 The default run draws a fixed set (derandomized); `pytest -m slow tests/test_fuzz.py` draws
 1,000 fresh cases per kernel.
@@ -90,6 +90,9 @@ def cases(draw, max_len: int = 300, max_heads: int = 3):
         query_positions=draw(st.integers(0, 1)),
         softcap=draw(st.sampled_from([0.0, 0.0, 0.0, 0.5, 30.0])),
     )
+    if draw(st.booleans()):  # per-head budgets, streaming (0) and dense (1) heads among them
+        heads = st.lists(st.sampled_from([0.0, 0.0, 0.25, 0.5, 0.875, 1.0]), min_size=hq, max_size=hq)
+        attrs["head_thresholds"] = tuple(draw(heads))
     return q, k, v, mask, attrs
 
 

@@ -42,7 +42,7 @@ def gqa_args(case: Case, feeds: dict) -> cuda.GqaArgs:
         rotary_half=cos.shape[1] if cos is not None else 0,
         rotary_positions=cos.shape[0] if cos is not None else 0,
         local_window_size=case.attrs.get("local_window_size", -1),
-        attributes=cuda.Attributes(**SparseAttentionAttributes(**sparsity).as_dict()),
+        attributes=cuda.Attributes.of(SparseAttentionAttributes(**sparsity)),
     )
 
 

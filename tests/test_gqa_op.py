@@ -186,6 +186,11 @@ SPARSE_CASES = {
     "chunk_shared": Case(seq=70, past=(100,), cache=200, shared=True, attrs=SPARSE),
     "chunk_global_past": Case(seq=130, past=(24,), attrs=SPARSE | {"global_tokens": 40}),
     "prompt_softcap": Case(seq=150, attrs=SPARSE | {"softcap": 1.0}),
+    # per-head budgets: a streaming head (0) and a dense one (1) among them
+    "prompt_head_thresholds": Case(seq=150, attrs=SPARSE | {"head_thresholds": (0.9, 0.0, 0.4, 1.0)}),
+    "chunk_head_thresholds_mqa": Case(
+        q_heads=3, kv_heads=1, seq=70, past=(100,), attrs=SPARSE | {"head_thresholds": (0.0, 0.5, 0.0)}
+    ),
 }
 
 

@@ -21,6 +21,7 @@ from tfsa_onnx.reference import (
     ATTRIBUTE_BOUNDS,
     BLOCK_SIZE_MAX,
     ESTIMATE_STRIDE_MAX,
+    HEAD_THRESHOLDS_MAX,
     TOKENS_MAX,
     SparseAttentionAttributes,
     select_blocks,
@@ -370,7 +371,13 @@ def test_attributes_agree_with_the_cpp_contract():
         ]
     for info in rows:
         assert info.offset == getattr(cuda.Attributes, info.name.decode()).offset, info.name
-    assert ctypes.sizeof(cuda.Attributes) == max(info.offset for info in rows) + 8
+    # a list is max_count floats and then its int64 count (head_thresholds: HEAD_THRESHOLDS_MAX)
+    last = max(rows, key=lambda info: info.offset)
+    assert ctypes.sizeof(cuda.Attributes) == last.offset + 4 * last.max_count + 8
+    assert [(i.name.decode(), i.max_count) for i in rows if i.max_count] == [
+        ("head_thresholds", HEAD_THRESHOLDS_MAX)
+    ]
+    assert cuda.Attributes.head_threshold_count.offset == last.offset + 4 * HEAD_THRESHOLDS_MAX
     assert ATTRIBUTE_BOUNDS["block_size"][1] == BLOCK_SIZE_MAX
     assert ATTRIBUTE_BOUNDS["global_tokens"][1] == TOKENS_MAX
     assert ATTRIBUTE_BOUNDS["estimate_stride"][1] == ESTIMATE_STRIDE_MAX

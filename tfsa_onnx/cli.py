@@ -402,7 +402,7 @@ def _echo_done(report, config, reapply: bool, paths: tuple, wrote: tuple[str, st
 def _settings_line(config, replaced: int, already: int, reapply: bool) -> str:
     """What the run set: the new nodes' settings; existing nodes change only with --reapply."""
     settings = config.for_site(-1, "") or {}
-    text = " ".join(f"{k}={v}" for k, v in settings.items())
+    text = " ".join(f"{k}={v}" for k, v in settings.items() if v != ())  # () : no head_thresholds
     text += f"; {len(config.layers)} per-layer override(s)" if config.layers else ""
     if not already:
         return f"settings: {text}"
@@ -694,10 +694,17 @@ def _validate_once(validate, original, optimized, feeds, threads, warmup):
     "--curve-samples", type=click.IntRange(1), default=2, show_default=True, help="Samples per layer curve."
 )
 @click.option(
+    "--per-layer",
+    is_flag=True,
+    help="One threshold per layer (default: one per query head, streaming heads included).",
+)
+@click.option(
     "--json", "json_path", type=click.Path(dir_okay=False), help="Write the calibration record as JSON."
 )
-def calibrate_cmd(model, target, output, output_name, curve_samples, json_path, threads, **options) -> None:
-    """Choose per-layer thresholds for MODEL so TARGET holds at the lowest density; writes a config.
+def calibrate_cmd(
+    model, target, output, output_name, curve_samples, per_layer, json_path, threads, **options
+) -> None:
+    """Choose per-head thresholds for MODEL so TARGET holds at the lowest density; writes a config.
 
     MODEL may be an onnxruntime-genai folder: its decoder is calibrated on prompt steps (--text,
     tokenized by the folder's tokenizer, or random tokens), and the config is for
@@ -727,7 +734,14 @@ def calibrate_cmd(model, target, output, output_name, curve_samples, json_path, 
         if note:
             click.echo(note, err=True)
         result = calibrate(  # the path: no copy of the weights is kept here while calibrate runs
-            model, feeds, goal, base=base, output=output_name, curve_samples=curve_samples, threads=threads
+            model,
+            feeds,
+            goal,
+            base=base,
+            output=output_name,
+            curve_samples=curve_samples,
+            threads=threads,
+            per_head=not per_layer,
         )
     except (CalibrationError, InputError, GenaiError, OSError) as e:
         raise click.ClickException(str(e)) from None

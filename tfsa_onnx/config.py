@@ -9,6 +9,7 @@ File format (JSON or YAML):
       "0": {skip: true}              # leave layer 0 as it is
       "3": {threshold: 0.95, estimate: token}
       "*layers.1[0-9]*": {max_density: 0.5}
+      "4": {head_thresholds: [0.9, 0, 0.7, 0.95]}   # one per query head; 0: a streaming head
 
 Later keys win over earlier ones when several match. Values are checked strictly against the
 operator's bounds (BOUNDS; skip is a bool); a negative index is refused, and keys that select no
@@ -25,7 +26,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tfsa_onnx.reference import ATTRIBUTE_BOUNDS, COMPUTE_PRECISIONS, ESTIMATES, SparseAttentionAttributes
+from tfsa_onnx.reference import (
+    ATTRIBUTE_BOUNDS,
+    COMPUTE_PRECISIONS,
+    ESTIMATES,
+    HEAD_THRESHOLDS_MAX,
+    SparseAttentionAttributes,
+)
 
 # Attributes a user may set; scale and is_causal come from the model itself.
 TUNABLE = (
@@ -38,7 +45,10 @@ TUNABLE = (
     "estimate",
     "estimate_stride",
     "compute_precision",
+    "head_thresholds",
 )
+# Settings that are lists of numbers (each value within BOUNDS), with the most values they hold.
+LISTS: dict[str, int] = {"head_thresholds": HEAD_THRESHOLDS_MAX}
 # The bounds the operator enforces on them (contract.h, mirrored in reference.py), checked here
 # first: name -> (low, high, low excluded).
 BOUNDS: dict[str, tuple[float, float, bool]] = {name: ATTRIBUTE_BOUNDS[name] for name in TUNABLE}
@@ -69,6 +79,8 @@ def check_setting(name: str, value: Any, where: str) -> Any:
     if name not in TUNABLE:
         expected = ", ".join((*TUNABLE, "skip"))
         raise ConfigError(f"{where}: unknown setting {name!r}; expected one of {expected}")
+    if name in LISTS:
+        return _check_list(name, value, where)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         kind = "an integer" if name in _INTS else "a number"
         raise ConfigError(f"{where}: {name} must be {kind}, got {value!r}")
@@ -86,6 +98,34 @@ def check_setting(name: str, value: Any, where: str) -> Any:
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise ConfigError(f"{where}: {name} must be in {interval}, got {given!r}")
     return value
+
+
+def _check_list(name: str, value: Any, where: str) -> tuple[float, ...]:
+    """A list setting (head_thresholds): at most LISTS[name] numbers, each checked as a number
+    setting of the same name would be; kept as a tuple of floats (empty: not set)."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: {name} must be a list of numbers (one per query head), got {value!r}")
+    if len(value) > LISTS[name]:
+        raise ConfigError(f"{where}: {name} may hold at most {LISTS[name]} values, got {len(value)}")
+    low, high, _ = BOUNDS[name]
+    out = []
+    for i, x in enumerate(value):
+        if (
+            isinstance(x, bool)
+            or not isinstance(x, (int, float))
+            or not math.isfinite(x)
+            or not low <= x <= high
+        ):
+            raise ConfigError(f"{where}: {name}[{i}] must be a number in [{low}, {high}], got {x!r}")
+        out.append(float(x))
+    return tuple(out)
+
+
+def attribute_value(value: Any) -> Any:
+    """A resolved setting as a node attribute's value: float, int, or a list of floats."""
+    if isinstance(value, (list, tuple)):
+        return [float(x) for x in value]
+    return float(value) if isinstance(value, float) else int(value)
 
 
 def parse_setting(name: str, text: str, where: str) -> Any:
@@ -116,6 +156,11 @@ def _check_key(key: Any) -> str:
     if not key:
         raise ConfigError("layers: an empty key selects no layer; use an index or a glob on node names")
     return key
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """Settings as JSON writes them (a list setting as a list)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 @dataclass
@@ -160,7 +205,7 @@ class SparsityConfig:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"defaults": dict(self.defaults), "layers": {k: dict(v) for k, v in self.layers.items()}}
+        return {"defaults": _plain(self.defaults), "layers": {k: _plain(v) for k, v in self.layers.items()}}
 
     def save(self, path: str | Path) -> None:
         from tfsa_onnx.files import atomic_write_text

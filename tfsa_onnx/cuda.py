@@ -14,17 +14,41 @@ import math
 from dataclasses import fields
 from typing import Any
 
-from tfsa_onnx.reference import SparseAttentionAttributes
+from tfsa_onnx.reference import HEAD_THRESHOLDS_MAX, SparseAttentionAttributes
 
 FLOAT32, FLOAT16, BFLOAT16 = 0, 1, 2
 MASK_NONE, MASK_BOOL, MASK_T = 0, 1, 2
 _C_TYPES = {"float": ctypes.c_float, "int": ctypes.c_int64, float: ctypes.c_float, int: ctypes.c_int64}
 
 
+# A list attribute is a fixed array and the count after it (contract.h kListAttributeRules).
+_LISTS = {"head_thresholds": ("head_threshold_count", ctypes.c_float * HEAD_THRESHOLDS_MAX)}
+
+
+def _c_fields(name: str, kind: Any) -> list[tuple[str, Any]]:
+    if name in _LISTS:
+        count, array = _LISTS[name]
+        return [(name, array), (count, ctypes.c_int64)]
+    return [(name, _C_TYPES[kind])]
+
+
 class Attributes(ctypes.Structure):
     """TfsaAttributes of contract.h: the fields of SparseAttentionAttributes, in their order."""
 
-    _fields_ = [(f.name, _C_TYPES[f.type]) for f in fields(SparseAttentionAttributes)]
+    _fields_ = [c for f in fields(SparseAttentionAttributes) for c in _c_fields(f.name, f.type)]
+
+    @classmethod
+    def of(cls, attributes: SparseAttentionAttributes) -> Attributes:
+        """The C struct of the attributes (a list: its values and their count)."""
+        values = attributes.as_dict()
+        lists = {name: values.pop(name) for name in _LISTS}
+        out = cls(**values)
+        for name, given in lists.items():
+            if len(given) > HEAD_THRESHOLDS_MAX:
+                raise ValueError(f"{name} may hold at most {HEAD_THRESHOLDS_MAX} values, got {len(given)}")
+            getattr(out, name)[: len(given)] = [float(x) for x in given]
+            setattr(out, _LISTS[name][0], len(given))
+        return out
 
 
 class Dims(ctypes.Structure):
@@ -121,7 +145,7 @@ def make_args(
     dims = Dims(batch=b, q_heads=hq, kv_heads=hkv, q_len=sq, kv_len=sk, head_dim=d, v_head_dim=dv)
     dims.mask_stride[:] = list(mask_strides)
     dims.bias_stride[:] = list(bias_strides)
-    attrs = Attributes(**SparseAttentionAttributes(**attributes).as_dict())
+    attrs = Attributes.of(SparseAttentionAttributes(**attributes))
     return CudaArgs(dtype=dtype, mask_kind=mask_kind, bias_dtype=bias_dtype, dims=dims, attributes=attrs)
 
 

@@ -19,6 +19,11 @@ _DIMS = {
 }
 
 
+def _given(attributes: dict) -> dict:
+    """The attributes a node gets: an empty list (head_thresholds: none) is no attribute."""
+    return {k: v for k, v in attributes.items() if not (isinstance(v, (list, tuple)) and len(v) == 0)}
+
+
 def sparse_attention_model(
     dtype: int = TensorProto.FLOAT,
     mask_dtype: int | None = None,
@@ -43,7 +48,12 @@ def sparse_attention_model(
     if density_output:
         outputs.append(helper.make_tensor_value_info("density", TensorProto.FLOAT, ["batch", "q_heads"]))
     node = helper.make_node(
-        OP_TYPE, names, [o.name for o in outputs], domain=DOMAIN, name="sparse_attention", **attributes
+        OP_TYPE,
+        names,
+        [o.name for o in outputs],
+        domain=DOMAIN,
+        name="sparse_attention",
+        **_given(attributes),
     )
     graph = helper.make_graph([node], "sparse_attention", inputs, outputs)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OP_VERSION)]
@@ -94,7 +104,7 @@ def group_query_attention_model(
         outputs.append(helper.make_tensor_value_info("density", TensorProto.FLOAT, None))
     op_type = "GroupQueryAttention" if domain == "com.microsoft" else GQA_OP_TYPE
     out_names = [o.name for o in outputs]
-    node = helper.make_node(op_type, names, out_names, domain=domain, name="gqa", **attributes)
+    node = helper.make_node(op_type, names, out_names, domain=domain, name="gqa", **_given(attributes))
     graph = helper.make_graph([node], "gqa", inputs, outputs)
     version = 1 if domain == "com.microsoft" else OP_VERSION
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(domain, version)]

@@ -34,6 +34,9 @@ Selection (which key blocks a query block computes), per (batch, head, query blo
      estimates' scale * mean(Q block) . mean(K block) and scale * q_i . mean(K block) become
      c * tanh(. / c) before the log(keys) and centre-bias terms, and the antidiagonal's sampled
      pairs are exact capped probabilities.
+  Per-head budgets: with head_thresholds (one value per query head), query head h uses
+  head_thresholds[h] as its threshold. A head whose threshold is 0 adds no candidate: it
+  computes its forced blocks alone (a streaming head; the kernels skip its estimate).
   Below min_seq_len keys, every allowed block is computed.
 Math: exactly softmax(cap(scale * Q K^T) + mask + attn_bias) V over the selected blocks, the
 rest -inf, where cap(x) = softcap * tanh(x / softcap) when softcap > 0 (Gemma 2's logit
@@ -53,12 +56,13 @@ dot), so a -inf in the bias hides a pair without closing its block.
 
 Attribute bounds (contract.h enforces the same; out of range is an error): block_size in [1,
 BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len, sliding_window in [0, TOKENS_MAX];
-threshold in [0, 1]; max_density in (0, 1]; scale and softcap finite and >= 0; is_causal and
-query_positions 0 or 1; estimate an index of ESTIMATES; estimate_stride in [1,
-ESTIMATE_STRIDE_MAX]. threshold 1 leaves the max_density cap alone (blocks of zero estimated
-mass are taken too). block_size,
-global_tokens, local_window and sliding_window are cut to the longer sequence (`effective`),
-which changes no result: the kernels never size memory or index blocks by the raw values.
+threshold and each head_thresholds value in [0, 1] (at most HEAD_THRESHOLDS_MAX values, and a
+call must have exactly one per query head when any are given); max_density in (0, 1]; scale and
+softcap finite and >= 0; is_causal and query_positions 0 or 1; estimate an index of ESTIMATES;
+estimate_stride in [1, ESTIMATE_STRIDE_MAX]. threshold 1 leaves the max_density cap alone (blocks
+of zero estimated mass are taken too). block_size, global_tokens, local_window and sliding_window
+are cut to the longer sequence (`effective`), which changes no result: the kernels never size
+memory or index blocks by the raw values.
 
 NaN and infinity. A pair (i, j) counts for row i when its block is selected, causality and the
 mask let i see j (a NaN or +inf mask value lets it: only -inf / false hide a pair), and mask +
@@ -86,6 +90,7 @@ TOKENS_MAX = 2_147_483_647  # contract.h kTokensMax: global_tokens, local_window
 ESTIMATES = ("mean", "antidiagonal", "token")  # contract.h TfsaEstimate, in its order
 ESTIMATE_STRIDE_MAX = 1024  # contract.h kEstimateStrideMax
 COMPUTE_PRECISIONS = ("float32", "bf16")  # contract.h TfsaComputePrecision, in its order
+HEAD_THRESHOLDS_MAX = 256  # contract.h TFSA_HEAD_THRESHOLDS_MAX: the most values head_thresholds holds
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,9 @@ class SparseAttentionAttributes:
     softcap: float = 0.0
     # compute precision (an index of COMPUTE_PRECISIONS): 1 rounds the scaled Q, K, V and P to bf16
     compute_precision: int = 0
+    # Per-head budgets: empty, or one threshold per query head (used instead of `threshold`;
+    # 0 makes a streaming head: its forced blocks only). At most HEAD_THRESHOLDS_MAX values.
+    head_thresholds: tuple[float, ...] = ()
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -144,6 +152,7 @@ ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "query_positions": (0, 1, False),
     "softcap": (0.0, math.inf, False),
     "compute_precision": (0, len(COMPUTE_PRECISIONS) - 1, False),
+    "head_thresholds": (0.0, 1.0, False),  # each value; a list of up to HEAD_THRESHOLDS_MAX
 }
 
 
@@ -318,8 +327,9 @@ def select_blocks(
     centre = np.broadcast_to(_block_centre_bias(attn_bias, (*q.shape[:3], sk), a.block_size), allowed.shape)
     forced = _forced_blocks(sq, sk, a, query_offset) & allowed
     selected = forced.copy()
-    threshold = float(np.float32(a.threshold))  # an ONNX float attribute, as the kernels read it
     for idx in np.ndindex(*allowed.shape[:3]):
+        # the head's threshold, an ONNX float attribute as the kernels read it
+        threshold = float(np.float32(a.head_thresholds[idx[1]] if a.head_thresholds else a.threshold))
         candidates = np.flatnonzero(allowed[idx] & ~forced[idx])
         if candidates.size == 0:
             continue
@@ -379,6 +389,8 @@ def sparse_attention(
     b, hq, sq, d = query.shape
     hkv, sk = key.shape[1], key.shape[2]
     a = effective(SparseAttentionAttributes(**attributes), sq, sk)
+    if a.head_thresholds and len(a.head_thresholds) != hq:
+        raise ValueError(f"head_thresholds gives {len(a.head_thresholds)} thresholds for {hq} query heads")
     bias, may_attend = _attendable(attn_mask, (b, hq, sq, sk), bool(a.is_causal), a.sliding_window)
     allowed = _block_any(may_attend, a.block_size)
     if selected is None:
@@ -514,7 +526,7 @@ def group_query_attention(
     density = np.ones((b, hq), np.float32)
     prompt = s == total_sequence_length
     if s == 1 or s < SparseAttentionAttributes(**sparsity).min_seq_len:
-        sparsity |= {"threshold": 1.0, "max_density": 1.0}
+        sparsity |= {"threshold": 1.0, "max_density": 1.0, "head_thresholds": ()}
     for row in range(b):
         total = int(seqlens_k[row]) + 1
         past = 0 if prompt else total - s
@@ -538,7 +550,7 @@ def group_query_attention(
         output[row, :valid] = y[0].transpose(1, 0, 2).reshape(valid, hq * d)
         if valid < s:  # right padding of a prompt: every key of the row, the window from its position
             mask = _window_mask(s - valid, total, total, g.local_window_size)
-            dense = sparsity | {"is_causal": 0, "threshold": 1.0, "max_density": 1.0}
+            dense = sparsity | {"is_causal": 0, "threshold": 1.0, "max_density": 1.0, "head_thresholds": ()}
             y, _ = sparse_attention(qr[None, :, valid:], keys, values, mask, **dense)
             output[row, valid:] = y[0].transpose(1, 0, 2).reshape(s - valid, hq * d)
     return (output, present_k, present_v, density) if return_density else (output, present_k, present_v)

@@ -145,7 +145,7 @@ void AttendRows(const GqaKernel& k, const GqaCall& call, const RowsCall& r, void
   p.dims = Dims{1, Hq, l.kv_heads, r.rows, r.kv_len, D, D, {0, 0, 0, 0}};
   Attributes a = k.sparsity;
   a.is_causal = 1;
-  if (r.dense) a.threshold = a.max_density = 1.0f;  // exact over the cache
+  if (r.dense) a.threshold = a.max_density = 1.0f, a.head_threshold_count = 0;  // exact over the cache
   p.attrs = Effective(a, p.dims);
   p.grid = GridOf(p.attrs, p.dims);
   p.grid.offset = r.offset;
@@ -321,6 +321,7 @@ GqaKernel::GqaKernel(const OrtApi& api, const OrtKernelInfo* info, Provider prov
   ReadFields(api, info, kGqaAttributeRules, gqa, type_error);
   // always causal; its window is local_window_size; softcap is GroupQueryAttention's own
   ReadFields(api, info, kAttributeRules, sparsity, type_error, {"is_causal", "sliding_window", "softcap"});
+  ReadLists(api, info, sparsity, type_error);
   sparsity.is_causal = 1;
   sparsity.softcap = gqa.softcap;
   if (!type_error.empty()) attribute_error = type_error;
@@ -334,6 +335,7 @@ GqaKernel::GqaKernel(const OrtApi& api, const OrtKernelInfo* info, Provider prov
   if (attribute_error.empty() && gqa.num_heads % gqa.kv_num_heads != 0)
     attribute_error = "num_heads = " + std::to_string(gqa.num_heads) + " must be a multiple of kv_num_heads = " +
                       std::to_string(gqa.kv_num_heads);
+  if (attribute_error.empty()) attribute_error = CheckHeadThresholds(sparsity, gqa.num_heads);
 }
 
 OrtStatusPtr GqaKernel::ComputeV2(OrtKernelContext* raw_context) {

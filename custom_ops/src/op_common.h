@@ -59,6 +59,37 @@ void ReadFields(const OrtApi& api, const OrtKernelInfo* info, const FieldRule<S>
   }
 }
 
+// Reads the list attributes (kListAttributeRules) into `fields` (absent ones: no values); a
+// list of another type, or longer than its rule allows, is reported in `error`.
+inline void ReadLists(const OrtApi& api, const OrtKernelInfo* info, Attributes& fields, std::string& error) {
+  for (const ListRule& rule : kListAttributeRules) {
+    size_t count = 0, int_count = 0;
+    rule.SetCount(fields, 0);
+    // ORT reads an INTS attribute as an empty float list (and the other way round)
+    const bool ints = Readable(api, api.KernelInfoGetAttributeArray_int64(info, rule.name, nullptr, &int_count)) &&
+                      int_count > 0;
+    if (!ints && Readable(api, api.KernelInfoGetAttributeArray_float(info, rule.name, nullptr, &count))) {
+      if (count > static_cast<size_t>(rule.max_count)) {
+        if (error.empty())
+          error = std::string(rule.name) + " may hold at most " + std::to_string(rule.max_count) + " values" +
+                  rule.note + ", got " + std::to_string(count);
+        continue;
+      }
+      if (count > 0 && !Readable(api, api.KernelInfoGetAttributeArray_float(info, rule.name, rule.Values(fields), &count)))
+        continue;
+      rule.SetCount(fields, static_cast<int64_t>(count));
+      continue;
+    }
+    float as_float = 0.0f;
+    int64_t as_int = 0;
+    size_t size = 0;
+    const bool other_type = ints || Readable(api, api.KernelInfoGetAttribute_float(info, rule.name, &as_float)) ||
+                            Readable(api, api.KernelInfoGetAttribute_int64(info, rule.name, &as_int)) ||
+                            Readable(api, api.KernelInfoGetAttribute_string(info, rule.name, nullptr, &size));
+    if (other_type && error.empty()) error = std::string(rule.name) + " must be a list of floats (FLOATS attribute)";
+  }
+}
+
 // Input data through GetTensorMutableData (API 1): the headers' GetTensorRawData() calls
 // GetTensorData, which runtimes before 1.23 do not have.
 inline const void* InputData(const Ort::ConstValue& value) {

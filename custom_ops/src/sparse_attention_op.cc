@@ -22,6 +22,7 @@ SparseAttentionKernel::SparseAttentionKernel(const OrtApi& api, const OrtKernelI
     : provider(where) {
   std::string type_error;
   ReadFields(api, info, kAttributeRules, attributes, type_error);
+  ReadLists(api, info, attributes, type_error);
   attribute_error = type_error.empty() ? CheckAttributes(attributes) : type_error;
   const char* selection_only_env = std::getenv("TFSA_SELECTION_ONLY");
   selection_only = selection_only_env != nullptr && std::string(selection_only_env) == "1";
@@ -86,7 +87,8 @@ OrtStatusPtr SparseAttentionKernel::ComputeV2(OrtKernelContext* raw_context) {
     Ort::KernelContext context(raw_context);
     if (!attribute_error.empty()) return Error(attribute_error);
     OpTensors call;
-    const std::string input_error = ReadInputs(context, call);
+    std::string input_error = ReadInputs(context, call);
+    if (input_error.empty()) input_error = CheckHeadThresholds(attributes, call.dims.q_heads);
     if (!input_error.empty()) return Error(input_error);
     const Dims& d = call.dims;
     call.output = context.GetOutput(0, {d.batch, d.q_heads, d.q_len, d.v_head_dim}).GetTensorMutableRawData();

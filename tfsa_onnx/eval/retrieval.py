@@ -61,12 +61,21 @@ def _dense_row(q, k, v, head: int, row: int) -> np.ndarray:
 
 
 def probe(
-    tensors, runs: dict[str, tuple[str, SparsityConfig]], trials: int, share: float, seed: int = 0
+    tensors,
+    runs: dict[str, tuple[str, SparsityConfig]],
+    trials: int,
+    share: float,
+    seed: int = 0,
+    streaming: dict[str, list[bool]] | None = None,
 ) -> dict[str, int]:
-    """Per run (label -> (estimate, config)): the number of trials whose needle was found."""
+    """Per run (label -> (estimate, config)): the number of trials whose needle was found.
+    `streaming`, when given, gets per run and trial whether the trial's head was a streaming
+    head (head_thresholds 0: it cannot find a key outside its global and local blocks)."""
     rng = np.random.default_rng(seed)
     layers = sorted(int(name[1:]) for name in tensors.files if name.startswith("q"))
     found = dict.fromkeys(runs, 0)
+    if streaming is not None:
+        streaming.update({label: [] for label in runs})
     for _ in range(trials):
         layer = int(rng.choice(layers))
         q, k, v = (tensors[f"{x}{layer}"] for x in "qkv")
@@ -77,10 +86,13 @@ def probe(
         dense = _dense_row(q, k2, v2, head, row)
         room = 0.5 * share * np.linalg.norm(v2[head // (q.shape[0] // k.shape[0]), key])
         for label, (estimate, config) in runs.items():
-            model = sparse_attention_model(**_attributes(config, layer, estimate))
-            session = make_session(model, 2)
+            attributes = _attributes(config, layer, estimate)
+            session = make_session(sparse_attention_model(**attributes), 2)
             y = session.run(["Y"], {"query": q[None], "key": k2[None], "value": v2[None]})[0]
             found[label] += bool(np.linalg.norm(y[0, head, row] - dense) < room)
+            if streaming is not None:
+                heads = attributes["head_thresholds"]
+                streaming[label].append(bool(heads) and heads[head] == 0.0)
     return found
 
 
@@ -100,13 +112,14 @@ def main() -> None:
     for item in args.run:
         estimate, _, path = item.partition("=")
         runs[f"{estimate} ({Path(path).stem})"] = (estimate, SparsityConfig.load(path))
+    streaming: dict[str, list[bool]] = {}
     with np.load(args.tensors) as tensors:
-        found = probe(tensors, runs, args.trials, args.share, args.seed)
-    print(f"| estimate | needle found (share {args.share}) |")
-    print("|---|---:|")
-    print(f"| dense | {args.trials}/{args.trials} |")
+        found = probe(tensors, runs, args.trials, args.share, args.seed, streaming)
+    print(f"| estimate | needle found (share {args.share}) | trials on a streaming head |")
+    print("|---|---:|---:|")
+    print(f"| dense | {args.trials}/{args.trials} | - |")
     for name, count in found.items():
-        print(f"| {name} | {count}/{args.trials} |")
+        print(f"| {name} | {count}/{args.trials} | {sum(streaming[name])} |")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from tfsa_onnx import DOMAIN, OP_TYPE, OP_VERSION
+from tfsa_onnx.config import attribute_value
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 # An additive mask value at or below this is "never attend" (finfo(float16).min is -65504).
@@ -398,7 +399,8 @@ def sparse_attention_node(
     if match.softcap:
         attributes["softcap"] = float(match.softcap)
     for key, val in tunables.items():
-        attributes[key] = float(val) if isinstance(val, float) else int(val)
+        if val != ():  # an empty list setting (head_thresholds) is no attribute
+            attributes[key] = attribute_value(val)
     if bias is not None and mask is None:
         # onnxruntime 1.17 crashes creating a session whose custom op has an empty optional
         # input before a given one: a one-element true mask instead (it changes nothing).

@@ -16,6 +16,7 @@ from typing import Any
 import onnx_ir as ir
 
 from tfsa_onnx import DOMAIN, GQA_OP_TYPE, OP_VERSION
+from tfsa_onnx.config import attribute_value
 from tfsa_onnx.opmodel import GQA_INPUTS, GQA_OUTPUTS
 from tfsa_onnx.rewrite.common import FLOAT_TYPES, GiveUp, Match, OpRule, attr, dims, optional_input
 
@@ -130,9 +131,8 @@ def rewrite(graph: ir.Graph, node: ir.Node, tunables: dict[str, Any]) -> ir.Node
         inputs.pop()
     attributes = {k: node.attributes[k] for k in KEPT if k in node.attributes}
     for key, val in tunables.items():
-        attributes[key] = ir.convenience.convert_attribute(
-            key, float(val) if isinstance(val, float) else int(val)
-        )
+        if val != ():  # an empty list setting (head_thresholds) is no attribute
+            attributes[key] = ir.convenience.convert_attribute(key, attribute_value(val))
     new = ir.Node(
         DOMAIN,
         GQA_OP_TYPE,

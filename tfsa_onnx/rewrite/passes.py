@@ -15,7 +15,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from tfsa_onnx import DOMAIN, GQA_OP_TYPE, OP_TYPE, OP_VERSION
-from tfsa_onnx.config import TUNABLE, SparsityConfig
+from tfsa_onnx.config import TUNABLE, SparsityConfig, attribute_value
 from tfsa_onnx.files import (
     OutputError,
     atomic_write_text,
@@ -298,10 +298,17 @@ def _run(model: ir.Model, config: SparsityConfig | None, *, apply: bool, reapply
         if not apply or config is None:
             continue
         tunables = config.for_site(site.layer, site.name)
+        if tunables is not None and (rule is None and reapply or rule is not None and site.match is not None):
+            _check_head_thresholds(site, tunables)
         if rule is None:
             if reapply and tunables is not None:
                 for key in TUNABLE:
-                    node.attributes[key] = ir.convenience.convert_attribute(key, tunables[key])
+                    if tunables[key] == ():  # an empty list setting: no attribute
+                        node.attributes.pop(key, None)
+                    else:
+                        node.attributes[key] = ir.convenience.convert_attribute(
+                            key, attribute_value(tunables[key])
+                        )
             continue
         if site.match is None:
             continue
@@ -313,6 +320,17 @@ def _run(model: ir.Model, config: SparsityConfig | None, *, apply: bool, reapply
         _cleanup(model)
         _restore_types(model.graph, declared)
     return report
+
+
+def _check_head_thresholds(site: Site, tunables: dict[str, Any]) -> None:
+    """head_thresholds must give one value per query head of the site (the kernel checks it
+    again at run time, where the heads are known for sure)."""
+    given = tunables.get("head_thresholds") or ()
+    if given and site.heads is not None and len(given) != site.heads:
+        raise OptimizeError(
+            f"the config gives layer {site.layer} ({site.name}) {len(given)} head_thresholds, but it has "
+            f"{site.heads} query heads: give one per query head, or none"
+        )
 
 
 def _declared_types(graph: ir.Graph) -> dict[int, tuple]:

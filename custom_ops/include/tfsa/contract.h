@@ -22,6 +22,9 @@ extern "C" {
 #define TFSA_DEFAULT(...)
 #endif
 
+/* The most query heads head_thresholds can hold (a call with more heads gives none, or is refused). */
+#define TFSA_HEAD_THRESHOLDS_MAX 256
+
 /* The operator's attributes with their defaults (C++ only; C sees the bare fields). The order
  * is the order of tfsa_onnx/reference.py SparseAttentionAttributes' fields. */
 typedef struct TfsaAttributes {
@@ -49,6 +52,13 @@ typedef struct TfsaAttributes {
    * scaled Q, K, V and the probabilities to bf16 before Q.K^T and P.V, float32 accumulation and
    * softmax (the CPU's AVX512_BF16; a CPU without it computes as 0 and says so once). */
   int64_t compute_precision TFSA_DEFAULT(0);
+  /* Per-head budgets: head_threshold_count values, one per query head of the call (checked at
+   * call time), each in [0, 1], used by that head instead of threshold; a count of 0: every head
+   * uses threshold. A head whose threshold is 0 is a streaming head: it computes its forced
+   * blocks (global tokens, local window) and its estimate is not computed at all. The count is
+   * the int64 right after the values (kListAttributeRules reports the values' offset). */
+  float head_thresholds[TFSA_HEAD_THRESHOLDS_MAX] TFSA_DEFAULT({});
+  int64_t head_threshold_count TFSA_DEFAULT(0);
 } TfsaAttributes;
 
 /* compute_precision's values; tfsa_onnx/reference.py COMPUTE_PRECISIONS names them in order. */
@@ -93,6 +103,9 @@ typedef struct TfsaAttributeInfo {
   int32_t low_open;
   size_t offset; /* of the field in its struct: TfsaAttributes, or TfsaGqaAttributes */
   double default_value, low, high;
+  /* > 0: a list attribute of up to this many values (each within low, high), its count the
+   * int64 right after them; 0: one value. */
+  int64_t max_count;
 } TfsaAttributeInfo;
 
 /* Fills `info` with attribute `index` (in the order the checks run) when `info` is not NULL;
@@ -228,13 +241,106 @@ std::string CheckFields(const S& a, const FieldRule<S> (&rules)[N]) {
   return "";
 }
 
-inline std::string CheckAttributes(const Attributes& a) { return CheckFields(a, kAttributeRules); }
+// A list attribute of Attributes: up to max_count floats at `offset`, how many are given in
+// the int64 right after them, each value within [low, high] and finite.
+struct ListRule {
+  const char* name;
+  size_t offset;
+  int64_t max_count;
+  double low, high;
+  const char* note;  // appended to the range in the error message
+
+  const float* Values(const Attributes& a) const {
+    return reinterpret_cast<const float*>(reinterpret_cast<const unsigned char*>(&a) + offset);
+  }
+  float* Values(Attributes& a) const { return reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(&a) + offset); }
+  int64_t Count(const Attributes& a) const {
+    int64_t count;
+    std::memcpy(&count, reinterpret_cast<const unsigned char*>(&a) + offset + sizeof(float) * max_count, sizeof count);
+    return count;
+  }
+  void SetCount(Attributes& a, int64_t count) const {
+    std::memcpy(reinterpret_cast<unsigned char*>(&a) + offset + sizeof(float) * max_count, &count, sizeof count);
+  }
+};
+
+inline constexpr ListRule kListAttributeRules[] = {
+    {"head_thresholds", offsetof(Attributes, head_thresholds), TFSA_HEAD_THRESHOLDS_MAX, 0, 1,
+     " (one per query head, or none)"},
+};
+static_assert(offsetof(Attributes, head_threshold_count) ==
+                  offsetof(Attributes, head_thresholds) + sizeof(float) * TFSA_HEAD_THRESHOLDS_MAX,
+              "a list's count is the int64 right after its values");
+
+// Empty string when every list holds at most max_count values within bounds, else the first
+// that does not.
+inline std::string CheckLists(const Attributes& a) {
+  std::ostringstream err;
+  for (const ListRule& r : kListAttributeRules) {
+    const int64_t count = r.Count(a);
+    if (count < 0 || count > r.max_count) {
+      err << r.name << " may hold at most " << r.max_count << " values" << r.note << ", got " << count;
+      return err.str();
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const float value = r.Values(a)[i];
+      if (value >= r.low && value <= r.high && std::isfinite(value)) continue;
+      err << r.name << " values must be floats in [" << r.low << ", " << r.high << "]" << r.note << ", got "
+          << value << " at index " << i;
+      return err.str();
+    }
+  }
+  return "";
+}
+
+inline std::string CheckAttributes(const Attributes& a) {
+  const std::string scalars = CheckFields(a, kAttributeRules);
+  return scalars.empty() ? CheckLists(a) : scalars;
+}
 inline std::string CheckGqaAttributes(const GqaAttributes& a) { return CheckFields(a, kGqaAttributeRules); }
 
-// Whether a call ranks blocks by the estimate; else every allowed block is computed (short
-// inputs, or threshold and max_density both 1: dense attention through the same code).
-inline bool UsesEstimate(const Attributes& a, int64_t kv_len) {
-  return !(kv_len < a.min_seq_len || (a.threshold >= 1.0f && a.max_density >= 1.0f));
+// "" when head_thresholds fits a call with q_heads query heads: none, or exactly one per head.
+inline std::string CheckHeadThresholds(const Attributes& a, int64_t q_heads) {
+  if (a.head_threshold_count == 0 || a.head_threshold_count == q_heads) return "";
+  return "head_thresholds gives " + std::to_string(a.head_threshold_count) + " thresholds for " +
+         std::to_string(q_heads) + " query heads (give one per query head, or none)";
+}
+
+// The threshold query head h selects with: its head_thresholds value when the node gives them.
+TFSA_HOST_DEVICE inline float HeadThreshold(const Attributes& a, int64_t h) {
+  return a.head_threshold_count > 0 ? a.head_thresholds[h] : a.threshold;
+}
+
+// How a query head picks its key blocks: every allowed block (short inputs, or its threshold
+// and max_density both 1: dense attention through the same code); the forced blocks alone (a
+// streaming head: threshold 0 adds no candidate, so its estimate is never computed); or the
+// forced blocks and the estimate's picks.
+enum class HeadSelection { kDense, kStreaming, kEstimate };
+
+TFSA_HOST_DEVICE inline HeadSelection SelectionOf(const Attributes& a, int64_t kv_len, int64_t h) {
+  const float threshold = HeadThreshold(a, h);
+  if (kv_len < a.min_seq_len || (threshold >= 1.0f && a.max_density >= 1.0f)) return HeadSelection::kDense;
+  return threshold > 0.0f ? HeadSelection::kEstimate : HeadSelection::kStreaming;
+}
+
+// Whether some head of a call with q_heads query heads selects `mode`.
+inline bool AnyHead(const Attributes& a, int64_t kv_len, int64_t q_heads, HeadSelection mode) {
+  const int64_t heads = a.head_threshold_count > 0 ? std::min(q_heads, a.head_threshold_count) : 1;
+  for (int64_t h = 0; h < heads; ++h)
+    if (SelectionOf(a, kv_len, h) == mode) return true;
+  return false;
+}
+
+// Whether some head of the call ranks blocks by the estimate (what the estimate's packing and
+// workspace are for).
+inline bool UsesEstimate(const Attributes& a, int64_t kv_len, int64_t q_heads) {
+  return AnyHead(a, kv_len, q_heads, HeadSelection::kEstimate);
+}
+
+// Whether every head of the call computes every allowed block.
+inline bool AllDense(const Attributes& a, int64_t kv_len, int64_t q_heads) {
+  return !AnyHead(a, kv_len, q_heads, HeadSelection::kEstimate) &&
+         !AnyHead(a, kv_len, q_heads, HeadSelection::kStreaming);
 }
 
 // The attributes a call with these sizes computes with; everything that sizes memory, indexes

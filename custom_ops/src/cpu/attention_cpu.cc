@@ -201,18 +201,30 @@ void PackHeadBf16(const Problem& p, const T* k_head, const T* v_head, int64_t bk
   }
 }
 
-// Keys transposed and values padded into blocks, plus the key block means, of one (b, kv head).
-// Each block's mean is taken right before its transpose, so the keys are read from memory once.
+// Whether some query head of kv head `kv_head` ranks blocks by the estimate: the others (dense
+// or streaming heads) need neither the key block means nor the sampled keys.
+bool KvHeadEstimates(const Problem& p, int64_t kv_head) {
+  const int64_t group = p.dims.q_heads / p.dims.kv_heads;
+  for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h)
+    if (SelectionOf(p, h) == HeadSelection::kEstimate) return true;
+  return false;
+}
+
+// Keys transposed and values padded into blocks, plus what the estimate reads (the key block
+// means, or the antidiagonal's sampled keys), of one (b, kv head). Each block's mean is taken
+// right before its transpose, so the keys are read from memory once.
 template <class T>
 void PackHead(const Problem& p, const T* key, const T* value, int64_t kv_rows, int64_t bk, PackedKeysValues& out) {
   const Dims& d = p.dims;
   const T* k_head = key + bk * kv_rows * d.head_dim;
   const T* v_head = value + bk * kv_rows * d.v_head_dim;
-  // The mean and token estimates read the means; the antidiagonal one samples keys instead.
-  const bool means = out.residues == 0 && UsesEstimate(p);
+  // The mean and token estimates read the means; the antidiagonal one samples keys instead;
+  // neither does a group whose heads are all dense or streaming.
+  const bool estimates = KvHeadEstimates(p, bk % d.kv_heads);
+  const bool means = out.residues == 0 && estimates;
   float* means_t = out.k_means.data() + bk * d.head_dim * out.means_pad;
   if (means) ZeroMeansPadding(p, means_t, out.means_pad);
-  if (out.residues > 0) PackSampledKeys(p, k_head, bk, out);
+  if (out.residues > 0 && estimates) PackSampledKeys(p, k_head, bk, out);
   if (p.selection_only || out.bf16) {
     for (int64_t kb = 0; kb < out.k_blocks && means; ++kb) KeyBlockMean(p, k_head, kb, means_t, out.means_pad);
     if (!p.selection_only) PackHeadBf16(p, k_head, v_head, bk, out);
@@ -337,7 +349,7 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
   const int score_rows = ScoresEveryRow(p) ? rows : 1;
   if (antidiagonal_mass != nullptr) {
     sc.selection.block_mass.assign(antidiagonal_mass, antidiagonal_mass + p.grid.k_blocks);
-  } else if (UsesEstimate(p)) {
+  } else if (SelectionOf(p, h) == HeadSelection::kEstimate) {  // streaming and dense heads: no estimate
     sc.scores.resize(static_cast<size_t>(score_rows) * means_pad);
     const float* estimate_q = score_rows == 1 ? sc.q_mean.data() : FiniteRows(sc.q, q_nonfinite, sc.q_finite);
     math.scores(estimate_q, score_rows, head_dim, kv.KMeansT(bk), means_pad, sc.scores.data(), means_pad);
@@ -345,7 +357,7 @@ void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues&
     // the mean estimate adds the bias at each block pair's centre (the others do not read it)
     if (p.bias.present() && p.attrs.estimate == TFSA_ESTIMATE_MEAN) AddCentreBias(p, b, h, qb, sc.scores.data());
   }
-  ChooseKeyBlocks(p, math, qb, sc.scores.data(), score_rows, means_pad, sc.selection, sc.chosen);
+  ChooseKeyBlocks(p, math, h, qb, sc.scores.data(), score_rows, means_pad, sc.selection, sc.chosen);
   counts[2 * task] = static_cast<int64_t>(sc.chosen.size());
   if (p.selection_only) sc.chosen.clear();
 
@@ -439,13 +451,15 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
     thread_local std::vector<float> rows;
     thread_local std::vector<double> mass;
     thread_local SelectionScratch selection;
-    if (antidiagonal) {
-      const int64_t b = bh / d.q_heads, h = bh % d.q_heads, bk = b * d.kv_heads + h / (d.q_heads / d.kv_heads);
+    const int64_t h = bh % d.q_heads;
+    const bool estimates = antidiagonal && SelectionOf(p, h) == HeadSelection::kEstimate;
+    if (estimates) {
+      const int64_t b = bh / d.q_heads, bk = b * d.kv_heads + h / (d.q_heads / d.kv_heads);
       FiniteScaledRows<T>(p, t, bh, qb_begin, qb_end, kv.gather_keys, rows);
       AntidiagonalMass(with_mask, math, kv, b, h, bk, qb_begin, qb_end, rows.data(), selection, mass);
     }
     for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
-      const double* block_mass = antidiagonal ? mass.data() + (qb - qb_begin) * p.grid.k_blocks : nullptr;
+      const double* block_mass = estimates ? mass.data() + (qb - qb_begin) * p.grid.k_blocks : nullptr;
       QueryBlock<T>(with_mask, math, kv, t, bh * p.grid.q_blocks + qb, counts.data(), block_mass);
     }
   });

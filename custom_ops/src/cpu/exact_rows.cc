@@ -88,7 +88,7 @@ void Run(const Problem& p, const Tensors& t, const ParallelFor& parallel_for) {
 }  // namespace
 
 bool UsesExactRows(const Problem& p) {
-  return p.dims.q_len <= kExactRowsMax && !UsesEstimate(p) && !p.mask.present() && !p.bias.present() &&
+  return p.dims.q_len <= kExactRowsMax && AllDense(p) && !p.mask.present() && !p.bias.present() &&
          !p.selection_only;
 }
 

@@ -261,7 +261,7 @@ inline void CopyRow(const PackedKeysValues& kv, const float* row, int64_t dim, i
 }  // namespace
 
 int64_t AntidiagonalBlocks(const Problem& p) {
-  if (!tfsa::UsesEstimate(p.attrs, p.grid.kv_len) || p.attrs.estimate != TFSA_ESTIMATE_ANTIDIAGONAL) return 1;
+  if (!UsesEstimate(p) || p.attrs.estimate != TFSA_ESTIMATE_ANTIDIAGONAL) return 1;
   // About 32 rows per residue: 4 register tiles of the widest kernel; more only adds causal
   // waste (the group's first rows score the keys its last rows see) and coarser tasks.
   const int64_t per_block = std::max<int64_t>(1, p.grid.block / p.attrs.estimate_stride);
@@ -321,16 +321,21 @@ void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysV
     AddBlockMass(p, kv, 0, s.column_mass.data() + x * all_columns, all_columns, mass.data() + x * nk);
 }
 
-bool UsesEstimate(const Problem& p) { return tfsa::UsesEstimate(p.attrs, p.grid.kv_len); }
+bool UsesEstimate(const Problem& p) { return tfsa::UsesEstimate(p.attrs, p.grid.kv_len, p.dims.q_heads); }
+
+bool AllDense(const Problem& p) { return tfsa::AllDense(p.attrs, p.grid.kv_len, p.dims.q_heads); }
+
+HeadSelection SelectionOf(const Problem& p, int64_t h) { return tfsa::SelectionOf(p.attrs, p.grid.kv_len, h); }
 
 bool ScoresEveryRow(const Problem& p) { return p.attrs.estimate == TFSA_ESTIMATE_TOKEN; }
 
-void ChooseKeyBlocks(const Problem& p, const BlockMath& math, int64_t qb, float* scores, int rows, int stride,
-                     SelectionScratch& s, std::vector<int32_t>& chosen) {
+void ChooseKeyBlocks(const Problem& p, const BlockMath& math, int64_t h, int64_t qb, float* scores, int rows,
+                     int stride, SelectionScratch& s, std::vector<int32_t>& chosen) {
   const Attributes& a = p.attrs;
   const std::vector<uint8_t>& allowed = s.allowed;
   chosen.clear();
-  if (!UsesEstimate(p)) {
+  const HeadSelection mode = SelectionOf(p, h);
+  if (mode == HeadSelection::kDense) {
     for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb)
       if (allowed[kb]) chosen.push_back(static_cast<int32_t>(kb));
     return;
@@ -338,11 +343,12 @@ void ChooseKeyBlocks(const Problem& p, const BlockMath& math, int64_t qb, float*
   const int64_t n_allowed = std::count(allowed.begin(), allowed.end(), 1);
   const int64_t n_forced = ForcedKeyBlocks(p, qb, allowed, s.forced);
   s.candidates.clear();
-  for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb)
+  for (int64_t kb = 0; kb < p.grid.k_blocks && mode == HeadSelection::kEstimate; ++kb)
     if (allowed[kb] && !s.forced[kb]) s.candidates.push_back(static_cast<int32_t>(kb));
   std::vector<uint8_t>& take = s.forced;  // forced blocks, then the estimate's picks
   if (!s.candidates.empty()) {
-    const bool use_threshold = a.threshold < 1.0f;
+    const float threshold = HeadThreshold(a, h);
+    const bool use_threshold = threshold < 1.0f;
     if (a.estimate == TFSA_ESTIMATE_ANTIDIAGONAL) CandidateShares(s);
     else if (ScoresEveryRow(p)) TokenMass(p, math, scores, rows, stride, s);
     else PooledMass(p, scores, use_threshold, s);
@@ -354,7 +360,7 @@ void ChooseKeyBlocks(const Problem& p, const BlockMath& math, int64_t qb, float*
     std::nth_element(s.order.begin(), s.order.begin() + budget, s.order.end(), heavier);
     std::sort(s.order.begin(), s.order.begin() + budget, heavier);
     double cumulative = 0.0;
-    for (int64_t r = 0; r < budget && (!use_threshold || cumulative < a.threshold); ++r) {
+    for (int64_t r = 0; r < budget && (!use_threshold || cumulative < threshold); ++r) {
       take[s.candidates[s.order[r]]] = 1;
       cumulative += s.mass[s.order[r]];
     }

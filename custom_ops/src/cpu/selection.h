@@ -38,8 +38,13 @@ void ClassifyMaskBlocks(const Problem& p, MaskBlocks& out,
 // the block may see, by causality and the mask (p.mask_blocks). Returns how many.
 int64_t AllowedKeyBlocks(const Problem& p, int64_t b, int64_t h, int64_t qb, std::vector<uint8_t>& allowed);
 
-// Whether ChooseKeyBlocks reads the estimate (else every allowed block is computed).
+// Whether some head of the call ranks blocks by the estimate (what its packing is for).
 bool UsesEstimate(const Problem& p);
+// Whether every head of the call computes every allowed block.
+bool AllDense(const Problem& p);
+// How query head h picks its blocks (contract.h SelectionOf): dense, streaming (forced blocks
+// only, no estimate computed) or by the estimate.
+HeadSelection SelectionOf(const Problem& p, int64_t h);
 
 // The antidiagonal estimate is computed for AntidiagonalBlocks(p) query blocks at once (1 for
 // the other estimates): their rows of one residue sample the same keys, so they make one
@@ -57,12 +62,13 @@ void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysV
 // Whether the estimate scores every query row (the token estimate) or the block's mean query.
 bool ScoresEveryRow(const Problem& p);
 
-// The key blocks to compute, ascending, from the allowed ones (scratch.allowed): global and
-// local blocks, then the rest by estimated mass until `threshold` or the max_density cap.
+// The key blocks of query head h to compute, ascending, from the allowed ones
+// (scratch.allowed): global and local blocks, then the rest by estimated mass until the head's
+// threshold or the max_density cap (a streaming head: none; scores are not read).
 // scores[r * stride + kb] = scaled query . mean(key block kb), for the block's mean query
 // (rows = 1, the mean estimate) or each of its rows (the token estimate; overwritten). The
 // estimate adds log(keys in kb) and takes a softmax over the candidates (per row for token).
-void ChooseKeyBlocks(const Problem& p, const BlockMath& math, int64_t qb, float* scores, int rows, int stride,
-                     SelectionScratch& scratch, std::vector<int32_t>& chosen);
+void ChooseKeyBlocks(const Problem& p, const BlockMath& math, int64_t h, int64_t qb, float* scores, int rows,
+                     int stride, SelectionScratch& scratch, std::vector<int32_t>& chosen);
 
 }  // namespace tfsa::cpu

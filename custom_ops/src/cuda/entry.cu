@@ -30,7 +30,7 @@ Geometry MakeGeometry(const TfsaCudaArgs& c, const KvView& view = {}) {
     g.grid.global_query_offset = view.global_query_offset;
     g.grid.window = view.window;
   }
-  g.uses_estimate = UsesEstimate(g.attrs, c.dims.kv_len);
+  g.uses_estimate = UsesEstimate(g.attrs, c.dims.kv_len, c.dims.q_heads);  // some head ranks by the estimate
   g.mask.kind = c.mask_kind, g.mask.dtype = c.dtype, g.mask.data = c.mask;
   for (int i = 0; i < 4; ++i) g.mask.stride[i] = c.dims.mask_stride[i];
   g.bias.kind = c.bias != nullptr ? TFSA_MASK_T : TFSA_MASK_NONE, g.bias.dtype = c.bias_dtype, g.bias.data = c.bias;
@@ -75,6 +75,7 @@ int Fail(char* error, size_t size, const std::string& message) {
 
 std::string CheckCall(const TfsaCudaArgs& c) {
   std::string error = CheckAttributes(c.attributes);
+  if (error.empty()) error = CheckHeadThresholds(c.attributes, c.dims.q_heads);
   if (!error.empty()) return error;
   const Dims& d = c.dims;
   if (c.dtype < TFSA_FLOAT32 || c.dtype > TFSA_BFLOAT16) return "dtype must be float32, float16 or bfloat16";

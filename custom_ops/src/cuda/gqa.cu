@@ -137,7 +137,7 @@ TfsaCudaArgs EngineArgs(const TfsaCudaGqaArgs& c, const GqaLayout& l, const Part
   e.attributes = c.attributes;
   e.attributes.is_causal = 1;
   e.attributes.sliding_window = 0;  // the window is local_window_size, set through the view
-  if (p.dense) e.attributes.threshold = e.attributes.max_density = 1.0f;
+  if (p.dense) e.attributes.threshold = e.attributes.max_density = 1.0f, e.attributes.head_threshold_count = 0;
   const size_t cache = ElementBytes(c) * size_t(p.b * l.kv_heads * l.present_rows * l.head_dim);
   e.key = static_cast<const char*>(c.present_key) + cache;
   e.value = static_cast<const char*>(c.present_value) + cache;
@@ -177,6 +177,8 @@ std::string CheckGqa(const TfsaCudaGqaArgs& c) {
   if (c.rotary_half < 0 || 2 * c.rotary_half > c.head_dim || c.past_rows < 0 || c.present_rows < 0)
     return "rotary_half must be in [0, head_size / 2] and the cache rows >= 0";
   if (c.local_window_size < -1) return "local_window_size must be >= -1";
+  const std::string heads = CheckHeadThresholds(c.attributes, c.q_heads);
+  if (!heads.empty()) return heads;
   if (!c.query || (c.batch > 0 && !c.seqlens_k) || (!c.key) != (!c.value) || (c.packed != 0) != (!c.key) ||
       (!c.past_key) != (!c.past_value) || (c.rotary_half > 0 && (!c.cos || !c.sin)) || !c.present_key ||
       !c.present_value || !c.output)

@@ -127,6 +127,7 @@ __global__ void __launch_bounds__(kChooseThreads) TokenMassKernel(Geometry g, co
   const BlockGrid& grid = g.grid;
   const int64_t nk = grid.k_blocks, row = blockIdx.x, qb = row % grid.q_blocks, bh = row / grid.q_blocks;
   const int64_t b = bh / g.dims.q_heads, h = bh % g.dims.q_heads, dim = g.dims.head_dim;
+  if (SelectionOf(g.attrs, grid.kv_len, h) != HeadSelection::kEstimate) return;  // its mass is never read
   float* q_row = reinterpret_cast<float*>(shared);
   float* score = q_row + dim;
   const float* k_means = s.k_means + (b * g.dims.kv_heads + g.KvHead(h)) * nk * dim;
@@ -176,6 +177,7 @@ __global__ void __launch_bounds__(kChooseThreads)
   const int64_t nk = grid.k_blocks, row = blockIdx.x, qb = row % grid.q_blocks, bh = row / grid.q_blocks;
   const int64_t b = bh / g.dims.q_heads, h = bh % g.dims.q_heads, dim = g.dims.head_dim;
   const int64_t stride = g.attrs.estimate_stride;
+  if (SelectionOf(g.attrs, grid.kv_len, h) != HeadSelection::kEstimate) return;  // its mass is never read
   float* q_row = reinterpret_cast<float*>(shared);
   float* sums = q_row + dim;
   const T* k_head = key + (b * g.dims.kv_heads + g.KvHead(h)) * g.kv_rows * dim;
@@ -248,11 +250,11 @@ __device__ double EstimateOf(const Geometry& g, const float* q_mean, const float
 }
 
 // Marks the candidates the estimate takes: the `budget` heaviest (ties by block index),
-// in that order while the cumulative mass stays below the threshold.
-__device__ void TakeByEstimate(const Geometry& g, int n_allowed, int n_forced, int n_candidates, double* mass,
-                               double* ranked, int32_t* rank, uint8_t* flags, double* scratch) {
+// in that order while the cumulative mass stays below the head's threshold.
+__device__ void TakeByEstimate(const Geometry& g, float threshold, int n_allowed, int n_forced, int n_candidates,
+                               double* mass, double* ranked, int32_t* rank, uint8_t* flags, double* scratch) {
   const int64_t nk = g.grid.k_blocks;
-  const bool use_threshold = g.attrs.threshold < 1.0f;
+  const bool use_threshold = threshold < 1.0f;
   double best = -INFINITY;
   for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
     if (flags[kb] & kCandidate) best = Max(best, mass[kb]);
@@ -293,7 +295,7 @@ __device__ void TakeByEstimate(const Geometry& g, int n_allowed, int n_forced, i
   }
   __syncthreads();
   for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x)
-    if ((flags[kb] & kCandidate) && rank[kb] < budget && (!use_threshold || ranked[rank[kb]] < g.attrs.threshold))
+    if ((flags[kb] & kCandidate) && rank[kb] < budget && (!use_threshold || ranked[rank[kb]] < threshold))
       flags[kb] |= kTake;
   __syncthreads();
 }
@@ -314,12 +316,14 @@ __global__ void __launch_bounds__(kChooseThreads)
   const float* q_mean = g.uses_estimate && !s.block_mass ? s.q_means + row * g.dims.head_dim : nullptr;
   const float* k_means = g.uses_estimate ? s.k_means + (b * g.dims.kv_heads + g.KvHead(h)) * nk * g.dims.head_dim : nullptr;
 
+  // per head: dense (every allowed block), streaming (the forced ones alone) or the estimate's picks
+  const HeadSelection mode = SelectionOf(g.attrs, grid.kv_len, h);
   int n_allowed = 0, n_forced = 0, n_candidates = 0;
   for (int64_t kb = threadIdx.x; kb < nk; kb += blockDim.x) {
     uint8_t f = s.allowed[row * nk + kb] ? kAllowed : 0;
-    if (f && !g.uses_estimate) f |= kTake;
+    if (f && mode == HeadSelection::kDense) f |= kTake;
     else if (f && grid.Forced(qb, kb, g.attrs.global_tokens, g.attrs.local_window)) f |= kForced | kTake;
-    else if (f) {
+    else if (f && mode == HeadSelection::kEstimate) {
       f |= kCandidate;
       mass[kb] = s.block_mass ? s.block_mass[row * nk + kb] : EstimateOf(g, q_mean, k_means, b, h, qb, kb);
     }
@@ -331,7 +335,8 @@ __global__ void __launch_bounds__(kChooseThreads)
   n_allowed = BlockReduce(n_allowed, SumInt, int_scratch);
   n_forced = BlockReduce(n_forced, SumInt, int_scratch);
   n_candidates = BlockReduce(n_candidates, SumInt, int_scratch);
-  if (n_candidates > 0) TakeByEstimate(g, n_allowed, n_forced, n_candidates, mass, ranked, rank, flags, scratch);
+  if (n_candidates > 0)
+    TakeByEstimate(g, HeadThreshold(g.attrs, h), n_allowed, n_forced, n_candidates, mass, ranked, rank, flags, scratch);
 
   const int n_chosen = CompactAscending(flags, static_cast<int>(nk), kTake, s.chosen + row * nk, int_scratch);
   if (selected)
