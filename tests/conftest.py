@@ -77,6 +77,19 @@ BUILDERS = {
     # (a small cap, so that it bites on random weights)
     "gemma2": _tiny("Gemma2Config", "Gemma2Model", WINDOWED, sliding_window=300, attn_logit_softcapping=0.05),
     "mpnet": _tiny("MPNetConfig", "MPNetModel", TEXT, NO_POOLER),
+    # ModernBERT: a global layer, then two local layers with a 16-token two-sided window.
+    "modernbert": _tiny(
+        "ModernBertConfig",
+        "ModernBertModel",
+        {**TEXT, "num_hidden_layers": 3},
+        local_attention=16,
+        global_attn_every_n_layers=3,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        cls_token_id=1,
+        sep_token_id=2,
+    ),
     "t5-encoder": _tiny(
         "T5Config", "T5EncoderModel", T5, relative_attention_num_buckets=8, relative_attention_max_distance=20
     ),

@@ -65,6 +65,24 @@ def test_sliding_windows_stay_exact_beyond_the_window(exports, family, dynamo, w
         np.testing.assert_allclose(b.run(None, x)[0][real], a.run(None, x)[0][real], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_modernbert_local_layers_keep_their_two_sided_band(exports, dynamo) -> None:
+    """ModernBERT's local layers attend |i - j| <= 8: the op's sliding_window is one-sided, so the
+    band stays a mask term (exact, [B, 1, S, S]) and the global layer gets the key padding only."""
+    path = exports.get("modernbert", "sdpa", dynamo)
+    original = onnx.load(str(path))
+    optimized, report = optimize(path, DENSE)
+    assert [s.replaced for s in report.sites] == [True] * 3
+    assert not [n for n in optimized.graph.node if n.op_type == "Softmax"]
+    assert [bool(s.notes) for s in report.sites] == [False, True, True]  # the band is kept
+    assert all(not s.causal and not s.window for s in report.sites)
+    a, b = sessions(original, optimized)
+    for seq in (5, 17, 40):  # past the window on both sides
+        x = feeds(a, seq)
+        real = x["attention_mask"].astype(bool)
+        np.testing.assert_allclose(b.run(None, x)[0][real], a.run(None, x)[0][real], atol=1e-4, rtol=0)
+
+
 # ---------------------------------------------------------------- synthetic mask graphs
 
 
