@@ -17,12 +17,13 @@
 
 namespace tfsa::cpu {
 
-// float -> bf16 bits, round to nearest, ties to even; NaN stays a quiet NaN.
+// float -> bf16 bits, rounded as RoundedToBf16 (block_rules.h) rounds; NaN stays a quiet NaN
+// (its payload may lie in the low half, which the bits drop).
 inline uint16_t Bf16Bits(float x) {
   uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  if (x != x) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  const float rounded = RoundedToBf16(x);
+  std::memcpy(&bits, &rounded, sizeof bits);
+  return static_cast<uint16_t>((bits >> 16) | (x != x ? 0x40u : 0u));
 }
 
 inline uint32_t Bf16Pair(float even, float odd) {
