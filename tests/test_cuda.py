@@ -10,8 +10,6 @@ Two backends run the same checks:
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import bfloat16
@@ -121,21 +119,6 @@ class Gpu:
         torch.cuda.synchronize()
         y, density, selected = prepared.output, prepared.density, prepared.selected
         return y.float().cpu().numpy(), density.cpu().numpy(), selected.cpu().numpy().astype(bool)
-
-
-@pytest.fixture(scope="session")
-def emulated_library(tmp_path_factory) -> Path:
-    build = tmp_path_factory.mktemp("cuda-emulation")
-    cmake = shutil.which("cmake")
-    assert cmake, "cmake is needed to build the CUDA emulation"
-    subprocess.run(
-        [cmake, "-S", str(ROOT / "custom_ops/emulation"), "-B", str(build)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    subprocess.run([cmake, "--build", str(build), "-j2"], check=True, capture_output=True, timeout=900)
-    return next(build.glob("libtfsa_cuda_emulated.*"))
 
 
 def _gpu_or_skip() -> Gpu:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_cuda import _check, _inputs, backend, emulated_library  # noqa: F401  (fixtures)
+from test_cuda import _check, _inputs, backend  # noqa: F401  (the backend fixture)
 
 from tfsa_onnx import cuda
 from tfsa_onnx.reference import HEAD_THRESHOLDS_MAX, SparseAttentionAttributes, select_blocks
@@ -62,7 +62,7 @@ def test_a_streaming_head_selects_exactly_its_forced_blocks(backend):  # noqa: F
     assert selected[0, 1].sum() > selected[0, 0].sum()
 
 
-def test_bad_head_thresholds_are_errors(emulated_library):  # noqa: F811
+def test_bad_head_thresholds_are_errors(emulated_library):
     lib = cuda.load(str(emulated_library))
     shapes = ((1, 2, 8, 16), (1, 1, 8, 16), (1, 1, 8, 16))
     with pytest.raises(RuntimeError, match="head_thresholds gives 3 thresholds for 2 query heads"):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cuda import Emulated, emulated_library  # noqa: F401  (the fixture)
+from test_cuda import Emulated
 from test_kernel import run_op
 
 from tfsa_onnx.reference import sparse_attention
@@ -138,12 +138,12 @@ def test_cpu_kernel_matches_reference_1000(case):
 
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=HEALTH)
 @given(case=cases(max_len=EMULATED_LEN, max_heads=2), copies=st.sampled_from(["late", "early"]))
-def test_cuda_emulation_matches_reference(emulated_library, case, copies):  # noqa: F811
+def test_cuda_emulation_matches_reference(emulated_library, case, copies):
     _check_emulated(emulated_library, case, copies)
 
 
 @pytest.mark.slow
 @settings(max_examples=1000, deadline=None, suppress_health_check=HEALTH)
 @given(case=cases(max_len=EMULATED_LEN, max_heads=2), copies=st.sampled_from(["late", "early"]))
-def test_cuda_emulation_matches_reference_1000(emulated_library, case, copies):  # noqa: F811
+def test_cuda_emulation_matches_reference_1000(emulated_library, case, copies):
     _check_emulated(emulated_library, case, copies)

@@ -11,7 +11,6 @@ import ctypes
 
 import numpy as np
 import pytest
-from test_cuda import emulated_library  # noqa: F401  (the emulation build, a session fixture)
 from test_gqa_op import DENSE_CASES, SPARSE, SPARSE_CASES, Case, make_feeds, reference, run
 
 import tfsa_onnx
@@ -84,7 +83,7 @@ class Gpu:
 
 
 @pytest.fixture(scope="module", params=["emulated", "gpu"])
-def backend(request, emulated_library):  # noqa: F811
+def backend(request, emulated_library):
     if request.param == "emulated":
         return Emulated(cuda.load(str(emulated_library)))
     try:
@@ -97,7 +96,7 @@ def backend(request, emulated_library):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def lib(emulated_library):  # noqa: F811
+def lib(emulated_library):
     return cuda.load(str(emulated_library))
 
 
