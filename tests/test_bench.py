@@ -41,6 +41,17 @@ def test_bench_kernel_times_the_causal_peers_and_names_the_fastest():
     assert non_causal.ort_gqa_ms is None and non_causal.dense_ms is None  # GQA is causal only
 
 
+def test_bench_kernel_with_grouped_query_heads_times_every_peer_on_the_same_problem():
+    case = KernelCase(256, heads=4, kv_heads=2, head_dim=32, max_density=0.25, causal=True)
+    result = bench_kernel(case, repeat=1, threads=1, group_selection=2)
+    assert result.kv_heads == 2 and result.unfused_ms is None  # the unfused graph has no groups
+    assert result.ort_mha_ms > 0 and result.ort_gqa_ms > 0 and result.torch_sdpa_ms > 0
+    assert 0.25 <= result.density < 0.5
+    args = ["bench", "kernel", "--seq-len", "128", "--heads", "4", "--kv-heads", "3", "--threads", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "multiple of kv_heads" in str(result.exception)
+
+
 def test_bench_kernel_cli_writes_json_and_plot(tmp_path):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     options = "--seq-len 128,256 --heads 2 --head-dim 16 --max-density 0.5 --causal --threads 1 --repeat 1"

@@ -424,6 +424,15 @@ def test_bad_calls_are_errors_that_say_what_is_wrong(emulated_library):
     with pytest.raises(RuntimeError, match="too many key blocks"):
         cuda.run(cuda.make_args(((1, 1, 8, 16), (1, 1, 10**6, 16), (1, 1, 10**6, 16)), block_size=16), 0, lib)
     assert cuda.workspace_bytes(cuda.make_args(shapes), lib) == 0
+    # one selection per KV group is the CPU kernel's alone; with one head per group it is per-head
+    gqa = ((1, 4, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16))
+    for mode in (1, 2):
+        with pytest.raises(
+            RuntimeError, match=f"group_selection {mode} .*not implemented in the CUDA kernel"
+        ):
+            cuda.run(cuda.make_args(gqa, group_selection=mode), 0, lib)
+    with pytest.raises(RuntimeError, match="the workspace has 0 bytes"):  # accepted, then sized
+        cuda.run(cuda.make_args(((1, 2, 8, 16),) * 3, group_selection=2), 0, lib)
 
 
 def test_block_choice_matches_the_reference_exactly_on_clear_cases(backend):

@@ -187,3 +187,6 @@ def test_bad_calls_are_errors_with_a_reason(lib):
         run_emulated(lib, case, make_feeds(case, np.random.default_rng(0)), call)
     error = ctypes.create_string_buffer(64)
     assert lib.tfsa_cuda_group_query_attention(None, None, error, 64) == 1 and error.value == b"no call"
+    grouped = Case(seq=150, attrs=SPARSE | {"group_selection": 2})  # one selection per KV group: CPU only
+    with pytest.raises(RuntimeError, match="group_selection 2 .*not implemented in the CUDA kernel"):
+        run_emulated(lib, grouped, make_feeds(grouped, np.random.default_rng(0)))

@@ -194,6 +194,26 @@ SPARSE_CASES = {
 }
 
 
+# one selection per KV group (group_selection 1 union, 2 shared; the CPU kernel's alone)
+GROUP_CASES = {
+    "prompt_union": Case(seq=150, attrs=SPARSE | {"group_selection": 1}),
+    "prompt_ragged_shared_antidiagonal": Case(
+        q_heads=6,
+        past=(0, 0),
+        lengths=(150, 71),
+        seq=150,
+        attrs=SPARSE | {"group_selection": 2, "estimate": 1},
+    ),
+    "chunk_shared_window": Case(
+        seq=130, past=(24,), attrs=SPARSE | {"group_selection": 2, "local_window_size": 90}
+    ),
+    "prompt_union_head_thresholds": Case(
+        seq=150, attrs=SPARSE | {"group_selection": 1, "head_thresholds": (0.9, 0.0, 0.0, 0.0)}
+    ),
+    "decode_shared": Case(seq=1, past=(90,), cache=100, shared=True, attrs=SPARSE | {"group_selection": 2}),
+}
+
+
 def reference(case: Case, feeds: dict, return_density: bool = False) -> tuple[np.ndarray, ...]:
     inputs = [feeds.get(name) for name in ("query", "key", "value", "past_key", "past_value", "seqlens_k")]
     total = int(feeds["total_sequence_length"])
@@ -218,6 +238,19 @@ def test_sparse_config_equals_reference(name):
         "com.microsoft",
     )
     assert np.abs(got[0] - dense[0]).max() > 1e-3  # the config is sparse here
+
+
+@pytest.mark.parametrize("name", GROUP_CASES)
+def test_group_selection_equals_reference(name):
+    case = GROUP_CASES[name]
+    feeds = make_feeds(case, np.random.default_rng(2))
+    got = run(case, feeds, tfsa_onnx.DOMAIN)
+    expected = reference(case, feeds)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, atol=2e-5, rtol=0)
+    per_head = {k: v for k, v in case.attrs.items() if k != "group_selection"}
+    if case.seq > 1:  # the group's selection is not the heads' own here
+        assert np.abs(got[0] - run(replace(case, attrs=per_head), feeds, tfsa_onnx.DOMAIN)[0]).max() > 1e-4
 
 
 @pytest.mark.parametrize("past", [(200,), (90, 300)])

@@ -371,13 +371,13 @@ def test_attributes_agree_with_the_cpp_contract():
         ]
     for info in rows:
         assert info.offset == getattr(cuda.Attributes, info.name.decode()).offset, info.name
-    # a list is max_count floats and then its int64 count (head_thresholds: HEAD_THRESHOLDS_MAX)
+    # a list is max_count floats and then its int64 count (head_thresholds: HEAD_THRESHOLDS_MAX);
+    # the attributes added after it follow the count
+    (listed,) = [i for i in rows if i.max_count]
+    assert (listed.name.decode(), listed.max_count) == ("head_thresholds", HEAD_THRESHOLDS_MAX)
+    assert cuda.Attributes.head_threshold_count.offset == listed.offset + 4 * HEAD_THRESHOLDS_MAX
     last = max(rows, key=lambda info: info.offset)
-    assert ctypes.sizeof(cuda.Attributes) == last.offset + 4 * last.max_count + 8
-    assert [(i.name.decode(), i.max_count) for i in rows if i.max_count] == [
-        ("head_thresholds", HEAD_THRESHOLDS_MAX)
-    ]
-    assert cuda.Attributes.head_threshold_count.offset == last.offset + 4 * HEAD_THRESHOLDS_MAX
+    assert ctypes.sizeof(cuda.Attributes) == last.offset + (4 * last.max_count + 8 if last.max_count else 8)
     assert ATTRIBUTE_BOUNDS["block_size"][1] == BLOCK_SIZE_MAX
     assert ATTRIBUTE_BOUNDS["global_tokens"][1] == TOKENS_MAX
     assert ATTRIBUTE_BOUNDS["estimate_stride"][1] == ESTIMATE_STRIDE_MAX

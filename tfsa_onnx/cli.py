@@ -64,6 +64,7 @@ def _setting(ctx, param, value):
 @bench.command("kernel")
 @click.option("--seq-len", default="8192", callback=_int_list, help="Sequence length(s), comma-separated.")
 @click.option("--heads", default=12, show_default=True)
+@click.option("--kv-heads", default=0, help="CPU: key/value heads (grouped-query attention) [--heads].")
 @click.option("--head-dim", default=64, show_default=True)
 @click.option("--batch", default=1, show_default=True)
 @click.option("--max-density", default="0.125", show_default=True, callback=_setting)
@@ -73,6 +74,13 @@ def _setting(ctx, param, value):
 )
 @click.option(
     "--estimate-stride", default="16", show_default=True, callback=_setting, help="antidiagonal's stride."
+)
+@click.option(
+    "--group-selection",
+    default="head",
+    show_default=True,
+    callback=_setting,
+    help="CPU: head, union, shared.",
 )
 @click.option("--causal", is_flag=True, help="Causal attention in all three.")
 @click.option("--threads", default=2, show_default=True, help="intra_op_num_threads of every session.")
@@ -111,7 +119,9 @@ def bench_kernel_cmd(
     from tfsa_onnx.bench.timing import KernelCase
 
     if provider == "cuda":
-        for cpu_only in ("estimate", "estimate_stride", "threads"):
+        if options["kv_heads"] not in (0, options["heads"]):
+            raise click.UsageError("--kv-heads is for --provider cpu")
+        for cpu_only in ("estimate", "estimate_stride", "threads", "group_selection", "kv_heads"):
             options.pop(cpu_only)
         return _bench_kernel_cuda(seq_len, json_path, plot_path, **options)
 
@@ -297,6 +307,11 @@ _block_options = _stacked(
 _estimate_options = _stacked(
     click.option("--estimate", callback=_setting, help="mean (default), antidiagonal or token."),
     click.option("--estimate-stride", callback=_setting, help="antidiagonal: 1 pair in this many [16]."),
+    click.option(
+        "--group-selection",
+        callback=_setting,
+        help="grouped-query attention: head (default), union of a KV group's picks, shared (one estimate).",
+    ),
 )
 
 

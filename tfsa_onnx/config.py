@@ -30,6 +30,7 @@ from tfsa_onnx.reference import (
     ATTRIBUTE_BOUNDS,
     COMPUTE_PRECISIONS,
     ESTIMATES,
+    GROUP_SELECTIONS,
     HEAD_THRESHOLDS_MAX,
     SparseAttentionAttributes,
 )
@@ -46,6 +47,7 @@ TUNABLE = (
     "estimate_stride",
     "compute_precision",
     "head_thresholds",
+    "group_selection",
 )
 # Settings that are lists of numbers (each value within BOUNDS), with the most values they hold.
 LISTS: dict[str, int] = {"head_thresholds": HEAD_THRESHOLDS_MAX}
@@ -55,7 +57,11 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {name: ATTRIBUTE_BOUNDS[name] for
 _INTS = {f.name for f in fields(SparseAttentionAttributes) if f.type in (int, "int")} & set(TUNABLE)
 _INDEX = re.compile(r"-?[0-9]+")
 # Settings that may be given by name, kept as the index of the name.
-NAMED: dict[str, tuple[str, ...]] = {"estimate": ESTIMATES, "compute_precision": COMPUTE_PRECISIONS}
+NAMED: dict[str, tuple[str, ...]] = {
+    "estimate": ESTIMATES,
+    "compute_precision": COMPUTE_PRECISIONS,
+    "group_selection": GROUP_SELECTIONS,
+}
 
 
 class ConfigError(ValueError):

@@ -37,6 +37,15 @@ Selection (which key blocks a query block computes), per (batch, head, query blo
   Per-head budgets: with head_thresholds (one value per query head), query head h uses
   head_thresholds[h] as its threshold. A head whose threshold is 0 adds no candidate: it
   computes its forced blocks alone (a streaming head; the kernels skip its estimate).
+  Grouped-query attention (group_selection, GROUP_SELECTIONS; G = Hq / Hkv query heads share a
+  key/value head): "head" selects per query head as above. "union": every head selects as
+  above, and each head of a group computes the union of its group's picks (within its own
+  allowed blocks). "shared": one selection per group, from the group's mean query: row by row,
+  the heads' scaled query rows (float32 scale * q, non-finite as 0) summed in head order in
+  float32 and divided by G in float32, then steps 1-3 as for one head with scale 1, over the
+  blocks some head of the group may attend, at the largest of the group's thresholds, the mean
+  estimate adding the mean of the heads' centre biases; each head computes the group's blocks
+  within its own allowed ones. With G = 1 all three are the same.
   Below min_seq_len keys, every allowed block is computed.
 Math: exactly softmax(cap(scale * Q K^T) + mask + attn_bias) V over the selected blocks, the
 rest -inf, where cap(x) = softcap * tanh(x / softcap) when softcap > 0 (Gemma 2's logit
@@ -90,6 +99,7 @@ TOKENS_MAX = 2_147_483_647  # contract.h kTokensMax: global_tokens, local_window
 ESTIMATES = ("mean", "antidiagonal", "token")  # contract.h TfsaEstimate, in its order
 ESTIMATE_STRIDE_MAX = 1024  # contract.h kEstimateStrideMax
 COMPUTE_PRECISIONS = ("float32", "bf16")  # contract.h TfsaComputePrecision, in its order
+GROUP_SELECTIONS = ("head", "union", "shared")  # contract.h TfsaGroupSelection, in its order
 HEAD_THRESHOLDS_MAX = 256  # contract.h TFSA_HEAD_THRESHOLDS_MAX: the most values head_thresholds holds
 
 
@@ -118,6 +128,9 @@ class SparseAttentionAttributes:
     # Per-head budgets: empty, or one threshold per query head (used instead of `threshold`;
     # 0 makes a streaming head: its forced blocks only). At most HEAD_THRESHOLDS_MAX values.
     head_thresholds: tuple[float, ...] = ()
+    # grouped-query attention (an index of GROUP_SELECTIONS): per query head, the union of a KV
+    # group's picks, or one estimate shared by the group
+    group_selection: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +166,7 @@ ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "softcap": (0.0, math.inf, False),
     "compute_precision": (0, len(COMPUTE_PRECISIONS) - 1, False),
     "head_thresholds": (0.0, 1.0, False),  # each value; a list of up to HEAD_THRESHOLDS_MAX
+    "group_selection": (0, len(GROUP_SELECTIONS) - 1, False),
 }
 
 
@@ -321,10 +335,46 @@ def select_blocks(
     if sk < a.min_seq_len:
         return allowed.copy()
     scale = a.scale or 1.0 / math.sqrt(q.shape[-1])
+    centre = _block_centre_bias(attn_bias, (*q.shape[:3], sk), a.block_size)
+    group = q.shape[1] // k.shape[1]
+    mode = GROUP_SELECTIONS[a.group_selection]
+    if group == 1 or mode == "head":
+        return _select_per_head(q, k, allowed, a, query_offset, np.broadcast_to(centre, allowed.shape), scale)
+    b, hkv, nq, nk = allowed.shape[0], k.shape[1], allowed.shape[2], allowed.shape[3]
+    if mode == "union":
+        picks = _select_per_head(
+            q, k, allowed, a, query_offset, np.broadcast_to(centre, allowed.shape), scale
+        )
+        chosen = picks.reshape(b, hkv, group, nq, nk).any(axis=2)
+    else:  # shared: the group's mean query, at the group's largest threshold
+        with np.errstate(invalid="ignore", over="ignore"):
+            scaled = np.float32(scale) * q.astype(np.float32)
+        scaled = np.where(np.isfinite(scaled), scaled, np.float32(0)).reshape(b, hkv, group, sq, -1)
+        pooled = scaled[:, :, 0].copy()
+        for head in range(1, group):  # in head order, in float32
+            pooled += scaled[:, :, head]
+        pooled /= np.float32(group)
+        group_allowed = allowed.reshape(b, hkv, group, nq, nk).any(axis=2)
+        thresholds = a.head_thresholds
+        if thresholds:
+            thresholds = tuple(
+                max(np.float32(t) for t in thresholds[g * group : (g + 1) * group]) for g in range(hkv)
+            )
+        heads = np.broadcast_to(centre, (centre.shape[0], q.shape[1], nq, nk)).astype(np.float64)
+        pooled_centre = np.broadcast_to(
+            heads.reshape(heads.shape[0], hkv, group, nq, nk).mean(axis=2), group_allowed.shape
+        )
+        shared = replace(a, head_thresholds=thresholds, group_selection=0)
+        chosen = _select_per_head(pooled, k, group_allowed, shared, query_offset, pooled_centre, 1.0)
+    return np.repeat(chosen, group, axis=1) & allowed
+
+
+def _select_per_head(q, k, allowed, a, query_offset, centre, scale) -> np.ndarray:
+    """select_blocks for each query head on its own; centre [B, Hq, nQ, nK]: the centre biases."""
+    sq, sk = q.shape[2], k.shape[2]
     q = np.where(np.isfinite(q), q, 0.0).astype(np.float64)
     k = np.where(np.isfinite(k), k, 0.0).astype(np.float64)
     k_mean = _block_means(k, a.block_size)
-    centre = np.broadcast_to(_block_centre_bias(attn_bias, (*q.shape[:3], sk), a.block_size), allowed.shape)
     forced = _forced_blocks(sq, sk, a, query_offset) & allowed
     selected = forced.copy()
     for idx in np.ndindex(*allowed.shape[:3]):

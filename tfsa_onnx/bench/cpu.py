@@ -8,6 +8,9 @@ random inputs, interleaved round by round so that a noisy machine slows all of t
   ort_gqa    com.microsoft.GroupQueryAttention, causal runs only (the op is always causal)
   torch_sdpa torch.nn.functional.scaled_dot_product_attention, when torch is installed
   unfused    MatMul -> Mul -> (Add mask) -> Softmax -> MatMul, what an exporter emits
+With fewer key/value heads than query heads (kv_heads, grouped-query attention) ORT MHA and
+torch SDPA get the key/value heads repeated beforehand (not timed), ORT GQA and our op the
+grouped ones; the unfused graph is not run.
 The peers are every dense run but ours; speedup_vs_best_peer divides the fastest by sparse.
 Times are medians; ratios are what to read, absolute times depend on the machine's load.
 """
@@ -73,17 +76,30 @@ def bench_kernel(
     estimate: int = 0,
     estimate_stride: int = 16,
     compute_precision: int = 0,
+    group_selection: int = 0,
     dense: bool = True,
     peers: bool = True,
 ) -> KernelResult:
     """Time sparse / our dense / the dense peers on one case (see module doc)."""
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal(case.shape, dtype=np.float32) for _ in range(3))
+    q = rng.standard_normal(case.shape, dtype=np.float32)
+    k, v = (rng.standard_normal(case.kv_shape, dtype=np.float32) for _ in range(2))
     batch, heads, seq_len, head_dim = case.shape
-    packed = [x.transpose(0, 2, 1, 3).reshape(batch, seq_len, heads * head_dim).copy() for x in (q, k, v)]
+    group = heads // case.kv_shape[1]
+    if heads % case.kv_shape[1]:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({case.kv_shape[1]})")
+
+    def packed_heads(x: np.ndarray) -> np.ndarray:
+        return x.transpose(0, 2, 1, 3).reshape(batch, seq_len, -1).copy()
+
+    repeated = [q, *(np.repeat(x, group, axis=1) for x in (k, v))]  # for the peers without groups
+    packed = [packed_heads(x) for x in repeated]
 
     attributes = case.attributes(
-        estimate=estimate, estimate_stride=estimate_stride, compute_precision=compute_precision
+        estimate=estimate,
+        estimate_stride=estimate_stride,
+        compute_precision=compute_precision,
+        group_selection=group_selection,
     )
     op_model = sparse_attention_model(**attributes)
     sparse = _session(op_model, threads)
@@ -99,10 +115,11 @@ def bench_kernel(
         ours_dense = _session(sparse_attention_model(**attributes | {"max_density": 1.0}), threads)
         runs["dense"] = lambda: ours_dense.run(["Y"], feeds)
     if peers:
-        runs.update(_peer_runs(q, k, v, packed, case.causal, threads))
+        grouped = [packed[0], packed_heads(k), packed_heads(v)]
+        runs.update(_peer_runs(repeated, packed, grouped, case.causal, threads))
     # The unfused graph holds a few [B, H, S, S] float tensors at once: skip it where they
     # would not fit comfortably (S = 16384, 12 heads: ~13 GB each).
-    if unfused and 3 * 4 * batch * heads * seq_len**2 <= UNFUSED_MEMORY_LIMIT:
+    if unfused and group == 1 and 3 * 4 * batch * heads * seq_len**2 <= UNFUSED_MEMORY_LIMIT:
         plain = _session(unfused_model(seq_len, head_dim, case.causal), threads)
         runs["unfused"] = lambda: plain.run(None, feeds)
     ms = interleaved_medians(runs, WallTimer(), warmup, repeat)
@@ -143,16 +160,19 @@ def _kernel_result(
     )
 
 
-def _peer_runs(q, k, v, packed, causal: bool, threads: int) -> dict[str, Callable[[], object]]:
-    """ORT's GroupQueryAttention (causal only) and torch SDPA (when torch imports) on the inputs."""
+def _peer_runs(qkv, packed, grouped, causal: bool, threads: int) -> dict[str, Callable[[], object]]:
+    """ORT's GroupQueryAttention (causal only; on the grouped [B, S, heads * D] inputs) and torch
+    SDPA (when torch imports; on the [B, H, S, D] inputs qkv, key/value heads repeated)."""
     runs: dict[str, Callable[[], object]] = {}
-    batch, heads, seq_len, _ = q.shape
+    q, k, v = qkv
+    batch, heads, seq_len, head_dim = q.shape
     if causal:
+        kv_heads = grouped[1].shape[2] // head_dim
         gqa = _session(
-            group_query_attention_model(past=False, rotary=False, num_heads=heads, kv_num_heads=heads),
+            group_query_attention_model(past=False, rotary=False, num_heads=heads, kv_num_heads=kv_heads),
             threads,
         )
-        gqa_feeds = dict(zip(("query", "key", "value"), packed, strict=True)) | {
+        gqa_feeds = dict(zip(("query", "key", "value"), grouped, strict=True)) | {
             "seqlens_k": np.full(batch, seq_len - 1, np.int32),
             "total_sequence_length": np.array([seq_len], np.int32),
         }

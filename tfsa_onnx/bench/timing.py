@@ -83,6 +83,7 @@ class KernelCase(Row):
     max_density: float = 0.125
     causal: bool = False
     block_size: int = 64
+    kv_heads: int = 0  # key/value heads (grouped-query attention); 0: as many as query heads
 
     @classmethod
     def each(cls, seq_lens: Iterable[int], options: dict[str, Any]) -> list[KernelCase]:
@@ -95,6 +96,10 @@ class KernelCase(Row):
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return (self.batch, self.heads, self.seq_len, self.head_dim)
+
+    @property
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.kv_heads or self.heads, self.seq_len, self.head_dim)
 
     def attributes(self, **estimate: int) -> dict[str, Any]:
         """The op's attributes (SparseAttentionAttributes.capped), with the estimate's settings."""

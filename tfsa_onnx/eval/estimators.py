@@ -200,6 +200,70 @@ def curves(
     return out
 
 
+def _head_outputs(
+    qh: np.ndarray, kh: np.ndarray, vh: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dense causal attention of one head as per-row block sums: each row's mass and weighted
+    values per key block ([row, kb], [row, kb, d]; any selection's output follows), and the
+    probabilities."""
+    n = qh.shape[0] // BLOCK
+    scores = qh @ kh.T / np.sqrt(qh.shape[1])
+    scores[np.triu_indices(scores.shape[0], 1)] = -np.inf
+    probs = np.exp(scores - scores.max(1, keepdims=True))
+    del scores
+    probs /= probs.sum(1, keepdims=True)
+    row_mass = probs.reshape(-1, n, BLOCK).sum(2)
+    row_values = np.einsum("snb,nbd->snd", probs.reshape(-1, n, BLOCK), vh.reshape(n, BLOCK, -1))
+    return row_mass, row_values, probs
+
+
+def _group_masses(q: np.ndarray, k: np.ndarray, forced, candidates) -> dict[str, np.ndarray]:
+    """The operator's mean and antidiagonal (stride 16) masses of one head's q (or a group's mean q)."""
+    n = q.shape[0] // BLOCK
+    pooled = q.reshape(n, BLOCK, -1).mean(1) @ k.reshape(n, BLOCK, -1).mean(1).T / np.sqrt(q.shape[1])
+    pooled = np.where(candidates, pooled, -np.inf)
+    best = np.where(np.isfinite(pooled).any(1, keepdims=True), pooled.max(1, keepdims=True), 0.0)
+    return {"mean": np.exp(pooled - best), "antidiag16_exp": _antidiagonal_exp(q, k, 16)}
+
+
+def group_curves(tensors: dict[str, np.ndarray], layers: list[int]) -> dict[str, list]:
+    """The operator's group selections (group_selection) of the mean and antidiagonal estimates,
+    per (layer, query head): [(threshold, density, error)]. `_head`: each head its own picks;
+    `_union`: each head computes its KV group's picks together; `_shared`: one pick per group,
+    from the group's mean query."""
+    out: dict[str, dict[tuple, list]] = {}
+    for layer in layers:
+        q, k, v = tensors[f"q{layer}"], tensors[f"k{layer}"], tensors[f"v{layer}"]
+        group = q.shape[0] // k.shape[0]
+        allowed, forced, candidates = _grid(q.shape[1])
+        for g in range(k.shape[0]):
+            kh, vh = k[g].astype(np.float64), v[g].astype(np.float64)
+            heads = [q[h].astype(np.float64) for h in range(g * group, (g + 1) * group)]
+            outputs = [_head_outputs(qh, kh, vh)[:2] for qh in heads]
+            per_head = [_group_masses(qh, kh, forced, candidates) for qh in heads]
+            shared = _group_masses(sum(heads) / group, kh, forced, candidates)
+            for name, threshold in ((name, t) for name in shared for t in THRESHOLDS):
+                picks = [_select(m[name], threshold, forced, candidates) for m in per_head]
+                union, one = np.logical_or.reduce(picks), _select(shared[name], threshold, forced, candidates)
+                for mode, chosen in (("head", picks), ("union", [union] * group), ("shared", [one] * group)):
+                    rows = out.setdefault(f"{name}_{mode}", {})
+                    for x, ((row_mass, row_values), c) in enumerate(zip(outputs, chosen, strict=True)):
+                        error = _selection_error(row_mass, row_values, c)
+                        rows.setdefault((layer, g, x), []).append((threshold, c.sum() / allowed.sum(), error))
+            del outputs
+    return {name: list(rows.values()) for name, rows in out.items()}
+
+
+def _selection_error(row_mass: np.ndarray, row_values: np.ndarray, chosen: np.ndarray) -> float:
+    """The relative L2 error of one head's output over the `chosen` blocks against dense."""
+    keep = np.repeat(chosen, BLOCK, 0)  # [row, kb]
+    kept = (row_mass * keep).sum(1, keepdims=True)
+    dense = row_values.sum(1)
+    return float(
+        np.linalg.norm(np.einsum("snd,sn->sd", row_values, keep) / kept - dense) / np.linalg.norm(dense)
+    )
+
+
 def load_or_capture(seq_len: int, path: str | None) -> dict[str, np.ndarray]:
     """The captured tensors, from `path` when it exists (else captured and saved there)."""
     if path and Path(path).is_file():
@@ -220,10 +284,18 @@ def main() -> None:
     parser.add_argument("--all-heads", action="store_true", help="every query head, not one per KV group")
     parser.add_argument("--tensors", help="an .npz of captured tensors: read if it exists, else written")
     parser.add_argument("--only", default="", help="comma-separated estimates to measure (default: all)")
+    parser.add_argument(
+        "--groups",
+        action="store_true",
+        help="the group selections instead (mean and antidiag16_exp: per head, union, shared), every head",
+    )
     args = parser.parse_args()
     tensors = load_or_capture(args.seq_len, args.tensors)
     layers = [int(x) for x in args.layers.split(",")]
-    results = curves(tensors, layers, args.all_heads, tuple(x for x in args.only.split(",") if x))
+    if args.groups:
+        results = group_curves(tensors, layers)
+    else:
+        results = curves(tensors, layers, args.all_heads, tuple(x for x in args.only.split(",") if x))
     limits = (0.01, 0.02, 0.05, 0.1)
     print("| estimate | " + " | ".join(f"density at error <= {x}" for x in limits) + " |")
     print("|---|" + "---:|" * len(limits))

@@ -59,10 +59,23 @@ typedef struct TfsaAttributes {
    * the int64 right after the values (kListAttributeRules reports the values' offset). */
   float head_thresholds[TFSA_HEAD_THRESHOLDS_MAX] TFSA_DEFAULT({});
   int64_t head_threshold_count TFSA_DEFAULT(0);
+  /* Grouped-query attention (a TfsaGroupSelection): 0 each query head selects its own blocks; 1
+   * each head computes the union of its KV group's picks; 2 one shared estimate per group, from
+   * the group's mean query at the group's largest threshold. The kernels compute a group's heads
+   * back to back on the same blocks. */
+  int64_t group_selection TFSA_DEFAULT(0);
 } TfsaAttributes;
 
 /* compute_precision's values; tfsa_onnx/reference.py COMPUTE_PRECISIONS names them in order. */
 enum TfsaComputePrecision { TFSA_PRECISION_FLOAT32 = 0, TFSA_PRECISION_BF16 = 1, TFSA_PRECISION_COUNT = 2 };
+
+/* group_selection's values; tfsa_onnx/reference.py GROUP_SELECTIONS names them in order. */
+enum TfsaGroupSelection {
+  TFSA_GROUP_PER_HEAD = 0,
+  TFSA_GROUP_UNION = 1,
+  TFSA_GROUP_SHARED = 2,
+  TFSA_GROUP_SELECTION_COUNT = 3
+};
 
 /* The block-mass estimates (attribute `estimate`); tfsa_onnx/reference.py ESTIMATES names them
  * in this order. */
@@ -205,6 +218,8 @@ inline constexpr AttributeRule kAttributeRules[] = {
     {"softcap", true, offsetof(Attributes, softcap), 0, kUnbounded, false, " (0: none)"},
     {"compute_precision", false, offsetof(Attributes, compute_precision), 0, TFSA_PRECISION_COUNT - 1, false,
      " (0 float32, 1 bf16)"},
+    {"group_selection", false, offsetof(Attributes, group_selection), 0, TFSA_GROUP_SELECTION_COUNT - 1, false,
+     " (0 per head, 1 union of the group's picks, 2 one estimate per group)"},
 };
 
 // SparseGroupQueryAttention's own attributes; the sparsity ones are kAttributeRules' (all but
@@ -317,10 +332,28 @@ TFSA_HOST_DEVICE inline float HeadThreshold(const Attributes& a, int64_t h) {
 // forced blocks and the estimate's picks.
 enum class HeadSelection { kDense, kStreaming, kEstimate };
 
-TFSA_HOST_DEVICE inline HeadSelection SelectionOf(const Attributes& a, int64_t kv_len, int64_t h) {
-  const float threshold = HeadThreshold(a, h);
+// The same for a selection at `threshold` (a head's, or a group's largest).
+TFSA_HOST_DEVICE inline HeadSelection SelectionAt(const Attributes& a, int64_t kv_len, float threshold) {
   if (kv_len < a.min_seq_len || (threshold >= 1.0f && a.max_density >= 1.0f)) return HeadSelection::kDense;
   return threshold > 0.0f ? HeadSelection::kEstimate : HeadSelection::kStreaming;
+}
+
+TFSA_HOST_DEVICE inline HeadSelection SelectionOf(const Attributes& a, int64_t kv_len, int64_t h) {
+  return SelectionAt(a, kv_len, HeadThreshold(a, h));
+}
+
+// The threshold a shared group selection (group_selection 2) uses: the largest of its heads'
+// [first, first + heads).
+TFSA_HOST_DEVICE inline float GroupThreshold(const Attributes& a, int64_t first, int64_t heads) {
+  float threshold = HeadThreshold(a, first);
+  for (int64_t h = first + 1; h < first + heads; ++h) threshold = fmaxf(threshold, HeadThreshold(a, h));
+  return threshold;
+}
+
+// Whether a call's query heads select per KV group (group_selection 1 or 2 with more than one
+// query head per kv head); with one head per group every mode is per-head selection.
+TFSA_HOST_DEVICE inline bool SelectsPerGroup(const Attributes& a, int64_t q_heads, int64_t kv_heads) {
+  return a.group_selection != TFSA_GROUP_PER_HEAD && kv_heads > 0 && q_heads > kv_heads;
 }
 
 // Whether some head of a call with q_heads query heads selects `mode`.

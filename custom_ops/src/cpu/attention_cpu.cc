@@ -259,12 +259,13 @@ const float* FiniteRows(const std::vector<float>& q, bool nonfinite, std::vector
 }
 
 // The estimate's share of the bias: attn_bias at the centre element of each block pair of
-// query block qb, added to its pooled scores (non-finite values count as 0; reference.py).
-void AddCentreBias(const Problem& p, int64_t b, int64_t h, int64_t qb, float* pooled_scores) {
+// query block qb, times `weight`, added to its pooled scores (non-finite values count as 0;
+// reference.py). A shared group selection adds each head's with weight 1 / group.
+void AddCentreBias(const Problem& p, int64_t b, int64_t h, int64_t qb, float weight, float* pooled_scores) {
   const int64_t i = (p.grid.QueryBegin(qb) + p.grid.QueryEnd(qb) - 1) / 2;
   for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb) {
     const float bias = p.bias.Bias(p.bias.Offset(b, h, i, (p.grid.KeyBegin(kb) + p.grid.KeyEnd(kb) - 1) / 2));
-    if (std::isfinite(bias)) pooled_scores[kb] += bias;
+    if (std::isfinite(bias)) pooled_scores[kb] += weight == 1.0f ? bias : bias * weight;
   }
 }
 
@@ -294,14 +295,93 @@ bool ScaleRows(const T* rows_in, int rows, int head_dim, float scale, float* q, 
   return nonfinite != 0;
 }
 
+// One query block of one head as a task holds it: the scaled rows and their mean, its allowed
+// key blocks (and how many), and the blocks it computes.
+struct HeadBlock {
+  std::vector<float> q, q_mean, q_finite;
+  bool q_nonfinite = false;
+  std::vector<uint8_t> allowed;
+  int64_t allowed_count = 0;
+  std::vector<int32_t> chosen;
+};
+
 // Per-thread buffers of a task, reused between query blocks.
 struct Scratch {
-  std::vector<float> q, q_mean, q_finite, scores;
-  std::vector<int32_t> chosen;
+  std::vector<float> scores, pooled;
   SelectionScratch selection;
   TileScratch tiles;
   RowsState rows;
+  std::vector<HeadBlock> heads;  // the query heads of a group selection (one otherwise)
+  std::vector<uint8_t> take;     // a group's chosen key blocks
 };
+
+// Query block qb of (batch b, head h) scaled into `out`, with its allowed key blocks.
+template <class T>
+void LoadHeadBlock(const Problem& p, const PackedKeysValues& kv, const Tensors& t, int64_t b, int64_t h, int64_t qb,
+                   HeadBlock& out) {
+  const Dims& d = p.dims;
+  const int64_t q_begin = p.grid.QueryBegin(qb), bh = b * d.q_heads + h;
+  const int rows = static_cast<int>(p.grid.QueryEnd(qb) - q_begin), head_dim = static_cast<int>(d.head_dim);
+  const T* q_rows = static_cast<const T*>(t.query) + (bh * d.q_len + q_begin) * d.head_dim;
+  out.q.resize(static_cast<size_t>(rows) * head_dim);
+  out.q_mean.assign(head_dim, 0.0f);
+  out.q_nonfinite = ScaleRows(q_rows, rows, head_dim, p.attrs.scale, out.q.data(), out.q_mean.data(), kv.gather_keys);
+  out.allowed_count = AllowedKeyBlocks(p, b, h, qb, out.allowed);
+}
+
+// The estimate's scores of query block qb against the key-block means of kv head bk:
+// estimate_q is its mean query (1 row) or its rows (the token estimate), into sc.scores.
+void EstimateScores(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t bk,
+                    const float* estimate_q, int score_rows, Scratch& sc) {
+  const int means_pad = static_cast<int>(kv.means_pad);
+  sc.scores.resize(static_cast<size_t>(score_rows) * means_pad);
+  math.scores(estimate_q, score_rows, static_cast<int>(p.dims.head_dim), kv.KMeansT(bk), means_pad, sc.scores.data(),
+              means_pad);
+  CapScores(p.attrs.softcap, score_rows, p.grid.k_blocks, means_pad, sc.scores.data());  // before the bias
+}
+
+// One head's selection of its query block (hb loaded): the estimate's scores or the
+// antidiagonal mass, then ChooseKeyBlocks, into hb.chosen.
+void SelectHeadBlock(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t b, int64_t h,
+                     int64_t qb, const double* antidiagonal_mass, HeadBlock& hb, Scratch& sc) {
+  const int64_t bk = b * p.dims.kv_heads + h / (p.dims.q_heads / p.dims.kv_heads);
+  const int score_rows = ScoresEveryRow(p) ? static_cast<int>(p.grid.QueryEnd(qb) - p.grid.QueryBegin(qb)) : 1;
+  sc.selection.allowed = hb.allowed;
+  if (antidiagonal_mass != nullptr) {
+    sc.selection.block_mass.assign(antidiagonal_mass, antidiagonal_mass + p.grid.k_blocks);
+  } else if (SelectionOf(p, h) == HeadSelection::kEstimate) {  // streaming and dense heads: no estimate
+    const float* estimate_q = score_rows == 1 ? hb.q_mean.data() : FiniteRows(hb.q, hb.q_nonfinite, hb.q_finite);
+    EstimateScores(p, math, kv, bk, estimate_q, score_rows, sc);
+    // the mean estimate adds the bias at each block pair's centre (the others do not read it)
+    if (p.bias.present() && p.attrs.estimate == TFSA_ESTIMATE_MEAN) AddCentreBias(p, b, h, qb, 1.0f, sc.scores.data());
+  }
+  ChooseKeyBlocks(p, math, HeadBudget(p, h), qb, sc.scores.data(), score_rows, static_cast<int>(kv.means_pad),
+                  sc.selection, hb.chosen);
+}
+
+// Walks hb.chosen for (batch b, head h, query block qb) and writes the normalised rows.
+template <class T>
+void ComputeHeadBlock(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, const Tensors& t, int64_t b,
+                      int64_t h, int64_t qb, const HeadBlock& hb, Scratch& sc) {
+  const Dims& d = p.dims;
+  const int64_t q_begin = p.grid.QueryBegin(qb), bh = b * d.q_heads + h;
+  const int rows = static_cast<int>(p.grid.QueryEnd(qb) - q_begin), v_pad = static_cast<int>(kv.v_pad);
+  static const std::vector<int32_t> kNone;
+  WalkTiles(p, math, kv, b, h, qb, hb.q.data(), rows, p.selection_only ? kNone : hb.chosen, sc.tiles, sc.rows);
+  T* out = static_cast<T*>(t.output) + (bh * d.q_len + q_begin) * d.v_head_dim;
+  for (size_t r = 0; r < static_cast<size_t>(rows); ++r) {
+    const bool empty = sc.rows.m[r] == kNegInf;  // no key to attend: zeros, not NaN
+    const float inv = empty ? 0.0f : 1.0f / sc.rows.l[r];
+    for (int64_t x = 0; x < d.v_head_dim; ++x)
+      out[r * d.v_head_dim + x] = FromFloat<T>(empty ? 0.0f : sc.rows.o[r * v_pad + x] * inv);
+  }
+}
+
+Scratch& ThreadScratch(size_t heads) {
+  thread_local Scratch sc;
+  if (sc.heads.size() < heads) sc.heads.resize(heads);
+  return sc;
+}
 
 // The scaled query rows of query blocks [qb_begin, qb_end) of (batch, head) bh, non-finite as
 // 0 and rounded to bf16 (the antidiagonal estimate's view).
@@ -322,53 +402,139 @@ void FiniteScaledRows(const Problem& p, const Tensors& t, int64_t bh, int64_t qb
   }
 }
 
+// The group's mean query rows of query blocks [qb_begin, qb_end) of the query heads
+// [h, h + heads) of batch b, as a shared antidiagonal estimate reads them: each head's
+// scale * q (non-finite as 0) summed in head order, divided by the group, rounded to bf16.
+template <class T>
+void PooledScaledRows(const Problem& p, const Tensors& t, int64_t b, int64_t h, int64_t heads, int64_t qb_begin,
+                      int64_t qb_end, std::vector<float>& out) {
+  const int64_t begin = p.grid.QueryBegin(qb_begin), end = p.grid.QueryEnd(qb_end - 1), dim = p.dims.head_dim;
+  const int64_t n = (end - begin) * dim;
+  out.assign(n, 0.0f);
+  for (int64_t x = h; x < h + heads; ++x) {
+    const T* rows = static_cast<const T*>(t.query) + ((b * p.dims.q_heads + x) * p.dims.q_len + begin) * dim;
+    for (int64_t e = 0; e < n; ++e) {
+      const float value = p.attrs.scale * ToFloat(rows[e]);
+      const float finite = Finite(value) ? value : 0.0f;
+      out[e] = x == h ? finite : out[e] + finite;
+    }
+  }
+  const float group = static_cast<float>(heads);
+  for (int64_t e = 0; e < n; ++e) out[e] = RoundedToBf16(out[e] / group);
+}
+
 // One task: query block qb of one (batch, head). Scales the queries, selects the key blocks
 // (antidiagonal_mass: the block's antidiagonal estimate, computed for its group), walks them
 // (tile_walk.h) and writes the normalised rows.
 template <class T>
 void QueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, const Tensors& t,
                 size_t task, int64_t* counts, const double* antidiagonal_mass) {
-  const Dims& d = p.dims;
   const int64_t qb = task % p.grid.q_blocks, bh = task / p.grid.q_blocks;
-  const int64_t b = bh / d.q_heads, h = bh % d.q_heads;
-  const int64_t bk = b * d.kv_heads + h / (d.q_heads / d.kv_heads);
-  const int64_t q_begin = p.grid.QueryBegin(qb);
-  const int rows = static_cast<int>(p.grid.QueryEnd(qb) - q_begin);
-  const int head_dim = static_cast<int>(d.head_dim);
-  const int v_pad = static_cast<int>(kv.v_pad);
-  thread_local Scratch sc;
+  const int64_t b = bh / p.dims.q_heads, h = bh % p.dims.q_heads;
+  Scratch& sc = ThreadScratch(1);
+  HeadBlock& hb = sc.heads[0];
+  LoadHeadBlock<T>(p, kv, t, b, h, qb, hb);
+  counts[2 * task + 1] = hb.allowed_count;
+  SelectHeadBlock(p, math, kv, b, h, qb, antidiagonal_mass, hb, sc);
+  counts[2 * task] = static_cast<int64_t>(hb.chosen.size());
+  ComputeHeadBlock<T>(p, math, kv, t, b, h, qb, hb, sc);
+}
 
-  // The query block, scaled, and its mean for the estimate.
-  const T* q_rows = static_cast<const T*>(t.query) + (bh * d.q_len + q_begin) * d.head_dim;
-  sc.q.resize(static_cast<size_t>(rows) * head_dim);
-  sc.q_mean.assign(head_dim, 0.0f);
-  const bool q_nonfinite = ScaleRows(q_rows, rows, head_dim, p.attrs.scale, sc.q.data(), sc.q_mean.data(), kv.gather_keys);
-
-  counts[2 * task + 1] = AllowedKeyBlocks(p, b, h, qb, sc.selection.allowed);
-  const int means_pad = static_cast<int>(kv.means_pad);
+// The shared selection of query block qb of the group's heads [h, h + group) (loaded in
+// sc.heads): one estimate from the group's mean query (antidiagonal_mass: the antidiagonal one)
+// over the blocks some head may attend, at the group's largest threshold, into sc.take.
+void SharedSelection(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t b, int64_t h,
+                     int64_t group, int64_t qb, const double* antidiagonal_mass, Scratch& sc) {
+  const int64_t bk = b * p.dims.kv_heads + h / group, dim = p.dims.head_dim;
+  const int rows = static_cast<int>(p.grid.QueryEnd(qb) - p.grid.QueryBegin(qb));
   const int score_rows = ScoresEveryRow(p) ? rows : 1;
+  const Budget budget = GroupBudget(p, h, group);
+  std::vector<uint8_t>& allowed = sc.selection.allowed;
+  allowed.assign(p.grid.k_blocks, 0);
+  for (int64_t x = 0; x < group; ++x)
+    for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb) allowed[kb] |= sc.heads[x].allowed[kb];
   if (antidiagonal_mass != nullptr) {
     sc.selection.block_mass.assign(antidiagonal_mass, antidiagonal_mass + p.grid.k_blocks);
-  } else if (SelectionOf(p, h) == HeadSelection::kEstimate) {  // streaming and dense heads: no estimate
-    sc.scores.resize(static_cast<size_t>(score_rows) * means_pad);
-    const float* estimate_q = score_rows == 1 ? sc.q_mean.data() : FiniteRows(sc.q, q_nonfinite, sc.q_finite);
-    math.scores(estimate_q, score_rows, head_dim, kv.KMeansT(bk), means_pad, sc.scores.data(), means_pad);
-    CapScores(p.attrs.softcap, score_rows, p.grid.k_blocks, means_pad, sc.scores.data());  // before the bias
-    // the mean estimate adds the bias at each block pair's centre (the others do not read it)
-    if (p.bias.present() && p.attrs.estimate == TFSA_ESTIMATE_MEAN) AddCentreBias(p, b, h, qb, sc.scores.data());
+  } else if (budget.mode == HeadSelection::kEstimate) {
+    // the group's mean query: its heads' rows (or block means) summed in head order, / group
+    const size_t n = static_cast<size_t>(score_rows) * dim;
+    sc.pooled.assign(n, 0.0f);
+    for (int64_t x = 0; x < group; ++x) {
+      HeadBlock& hb = sc.heads[x];
+      const float* q = score_rows == 1 ? hb.q_mean.data() : FiniteRows(hb.q, hb.q_nonfinite, hb.q_finite);
+      for (size_t e = 0; e < n; ++e) sc.pooled[e] = x == 0 ? q[e] : sc.pooled[e] + q[e];
+    }
+    for (float& e : sc.pooled) e /= static_cast<float>(group);
+    EstimateScores(p, math, kv, bk, sc.pooled.data(), score_rows, sc);
+    if (p.bias.present() && p.attrs.estimate == TFSA_ESTIMATE_MEAN)
+      for (int64_t x = h; x < h + group; ++x)
+        AddCentreBias(p, b, x, qb, 1.0f / static_cast<float>(group), sc.scores.data());
   }
-  ChooseKeyBlocks(p, math, h, qb, sc.scores.data(), score_rows, means_pad, sc.selection, sc.chosen);
-  counts[2 * task] = static_cast<int64_t>(sc.chosen.size());
-  if (p.selection_only) sc.chosen.clear();
+  thread_local std::vector<int32_t> chosen;
+  ChooseKeyBlocks(p, math, budget, qb, sc.scores.data(), score_rows, static_cast<int>(kv.means_pad), sc.selection,
+                  chosen);
+  for (int32_t kb : chosen) sc.take[kb] = 1;
+}
 
-  WalkTiles(p, math, kv, b, h, qb, sc.q.data(), rows, sc.chosen, sc.tiles, sc.rows);
+// Query block qb of the kv group (batch b, query heads [h, h + group)): one selection for the
+// group (group_selection: the union of the heads' picks, or one shared estimate), then the
+// heads computed back to back on the same key blocks, so that each is loaded once for all.
+// antidiagonal_mass: per head (union) or once (shared) the block's antidiagonal estimate.
+template <class T>
+void GroupQueryBlock(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, const Tensors& t, int64_t b,
+                     int64_t h, int64_t group, int64_t qb, int64_t* counts,
+                     const std::vector<const double*>& antidiagonal_mass) {
+  Scratch& sc = ThreadScratch(group);
+  sc.take.assign(p.grid.k_blocks, 0);
+  for (int64_t x = 0; x < group; ++x) LoadHeadBlock<T>(p, kv, t, b, h + x, qb, sc.heads[x]);
+  if (p.attrs.group_selection == TFSA_GROUP_SHARED) {
+    SharedSelection(p, math, kv, b, h, group, qb, antidiagonal_mass[0], sc);
+  } else {
+    for (int64_t x = 0; x < group; ++x) {
+      SelectHeadBlock(p, math, kv, b, h + x, qb, antidiagonal_mass[x], sc.heads[x], sc);
+      for (int32_t kb : sc.heads[x].chosen) sc.take[kb] = 1;
+    }
+  }
+  for (int64_t x = 0; x < group; ++x) {
+    HeadBlock& hb = sc.heads[x];
+    hb.chosen.clear();
+    for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb)
+      if (sc.take[kb] && hb.allowed[kb]) hb.chosen.push_back(static_cast<int32_t>(kb));
+    const size_t task = static_cast<size_t>((b * p.dims.q_heads + h + x) * p.grid.q_blocks + qb);
+    counts[2 * task] = static_cast<int64_t>(hb.chosen.size());
+    counts[2 * task + 1] = hb.allowed_count;
+    ComputeHeadBlock<T>(p, math, kv, t, b, h + x, qb, hb, sc);
+  }
+}
 
-  T* out = static_cast<T*>(t.output) + (bh * d.q_len + q_begin) * d.v_head_dim;
-  for (size_t r = 0; r < static_cast<size_t>(rows); ++r) {
-    const bool empty = sc.rows.m[r] == kNegInf;  // no key to attend: zeros, not NaN
-    const float inv = empty ? 0.0f : 1.0f / sc.rows.l[r];
-    for (int64_t x = 0; x < d.v_head_dim; ++x)
-      out[r * d.v_head_dim + x] = FromFloat<T>(empty ? 0.0f : sc.rows.o[r * v_pad + x] * inv);
+// One task of a group selection: query blocks [qb_begin, qb_end) of kv group (b, kv head kh).
+template <class T>
+void GroupTask(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, const Tensors& t, int64_t b,
+               int64_t kh, int64_t qb_begin, int64_t qb_end, int64_t* counts) {
+  const Dims& d = p.dims;
+  const int64_t group = d.q_heads / d.kv_heads, h = kh * group, bk = b * d.kv_heads + kh;
+  const bool shared = p.attrs.group_selection == TFSA_GROUP_SHARED;
+  thread_local std::vector<float> rows;
+  thread_local std::vector<std::vector<double>> mass;
+  thread_local SelectionScratch selection;
+  const int64_t selections = shared ? 1 : group;
+  mass.resize(std::max<size_t>(mass.size(), selections));
+  std::vector<bool> estimates(selections, false);
+  if (kv.residues > 0) {  // the antidiagonal estimate, for the task's query blocks at once
+    for (int64_t x = 0; x < selections; ++x) {
+      estimates[x] = (shared ? GroupBudget(p, h, group) : HeadBudget(p, h + x)).mode == HeadSelection::kEstimate;
+      if (!estimates[x]) continue;
+      if (shared) PooledScaledRows<T>(p, t, b, h, group, qb_begin, qb_end, rows);
+      else FiniteScaledRows<T>(p, t, b * d.q_heads + h + x, qb_begin, qb_end, kv.gather_keys, rows);
+      AntidiagonalMass(p, math, kv, b, h + x, shared ? group : 1, bk, qb_begin, qb_end, rows.data(), selection,
+                       mass[x]);
+    }
+  }
+  std::vector<const double*> block_mass(selections);
+  for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
+    for (int64_t x = 0; x < selections; ++x)
+      block_mass[x] = estimates[x] ? mass[x].data() + (qb - qb_begin) * p.grid.k_blocks : nullptr;
+    GroupQueryBlock<T>(p, math, kv, t, b, h, group, qb, counts, block_mass);
   }
 }
 
@@ -444,25 +610,34 @@ void Run(const Problem& p, const Tensors& t, Workspace& workspace, const Paralle
   std::vector<int64_t> counts(2 * tasks, 0);  // per query block: computed blocks, allowed blocks
   // Tasks of `group` query blocks, so that the antidiagonal estimate scores them together.
   const int64_t group = AntidiagonalBlocks(p), groups = (p.grid.q_blocks + group - 1) / group;
-  const bool antidiagonal = kv.residues > 0;
-  parallel_for(d.batch * d.q_heads * groups, [&](size_t task) {
-    const int64_t bh = task / groups, qb_begin = task % groups * group;
-    const int64_t qb_end = std::min(qb_begin + group, p.grid.q_blocks);
-    thread_local std::vector<float> rows;
-    thread_local std::vector<double> mass;
-    thread_local SelectionScratch selection;
-    const int64_t h = bh % d.q_heads;
-    const bool estimates = antidiagonal && SelectionOf(p, h) == HeadSelection::kEstimate;
-    if (estimates) {
-      const int64_t b = bh / d.q_heads, bk = b * d.kv_heads + h / (d.q_heads / d.kv_heads);
-      FiniteScaledRows<T>(p, t, bh, qb_begin, qb_end, kv.gather_keys, rows);
-      AntidiagonalMass(with_mask, math, kv, b, h, bk, qb_begin, qb_end, rows.data(), selection, mass);
-    }
-    for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
-      const double* block_mass = estimates ? mass.data() + (qb - qb_begin) * p.grid.k_blocks : nullptr;
-      QueryBlock<T>(with_mask, math, kv, t, bh * p.grid.q_blocks + qb, counts.data(), block_mass);
-    }
-  });
+  if (SelectsPerGroup(p.attrs, d.q_heads, d.kv_heads) && !AllDense(p)) {
+    // one selection per kv group: a task holds the group's heads
+    parallel_for(d.batch * d.kv_heads * groups, [&](size_t task) {
+      const int64_t bk = task / groups, qb_begin = task % groups * group;
+      const int64_t qb_end = std::min(qb_begin + group, p.grid.q_blocks);
+      GroupTask<T>(with_mask, math, kv, t, bk / d.kv_heads, bk % d.kv_heads, qb_begin, qb_end, counts.data());
+    });
+  } else {
+    const bool antidiagonal = kv.residues > 0;
+    parallel_for(d.batch * d.q_heads * groups, [&](size_t task) {
+      const int64_t bh = task / groups, qb_begin = task % groups * group;
+      const int64_t qb_end = std::min(qb_begin + group, p.grid.q_blocks);
+      thread_local std::vector<float> rows;
+      thread_local std::vector<double> mass;
+      thread_local SelectionScratch selection;
+      const int64_t h = bh % d.q_heads;
+      const bool estimates = antidiagonal && SelectionOf(p, h) == HeadSelection::kEstimate;
+      if (estimates) {
+        const int64_t b = bh / d.q_heads, bk = b * d.kv_heads + h / (d.q_heads / d.kv_heads);
+        FiniteScaledRows<T>(p, t, bh, qb_begin, qb_end, kv.gather_keys, rows);
+        AntidiagonalMass(with_mask, math, kv, b, h, 1, bk, qb_begin, qb_end, rows.data(), selection, mass);
+      }
+      for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
+        const double* block_mass = estimates ? mass.data() + (qb - qb_begin) * p.grid.k_blocks : nullptr;
+        QueryBlock<T>(with_mask, math, kv, t, bh * p.grid.q_blocks + qb, counts.data(), block_mass);
+      }
+    });
+  }
 
   if (t.density == nullptr) return;
   for (int64_t bh = 0; bh < d.batch * d.q_heads; ++bh) {

@@ -43,6 +43,18 @@ int64_t AllowedKeyBlocks(const Problem& p, int64_t b, int64_t h, int64_t qb, std
   return count;
 }
 
+int64_t AllowedKeyBlocksOfHeads(const Problem& p, int64_t b, int64_t h, int64_t heads, int64_t qb,
+                                std::vector<uint8_t>& allowed) {
+  if (heads == 1) return AllowedKeyBlocks(p, b, h, qb, allowed);
+  thread_local std::vector<uint8_t> head_allowed;
+  allowed.assign(p.grid.k_blocks, 0);
+  for (int64_t x = h; x < h + heads; ++x) {
+    AllowedKeyBlocks(p, b, x, qb, head_allowed);
+    for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb) allowed[kb] |= head_allowed[kb];
+  }
+  return std::count(allowed.begin(), allowed.end(), 1);
+}
+
 namespace {
 
 constexpr int kTileRows = 8;  // the antidiagonal estimate's rows per product (a register tile)
@@ -138,14 +150,15 @@ void SampledScores(const Problem& p, const BlockMath& math, const PackedKeysValu
 
 // Per query block of the group: its allowed key blocks, the last key they hold, and whether a
 // block below that key is not allowed (a mask or window: its samples must be hidden per row).
-void GroupAllowed(const Problem& p, int64_t b, int64_t h, int64_t qb_begin, int64_t qb_end, SelectionScratch& s) {
+void GroupAllowed(const Problem& p, int64_t b, int64_t h, int64_t heads, int64_t qb_begin, int64_t qb_end,
+                  SelectionScratch& s) {
   const BlockGrid& g = p.grid;
   const int64_t nk = g.k_blocks, blocks = qb_end - qb_begin;
   s.group_allowed.resize(blocks * nk);
   s.group_last_key.assign(blocks, -1);
   s.group_holes.assign(blocks, 0);
   for (int64_t x = 0; x < blocks; ++x) {
-    AllowedKeyBlocks(p, b, h, qb_begin + x, s.allowed);
+    AllowedKeyBlocksOfHeads(p, b, h, heads, qb_begin + x, s.allowed);
     std::copy(s.allowed.begin(), s.allowed.end(), s.group_allowed.begin() + x * nk);
     int64_t last = -1;
     for (int64_t kb = nk - 1; kb >= 0 && last < 0; --kb) last = s.allowed[kb] ? kb : -1;
@@ -269,13 +282,13 @@ int64_t AntidiagonalBlocks(const Problem& p) {
 }
 
 void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t b, int64_t h,
-                      int64_t bk, int64_t qb_begin, int64_t qb_end, const float* q, SelectionScratch& s,
-                      std::vector<double>& mass) {
+                      int64_t heads, int64_t bk, int64_t qb_begin, int64_t qb_end, const float* q,
+                      SelectionScratch& s, std::vector<double>& mass) {
   const BlockGrid& g = p.grid;
   const int64_t stride = p.attrs.estimate_stride, dim = p.dims.head_dim, nk = g.k_blocks, blocks = qb_end - qb_begin;
   const int64_t row_begin = g.QueryBegin(qb_begin), row_end = g.QueryEnd(qb_end - 1);
   mass.assign(blocks * nk, 0.0);
-  GroupAllowed(p, b, h, qb_begin, qb_end, s);
+  GroupAllowed(p, b, h, heads, qb_begin, qb_end, s);
   thread_local std::vector<int64_t> block_of;  // each row's query block, from qb_begin
   // When stride divides the block, sample m of every residue lies in key block m / (block /
   // stride): the residues' sampled mass adds up per sample, and is summed into blocks once.
@@ -329,12 +342,19 @@ HeadSelection SelectionOf(const Problem& p, int64_t h) { return tfsa::SelectionO
 
 bool ScoresEveryRow(const Problem& p) { return p.attrs.estimate == TFSA_ESTIMATE_TOKEN; }
 
-void ChooseKeyBlocks(const Problem& p, const BlockMath& math, int64_t h, int64_t qb, float* scores, int rows,
+Budget HeadBudget(const Problem& p, int64_t h) { return {SelectionOf(p, h), HeadThreshold(p.attrs, h)}; }
+
+Budget GroupBudget(const Problem& p, int64_t h, int64_t heads) {
+  const float threshold = GroupThreshold(p.attrs, h, heads);
+  return {SelectionAt(p.attrs, p.grid.kv_len, threshold), threshold};
+}
+
+void ChooseKeyBlocks(const Problem& p, const BlockMath& math, Budget budget_of, int64_t qb, float* scores, int rows,
                      int stride, SelectionScratch& s, std::vector<int32_t>& chosen) {
   const Attributes& a = p.attrs;
   const std::vector<uint8_t>& allowed = s.allowed;
   chosen.clear();
-  const HeadSelection mode = SelectionOf(p, h);
+  const HeadSelection mode = budget_of.mode;
   if (mode == HeadSelection::kDense) {
     for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb)
       if (allowed[kb]) chosen.push_back(static_cast<int32_t>(kb));
@@ -347,7 +367,7 @@ void ChooseKeyBlocks(const Problem& p, const BlockMath& math, int64_t h, int64_t
     if (allowed[kb] && !s.forced[kb]) s.candidates.push_back(static_cast<int32_t>(kb));
   std::vector<uint8_t>& take = s.forced;  // forced blocks, then the estimate's picks
   if (!s.candidates.empty()) {
-    const float threshold = HeadThreshold(a, h);
+    const float threshold = budget_of.threshold;
     const bool use_threshold = threshold < 1.0f;
     if (a.estimate == TFSA_ESTIMATE_ANTIDIAGONAL) CandidateShares(s);
     else if (ScoresEveryRow(p)) TokenMass(p, math, scores, rows, stride, s);

@@ -37,6 +37,10 @@ void ClassifyMaskBlocks(const Problem& p, MaskBlocks& out,
 // Key blocks of (batch b, head h, query block qb) that hold at least one key some query of
 // the block may see, by causality and the mask (p.mask_blocks). Returns how many.
 int64_t AllowedKeyBlocks(const Problem& p, int64_t b, int64_t h, int64_t qb, std::vector<uint8_t>& allowed);
+// The same for the query heads [h, h + heads): the blocks some of them may attend (a shared
+// group selection's).
+int64_t AllowedKeyBlocksOfHeads(const Problem& p, int64_t b, int64_t h, int64_t heads, int64_t qb,
+                                std::vector<uint8_t>& allowed);
 
 // Whether some head of the call ranks blocks by the estimate (what its packing is for).
 bool UsesEstimate(const Problem& p);
@@ -51,24 +55,35 @@ HeadSelection SelectionOf(const Problem& p, int64_t h);
 // product of that many more rows, which the register-blocked Scores kernel runs faster.
 int64_t AntidiagonalBlocks(const Problem& p);
 
-// The antidiagonal estimate (reference.py) of query blocks [qb_begin, qb_end) of (b, q head h,
-// kv head bk): each row's softmax over its sampled keys (packed.h SampledKt) in allowed blocks
-// and, when causal, visible, summed per key block into mass[(qb - qb_begin) * k_blocks + kb].
-// q: the blocks' scaled query rows, from QueryBegin(qb_begin), non-finite as 0.
+// The antidiagonal estimate (reference.py) of query blocks [qb_begin, qb_end) of (b, q heads
+// [h, h + heads), kv head bk): each row's softmax over its sampled keys (packed.h SampledKt) in
+// blocks some of the heads may attend and, when causal, visible, summed per key block into
+// mass[(qb - qb_begin) * k_blocks + kb]. q: the blocks' scaled query rows (one head's, or the
+// group's mean), from QueryBegin(qb_begin), non-finite as 0, rounded to bf16.
 void AntidiagonalMass(const Problem& p, const BlockMath& math, const PackedKeysValues& kv, int64_t b, int64_t h,
-                      int64_t bk, int64_t qb_begin, int64_t qb_end, const float* q, SelectionScratch& scratch,
-                      std::vector<double>& mass);
+                      int64_t heads, int64_t bk, int64_t qb_begin, int64_t qb_end, const float* q,
+                      SelectionScratch& scratch, std::vector<double>& mass);
 
 // Whether the estimate scores every query row (the token estimate) or the block's mean query.
 bool ScoresEveryRow(const Problem& p);
 
-// The key blocks of query head h to compute, ascending, from the allowed ones
-// (scratch.allowed): global and local blocks, then the rest by estimated mass until the head's
-// threshold or the max_density cap (a streaming head: none; scores are not read).
+// How one selection picks its blocks: a head's (SelectionOf, HeadThreshold) or a shared
+// group's (SelectionAt its GroupThreshold).
+struct Budget {
+  HeadSelection mode;
+  float threshold;
+};
+Budget HeadBudget(const Problem& p, int64_t h);
+// The shared selection of the query heads [h, h + heads).
+Budget GroupBudget(const Problem& p, int64_t h, int64_t heads);
+
+// The key blocks of query block qb to compute, ascending, from the allowed ones
+// (scratch.allowed): global and local blocks, then the rest by estimated mass until the
+// budget's threshold or the max_density cap (a streaming budget: none; scores are not read).
 // scores[r * stride + kb] = scaled query . mean(key block kb), for the block's mean query
 // (rows = 1, the mean estimate) or each of its rows (the token estimate; overwritten). The
 // estimate adds log(keys in kb) and takes a softmax over the candidates (per row for token).
-void ChooseKeyBlocks(const Problem& p, const BlockMath& math, int64_t h, int64_t qb, float* scores, int rows,
+void ChooseKeyBlocks(const Problem& p, const BlockMath& math, Budget budget, int64_t qb, float* scores, int rows,
                      int stride, SelectionScratch& scratch, std::vector<int32_t>& chosen);
 
 }  // namespace tfsa::cpu

@@ -87,6 +87,10 @@ std::string CheckCall(const TfsaCudaArgs& c) {
     return "sizes must be >= 0 with query heads a multiple of key/value heads (> 0)";
   if (d.v_head_dim > 256) return "the CUDA kernel supports value head dims up to 256, got " + std::to_string(d.v_head_dim);
   if (d.head_dim > 1024) return "the CUDA kernel supports head dims up to 1024, got " + std::to_string(d.head_dim);
+  if (SelectsPerGroup(c.attributes, d.q_heads, d.kv_heads))
+    return "group_selection " + std::to_string(c.attributes.group_selection) +
+           " (one selection per KV group) is not implemented in the CUDA kernel; use group_selection 0 "
+           "(per head) or the CPU kernel";
   const int64_t k_blocks = MakeGeometry(c).grid.k_blocks;
   if (ChooseSharedBytes(k_blocks) > kMaxChooseShared)
     return "too many key blocks for the CUDA selection (kv_len / block_size = " + std::to_string(k_blocks) +
