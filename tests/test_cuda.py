@@ -165,7 +165,7 @@ def _check(backend, q, k, v, mask=None, dtype="float32", bias=None, bias_dtype=N
     y_ref, density_ref = sparse_attention(q, k, v, mask, bias, **attrs)
     a = SparseAttentionAttributes(**attrs)
     shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    _, may_attend = _attendable(mask, shape, bool(a.is_causal), a.sliding_window)
+    _, may_attend = _attendable(mask, shape, bool(a.is_causal), a.sliding_window, a.window_ahead)
     selected_ref = select_blocks(q, k, _block_any(may_attend, a.block_size), a, attn_bias=bias)
     # Pooled scores are summed in another order than the reference's: a block on the
     # threshold's edge may flip; anything more is a bug. The math is checked on the
@@ -232,8 +232,31 @@ CASES = [
         dict(block_size=16, threshold=0.9, is_causal=1, sliding_window=37),
     ),
     (1, 2, 2, 40, 90, 32, 32, "float32", dict(block_size=16, threshold=1.0, is_causal=1, sliding_window=20)),
+    # a two-sided band (sliding_window and window_ahead), |i - j| <= 8 as ModernBERT's
+    (
+        1,
+        2,
+        1,
+        100,
+        100,
+        64,
+        64,
+        "float16",
+        dict(block_size=16, threshold=0.9, sliding_window=9, window_ahead=8),
+    ),
     # the antidiagonal estimate (1) and the token estimate (2)
     (1, 2, 1, 100, 130, 16, 16, "float32", dict(block_size=16, threshold=0.8, global_tokens=8, estimate=1)),
+    (
+        1,
+        2,
+        1,
+        50,
+        60,
+        16,
+        16,
+        "float32",
+        dict(block_size=8, threshold=0.8, global_tokens=8, sliding_window=20, window_ahead=3, estimate=1),
+    ),
     (1, 4, 2, 90, 90, 64, 64, "float16", dict(block_size=16, threshold=0.7, is_causal=1, estimate=1)),
     (
         1,

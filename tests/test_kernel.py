@@ -371,13 +371,17 @@ def test_attributes_agree_with_the_cpp_contract():
         ]
     for info in rows:
         assert info.offset == getattr(cuda.Attributes, info.name.decode()).offset, info.name
+
     # a list is max_count floats and then its int64 count (head_thresholds: HEAD_THRESHOLDS_MAX);
-    # the attributes added after it follow the count
-    (listed,) = [i for i in rows if i.max_count]
-    assert (listed.name.decode(), listed.max_count) == ("head_thresholds", HEAD_THRESHOLDS_MAX)
-    assert cuda.Attributes.head_threshold_count.offset == listed.offset + 4 * HEAD_THRESHOLDS_MAX
+    # the struct ends with its last field (8-byte aligned)
+    def size(info) -> int:
+        return 4 * info.max_count + 8 if info.max_count else 4 if info.is_float else 8
+
     last = max(rows, key=lambda info: info.offset)
-    assert ctypes.sizeof(cuda.Attributes) == last.offset + (4 * last.max_count + 8 if last.max_count else 8)
+    assert ctypes.sizeof(cuda.Attributes) == -(-(last.offset + size(last)) // 8) * 8
+    lists = [i for i in rows if i.max_count]
+    assert [(i.name.decode(), i.max_count) for i in lists] == [("head_thresholds", HEAD_THRESHOLDS_MAX)]
+    assert cuda.Attributes.head_threshold_count.offset == lists[0].offset + 4 * HEAD_THRESHOLDS_MAX
     assert ATTRIBUTE_BOUNDS["block_size"][1] == BLOCK_SIZE_MAX
     assert ATTRIBUTE_BOUNDS["global_tokens"][1] == TOKENS_MAX
     assert ATTRIBUTE_BOUNDS["estimate_stride"][1] == ESTIMATE_STRIDE_MAX
@@ -461,6 +465,8 @@ OUT_OF_RANGE = [
     ("estimate", -1, "[0, 2]"),
     ("estimate_stride", 0, f"[1, {ESTIMATE_STRIDE_MAX}]"),
     ("estimate_stride", ESTIMATE_STRIDE_MAX + 1, f"[1, {ESTIMATE_STRIDE_MAX}]"),
+    ("window_ahead", -2, f"[-1, {TOKENS_MAX}]"),
+    ("window_ahead", TOKENS_MAX + 1, f"[-1, {TOKENS_MAX}]"),
 ]
 
 
@@ -496,6 +502,8 @@ AT_THE_BOUNDS = [
     dict(estimate=1, estimate_stride=1, threshold=0.5, min_seq_len=0),
     dict(estimate=1, estimate_stride=ESTIMATE_STRIDE_MAX, threshold=0.5, min_seq_len=0),
     dict(estimate=2, threshold=0.5, min_seq_len=0),
+    dict(window_ahead=TOKENS_MAX, sliding_window=TOKENS_MAX),
+    dict(window_ahead=0, threshold=0.5, min_seq_len=0),
 ]
 
 
@@ -843,6 +851,61 @@ def test_sliding_window_matches_reference(case):
     if not extra:  # dense: the same as the band given as a mask
         y_band, _ = sparse_attention(q, k, v, band, **attrs)
         np.testing.assert_allclose(y_ref, y_band, atol=1e-6)
+
+
+# (b, hq, hkv, sq, sk, block, causal, sliding_window, window_ahead, extra attributes)
+BAND_CASES = [
+    (1, 2, 1, 100, 100, 16, 0, 9, 8, {}),  # |i - j| <= 8 (ModernBERT, window 16) across block edges
+    (1, 2, 1, 77, 77, 16, 0, 8, 7, {}),  # |i - j| <= 7 (an odd local window, 15)
+    (1, 2, 1, 77, 77, 16, 0, 0, 0, {}),  # ahead 0 alone: causal attention
+    (1, 1, 1, 50, 50, 8, 0, 0, 50, {}),  # ahead past the sequence changes nothing
+    (1, 1, 1, 70, 70, 16, 0, 0, 5, {}),  # ahead alone: the future cut, the whole past seen
+    (1, 2, 1, 90, 90, 32, 1, 20, 5, {}),  # causal: ahead is redundant
+    (1, 2, 2, 40, 170, 16, 0, 33, 7, {}),  # queries at the last 40 of 170 positions
+    (1, 1, 1, 50, 20, 8, 0, 10, 3, {}),  # more queries than keys: the first rows see nothing
+    (2, 4, 2, 130, 130, 32, 0, 33, 33, dict(threshold=0.5, max_density=0.5)),  # sparse in the band
+    # the global block outside the band is not allowed (the density's denominator says so)
+    (1, 2, 1, 200, 200, 16, 0, 9, 8, dict(threshold=0.5, global_tokens=16)),
+    (1, 2, 1, 128, 128, 16, 0, 40, 40, dict(threshold=0.7, estimate=1, estimate_stride=4)),
+    (1, 2, 1, 128, 128, 16, 0, 40, 21, dict(threshold=0.7, estimate=2)),
+    (1, 2, 1, 40, 150, 16, 0, 30, 2, dict(threshold=0.5, global_tokens=16, query_positions=1)),
+]
+
+
+@pytest.mark.parametrize("case", BAND_CASES, ids=str)
+def test_window_ahead_matches_reference(case):
+    """window_ahead A hides keys after p + A, with sliding_window the two-sided band p - W < j <=
+    p + A: equal to the reference, density included (blocks outside the band are not allowed),
+    and dense to the same call with the band as a mask, at awkward lengths with padding."""
+    b, hq, hkv, sq, sk, bs, causal, window, ahead, extra = case
+    rng = np.random.default_rng(sq + window + 3 * ahead)
+    q, k, v = random_qkv(rng, b, hq, hkv, sq, sk, 24, 24)
+    padding = rng.random((b, 1, 1, sk)) < 0.9
+    attrs = dict(SPARSE_OFF, threshold=1.0, block_size=bs, is_causal=causal) | extra
+    band_attrs = dict(sliding_window=window, window_ahead=ahead)
+    y, density = run_op(q, k, v, padding, **attrs, **band_attrs)
+    y_ref, density_ref = sparse_attention(q, k, v, padding, **attrs, **band_attrs)
+    np.testing.assert_allclose(density, density_ref, atol=1e-6)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-4)
+    positions = np.arange(sq)[:, None] + (sk - sq)
+    keys = np.arange(sk)[None, :]
+    band = padding & (keys <= positions + ahead) & ((keys > positions - window) if window else True)
+    if not extra:  # dense: the same as the band given as a mask
+        y_band, _ = sparse_attention(q, k, v, band, **attrs)
+        np.testing.assert_allclose(y_ref, y_band, atol=1e-6)
+        y_op_band, _ = run_op(q, k, v, band, **attrs)
+        np.testing.assert_allclose(y, y_op_band, atol=2e-5, rtol=1e-4)
+
+
+def test_window_ahead_keeps_its_default_meaning():
+    """-1 (the default, what version-1 models have) limits nothing; 0 is causal attention."""
+    rng = np.random.default_rng(21)
+    q, k, v = random_qkv(rng, 1, 2, 1, 45, 45, 16, 16)
+    attrs = dict(SPARSE_OFF, block_size=16)
+    np.testing.assert_array_equal(run_op(q, k, v, **attrs, window_ahead=-1)[0], run_op(q, k, v, **attrs)[0])
+    np.testing.assert_allclose(
+        run_op(q, k, v, **attrs, window_ahead=0)[0], run_op(q, k, v, **attrs, is_causal=1)[0], atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("sq,sk", [(1, 300), (5, 300), (40, 130), (70, 70)])

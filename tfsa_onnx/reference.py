@@ -22,7 +22,8 @@ Selection (which key blocks a query block computes), per (batch, head, query blo
        1 "antidiagonal": the probabilities of 1 pair in `estimate_stride`: the pairs
                   (i, j) with (i + j + 1) % estimate_stride == 0 (the antidiagonals of
                   stride x stride tiles, as XAttention scores them), in allowed blocks and
-                  visible under causality (the mask's values are not read); each row's
+                  within the horizon (causality, window_ahead; the mask's values are not
+                  read), the sliding window's side only through the allowed blocks; each row's
                   softmax over its sampled pairs, summed into blocks, then each candidate's
                   share of the candidates' total (equal shares when it is 0). The sampled
                   scores take bf16 operands: scale * q_i (in float32, non-finite as 0) and
@@ -51,8 +52,9 @@ Math: exactly softmax(cap(scale * Q K^T) + mask + attn_bias) V over the selected
 rest -inf, where cap(x) = softcap * tanh(x / softcap) when softcap > 0 (Gemma 2's logit
 softcapping, on the scaled scores, before mask and bias) and x itself when it is 0; causality
 (key j <= p for the query at position p = i + Sk - Sq) and the sliding window (j > p -
-sliding_window when it is > 0) hide pairs as the mask does; rows with nothing to attend give
-zeros. compute_precision "bf16": scale * Q (in float32), K, V and the unnormalised
+sliding_window when it is > 0; j <= p + window_ahead when that is >= 0: together the band
+p - W < j <= p + A of a bidirectional local layer) hide pairs as the mask does; rows with
+nothing to attend give zeros. compute_precision "bf16": scale * Q (in float32), K, V and the unnormalised
 probabilities P = exp(score - row max) are rounded to bfloat16 before the products, to nearest
 even; the softmax's sums and the accumulation stay float32.
 
@@ -65,12 +67,13 @@ dot), so a -inf in the bias hides a pair without closing its block.
 
 Attribute bounds (contract.h enforces the same; out of range is an error): block_size in [1,
 BLOCK_SIZE_MAX]; global_tokens, local_window, min_seq_len, sliding_window in [0, TOKENS_MAX];
-threshold and each head_thresholds value in [0, 1] (at most HEAD_THRESHOLDS_MAX values, and a
-call must have exactly one per query head when any are given); max_density in (0, 1]; scale and
-softcap finite and >= 0; is_causal and query_positions 0 or 1; estimate an index of ESTIMATES;
-estimate_stride in [1, ESTIMATE_STRIDE_MAX]. threshold 1 leaves the max_density cap alone (blocks
-of zero estimated mass are taken too). block_size, global_tokens, local_window and sliding_window
-are cut to the longer sequence (`effective`), which changes no result: the kernels never size
+window_ahead in [-1, TOKENS_MAX] (-1: no limit); threshold and each head_thresholds value in
+[0, 1] (at most HEAD_THRESHOLDS_MAX values, and a call must have exactly one per query head when
+any are given); max_density in (0, 1]; scale and softcap finite and >= 0; is_causal and
+query_positions 0 or 1; estimate an index of ESTIMATES; estimate_stride in [1,
+ESTIMATE_STRIDE_MAX]. threshold 1 leaves the max_density cap alone (blocks of zero estimated mass
+are taken too). block_size, global_tokens, local_window, sliding_window and window_ahead are cut
+to the longer sequence (`effective`), which changes no result: the kernels never size
 memory or index blocks by the raw values.
 
 NaN and infinity. A pair (i, j) counts for row i when its block is selected, causality and the
@@ -131,6 +134,8 @@ class SparseAttentionAttributes:
     # grouped-query attention (an index of GROUP_SELECTIONS): per query head, the union of a KV
     # group's picks, or one estimate shared by the group
     group_selection: int = 0
+    # A >= 0: no key after position p + A (sliding_window's other side: a two-sided band); -1: none
+    window_ahead: int = -1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -167,11 +172,13 @@ ATTRIBUTE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "compute_precision": (0, len(COMPUTE_PRECISIONS) - 1, False),
     "head_thresholds": (0.0, 1.0, False),  # each value; a list of up to HEAD_THRESHOLDS_MAX
     "group_selection": (0, len(GROUP_SELECTIONS) - 1, False),
+    "window_ahead": (-1, TOKENS_MAX, False),
 }
 
 
 def effective(a: SparseAttentionAttributes, sq: int, sk: int) -> SparseAttentionAttributes:
-    """block_size, global_tokens, local_window cut to the longer sequence: the same result.
+    """block_size, global_tokens, local_window, sliding_window, window_ahead cut to the longer
+    sequence: the same result.
 
     A block of at least both lengths is one query and one key block; global tokens past both
     lengths cover everything anyway; query positions lie in [sk - sq, sk - 1], so a window of
@@ -183,12 +190,16 @@ def effective(a: SparseAttentionAttributes, sq: int, sk: int) -> SparseAttention
         global_tokens=min(a.global_tokens, longest),
         local_window=min(a.local_window, longest),
         sliding_window=min(a.sliding_window, longest),
+        window_ahead=min(a.window_ahead, longest),
     )
 
 
-def _attendable(mask, shape, is_causal: bool, window: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _attendable(
+    mask, shape, is_causal: bool, window: int = 0, ahead: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
     """Additive mask [B,H,Sq,Sk] (float64) and the boolean 'may attend' of each pair (query i
-    at position p = i + Sk - Sq; a window W > 0 hides keys before p - W + 1)."""
+    at position p = i + Sk - Sq; a window W > 0 hides keys before p - W + 1, ahead A >= 0 keys
+    after p + A)."""
     b, h, sq, sk = shape
     if mask is None:
         bias = np.zeros(shape)
@@ -204,6 +215,10 @@ def _attendable(mask, shape, is_causal: bool, window: int = 0) -> tuple[np.ndarr
         i = np.arange(sq)[:, None]
         j = np.arange(sk)[None, :]
         bias = np.where(j > i + (sk - sq) - window, bias, -np.inf)
+    if ahead >= 0:
+        i = np.arange(sq)[:, None]
+        j = np.arange(sk)[None, :]
+        bias = np.where(j <= i + (sk - sq) + ahead, bias, -np.inf)
     return bias, bias != -np.inf
 
 
@@ -271,7 +286,8 @@ def _sampled_softmax(score: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 def _antidiagonal_mass(q_rows, first_row, keys, allowed, a, scale, sq) -> np.ndarray:
     """[nK] block mass from the pairs (i, j) with (i + j + 1) % estimate_stride == 0 (the
-    antidiagonals of stride x stride tiles), in allowed blocks and, when causal, visible:
+    antidiagonals of stride x stride tiles), in allowed blocks and within the horizon (causal,
+    window_ahead):
     each row's softmax over its sampled pairs, summed over the block's rows and keys."""
     sk, stride = keys.shape[0], a.estimate_stride
     i = np.arange(first_row, first_row + q_rows.shape[0])[:, None]
@@ -279,6 +295,8 @@ def _antidiagonal_mass(q_rows, first_row, keys, allowed, a, scale, sq) -> np.nda
     keep = ((i + j + 1) % stride == 0) & np.repeat(allowed, a.block_size)[None, :sk]
     if a.is_causal:
         keep &= j <= i + (sk - sq)
+    if a.window_ahead >= 0:
+        keep &= j <= i + (sk - sq) + a.window_ahead
     with np.errstate(invalid="ignore", over="ignore"):
         # bf16 operands (it only ranks blocks): scale * q in float32 (non-finite as 0), k, rounded
         scaled = np.float32(scale) * q_rows.astype(np.float32)
@@ -441,7 +459,9 @@ def sparse_attention(
     a = effective(SparseAttentionAttributes(**attributes), sq, sk)
     if a.head_thresholds and len(a.head_thresholds) != hq:
         raise ValueError(f"head_thresholds gives {len(a.head_thresholds)} thresholds for {hq} query heads")
-    bias, may_attend = _attendable(attn_mask, (b, hq, sq, sk), bool(a.is_causal), a.sliding_window)
+    bias, may_attend = _attendable(
+        attn_mask, (b, hq, sq, sk), bool(a.is_causal), a.sliding_window, a.window_ahead
+    )
     allowed = _block_any(may_attend, a.block_size)
     if selected is None:
         offset = query_offset + (sk - sq if a.query_positions else 0)

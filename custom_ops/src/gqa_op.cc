@@ -319,8 +319,9 @@ GqaKernel::DeviceCall DeviceCallOf(Ort::KernelContext& context, const GqaCall& c
 GqaKernel::GqaKernel(const OrtApi& api, const OrtKernelInfo* info, Provider provider_) : provider(provider_) {
   std::string type_error;
   ReadFields(api, info, kGqaAttributeRules, gqa, type_error);
-  // always causal; its window is local_window_size; softcap is GroupQueryAttention's own
-  ReadFields(api, info, kAttributeRules, sparsity, type_error, {"is_causal", "sliding_window", "softcap"});
+  // always causal (so nothing ahead to limit); its window is local_window_size; softcap is
+  // GroupQueryAttention's own
+  ReadFields(api, info, kAttributeRules, sparsity, type_error, {"is_causal", "sliding_window", "softcap", "window_ahead"});
   ReadLists(api, info, sparsity, type_error);
   sparsity.is_causal = 1;
   sparsity.softcap = gqa.softcap;

@@ -19,6 +19,8 @@ struct BlockGrid {
   bool causal = false;
   // A sliding window: query i sees no key before position i + offset - window; -1: none.
   int64_t window = -1;
+  // The window's other side (window_ahead): query i sees no key after i + offset + ahead; -1: none.
+  int64_t ahead = -1;
   // Added to a query's index before the global-token rule (queries at positions below
   // global_tokens take every block): 0 where the rule counts query indices (SparseAttention
   // with query_positions 0), kv - q or the past length where it counts absolute positions.
@@ -33,8 +35,14 @@ struct BlockGrid {
   TFSA_HOST_DEVICE int64_t QueryEnd(int64_t qb) const { return Min(q_len, qb * block + block); }
   TFSA_HOST_DEVICE int64_t KeyBegin(int64_t kb) const { return kb * block; }
   TFSA_HOST_DEVICE int64_t KeyEnd(int64_t kb) const { return Min(kv_len, kb * block + block); }
-  // Last key query row i may see (causal), or the last key.
-  TFSA_HOST_DEVICE int64_t LastVisibleKey(int64_t i) const { return causal ? Min(kv_len - 1, i + offset) : kv_len - 1; }
+  // Last key query row i may see: its horizon, from causality and the window's ahead side, or
+  // the last key.
+  TFSA_HOST_DEVICE int64_t LastVisibleKey(int64_t i) const {
+    int64_t last = kv_len - 1;
+    if (causal) last = Min(last, i + offset);
+    if (ahead >= 0) last = Min(last, i + offset + ahead);
+    return last;
+  }
   // First key query row i may see (the window), or 0.
   TFSA_HOST_DEVICE int64_t FirstVisibleKey(int64_t i) const { return window < 0 ? 0 : Max(0, i + offset - window); }
   // Whether key block kb lies wholly past the horizon of query block qb's last row: no row
@@ -45,8 +53,9 @@ struct BlockGrid {
     return KeyEnd(kb) - 1 < FirstVisibleKey(QueryBegin(qb));
   }
   // Whether key block kb reaches past the horizon of query block qb's first row: the block
-  // sits on the causal edge, and its rows see different keys (never without causality).
-  TFSA_HOST_DEVICE bool CrossesCausalEdge(int64_t qb, int64_t kb) const {
+  // sits on the horizon's edge (causal or ahead), and its rows see different keys (never
+  // without either).
+  TFSA_HOST_DEVICE bool CrossesHorizon(int64_t qb, int64_t kb) const {
     return KeyEnd(kb) - 1 > LastVisibleKey(QueryBegin(qb));
   }
   // Whether key block kb starts before the window of query block qb's last row: some of its

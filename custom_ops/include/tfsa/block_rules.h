@@ -47,15 +47,16 @@ TFSA_HOST_DEVICE inline MaskBlockLayout MaskBlockLayoutOf(const BlockGrid& g, co
 }
 
 // Whether query block qb may attend key block kb, given its mask state (kMaskOpen without a
-// mask): not wholly in the future, and not closed by the mask. A partial block on the causal
-// edge is allowed only when a pair it lets some row see is attendable: allows(i, j) reads the
-// mask.
-// The window works like causality from the other side: a block before every row's window is
-// not allowed, and the rows' visible keys form one run, so any other block holds a visible key.
+// mask): not wholly past the horizon (causality, window_ahead), and not closed by the mask. A
+// partial block on the horizon's or the window's edge is allowed only when a pair it lets some
+// row see is attendable: allows(i, j) reads the mask.
+// The window works like the horizon from the other side: a block before every row's window is
+// not allowed, and the rows' visible keys form one run (both edges move by at most one key a
+// row), so any other block holds a visible key.
 template <class Allows>
 TFSA_HOST_DEVICE bool BlockAllowed(const BlockGrid& g, int64_t qb, int64_t kb, uint8_t state, Allows allows) {
   if (g.InFuture(qb, kb) || g.BeforeWindow(qb, kb) || state == kMaskClosed) return false;
-  if (state == kMaskOpen || (!g.CrossesCausalEdge(qb, kb) && !g.CrossesWindowEdge(qb, kb))) return true;
+  if (state == kMaskOpen || (!g.CrossesHorizon(qb, kb) && !g.CrossesWindowEdge(qb, kb))) return true;
   const int64_t k_begin = g.KeyBegin(kb), k_end = g.KeyEnd(kb);
   for (int64_t i = g.QueryBegin(qb); i < g.QueryEnd(qb); ++i) {
     const int64_t last = g.LastVisibleKey(i) < k_end - 1 ? g.LastVisibleKey(i) : k_end - 1;

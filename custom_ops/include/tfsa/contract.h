@@ -64,6 +64,10 @@ typedef struct TfsaAttributes {
    * the group's mean query at the group's largest threshold. The kernels compute a group's heads
    * back to back on the same blocks. */
   int64_t group_selection TFSA_DEFAULT(0);
+  /* A >= 0: a query at position p attends no key after p + A (the other side of
+   * sliding_window: together a two-sided band, as ModernBERT's local layers attend); -1: no
+   * limit. Like sliding_window a rule of the math; with is_causal it changes nothing. */
+  int64_t window_ahead TFSA_DEFAULT(-1);
 } TfsaAttributes;
 
 /* compute_precision's values; tfsa_onnx/reference.py COMPUTE_PRECISIONS names them in order. */
@@ -155,7 +159,8 @@ using Dims = TfsaDims;
 
 // The attributes' bounds. Inside them no index arithmetic of a call overflows int64.
 inline constexpr int64_t kBlockSizeMax = 1048576;  // block_size in [1, kBlockSizeMax]
-// global_tokens, local_window, min_seq_len, sliding_window in [0, kTokensMax]
+// global_tokens, local_window, min_seq_len, sliding_window in [0, kTokensMax]; window_ahead in
+// [-1, kTokensMax]
 inline constexpr int64_t kTokensMax = 2147483647;
 inline constexpr int64_t kHeadsMax = 65536;        // num_heads, kv_num_heads in [1, kHeadsMax]
 // estimate_stride in [1, kEstimateStrideMax]: the antidiagonal estimate packs up to this many
@@ -220,6 +225,7 @@ inline constexpr AttributeRule kAttributeRules[] = {
      " (0 float32, 1 bf16)"},
     {"group_selection", false, offsetof(Attributes, group_selection), 0, TFSA_GROUP_SELECTION_COUNT - 1, false,
      " (0 per head, 1 union of the group's picks, 2 one estimate per group)"},
+    {"window_ahead", false, offsetof(Attributes, window_ahead), -1, kTokensMax, false, " (-1: none)"},
 };
 
 // SparseGroupQueryAttention's own attributes; the sparsity ones are kAttributeRules' (all but
@@ -379,8 +385,8 @@ inline bool AllDense(const Attributes& a, int64_t kv_len, int64_t q_heads) {
 // The attributes a call with these sizes computes with; everything that sizes memory, indexes
 // blocks or scales scores uses these, never the raw attributes:
 //  - scale: 0 becomes 1/sqrt(head_dim) (1 without a head dim);
-//  - block_size, global_tokens, local_window and sliding_window cut to what the sequences can
-//    use, which changes no result. A block_size of at least both lengths is one query block and
+//  - block_size, global_tokens, local_window, sliding_window and window_ahead (when not -1) cut
+//    to what the sequences can use, which changes no result. A block_size of at least both lengths is one query block and
 //    one key block however large it is; global tokens beyond both lengths cover every query and
 //    key either way; a window of the longer length already reaches every key from every query
 //    position (positions lie in [kv - q, kv - 1]).
@@ -392,6 +398,7 @@ inline Attributes Effective(const Attributes& a, const Dims& d) {
   e.global_tokens = std::min(a.global_tokens, longest);
   e.local_window = std::min(a.local_window, longest);
   e.sliding_window = std::min(a.sliding_window, longest);
+  if (a.window_ahead >= 0) e.window_ahead = std::min(a.window_ahead, longest);
   return e;
 }
 
@@ -399,6 +406,7 @@ inline Attributes Effective(const Attributes& a, const Dims& d) {
 inline BlockGrid GridOf(const Attributes& effective, const Dims& d) {
   BlockGrid grid(effective.block_size, d.q_len, d.kv_len, effective.is_causal != 0);
   grid.window = effective.sliding_window > 0 ? effective.sliding_window - 1 : -1;
+  grid.ahead = effective.window_ahead;
   if (effective.query_positions != 0) grid.global_query_offset = d.kv_len - d.q_len;
   return grid;
 }

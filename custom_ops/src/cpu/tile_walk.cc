@@ -14,7 +14,7 @@ namespace {
 void ApplyMaskAndCausality(const Problem& p, int64_t b, int64_t h, int64_t qb, int64_t kb, int rows, int keys,
                            int s_stride, float* s) {
   const int64_t q_begin = p.grid.QueryBegin(qb), k_begin = p.grid.KeyBegin(kb);
-  const bool causal_cut = p.grid.CrossesCausalEdge(qb, kb), window_cut = p.grid.CrossesWindowEdge(qb, kb);
+  const bool causal_cut = p.grid.CrossesHorizon(qb, kb), window_cut = p.grid.CrossesWindowEdge(qb, kb);
   const MaskBlocks* mb = p.mask_blocks;
   const bool add_mask = mb && mb->At(b, h, qb, kb) != kMaskOpen, add_bias = p.bias.present();
   if (!add_mask && !add_bias && !causal_cut && !window_cut) return;

@@ -57,7 +57,7 @@ typedef struct TfsaCudaGqaArgs {
   int64_t batch, seq, q_heads, kv_heads, head_dim, past_rows, present_rows, rotary_half;
   int64_t rotary_positions;  /* rows of cos/sin */
   int64_t local_window_size; /* -1: none */
-  TfsaAttributes attributes; /* the sparsity attributes; is_causal and sliding_window unused */
+  TfsaAttributes attributes; /* the sparsity attributes; is_causal, sliding_window and window_ahead unused */
   const int32_t* seqlens_k;  /* [batch], host memory */
   const void* query;         /* [B, S, Hq * D], or packed [B, S, (Hq + 2 Hkv) * D] */
   const void* key;           /* [B, S, Hkv * D] or NULL (packed) */

@@ -137,6 +137,7 @@ TfsaCudaArgs EngineArgs(const TfsaCudaGqaArgs& c, const GqaLayout& l, const Part
   e.attributes = c.attributes;
   e.attributes.is_causal = 1;
   e.attributes.sliding_window = 0;  // the window is local_window_size, set through the view
+  e.attributes.window_ahead = -1;   // causal: nothing ahead to limit
   if (p.dense) e.attributes.threshold = e.attributes.max_density = 1.0f, e.attributes.head_threshold_count = 0;
   const size_t cache = ElementBytes(c) * size_t(p.b * l.kv_heads * l.present_rows * l.head_dim);
   e.key = static_cast<const char*>(c.present_key) + cache;

@@ -64,7 +64,8 @@ __global__ void ValueFlagsKernel(const T* value, int64_t kv_rows, int64_t v_head
   if (lane == 0) flags[item] = bad;
 }
 
-// Key blocks holding a key that causality and the mask let some query of the block see.
+// Key blocks holding a key that causality, the window (both sides) and the mask let some query
+// of the block see.
 __global__ void AllowedBlocksKernel(Geometry g, const uint8_t* states, uint8_t* allowed) {
   const BlockGrid& grid = g.grid;
   const int64_t row = blockIdx.x, qb = row % grid.q_blocks, bh = row / grid.q_blocks;
