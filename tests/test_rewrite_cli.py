@@ -53,16 +53,17 @@ def test_optimize_defaults_and_report(bert: Path) -> None:
     entries = json.loads(bert.with_name("report.json").read_text())
     assert len(entries) == 2 and all(e["replaced"] for e in entries)
     assert set(entries[0]) == {
-        "name", "family", "layer", "heads", "kv_heads", "head_dim", "masked", "causal", "window", "replaced",
-        "reason", "notes",
+        "name", "family", "layer", "heads", "kv_heads", "head_dim", "masked", "causal", "window",
+        "window_ahead", "replaced", "reason", "notes",
     }  # fmt: skip
     # The table says the same as the JSON: one row per entry, same name/heads/flags.
     rows = [line.split() for line in result.output.splitlines()[2:4]]
     for row, e in zip(rows, entries, strict=True):
         assert row[:6] == [str(e["layer"]), e["name"], e["family"], str(e["heads"]), str(e["kv_heads"]), "16"]
         assert row[6:8] == ["yes" if e[k] else "no" for k in ("masked", "causal")]
-        assert row[8:10] == [
+        assert row[8:11] == [
             "-" if e["window"] is None else str(e["window"]),
+            "-" if e["window_ahead"] is None else str(e["window_ahead"]),
             "yes" if e["replaced"] else "no",
         ]
 

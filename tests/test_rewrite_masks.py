@@ -66,19 +66,33 @@ def test_sliding_windows_stay_exact_beyond_the_window(exports, family, dynamo, w
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
-def test_modernbert_local_layers_keep_their_two_sided_band(exports, dynamo) -> None:
-    """ModernBERT's local layers attend |i - j| <= 8: the op's sliding_window is one-sided, so the
-    band stays a mask term (exact, [B, 1, S, S]) and the global layer gets the key padding only."""
+def test_modernbert_local_layers_get_their_two_sided_band(exports, dynamo) -> None:
+    """ModernBERT's local layers attend |i - j| <= 8 (local_attention 16): proven for every
+    length, the band is the op's sliding_window 9 and window_ahead 8, no [B, 1, S, S] mask is
+    left (the key padding alone), and the outputs stay exact past the window on both sides."""
     path = exports.get("modernbert", "sdpa", dynamo)
     original = onnx.load(str(path))
     optimized, report = optimize(path, DENSE)
     assert [s.replaced for s in report.sites] == [True] * 3
     assert not [n for n in optimized.graph.node if n.op_type == "Softmax"]
-    assert [bool(s.notes) for s in report.sites] == [False, True, True]  # the band is kept
-    assert all(not s.causal and not s.window for s in report.sites)
+    assert not any(s.notes for s in report.sites)  # nothing of the mask is kept unproven
+    assert [(s.causal, s.window, s.window_ahead) for s in report.sites] == [(False, None, None)] + [
+        (False, 9, 8)
+    ] * 2
+    nodes = [n for n in optimized.graph.node if n.op_type == "SparseAttention"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    assert [(a["is_causal"], a.get("sliding_window"), a.get("window_ahead")) for a in attrs] == [
+        (0, None, None),
+        (0, 9, 8),
+        (0, 9, 8),
+    ]
     a, b = sessions(original, optimized)
+    masks_in = sorted({n.input[3] for n in nodes})
+    assert set(_runtime_shapes(optimized, masks_in, feeds(a, 17)).values()) == {(2, 1, 1, 17)}
     for seq in (5, 17, 40):  # past the window on both sides
         x = feeds(a, seq)
+        # Padded queries past every real key's band attend to nothing: zeros from the op where
+        # the export's finite minimum averages every value. Real tokens must be equal.
         real = x["attention_mask"].astype(bool)
         np.testing.assert_allclose(b.run(None, x)[0][real], a.run(None, x)[0][real], atol=1e-4, rtol=0)
 
@@ -164,6 +178,32 @@ def shifted(nodes):
     return _ops(nodes, "Add i k1 i1", "LessOrEqual j i1 m")
 
 
+def strictly_past(nodes):
+    """j < i: no query sees itself (no window_ahead says that)."""
+    return _ops(nodes, "Less j i m")
+
+
+def bidirectional(half, op="LessOrEqual", order="i j"):
+    """|i - j| <= half (ModernBERT's local layers: half = local_attention // 2), or another
+    comparison of the distance with the constant."""
+
+    def build(nodes):
+        _const(nodes, "half", half)
+        return _ops(nodes, f"Sub {order} d", "Abs d dist", f"{op} dist half m")
+
+    return build
+
+
+def open_window(size):
+    """j > i - size, no causality: the past cut, the future seen."""
+
+    def build(nodes):
+        _const(nodes, "w", size)
+        return _ops(nodes, "Sub i w lo", "Greater j lo m")
+
+    return build
+
+
 def all_true(nodes):
     return _ops(nodes, "GreaterOrEqual j zero m")
 
@@ -174,11 +214,19 @@ def all_true(nodes):
         (causal, Term("causal")),
         (not_strictly_above, Term("causal")),
         (all_true, Term("all")),
-        (window(40), Term("band", 40)),
-        (window(512), Term("band", 512)),
-        (window(1), Term("band", 1)),
-        (shifted, Term("other")),
+        (window(40), Term("band", 40, 0)),
+        (window(512), Term("band", 512, 0)),
+        (window(1), Term("band", 1, 0)),
+        (shifted, Term("band", None, 1)),
+        (strictly_past, Term("other")),
         (causal_until(100), Term("other")),  # depends on the length itself
+        (bidirectional(8), Term("band", 9, 8)),  # local_attention 16
+        (bidirectional(7, order="j i"), Term("band", 8, 7)),  # local_attention 15 (odd)
+        (bidirectional(0), Term("band", 1, 0)),  # each query itself: a band of one key
+        (bidirectional(5, op="Less"), Term("band", 5, 4)),
+        (bidirectional(3, op="Greater"), Term("other")),  # outside the band: two pieces
+        (bidirectional(3, op="Equal"), None),  # not taken apart: unproven, so kept
+        (open_window(6), Term("band", 6, None)),
     ],
     ids=[
         "causal",
@@ -188,7 +236,15 @@ def all_true(nodes):
         "window512",
         "window1",
         "shifted",
+        "strictly-past",
         "causal-until-100",
+        "abs-le-8",
+        "abs-le-7",
+        "abs-le-0",
+        "abs-lt-5",
+        "abs-gt-3",
+        "abs-eq-3",
+        "open-window-6",
     ],
 )
 def test_classify_synthetic_masks(build, expected) -> None:
@@ -196,13 +252,13 @@ def test_classify_synthetic_masks(build, expected) -> None:
     assert classify(MaskAlgebra(), mask, additive=False) == expected
 
 
-@pytest.mark.parametrize("build", [window(40), causal_until(100), shifted])
+@pytest.mark.parametrize("build", [window(40), causal_until(100), strictly_past])
 def test_terms_that_look_causal_at_the_probe_lengths_are_kept(build) -> None:
     """Each of these is the lower triangle at lengths 1..33 (or differs only past them):
     the analysis keeps it in the mask and does not claim causality."""
     model, mask = _mask_model(build)
     result = masks.MaskAnalyzer(model).split(mask, additive=False, square=True)
-    if build is shifted:
+    if build is strictly_past:
         assert result.build(_builder(model)) is mask and not result.causal
         return
     probe = masks.MaskProber(model).evaluate(mask)

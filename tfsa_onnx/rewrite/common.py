@@ -55,6 +55,7 @@ class Match:
     bias: Callable[[Builder], ir.Value] | None = None
     is_causal: bool = False
     sliding_window: int | None = None  # keys before p - W + 1 hidden (proven from the mask)
+    window_ahead: int | None = None  # keys after p + A hidden, A > 0 (proven; a bidirectional band)
     softcap: float | None = None  # scores c * tanh(scale * qk / c) before the terms (Gemma 2)
     key_perm: list[int] | None = None
     # Where the query and key lengths are in `query` and `key` (for the square-mask proof).
@@ -132,6 +133,7 @@ class Site:
     replaced: bool = False
     reason: str = ""
     window: int | None = None  # a proven sliding window: the op's sliding_window
+    window_ahead: int | None = None  # a proven limit ahead of each query: the op's window_ahead
     notes: list[str] = field(default_factory=list)  # what the mask analysis kept, and why
     mask_constants: list[int] = field(default_factory=list, repr=False)  # windows and the like
     node: ir.Node | None = field(default=None, repr=False)
@@ -140,7 +142,7 @@ class Site:
 
     def as_dict(self) -> dict[str, Any]:
         keys = ("name", "family", "layer", "heads", "kv_heads", "head_dim", "masked", "causal", "window")
-        out = {k: getattr(self, k) for k in (*keys, "replaced")}
+        out = {k: getattr(self, k) for k in (*keys, "window_ahead", "replaced")}
         out["reason"] = self.reason or None
         out["notes"] = list(self.notes)
         return out
@@ -396,6 +398,8 @@ def sparse_attention_node(
         attributes["query_positions"] = 1
     if match.sliding_window:
         attributes["sliding_window"] = int(match.sliding_window)
+    if match.window_ahead is not None and not match.is_causal:  # causality limits more
+        attributes["window_ahead"] = int(match.window_ahead)
     if match.softcap:
         attributes["softcap"] = float(match.softcap)
     for key, val in tunables.items():

@@ -8,7 +8,8 @@ sliding window, an all-true filler) is evaluated symbolically instead of at a fe
 - a comparison of index tensors is a linear condition on the indices (`Cond`).
 On the mask's last two axes (query i, key j), a condition that depends on t = j - i alone
 is a union of intervals of t, so it is decided exactly for every length: all true, causal
-(t <= 0), a band of W keys (-W < t <= 0), or something else. Anything outside this algebra
+(t <= 0), a band -W < t <= A around the diagonal (either edge may be missing: a sliding window
+has A = 0, a bidirectional local layer both), or something else. Anything outside this algebra
 is unknown; the caller keeps what is unknown, since a kept term costs speed while a dropped
 one changes the model. Indices are exact up to 2**24 positions (Range cast to float32).
 """
@@ -161,7 +162,19 @@ class Select:
         return self.cond.shape
 
 
-Abstract = Arr | Grid | Cond | Select
+@dataclass
+class AbsGrid:
+    """|grid| element by element: only compared (|i - j| <= w, a bidirectional window), where
+    each comparison is two linear ones."""
+
+    grid: Grid
+
+    @property
+    def shape(self) -> tuple[Dim, ...]:
+        return self.grid.shape
+
+
+Abstract = Arr | Grid | AbsGrid | Cond | Select
 
 
 def _map_atoms(f: Formula, fn) -> Formula:
@@ -584,8 +597,8 @@ class MaskAlgebra:
                 return x
             g = _as_grid(x)
             return Cond(g.shape, ("not", ("atom", g.coefs, g.offset, "eq")))
-        if isinstance(x, Grid) and (to in _INT_TYPES or to.is_floating_point()):
-            if to in _INT_TYPES and not _integral(x):
+        if isinstance(x, (Grid, AbsGrid)) and (to in _INT_TYPES or to.is_floating_point()):
+            if to in _INT_TYPES and not _integral(x if isinstance(x, Grid) else x.grid):
                 raise Unknown("a fractional index cast to an integer")
             return x
         raise Unknown("a condition cast to a number")
@@ -785,6 +798,12 @@ class MaskAlgebra:
         g = _as_grid(x)
         return Grid(g.shape, -g.offset, tuple(-c for c in g.coefs))
 
+    def _op_Abs(self, node, inputs):
+        x = self._in(node, 0)
+        if isinstance(x, Arr) and x.values.dtype != bool:
+            return Arr(np.vectorize(lambda p: Dim.of(abs(_const_of(p))), otypes=[object])(x.values))
+        return AbsGrid(_as_grid(x))
+
     # conditions
 
     def _compare(self, node, inputs):
@@ -794,13 +813,21 @@ class MaskAlgebra:
             concrete = _concrete_compare(node.op_type, a, b)
             if concrete is not None:
                 return concrete
-        a, b = _as_grid(a), _as_grid(b)
         if swap:
             a, b = b, a
-        shape = _broadcast_shape(a.shape, b.shape)
-        a, b = _broadcast_to(a, shape), _broadcast_to(b, shape)
-        coefs = tuple(p - q for p, q in zip(a.coefs, b.coefs, strict=True))
-        return Cond(shape, ("atom", coefs, a.offset - b.offset, rel))
+        # a - b rel 0; |g| - b rel 0 is g - b rel 0 or -g - b rel 0, and a - |g| rel 0 is
+        # a - g rel 0 and a + g rel 0 (not for equality)
+        if isinstance(a, AbsGrid) or isinstance(b, AbsGrid):
+            if rel == "eq" or (isinstance(a, AbsGrid) and isinstance(b, AbsGrid)):
+                raise Unknown("an absolute value compared for equality or to another")
+            join, g, other = (
+                ("or", a.grid, _as_grid(b)) if isinstance(a, AbsGrid) else ("and", b.grid, _as_grid(a))
+            )
+            negated = Grid(g.shape, -g.offset, tuple(-c for c in g.coefs))
+            pairs = ((g, other), (negated, other)) if join == "or" else ((other, g), (other, negated))
+            first, second = (_linear_compare(x, y, rel) for x, y in pairs)
+            return Cond(first.shape, (join, first.formula, second.formula))
+        return _linear_compare(_as_grid(a), _as_grid(b), rel)
 
     _op_Less = _op_LessOrEqual = _op_Greater = _op_GreaterOrEqual = _op_Equal = _compare
 
@@ -839,6 +866,14 @@ class MaskAlgebra:
             return Cond(shape, ("or", ("and", c.formula, a.formula), ("and", ("not", c.formula), b.formula)))
         shape = _broadcast_shape(c.shape, a.shape, b.shape)
         return Select(_broadcast_to(c, shape), _scalar(a), _scalar(b))
+
+
+def _linear_compare(a: Grid, b: Grid, rel: str) -> Cond:
+    """a - b rel 0, broadcast."""
+    shape = _broadcast_shape(a.shape, b.shape)
+    a, b = _broadcast_to(a, shape), _broadcast_to(b, shape)
+    coefs = tuple(p - q for p, q in zip(a.coefs, b.coefs, strict=True))
+    return Cond(shape, ("atom", coefs, a.offset - b.offset, rel))
 
 
 def _as_arrays(*xs: Abstract) -> list[Abstract]:
@@ -1024,10 +1059,12 @@ def _bounds(d: Dim) -> tuple[float, float]:
 @dataclass(frozen=True)
 class Term:
     """What a mask term is for every length: 'all' (attends everywhere), 'causal' (key j <= query
-    i), 'band' (i - window < j <= i), or 'other'."""
+    i), 'band' (i - window < j <= i + ahead, without the lower edge when window is None and
+    without the upper one when ahead is None; the diagonal always inside), or 'other'."""
 
     kind: str
     window: int | None = None
+    ahead: int | None = None
 
 
 def classify(algebra: MaskAlgebra, value: ir.Value, additive: bool, square: bool = False) -> Term | None:
@@ -1091,13 +1128,26 @@ def _decide(x: Arr | Cond, square: bool) -> Term:
         return Term("other")
     if all(truth[t] == (t <= 0) for t in points):
         return Term("causal")
-    low = min((t for t in points if truth[t]), default=None)
-    if low is None or low > 0 or truth[points[0]]:  # a band needs a finite lower edge
+    return _band(x.formula, points, truth)
+
+
+def _band(formula: Formula, points: list[int], truth: dict[int, bool]) -> Term:
+    """The band low <= t <= high that `formula` holds on, when it is one interval holding the
+    diagonal t = 0; an edge past every candidate point is no edge (the candidates reach past
+    every threshold)."""
+    inside = [t for t in points if truth[t]]
+    if not inside or not truth.get(0, False):
         return Term("other")
-    checks = sorted(set(points) | {low - 1, low, low + 1})
-    if all(_holds(x.formula, t) == (low <= t <= 0) for t in checks):
-        return Term("band", window=1 - low)
-    return Term("other")
+    low = None if truth[points[0]] else min(inside)
+    high = None if truth[points[-1]] else max(inside)
+    edges = {e + d for e in (low, high) if e is not None for d in (-1, 0, 1)}
+
+    def in_band(t: int) -> bool:
+        return (low is None or low <= t) and (high is None or t <= high)
+
+    if not all(_holds(formula, t) == in_band(t) for t in sorted(set(points) | edges)):
+        return Term("other")
+    return Term("band", window=None if low is None else 1 - low, ahead=high)
 
 
 def _diagonal(atoms: list[Formula], shift: Dim) -> list[tuple[Scalar, Scalar]] | None:

@@ -1,8 +1,9 @@
 """Attention masks: find the causal part of a mask and replace it by is_causal.
 
 A mask term that does not depend on any input's values (only on shapes and constants) is
-dropped when `mask_proof` proves it all-true, or the lower triangle `key j <= query i` (the op
-then gets is_causal=1), at every length; an evaluation at a few lengths must agree, but never
+dropped when `mask_proof` proves it all-true, the lower triangle `key j <= query i` (the op
+then gets is_causal=1), or a band `i - W < j <= i + A` (sliding_window W, and is_causal for
+A = 0 or window_ahead A), at every length; an evaluation at a few lengths must agree, but never
 decides alone (a 512-key sliding window looks causal at 33 tokens). What is left (a padding
 mask, usually [B,1,1,S], and any window or unproven term) is passed as the op's mask.
 """
@@ -184,15 +185,22 @@ def _probe_input(value: ir.Value, n: int) -> np.ndarray:
 def _is_lower_triangle(results: list[np.ndarray], additive: bool) -> bool:
     """Causal at each probe length: the lower triangle aligned bottom-right (queries at the last
     Sq of Sk positions, as after a KV cache)."""
+    return _is_band(results, additive, None, 0)
+
+
+def _is_band(results: list[np.ndarray], additive: bool, window: int | None, ahead: int | None) -> bool:
+    """At each probe length, the pairs p - window < j <= p + ahead (an edge that is None: none)
+    attended and no other, for queries at p = i + Sk - Sq."""
     for n, arr in zip(PROBE_LENGTHS, results, strict=False):
         if arr.ndim < 2 or arr.shape[-2] != n or arr.shape[-1] < n:
             return False
         sq, sk = arr.shape[-2:]
-        tri = np.tril(np.ones((sq, sk), dtype=bool), k=sk - sq)
+        t = np.arange(sk)[None, :] - np.arange(sq)[:, None] - (sk - sq)
+        band = (t <= (ahead if ahead is not None else sk)) & (t > -(window if window is not None else sk + 1))
         allowed = (arr > NEG_LIMIT) if additive else arr.astype(bool)
-        if additive and not np.all(np.where(tri, arr, 0) == 0):
+        if additive and not np.all(np.where(band, arr, 0) == 0):
             return False
-        if not np.all(allowed == tri):
+        if not np.all(allowed == band):
             return False
     return True
 
@@ -224,7 +232,8 @@ class MaskSplit:
 
     kept: Kept | None  # what is left for the op's mask input; None = nothing
     causal: bool = False
-    window: int | None = None  # a proven sliding window (keys p - window < j <= p): the op's sliding_window
+    window: int | None = None  # a proven sliding window (no key j <= p - window): the op's sliding_window
+    ahead: int | None = None  # a proven limit ahead (no key j > p + ahead, > 0): the op's window_ahead
     notes: list[str] = field(default_factory=list)
     square: bool = False  # the attention's query and key lengths are provably equal
     constants: list[int] = field(default_factory=list)  # integers the mask computes with (windows...)
@@ -324,7 +333,7 @@ class MaskAnalyzer:
     def _term(self, value: ir.Value, additive: bool, out: MaskSplit) -> Term | None:
         """The proven term; a proof that the probe lengths contradict counts as no proof."""
         term = classify(self.algebra, value, additive, out.square)
-        if term is None or term.kind not in ("all", "causal"):
+        if term is None or term.kind not in ("all", "causal", "band"):
             return term
         probe = self.prober.evaluate(value)
         if probe is None or _probe_agrees(probe, term, additive):
@@ -338,9 +347,12 @@ class MaskAnalyzer:
             return None, False
         if term.kind == "causal":
             return None, True
-        if term.kind == "band":  # is_causal and sliding_window express the band exactly
-            out.window = term.window if out.window is None else min(out.window, term.window)
-            return None, True
+        if term.kind == "band":  # is_causal, sliding_window and window_ahead express it exactly
+            if term.window is not None:
+                out.window = term.window if out.window is None else min(out.window, term.window)
+            if term.ahead is not None and term.ahead > 0:
+                out.ahead = term.ahead if out.ahead is None else min(out.ahead, term.ahead)
+            return None, term.ahead == 0
         out.notes.append(f"kept mask term {value.name}: not provably causal or all-true at every length")
         return Kept(value), False
 
@@ -348,6 +360,8 @@ class MaskAnalyzer:
 def _probe_agrees(results: list[np.ndarray], term: Term, additive: bool) -> bool:
     if term.kind == "causal":
         return _is_lower_triangle(results, additive)
+    if term.kind == "band":
+        return _is_band(results, additive, term.window, term.ahead)
     if additive:
         return all(np.all(r == 0) for r in results)
     return _all_true(results)

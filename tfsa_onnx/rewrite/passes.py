@@ -93,10 +93,12 @@ class Report:
             "masked",
             "causal",
             "window",
+            "ahead",
             "replaced",
             "reason",
         )
         keys = ("layer", "name", "family", "heads", "kv_heads", "head_dim", "masked", "causal", "window")
+        keys += ("window_ahead",)
         rows = [[s.as_dict()[k] for k in (*keys, "replaced", "reason")] for s in self.sites]
         return format_table(head, rows)
 
@@ -601,8 +603,10 @@ def _resolve_mask(site: Site, analyzer: MaskAnalyzer) -> None:
         split = analyzer.split(match.mask, match.mask_additive, square)
         match.is_causal = match.is_causal or split.causal
         match.sliding_window = split.window
+        match.window_ahead = None if match.is_causal else split.ahead
         site.mask_split = split
         site.window = split.window
+        site.window_ahead = match.window_ahead
         site.notes = list(split.notes)
         site.mask_constants = list(split.constants)
     site.causal = match.is_causal
