@@ -146,8 +146,11 @@ def test_smollm2_2048_calibrated_keeps_perplexity():
     assert rows[-1]["density"] < 0.8
 
 
-@pytest.mark.parametrize(("target", "output"), [("cos>=0.99", "hidden"), ("ppl<=+1%", "logits")])
-def test_calibrate_holds_one_session_at_a_time(monkeypatch, target, output):
+@pytest.mark.parametrize(
+    ("target", "output", "retrieval"),
+    [("cos>=0.99", "hidden", 0.0), ("ppl<=+1%", "logits", 0.0), ("cos>=0.99", "hidden", 1.0)],
+)
+def test_calibrate_holds_one_session_at_a_time(monkeypatch, target, output, retrieval):
     """Dense run, layer curves and every end-to-end trial: no session is made while another lives;
     the captured tensors and dense outputs come back from disk as they were."""
     import numpy as np
@@ -158,14 +161,16 @@ def test_calibrate_holds_one_session_at_a_time(monkeypatch, target, output):
     captured = []
     real_curve = cal._curve
 
-    def keep(index, node, samples, thresholds, threads):
+    def keep(index, node, samples, *rest):
         captured.append(samples)
-        return real_curve(index, node, samples, thresholds, threads)
+        return real_curve(index, node, samples, *rest)
 
     monkeypatch.setattr(cal, "_curve", keep)
     monkeypatch.setattr(cal, "CAPTURE_BYTES", 1)
     feeds = tiny_feeds(3, 256)
-    result = calibrate(tiny_model(), feeds, target, base=BASE, output=output, progress=False)
+    result = calibrate(
+        tiny_model(), feeds, target, base=BASE, output=output, progress=False, retrieval=retrieval, needles=2
+    )
     assert len(watch.overlaps) > 10 and watch.overlaps == [0] * len(watch.overlaps)
     assert watch.all_released()
     assert target != "cos>=0.99" or result.score >= 0.99

@@ -152,6 +152,7 @@ CONFIG_MODELS = {
     "smollm2-135m-4096-ppl1-antidiagonal.json": ("llama", "sdpa", False, 17),
     "smollm2-135m-genai-4096-ppl1.json": ("llama", "sdpa", False, 17),  # calibrated on the genai folder
     "smollm2-135m-4096-ppl1-heads.json": ("llama", "sdpa", False, 17),  # per head: 9, the export has 4
+    "smollm2-135m-4096-ppl1-heads-retrieval.json": ("llama", "sdpa", False, 17),  # calibrate --retrieval 0.75
 }
 
 

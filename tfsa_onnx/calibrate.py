@@ -20,6 +20,14 @@ the node's). eps then picks a threshold per head
 (the op's head_thresholds), from a grid that adds 0 (a streaming head: global tokens and the
 local window only, no estimate) and a few low thresholds. per_head=False chooses one threshold
 per layer, from THRESHOLDS, as before.
+
+Retrieval (retrieval=R > 0): perplexity averages over every token and lets a head stream that a
+single query needs. The layer curves then also plant needles in the captured inputs (as the
+retrieval probe, tfsa_onnx.eval.retrieval, does on other text): per query head `needles` late
+rows, each given one far key (outside its global and local blocks) that takes NEEDLE_SHARE of the
+row's dense attention and carries a value no other key has; a needle is found when the row's
+output is within half the needle's contribution of dense attention's. A head's threshold must
+find at least R of its needles (streaming heads find none), whatever the error budget allows.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from tfsa_onnx.validation import (
 
 THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 HEAD_THRESHOLDS = (0.0, 0.1, 0.2, *THRESHOLDS)  # per head: streaming heads and low budgets too
+NEEDLE_SHARE = 0.5  # of its row's dense attention mass, as the retrieval probe's default
 _TARGET = re.compile(r"^\s*(cos|ppl)\s*(>=|<=)\s*\+?\s*([0-9.]+)\s*(%?)\s*$", re.IGNORECASE)
 
 
@@ -87,29 +96,50 @@ class Target:
 Point = tuple[float, float, float]  # (threshold, density, error)
 
 
-def _sparsest(points: list[Point], eps: float) -> Point:
-    """The sparsest point with error <= eps (the higher threshold on a tie); dense when none."""
-    ok = [p for p in points if p[2] <= eps]
+def _sparsest(
+    points: list[Point], eps: float, recalls: list[float] | None = None, min_recall: float = 0.0
+) -> Point:
+    """The sparsest point with error <= eps (the higher threshold on a tie) that finds at least
+    min_recall of its needles (recalls[i]: point i's share found); dense when none."""
+    ok = [
+        p
+        for i, p in enumerate(points)
+        if p[2] <= eps and (not min_recall or (recalls is not None and recalls[i] >= min_recall))
+    ]
     return min(ok, key=lambda p: (p[1], -p[0])) if ok else (1.0, 1.0, 0.0)
 
 
 @dataclass
 class LayerCurve:
     """One layer's measured (threshold, density, error) points, dense excluded: of the whole
-    node (points) and of each query head (heads[h]; the same runs)."""
+    node (points) and of each query head (heads[h]; the same runs); with needles, the share of
+    them found at each point (recall, of the node's needles; head_recall[h], of head h's)."""
 
     index: int
     name: str
     points: list[Point] = field(default_factory=list)
     heads: list[list[Point]] = field(default_factory=list)
+    recall: list[float] | None = None
+    head_recall: list[list[float]] | None = None
 
-    def choose(self, eps: float) -> Point:
-        """(threshold, density, error) of the sparsest point with error <= eps; dense when none."""
-        return _sparsest(self.points, eps)
+    def choose(self, eps: float, min_recall: float = 0.0) -> Point:
+        """(threshold, density, error) of the sparsest point with error <= eps finding at least
+        min_recall of the needles; dense when none."""
+        return _sparsest(self.points, eps, self.recall, min_recall)
 
-    def choose_heads(self, eps: float) -> list[Point]:
-        """Per query head, its sparsest point with error <= eps (dense when none)."""
-        return [_sparsest(points, eps) for points in self.heads]
+    def choose_heads(self, eps: float, min_recall: float = 0.0) -> list[Point]:
+        """Per query head, its sparsest point with error <= eps finding at least min_recall of
+        the head's needles (dense when none)."""
+        recalls = self.head_recall or [None] * len(self.heads)
+        return [_sparsest(points, eps, r, min_recall) for points, r in zip(self.heads, recalls, strict=True)]
+
+    def recall_at(self, threshold: float, head: int | None = None) -> float | None:
+        """The share of needles found at `threshold` (1 when dense; None without needles)."""
+        recalls = self.recall if head is None else (self.head_recall or [None])[head]
+        if recalls is None:
+            return None
+        points = self.points if head is None else self.heads[head]
+        return next((r for p, r in zip(points, recalls, strict=True) if p[0] == threshold), 1.0)
 
 
 @dataclass
@@ -174,13 +204,21 @@ def calibrate(
     threads: int | None = None,
     progress: bool = True,
     per_head: bool = True,
+    retrieval: float = 0.0,
+    needles: int = 4,
 ) -> CalibrationResult:
     """Per-head (or, per_head=False, per-layer) thresholds meeting `target` on `feeds` at the
     lowest density (see module docstring); `thresholds`: the grid (HEAD_THRESHOLDS per head,
-    THRESHOLDS per layer)."""
+    THRESHOLDS per layer). retrieval > 0: every head (layer) must also find at least that share
+    of its `needles` planted needles (module docstring)."""
     from tfsa_onnx.rewrite import optimize
 
     target = Target.parse(target) if isinstance(target, str) else target
+    if not 0.0 <= retrieval <= 1.0:
+        raise CalibrationError(f"retrieval must be a share of needles in [0, 1], not {retrieval}")
+    if retrieval and needles < 1:
+        raise CalibrationError("a retrieval criterion needs at least one needle per head")
+    needles = needles if retrieval else 0
     thresholds = thresholds or (HEAD_THRESHOLDS if per_head else THRESHOLDS)
     if not feeds:
         raise CalibrationError("calibration needs at least one sample")
@@ -192,6 +230,11 @@ def calibrate(
     nodes = [n for n in attention_nodes(working) if n.name in layer_of]
     if not nodes:
         raise CalibrationError("the model has no attention block the rewriter could replace")
+    if needles and any(n.op_type == GQA_OP_TYPE for n in nodes):
+        raise CalibrationError(
+            "the retrieval criterion plants needles in SparseAttention inputs; "
+            "an onnxruntime-genai decoder's packed GroupQueryAttention inputs are not supported"
+        )
     out_name = output or working.graph.output[0].name
     # One session at a time, and every large array on disk until it is needed: the captured
     # attention inputs/outputs and (for a cosine target) the dense outputs wait in a Spool.
@@ -199,11 +242,11 @@ def calibrate(
         capture = _Capture(working, nodes, out_name, target, threads, spool)
         reference = capture.run(feeds, curve_samples, progress)
         curves = [
-            _curve(layer_of[n.name], n, capture.samples(n), thresholds, threads)
+            _curve(layer_of[n.name], n, capture.samples(n), thresholds, threads, needles)
             for n in _bar(nodes, progress)
         ]
         search = _Search(working, nodes, density_names, out_name, target, reference, feeds, threads)
-        search.spool, search.per_head = spool, per_head
+        search.spool, search.per_head, search.min_recall = spool, per_head, retrieval
         best = search.run(curves, progress)
     return _result(best, curves, target, base, search.trials, per_head)
 
@@ -359,11 +402,17 @@ def _per_head_squares(x: np.ndarray, heads: int, gqa: bool) -> np.ndarray:
     return x.sum(axis=(0, 2, 3))
 
 
-def _curve(index: int, node, samples, thresholds, threads) -> LayerCurve:
+def _curve(index: int, node, samples, thresholds, threads, needles: int = 0) -> LayerCurve:
     """Run the node alone at each threshold on the captured tensors: density and output error,
-    of the node and of each query head (density [B, Hq]; the error split by head)."""
+    of the node and of each query head (density [B, Hq]; the error split by head); with
+    needles, also the share of planted needles each head finds."""
     curve = LayerCurve(index, node.name)
     gqa = node.op_type == GQA_OP_TYPE
+    planted = (
+        _plant(node, samples[0], needles, threads, np.random.default_rng([1, index])) if needles else None
+    )
+    if planted is not None:
+        curve.recall, curve.head_recall = [], []
     for t in thresholds:
         single, feed_of = _single_node(node, samples[0], t)
         session = make_session(single, threads)
@@ -377,6 +426,7 @@ def _curve(index: int, node, samples, thresholds, threads) -> LayerCurve:
             diff = diff + _per_head_squares(out.astype(np.float64) - y, heads, gqa)
             ref = ref + _per_head_squares(y, heads, gqa)
             densities.append(density.mean(axis=0))
+        found = planted.found(session.run(["Y"], planted.feed)[0]) if planted is not None else None
         del session  # released before the next threshold's
         head_density = np.mean(densities, axis=0)
         error = math.sqrt(float(np.sum(diff)) / max(float(np.sum(ref)), 1e-300))
@@ -390,7 +440,87 @@ def _curve(index: int, node, samples, thresholds, threads) -> LayerCurve:
             curve.heads = [[] for _ in range(heads)]
         for h in range(heads):
             curve.heads[h].append((float(t), float(head_density[h]), float(head_error[h])))
+        if found is not None:
+            curve.recall.append(float(found.mean()))
+            if not curve.head_recall:
+                curve.head_recall = [[] for _ in range(heads)]
+            for h in range(heads):
+                curve.head_recall[h].append(float(found[:, h].mean()))
     return curve
+
+
+@dataclass
+class _Needles:
+    """A batch of needle trials for one node: item r plants, for each KV group, one needle for
+    one of its query heads (rows[r][h] >= 0 for the heads tested in item r)."""
+
+    feed: dict[str, np.ndarray]
+    rows: np.ndarray  # [R, Hq]: the needle row of head h in item r, -1 when h has none there
+    room: np.ndarray  # [R, Hq]: half the needle's contribution to its row
+    dense: np.ndarray  # [R, Hq, Dv]: the needle rows' dense output
+
+    def found(self, y: np.ndarray) -> np.ndarray:
+        """[needles per head, Hq] booleans: each planted needle found in the sparse output y."""
+        items, heads = np.nonzero(self.rows >= 0)
+        rows = self.rows[items, heads]
+        ok = (
+            np.linalg.norm(y[items, heads, rows] - self.dense[items, heads], axis=-1)
+            < self.room[items, heads]
+        )
+        order = np.lexsort((items, heads))  # by head, then item
+        return ok[order].reshape(self.rows.shape[1], -1).T
+
+
+def _plant(node, sample, count: int, threads, rng) -> _Needles | None:
+    """`count` needles per query head in the sample's first batch item (None when the sequence
+    has no key outside a late row's global and local blocks): key j of the head's KV group is
+    moved along q_i so that dense attention gives it NEEDLE_SHARE of row i's probability (the
+    others keep their proportions), and value j gets a direction no other key has, 10x the
+    largest value norm. The dense outputs come from the node itself with every block."""
+    from tfsa_onnx.reference import SparseAttentionAttributes
+
+    a = SparseAttentionAttributes(**{k: v for k, v in _attrs(node).items() if k != "head_thresholds"})
+    q, k, v, mask = (x[:1] if x is not None else None for x in sample[:4])
+    hq, hkv, s = q.shape[1], k.shape[1], q.shape[2]
+    group, block = hq // hkv, a.block_size
+    first = -(-a.global_tokens // block) * block  # the first key after the global blocks
+    late = max(s - s // 8, first + a.local_window + 2 * block)
+    if late >= s:
+        return None
+    scale = a.scale or 1.0 / math.sqrt(q.shape[-1])
+    items = group * count
+    qs, ks, vs = np.repeat(q, items, 0), np.repeat(k, items, 0), np.repeat(v, items, 0)
+    rows = np.full((items, hq), -1)
+    room = np.zeros((items, hq))
+    for r in range(items):
+        for g in range(hkv):
+            h = g * group + r % group
+            row = int(rng.integers(late, s))
+            last = (row // block) * block - a.local_window - block  # keys before the local blocks
+            key = int(rng.integers(first, max(first + 1, last)))
+            visible = row + 1 if a.is_causal else s
+            _needle(qs[r, h, row], ks[r, g], vs[r, g], visible, key, scale, rng)
+            rows[r, h], room[r, h] = row, 0.5 * NEEDLE_SHARE * np.linalg.norm(vs[r, g, key])
+    feed = {"query": qs, "key": ks, "value": vs} | ({"attn_mask": mask} if mask is not None else {})
+    dense_model, _ = _single_node(node, sample, 1.0)
+    y = make_session(dense_model, threads).run(["Y"], feed)[0]
+    heads = np.arange(hq)[None, :]
+    dense = y[np.arange(items)[:, None], heads, np.maximum(rows, 0)]
+    return _Needles(feed, rows, room, dense)
+
+
+def _needle(qi: np.ndarray, k: np.ndarray, v: np.ndarray, visible: int, key: int, scale: float, rng) -> None:
+    """Moves k[key] (in place) along qi so that the row's dense attention over its first
+    `visible` keys (the mask is not read) gives it NEEDLE_SHARE of its probability, and gives
+    v[key] a random direction 10x the largest value norm."""
+    q64 = qi.astype(np.float64)
+    scores = scale * (k[:visible].astype(np.float64) @ q64)
+    others = np.delete(scores, key)
+    top = others.max()
+    wanted = top + np.log(np.exp(others - top).sum()) + np.log(NEEDLE_SHARE / (1 - NEEDLE_SHARE))
+    k[key] += ((wanted - scores[key]) / scale * q64 / (q64 @ q64)).astype(k.dtype)
+    direction = rng.standard_normal(v.shape[-1])
+    v[key] = 10 * np.linalg.norm(v, axis=-1).max() * direction / np.linalg.norm(direction)
 
 
 class _Search:
@@ -408,6 +538,7 @@ class _Search:
         self.trials: list[dict[str, Any]] = []
         self.spool: Spool | None = None
         self.per_head = True
+        self.min_recall = 0.0
 
     def run(self, curves: list[LayerCurve], progress: bool) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -432,7 +563,8 @@ class _Search:
         return best
 
     def check(self, curves: list[LayerCurve], eps: float) -> dict[str, Any]:
-        choice = [c.choose_heads(eps) if self.per_head else c.choose(eps) for c in curves]
+        r = self.min_recall
+        choice = [c.choose_heads(eps, r) if self.per_head else c.choose(eps, r) for c in curves]
         for node, chosen in zip(self.nodes, choice, strict=True):
             if self.per_head:
                 _set_floats(node, "head_thresholds", [threshold for threshold, _, _ in chosen])
@@ -517,9 +649,13 @@ def _result(best, curves, target, base, trials, per_head: bool) -> CalibrationRe
             heads = [threshold for threshold, _, _ in chosen]
             overrides[str(curve.index)] = {"head_thresholds": heads}
             row |= {"threshold": 1.0, "head_thresholds": heads, "local_error": max(e for _, _, e in chosen)}
+            if curve.head_recall is not None:
+                row["needle_recall"] = [curve.recall_at(t, h) for h, t in enumerate(heads)]
         else:
             overrides[str(curve.index)] = {"threshold": chosen[0]}
             row |= {"threshold": chosen[0], "local_error": chosen[2]}
+            if curve.recall is not None:
+                row["needle_recall"] = curve.recall_at(chosen[0])
         layers.append(row)
     defaults["threshold"] = 1.0
     config = SparsityConfig(defaults=defaults, layers=overrides)

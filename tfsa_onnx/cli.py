@@ -714,10 +714,30 @@ def _validate_once(validate, original, optimized, feeds, threads, warmup):
     help="One threshold per layer (default: one per query head, streaming heads included).",
 )
 @click.option(
+    "--retrieval",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of planted needles (a far key one late query needs) every head must find; 0: off.",
+)
+@click.option(
+    "--needles", type=click.IntRange(1), default=4, show_default=True, help="Needles per head (--retrieval)."
+)
+@click.option(
     "--json", "json_path", type=click.Path(dir_okay=False), help="Write the calibration record as JSON."
 )
 def calibrate_cmd(
-    model, target, output, output_name, curve_samples, per_layer, json_path, threads, **options
+    model,
+    target,
+    output,
+    output_name,
+    curve_samples,
+    per_layer,
+    retrieval,
+    needles,
+    json_path,
+    threads,
+    **options,
 ) -> None:
     """Choose per-head thresholds for MODEL so TARGET holds at the lowest density; writes a config.
 
@@ -757,6 +777,8 @@ def calibrate_cmd(
             curve_samples=curve_samples,
             threads=threads,
             per_head=not per_layer,
+            retrieval=retrieval,
+            needles=needles,
         )
     except (CalibrationError, InputError, GenaiError, OSError) as e:
         raise click.ClickException(str(e)) from None

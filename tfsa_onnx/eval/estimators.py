@@ -39,8 +39,9 @@ BLOCK, GLOBAL, WINDOW = 64, 64, 128
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 
 
-def capture(seq_len: int) -> dict[str, np.ndarray]:
-    """q{i}, k{i}, v{i} of every SparseAttention node of the dense-optimized SmolLM2."""
+def capture(seq_len: int, split: str = "calib") -> dict[str, np.ndarray]:
+    """q{i}, k{i}, v{i} of every SparseAttention node of the dense-optimized SmolLM2, on the
+    first window of BBC text `split` (calib: the calibration text's, eval: held-out)."""
     from onnx import helper
 
     from tfsa_onnx.config import SparsityConfig
@@ -54,7 +55,7 @@ def capture(seq_len: int) -> dict[str, np.ndarray]:
     nodes = [n for n in model.graph.node if n.op_type == "SparseAttention"]
     names = [x for n in nodes for x in n.input[:3]]
     model.graph.output.extend(helper.make_empty_tensor_value_info(x) for x in names)
-    feed = load_feeds(model, text=bbc_texts("calib"), tokenizer=smollm2_dir(), seq_len=seq_len, samples=1)[0]
+    feed = load_feeds(model, text=bbc_texts(split), tokenizer=smollm2_dir(), seq_len=seq_len, samples=1)[0]
     values = make_session(model, mem_pattern=False).run(names, feed)
     return {
         f"{kind}{i // 3}": values[i][0] for i, kind in zip(range(len(names)), "qkv" * len(nodes), strict=True)
@@ -264,12 +265,12 @@ def _selection_error(row_mass: np.ndarray, row_values: np.ndarray, chosen: np.nd
     )
 
 
-def load_or_capture(seq_len: int, path: str | None) -> dict[str, np.ndarray]:
+def load_or_capture(seq_len: int, path: str | None, split: str = "calib") -> dict[str, np.ndarray]:
     """The captured tensors, from `path` when it exists (else captured and saved there)."""
     if path and Path(path).is_file():
         with np.load(path) as saved:
             return dict(saved)
-    tensors = capture(seq_len)
+    tensors = capture(seq_len, split)
     if path:
         np.savez(path, **tensors)
     return tensors

@@ -63,21 +63,26 @@ def main() -> None:
     parser.add_argument("--seq-len", default="2048,4096")
     parser.add_argument("--trials", type=int, default=4, help="per depth")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--depths", default=",".join(map(str, DEPTHS)), help="comma-separated, 0-1")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed: the same prompts")
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir()))
     sessions = [make_session(path, args.threads, mem_pattern=False) for path in args.models]
     print("| tokens | depth | " + " | ".join(args.models) + " |")
     print("|---:|---:|" + "---:|" * len(args.models))
-    rng = random.Random(0)
+    rng = random.Random(args.seed)
+    totals = [0] * len(sessions)
     for seq_len in (int(x) for x in args.seq_len.split(",")):
-        for depth in DEPTHS:
+        for depth in (float(x) for x in args.depths.split(",")):
             found = [0] * len(sessions)
             for _ in range(args.trials):
                 ids, n_prompt = _trial(tokenizer, seq_len, depth, rng)
                 for m, session in enumerate(sessions):
                     found[m] += _found(session, ids, n_prompt)
+            totals = [t + f for t, f in zip(totals, found, strict=True)]
             cells = " | ".join(f"{f}/{args.trials}" for f in found)
             print(f"| {ids.shape[1]} | {depth} | {cells} |", flush=True)
+    print("| all | - | " + " | ".join(str(t) for t in totals) + " |")
 
 
 if __name__ == "__main__":

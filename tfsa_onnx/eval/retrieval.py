@@ -100,7 +100,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tensors", required=True, help="captured tensors (tfsa_onnx.eval.estimators)")
+    parser.add_argument(
+        "--tensors", required=True, help="captured tensors (tfsa_onnx.eval.estimators); captured if missing"
+    )
+    parser.add_argument(
+        "--split",
+        choices=("calib", "eval"),
+        default="calib",
+        help="when capturing: the first window of the calibration text, or of the held-out text",
+    )
+    parser.add_argument("--seq-len", type=int, default=4096, help="when capturing")
     parser.add_argument(
         "--run", action="append", required=True, help="ESTIMATE[:STRIDE]=CONFIG.json (repeatable)"
     )
@@ -113,6 +122,10 @@ def main() -> None:
         estimate, _, path = item.partition("=")
         runs[f"{estimate} ({Path(path).stem})"] = (estimate, SparsityConfig.load(path))
     streaming: dict[str, list[bool]] = {}
+    if not Path(args.tensors).is_file():
+        from tfsa_onnx.eval.estimators import load_or_capture
+
+        load_or_capture(args.seq_len, args.tensors, args.split)
     with np.load(args.tensors) as tensors:
         found = probe(tensors, runs, args.trials, args.share, args.seed, streaming)
     print(f"| estimate | needle found (share {args.share}) | trials on a streaming head |")
