@@ -137,17 +137,24 @@ def _token_queries(q: np.ndarray, k_mean: np.ndarray, forced: np.ndarray, candid
     return {"tokq_max": only.max(1), "tokq_mean": only.mean(1), "tokq_mean_all": every.mean(1)}
 
 
+def _mean_mass(q: np.ndarray, k_mean: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """The mean estimate's block masses: block-mean queries against block-mean keys, exponentiated
+    over each query block's candidate blocks."""
+    n = q.shape[0] // BLOCK
+    pooled = q.reshape(n, BLOCK, -1).mean(1) @ k_mean.T / np.sqrt(q.shape[1])
+    pooled = np.where(candidates, pooled, -np.inf)
+    best = np.where(np.isfinite(pooled).any(1, keepdims=True), pooled.max(1, keepdims=True), 0.0)
+    return np.exp(pooled - best)
+
+
 def _estimates(
     q: np.ndarray, k: np.ndarray, probs: np.ndarray, forced: np.ndarray, candidates: np.ndarray
 ) -> dict[str, np.ndarray]:
     n = q.shape[0] // BLOCK
     per_row = probs.reshape(n, BLOCK, n, BLOCK).sum(3)  # [qb, row, kb]
     k_mean = k.reshape(n, BLOCK, -1).mean(1)
-    pooled = q.reshape(n, BLOCK, -1).mean(1) @ k_mean.T / np.sqrt(q.shape[1])
-    pooled = np.where(candidates, pooled, -np.inf)
-    best = np.where(np.isfinite(pooled).any(1, keepdims=True), pooled.max(1, keepdims=True), 0.0)
     return {
-        "mean": np.exp(pooled - best),
+        "mean": _mean_mass(q, k_mean, candidates),
         **_token_queries(q, k_mean, forced, candidates),
         "antidiag8": _antidiagonal(q, k, 8),
         "antidiag16": _antidiagonal(q, k, 16),
@@ -175,26 +182,14 @@ def curves(
         allowed, forced, candidates = _grid(q.shape[1])
         for head in range(0, q.shape[0], 1 if all_heads else group):
             qh, kh, vh = (x.astype(np.float64) for x in (q[head], k[head // group], v[head // group]))
-            n = qh.shape[0] // BLOCK
-            scores = qh @ kh.T / np.sqrt(qh.shape[1])
-            scores[np.triu_indices(scores.shape[0], 1)] = -np.inf
-            probs = np.exp(scores - scores.max(1, keepdims=True))
-            del scores
-            probs /= probs.sum(1, keepdims=True)
-            # Each row's mass and weighted values per key block: any selection's output from these.
-            row_mass = probs.reshape(-1, n, BLOCK).sum(2)  # [row, kb]
-            row_values = np.einsum("snb,nbd->snd", probs.reshape(-1, n, BLOCK), vh.reshape(n, BLOCK, -1))
-            dense = row_values.sum(1)
+            row_mass, row_values, probs = _head_outputs(qh, kh, vh)
             for name, mass in _estimates(qh, kh, probs, forced, candidates).items():
                 if only and name not in only:
                     continue
                 points = []
                 for threshold in THRESHOLDS:
                     chosen = _select(mass, threshold, forced, candidates)
-                    keep = np.repeat(chosen, BLOCK, 0)  # [row, kb]
-                    kept = (row_mass * keep).sum(1, keepdims=True)
-                    sparse = np.einsum("snd,sn->sd", row_values, keep) / kept
-                    error = np.linalg.norm(sparse - dense) / np.linalg.norm(dense)
+                    error = _selection_error(row_mass, row_values, chosen)
                     points.append((threshold, chosen.sum() / allowed.sum(), error))
                 out.setdefault(name, []).append(points)
             del probs, row_values
@@ -220,11 +215,8 @@ def _head_outputs(
 
 def _group_masses(q: np.ndarray, k: np.ndarray, forced, candidates) -> dict[str, np.ndarray]:
     """The operator's mean and antidiagonal (stride 16) masses of one head's q (or a group's mean q)."""
-    n = q.shape[0] // BLOCK
-    pooled = q.reshape(n, BLOCK, -1).mean(1) @ k.reshape(n, BLOCK, -1).mean(1).T / np.sqrt(q.shape[1])
-    pooled = np.where(candidates, pooled, -np.inf)
-    best = np.where(np.isfinite(pooled).any(1, keepdims=True), pooled.max(1, keepdims=True), 0.0)
-    return {"mean": np.exp(pooled - best), "antidiag16_exp": _antidiagonal_exp(q, k, 16)}
+    k_mean = k.reshape(q.shape[0] // BLOCK, BLOCK, -1).mean(1)
+    return {"mean": _mean_mass(q, k_mean, candidates), "antidiag16_exp": _antidiagonal_exp(q, k, 16)}
 
 
 def group_curves(tensors: dict[str, np.ndarray], layers: list[int]) -> dict[str, list]:
