@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import test_kernel_bias
-from test_kernel import SPARSE_OFF, random_qkv, run_op
+from test_kernel import SPARSE_OFF, run_op
+from test_kernel_heads import structured_qkv
 
 from tfsa_onnx.reference import GROUP_SELECTIONS, _attendable, _block_any, select_blocks, sparse_attention
 
@@ -24,15 +25,6 @@ GROUP_CASES = [
 ESTIMATES = [dict(estimate=0), dict(estimate=1), dict(estimate=1, estimate_stride=5), dict(estimate=2)]
 
 
-def _case(shape, seed):
-    b, hq, hkv, sq, sk, d, dv, bs, causal = shape
-    rng = np.random.default_rng(seed)
-    q, k, v = random_qkv(rng, b, hq, hkv, sq, sk, d, dv)
-    # structured keys: the estimate has real preferences, and each head its own picks
-    k += 3 * rng.standard_normal((b, hkv, sk // bs + 1, d)).repeat(bs, axis=2)[:, :, :sk].astype(np.float32)
-    return q, k, v
-
-
 def _attrs(shape, attrs, estimate, mode):
     return dict(SPARSE_OFF, block_size=shape[7], is_causal=shape[8], group_selection=mode) | attrs | estimate
 
@@ -41,7 +33,7 @@ def _attrs(shape, attrs, estimate, mode):
 @pytest.mark.parametrize("estimate", ESTIMATES, ids=str)
 @pytest.mark.parametrize("shape,attrs", GROUP_CASES, ids=lambda x: str(x))
 def test_group_selection_matches_reference(shape, attrs, estimate, mode):
-    q, k, v = _case(shape, sum(shape))
+    q, k, v = structured_qkv(shape, sum(shape))
     full = _attrs(shape, attrs, estimate, mode)
     y, density = run_op(q, k, v, **full)
     y_ref, density_ref = sparse_attention(q, k, v, None, **full)
@@ -61,7 +53,7 @@ def _selected(q, k, mode, **attrs):
 @pytest.mark.parametrize("estimate", ESTIMATES[:2], ids=str)
 def test_union_is_the_groups_per_head_picks_and_shared_is_one_pick_per_group(estimate):
     shape = (1, 6, 2, 384, 384, 32, 32, 32, 1)
-    q, k, _ = _case(shape, 3)
+    q, k, _ = structured_qkv(shape, 3)
     attrs = dict(SPARSE_OFF, block_size=32, is_causal=1, threshold=0.7) | estimate
     per_head = _selected(q, k, 0, **attrs).reshape(1, 2, 3, 12, 12)
     union = _selected(q, k, UNION, **attrs).reshape(1, 2, 3, 12, 12)
@@ -76,7 +68,7 @@ def test_union_is_the_groups_per_head_picks_and_shared_is_one_pick_per_group(est
 
 def test_shared_estimate_of_one_head_per_group_is_per_head_selection():
     shape = (1, 3, 3, 256, 256, 16, 16, 32, 1)
-    q, k, v = _case(shape, 4)
+    q, k, v = structured_qkv(shape, 4)
     for estimate in ESTIMATES:
         attrs = dict(SPARSE_OFF, block_size=32, is_causal=1, threshold=0.6) | estimate
         y0, d0 = run_op(q, k, v, **attrs)
@@ -91,7 +83,7 @@ def test_shared_estimate_of_one_head_per_group_is_per_head_selection():
 def test_group_selection_with_a_per_head_mask_and_a_bias(mode, estimate):
     # heads of a group may attend different blocks: each computes the group's within its own
     shape = (2, 4, 2, 200, 260, 16, 16, 32, 1)
-    q, k, v = _case(shape, 6)
+    q, k, v = structured_qkv(shape, 6)
     rng = np.random.default_rng(6)
     mask = rng.random((2, 4, 200, 260)) > 0.02
     mask[:, 1, :, 64:160] = False  # one head of the first group never sees these keys
@@ -106,7 +98,7 @@ def test_group_selection_with_a_per_head_mask_and_a_bias(mode, estimate):
 @pytest.mark.parametrize("mode", [UNION, SHARED], ids=["union", "shared"])
 def test_group_selection_with_nan_and_threads(mode):
     shape = (1, 4, 2, 320, 320, 16, 16, 32, 1)
-    q, k, v = _case(shape, 8)
+    q, k, v = structured_qkv(shape, 8)
     q[0, 1, 5, 3] = np.nan  # row 5 of head 1 is NaN; the selection counts it as 0
     k[0, 0, 200, 0] = np.inf
     attrs = dict(SPARSE_OFF, block_size=32, is_causal=1, threshold=0.8, estimate=1, group_selection=mode)

@@ -32,11 +32,12 @@ HEAD_CASES = [
 ESTIMATES = [dict(estimate=0), dict(estimate=1), dict(estimate=1, estimate_stride=5), dict(estimate=2)]
 
 
-def _case(shape, seed):
+def structured_qkv(shape, seed):
+    """Random q, k, v of a case shape (b, hq, hkv, sq, sk, d, dv, block, causal) whose keys have a
+    per-block component, so the estimate has real preferences."""
     b, hq, hkv, sq, sk, d, dv, bs, causal = shape
     rng = np.random.default_rng(seed)
     q, k, v = random_qkv(rng, b, hq, hkv, sq, sk, d, dv)
-    # structured keys: the estimate has real preferences, and each threshold its own picks
     k += 3 * rng.standard_normal((b, hkv, sk // bs + 1, d)).repeat(bs, axis=2)[:, :, :sk].astype(np.float32)
     return q, k, v
 
@@ -44,7 +45,7 @@ def _case(shape, seed):
 @pytest.mark.parametrize("estimate", ESTIMATES, ids=str)
 @pytest.mark.parametrize("shape,heads,attrs", HEAD_CASES, ids=lambda x: str(x))
 def test_head_thresholds_match_reference(shape, heads, attrs, estimate):
-    q, k, v = _case(shape, sum(shape))
+    q, k, v = structured_qkv(shape, sum(shape))
     full = dict(SPARSE_OFF, block_size=shape[7], is_causal=shape[8], head_thresholds=heads) | attrs | estimate
     y, density = run_op(q, k, v, **full)
     y_ref, density_ref = sparse_attention(q, k, v, None, **full)
@@ -57,7 +58,7 @@ def test_each_head_computes_as_the_node_would_at_its_threshold(estimate):
     # The rule itself: head h with head_thresholds[h] = t gives what the whole node gives for
     # head h with threshold t (a head's selection reads its own threshold only).
     shape, heads = (1, 4, 2, 384, 384, 32, 32, 32, 1), (0.3, 0.0, 0.8, 0.95)
-    q, k, v = _case(shape, 5)
+    q, k, v = structured_qkv(shape, 5)
     base = dict(SPARSE_OFF, block_size=32, is_causal=1, global_tokens=32, local_window=32) | estimate
     y, density = run_op(q, k, v, **base, head_thresholds=heads)
     for h, t in enumerate(heads):
@@ -69,7 +70,7 @@ def test_each_head_computes_as_the_node_would_at_its_threshold(estimate):
 
 def test_a_streaming_head_computes_its_forced_blocks_only():
     shape = (1, 2, 1, 640, 640, 16, 16, 64, 1)
-    q, k, v = _case(shape, 7)
+    q, k, v = structured_qkv(shape, 7)
     attrs = dict(min_seq_len=0, block_size=64, is_causal=1, global_tokens=64, local_window=100)
     y, density = run_op(q, k, v, **attrs, head_thresholds=(0.0, 0.9))
     a = SparseAttentionAttributes(**attrs)
@@ -83,7 +84,7 @@ def test_a_streaming_head_computes_its_forced_blocks_only():
 
 
 def test_head_thresholds_below_min_seq_len_are_dense():
-    q, k, v = _case((1, 2, 1, 200, 200, 16, 16, 32, 1), 3)
+    q, k, v = structured_qkv((1, 2, 1, 200, 200, 16, 16, 32, 1), 3)
     y, density = run_op(q, k, v, block_size=32, is_causal=1, min_seq_len=1024, head_thresholds=(0.0, 0.5))
     np.testing.assert_array_equal(density, np.ones((1, 2), np.float32))
     y_ref, _ = sparse_attention(q, k, v, None, block_size=32, is_causal=1, threshold=1.0)
