@@ -265,7 +265,7 @@ void AddCentreBias(const Problem& p, int64_t b, int64_t h, int64_t qb, float wei
   const int64_t i = (p.grid.QueryBegin(qb) + p.grid.QueryEnd(qb) - 1) / 2;
   for (int64_t kb = 0; kb < p.grid.k_blocks; ++kb) {
     const float bias = p.bias.Bias(p.bias.Offset(b, h, i, (p.grid.KeyBegin(kb) + p.grid.KeyEnd(kb) - 1) / 2));
-    if (std::isfinite(bias)) pooled_scores[kb] += weight == 1.0f ? bias : bias * weight;
+    if (std::isfinite(bias)) pooled_scores[kb] += bias * weight;  // x * 1 is x: per-head unchanged
   }
 }
 
