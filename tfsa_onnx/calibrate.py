@@ -499,7 +499,7 @@ def _plant(node, sample, count: int, threads, rng) -> _Needles | None:
             last = (row // block) * block - a.local_window - block  # keys before the local blocks
             key = int(rng.integers(first, max(first + 1, last)))
             visible = row + 1 if a.is_causal else s
-            _needle(qs[r, h, row], ks[r, g], vs[r, g], visible, key, scale, rng)
+            plant_needle(qs[r, h, row], ks[r, g], vs[r, g], visible, key, scale, rng)
             rows[r, h], room[r, h] = row, 0.5 * NEEDLE_SHARE * np.linalg.norm(vs[r, g, key])
     feed = {"query": qs, "key": ks, "value": vs} | ({"attn_mask": mask} if mask is not None else {})
     dense_model, _ = _single_node(node, sample, 1.0)
@@ -509,15 +509,25 @@ def _plant(node, sample, count: int, threads, rng) -> _Needles | None:
     return _Needles(feed, rows, room, dense)
 
 
-def _needle(qi: np.ndarray, k: np.ndarray, v: np.ndarray, visible: int, key: int, scale: float, rng) -> None:
+def plant_needle(
+    qi: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    visible: int,
+    key: int,
+    scale: float,
+    rng,
+    share: float = NEEDLE_SHARE,
+) -> None:
     """Moves k[key] (in place) along qi so that the row's dense attention over its first
-    `visible` keys (the mask is not read) gives it NEEDLE_SHARE of its probability, and gives
-    v[key] a random direction 10x the largest value norm."""
+    `visible` keys (the mask is not read) gives it `share` of its probability, and gives
+    v[key] a random direction 10x the largest value norm (calibrate's needles and the retrieval
+    probe's)."""
     q64 = qi.astype(np.float64)
     scores = scale * (k[:visible].astype(np.float64) @ q64)
     others = np.delete(scores, key)
     top = others.max()
-    wanted = top + np.log(np.exp(others - top).sum()) + np.log(NEEDLE_SHARE / (1 - NEEDLE_SHARE))
+    wanted = top + np.log(np.exp(others - top).sum()) + np.log(share / (1 - share))
     k[key] += ((wanted - scores[key]) / scale * q64 / (q64 @ q64)).astype(k.dtype)
     direction = rng.standard_normal(v.shape[-1])
     v[key] = 10 * np.linalg.norm(v, axis=-1).max() * direction / np.linalg.norm(direction)

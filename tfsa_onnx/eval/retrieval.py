@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfsa_onnx.calibrate import plant_needle
 from tfsa_onnx.config import SparsityConfig
 from tfsa_onnx.opmodel import sparse_attention_model
 from tfsa_onnx.reference import ESTIMATES, SparseAttentionAttributes
@@ -39,17 +40,9 @@ def _attributes(config: SparsityConfig, layer: int, estimate: str) -> dict:
 
 def _needle(q, k, v, head: int, row: int, key: int, share: float, rng) -> tuple[np.ndarray, np.ndarray]:
     """k, v with key `key` of head's KV group moved so that `row` gives it `share` of its mass."""
-    group = q.shape[0] // k.shape[0]
-    g, scale = head // group, 1.0 / np.sqrt(q.shape[-1])
+    g = head // (q.shape[0] // k.shape[0])
     k, v = k.copy(), v.copy()
-    qi = q[head, row].astype(np.float64)
-    scores = scale * (k[g, : row + 1].astype(np.float64) @ qi)
-    others = np.delete(scores, key)
-    best = others.max()
-    target = best + np.log(np.exp(others - best).sum()) + np.log(share / (1 - share))
-    k[g, key] += ((target - scores[key]) / scale * qi / (qi @ qi)).astype(np.float32)
-    direction = rng.standard_normal(v.shape[-1])
-    v[g, key] = 10 * np.linalg.norm(v[g], axis=-1).max() * direction / np.linalg.norm(direction)
+    plant_needle(q[head, row], k[g], v[g], row + 1, key, 1.0 / np.sqrt(q.shape[-1]), rng, share)
     return k, v
 
 
