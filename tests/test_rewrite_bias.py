@@ -17,10 +17,10 @@ import tfsa_onnx
 from tfsa_onnx.rewrite import optimize
 
 # (family, dynamo, causal, the op's padding mask and bias at batch 2, length 33): the padding is
-# a [B, 1, 1, S] key mask, but MPNet's TorchScript export gives [B, 1, S, S], as BERT's does
-# (the mask analysis keeps its And of expanded terms whole); ALiBi is [B, H, 1, S].
+# a [B, 1, 1, S] key mask (MPNet's TorchScript export Ands an all-true query term into it, its
+# position ids counted with CumSum: proven and dropped); ALiBi is [B, H, 1, S].
 CASES = [
-    ("mpnet", False, False, (2, 1, 33, 33), (1, 2, 33, 33)),
+    ("mpnet", False, False, (2, 1, 1, 33), (1, 2, 33, 33)),
     ("mpnet", True, False, (2, 1, 1, 33), (1, 2, 33, 33)),
     ("t5-encoder", False, False, (2, 1, 1, 33), (1, 2, 33, 33)),
     ("t5-encoder", True, False, (2, 1, 1, 33), (1, 2, 33, 33)),

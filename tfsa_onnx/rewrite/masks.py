@@ -63,6 +63,7 @@ _SHAPE_FROM_SHAPES = {
     "Min",
     "IsNaN",
     "Concat",
+    "CumSum",  # position ids counted from the tokens (MPNet, RoBERTa): the shape of its input
     "Constant",  # no inputs: its shape is its own
 }
 # Ops whose output shape follows from input 0's shape and the other inputs' values.
