@@ -5,12 +5,14 @@ dropped when `mask_proof` proves it all-true, the lower triangle `key j <= query
 then gets is_causal=1), or a band `i - W < j <= i + A` (sliding_window W, and is_causal for
 A = 0 or window_ahead A), at every length; an evaluation at a few lengths must agree, but never
 decides alone (a 512-key sliding window looks causal at 33 tokens). What is left (a padding
-mask, usually [B,1,1,S], and any window or unproven term) is passed as the op's mask.
+mask, usually [B,1,1,S], and any window or unproven term) is passed as the op's mask, without
+the Expands under its elementwise ops: the op broadcasts it, so an expanded key mask reaches it
+as [B,1,1,S], and a mask with a query axis says so in the site's notes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,7 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from tfsa_onnx.rewrite.common import NEG_LIMIT, Builder, const_scalar, producer, strip_expand
-from tfsa_onnx.rewrite.mask_proof import MaskAlgebra, Term, Unknown, classify, mask_constants
+from tfsa_onnx.rewrite.mask_proof import ONE, MaskAlgebra, Term, Unknown, classify, mask_constants
 
 PROBE_LENGTHS = (1, 2, 5, 16, 33)
 _SHAPE_OF = {"Shape", "Size"}
@@ -81,6 +83,29 @@ _SHAPE_FROM_VALUES = {
     "ReduceMean",
     "ReduceSum",
     "ReduceMax",
+}
+_MAX_ELEMENTWISE_DEPTH = 32  # a mask's own arithmetic is a few ops deep
+# Ops whose output element at each index is computed from their inputs' elements at that index
+# (numpy broadcasting): over Expand(X) they give what the same ops over X give once broadcast.
+_ELEMENTWISE = {
+    "Cast",
+    "Not",
+    "Neg",
+    "Where",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "And",
+    "Or",
+    "Xor",
+    "Equal",
+    "Less",
+    "LessOrEqual",
+    "Greater",
+    "GreaterOrEqual",
+    "Min",
+    "Max",
 }
 
 
@@ -212,19 +237,29 @@ def _all_true(results: list[np.ndarray]) -> bool:
 
 @dataclass(frozen=True)
 class Kept:
-    """What the analysis keeps of a mask: the graph's own value, or a new And / Where over what
-    it keeps of the parts. Built only in the rewrite step."""
+    """What the analysis keeps of a mask: the graph's own value, or a new node over what it
+    keeps of the node's inputs (an And of the kept terms, a Where over the kept condition, an
+    elementwise op over a value without its Expand). Built only in the rewrite step."""
 
     value: ir.Value | None = None  # kept as the graph has it
-    op: str = ""  # "And" over parts, or "Where"(cond, zero, neg) with parts = (cond,)
+    op: str = ""  # the new node: op(*parts, *fill)
     parts: tuple[Kept, ...] = ()
-    fill: tuple[ir.Value, ...] = ()  # Where's zero and negative values
+    fill: tuple[ir.Value, ...] = ()  # inputs after the parts (Where's zero and negative values)
+    attributes: tuple[ir.Attr, ...] = ()  # the new node's (a Cast's type)
+    dtype: ir.DataType | None = None  # the new node's element type, where known
 
-    def build(self, builder: Builder) -> ir.Value:
+    def build(self, builder: Builder, built: dict[int, ir.Value] | None = None) -> ir.Value:
+        """The value; `built` holds what is built already (a part used twice is built once)."""
         if self.value is not None:
             return self.value
-        parts = [p.build(builder) for p in self.parts]
-        return builder.op(self.op, [*parts, *self.fill])
+        built = {} if built is None else built
+        if id(self) not in built:
+            parts = [p.build(builder, built) for p in self.parts]
+            out = builder.op(self.op, [*parts, *self.fill], **{a.name: a for a in self.attributes})
+            if self.dtype is not None:
+                out.dtype = self.dtype
+            built[id(self)] = out
+        return built[id(self)]
 
 
 @dataclass
@@ -260,6 +295,7 @@ class MaskAnalyzer:
         self.prober = MaskProber(model)
         self.algebra = MaskAlgebra()
         self.done: dict[tuple[int, bool, bool], MaskSplit] = {}
+        self.unexpanded: dict[int, Kept] = {}
 
     def same_length(self, query: ir.Value | None, key: ir.Value | None, axes: tuple[int, int]) -> bool:
         """The attention's query and key lengths (axes[0] of query, axes[1] of key) are provably equal."""
@@ -276,9 +312,62 @@ class MaskAnalyzer:
         key = (id(mask), additive, square)
         if key not in self.done:
             result = MaskSplit(None, square=square, constants=mask_constants(mask))
-            result.kept, result.causal = self._split(mask, additive, result)
+            kept, result.causal = self._split(mask, additive, result)
+            result.kept = self._without_expand(kept)
+            if result.kept is not None and not self._key_mask(result.kept):
+                result.notes.append(
+                    f"kept mask {mask.name}: a value per query and key (query axis not provably 1)"
+                )
             self.done[key] = result
         return self.done[key]
+
+    def _without_expand(self, kept: Kept | None) -> Kept | None:
+        """`kept` with each Expand under its elementwise ops replaced by what it expands. Exact:
+        the op broadcasts its mask to the scores' shape, each axis of X has size 1 or the size
+        Expand(X) has there, and elementwise ops commute with broadcasting, so every pair reads
+        the same element (a [B, 1, 1, Sk] key mask stays one). Rebuilt in the rewrite step; the
+        graph's value stays for its other users."""
+        if kept is None:
+            return None
+        if kept.value is not None:
+            new = self._unexpanded(kept.value, depth=0)
+            return kept if new.value is kept.value else new
+        parts = tuple(self._without_expand(p) for p in kept.parts)
+        if all(new is old for new, old in zip(parts, kept.parts, strict=True)):
+            return kept
+        return replace(kept, parts=parts)
+
+    def _unexpanded(self, value: ir.Value, depth: int) -> Kept:
+        """`value` rebuilt over its Expands' inputs through elementwise ops (Kept(value) where
+        that changes nothing); one Kept per value, so a shared input is built once."""
+        if id(value) in self.unexpanded:
+            return self.unexpanded[id(value)]
+        node = producer(value, "Expand", *_ELEMENTWISE) if depth < _MAX_ELEMENTWISE_DEPTH else None
+        kept = Kept(value)
+        if node is not None and node.op_type == "Expand":
+            kept = self._unexpanded(node.inputs[0], depth + 1)
+        elif node is not None:
+            parts = tuple(self._unexpanded(i, depth + 1) for i in node.inputs)
+            if any(p.value is not i for p, i in zip(parts, node.inputs, strict=True)):
+                attributes = tuple(ir.Attr(a.name, a.type, a.value) for a in node.attributes.values())
+                kept = Kept(op=node.op_type, parts=parts, attributes=attributes, dtype=value.dtype)
+        self.unexpanded[id(value)] = kept
+        return kept
+
+    def _key_mask(self, kept: Kept) -> bool:
+        """Every graph value the kept mask is computed from has a query axis (the second last,
+        as the op aligns shapes) of size 1, or none: the mask is one row of keys per head."""
+        leaves = [kept.value] if kept.value is not None else list(kept.fill)
+        if kept.value is None and not all(self._key_mask(p) for p in kept.parts):
+            return False
+        for leaf in leaves:
+            try:
+                shape = self.algebra.shape_of(leaf)
+            except Unknown:
+                return False
+            if len(shape) >= 2 and shape[-2] != ONE:
+                return False
+        return True
 
     def _split(self, mask: ir.Value, additive: bool, out: MaskSplit) -> tuple[Kept | None, bool]:
         if not additive:
