@@ -343,6 +343,8 @@ class MaskAnalyzer:
         if id(value) in self.unexpanded:
             return self.unexpanded[id(value)]
         node = producer(value, "Expand", *_ELEMENTWISE) if depth < _MAX_ELEMENTWISE_DEPTH else None
+        if node is not None and any(i is None for i in node.inputs):
+            node = None  # none of these ops has an optional input: a graph they do not describe
         kept = Kept(value)
         if node is not None and node.op_type == "Expand":
             kept = self._unexpanded(node.inputs[0], depth + 1)
